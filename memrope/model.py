@@ -1,0 +1,357 @@
+"""The causal Wan2.1 DiT and the export-ready per-call step (spec sections 1, 2, 4).
+
+Owns: the transformer (parameter names equal the Wan2.1 ``CausalWanModel`` state dict),
+the cross-attention projection done once per prompt, and :class:`MemRoPEStep`, one DiT call
+with the cache as explicit fixed-shape tensors in and what changed out. Does not own: which
+slot holds which frame (``memrope.cache.CachePolicy``), the sampler, or the loop.
+
+Legend: B batch, F frames in a block, C latent channels, H/W latent height/width, S tokens per
+frame, N = F * S block tokens, K context tokens, T text tokens, Hd heads, D head_dim.
+Wrapper I/O is ``[B, F, C, H, W]``.
+
+Nothing in :meth:`MemRoPEStep.forward` reads a tensor value on the host: shapes are fixed by
+the layout, and decisions arrive as tensors (``CacheControls``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from memrope.cache import CacheControls, CacheLayout, memory_slots_view, memory_update
+from memrope.config import WanConfig
+from memrope.rope import RopeTables, apply_rope, rope_cos_sin
+
+
+def sinusoidal_features(timestep: torch.Tensor, freq_dim: int) -> torch.Tensor:
+    """``[cos(t * w), sin(t * w)]`` with ``w_j = 10000^(-j / (freq_dim/2))``, cos first.
+
+    Args:
+        timestep: ``[...]`` float. Returns ``[..., freq_dim]`` float64 (as the reference).
+    """
+    half = freq_dim // 2
+    omega = torch.pow(torch.tensor(10000.0, dtype=torch.float64, device=timestep.device),
+                      -torch.arange(half, dtype=torch.float64, device=timestep.device) / half)
+    angles = timestep.to(torch.float64)[..., None] * omega
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class WanRMSNorm(nn.Module):
+    """RMSNorm over the full width; statistics in float32, cast back, then the weight."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        normed = x32 * torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return normed.to(x.dtype) * self.weight
+
+
+class WanLayerNorm(nn.LayerNorm):
+    """LayerNorm in the activation dtype (this fork does not upcast; spec section 7.10)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x).type_as(x)
+
+
+class WanSelfAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = WanRMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = WanRMSNorm(cfg.dim, cfg.eps)
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``x [B, N, dim]`` -> q, k (RMS-normed, un-rotated), v, each ``[B, N, Hd, D]``."""
+        b, n, _ = x.shape
+        shape = (b, n, self.num_heads, self.head_dim)
+        q = self.norm_q(self.q(x)).view(shape)
+        k = self.norm_k(self.k(x)).view(shape)
+        v = self.v(x).view(shape)
+        return q, k, v
+
+
+class WanCrossAttention(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
+        self.q = nn.Linear(cfg.dim, cfg.dim)
+        self.k = nn.Linear(cfg.dim, cfg.dim)
+        self.v = nn.Linear(cfg.dim, cfg.dim)
+        self.o = nn.Linear(cfg.dim, cfg.dim)
+        self.norm_q = WanRMSNorm(cfg.dim, cfg.eps)
+        self.norm_k = WanRMSNorm(cfg.dim, cfg.eps)
+
+    def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Text ``[B, T, dim]`` -> keys, values ``[B, T, Hd, D]`` (once per prompt)."""
+        b, t, _ = context.shape
+        shape = (b, t, self.num_heads, self.head_dim)
+        return self.norm_k(self.k(context)).view(shape), self.v(context).view(shape)
+
+    def forward(self, x: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        q = self.norm_q(self.q(x)).view(b, n, self.num_heads, self.head_dim)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2))
+        return self.o(out.transpose(1, 2).reshape(b, n, -1))
+
+
+class WanAttentionBlock(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.randn(1, 6, cfg.dim) / cfg.dim ** 0.5)
+        self.norm1 = WanLayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.self_attn = WanSelfAttention(cfg)
+        self.norm3 = WanLayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=True)
+        self.cross_attn = WanCrossAttention(cfg)
+        self.norm2 = WanLayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.ffn = nn.Sequential(nn.Linear(cfg.dim, cfg.ffn_dim), nn.GELU(approximate="tanh"),
+                                 nn.Linear(cfg.ffn_dim, cfg.dim))
+
+
+class WanHead(nn.Module):
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim ** 0.5)
+        self.norm = WanLayerNorm(cfg.dim, eps=cfg.eps, elementwise_affine=False)
+        self.head = nn.Linear(cfg.dim, cfg.patch_channels)
+
+
+class WanCausalDiT(nn.Module):
+    """Causal Wan2.1 text-to-video DiT. Parameters only; the call lives in :class:`MemRoPEStep`."""
+
+    def __init__(self, cfg: WanConfig):
+        super().__init__()
+        self.config = cfg
+        self.patch_embedding = nn.Conv3d(cfg.in_dim, cfg.dim, kernel_size=cfg.patch_size,
+                                         stride=cfg.patch_size)
+        self.text_embedding = nn.Sequential(nn.Linear(cfg.text_dim, cfg.dim), nn.GELU(approximate="tanh"),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_embedding = nn.Sequential(nn.Linear(cfg.freq_dim, cfg.dim), nn.SiLU(),
+                                            nn.Linear(cfg.dim, cfg.dim))
+        self.time_projection = nn.Sequential(nn.SiLU(), nn.Linear(cfg.dim, 6 * cfg.dim))
+        self.blocks = nn.ModuleList(WanAttentionBlock(cfg) for _ in range(cfg.num_layers))
+        self.head = WanHead(cfg)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.head.head.weight.dtype
+
+    def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Text embeddings ``[B, L <= text_len, text_dim]`` -> per-layer cross-attention keys
+        and values ``[B, text_len, Hd, D]``. Rows past L are zero-padded and, as in the
+        reference, not masked (spec section 7.8)."""
+        cfg = self.config
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[-1] != cfg.text_dim:
+            raise ValueError(f"prompt_embeds must be [B, L, text_dim={cfg.text_dim}], "
+                             f"got {list(prompt_embeds.shape)}")
+        if prompt_embeds.shape[1] > cfg.text_len:
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens; the model "
+                             f"takes at most text_len={cfg.text_len}")
+        pad = cfg.text_len - prompt_embeds.shape[1]
+        context = F.pad(prompt_embeds.to(self.dtype), (0, 0, 0, pad))
+        context = self.text_embedding(context)
+        keys, values = [], []
+        for block in self.blocks:
+            k, v = block.cross_attn.project_context(context)
+            keys.append(k)
+            values.append(v)
+        return keys, values
+
+
+@dataclass
+class StepOutputs:
+    """What one call returns.
+
+    flow: ``[B, F, C, H, W]`` flow prediction ``v = eps - x0``.
+    block_keys/values: per layer ``[B, N, Hd, D]`` the block's un-rotated keys and values.
+    memory_keys/values: per layer ``[B, 2, M, Hd, D]`` the memory after this call (empty
+    lists for policies without memory).
+    """
+
+    flow: torch.Tensor
+    block_keys: list[torch.Tensor]
+    block_values: list[torch.Tensor]
+    memory_keys: list[torch.Tensor]
+    memory_values: list[torch.Tensor]
+
+
+class MemRoPEStep(nn.Module):
+    """One DiT call against the cache, with every piece of state explicit and fixed-shape.
+
+    Binds a :class:`WanCausalDiT` to a :class:`CacheLayout` and a latent grid. The RoPE ladders
+    are buffers; the per-call positions arrive in :class:`CacheControls`, so the rotation of
+    queries and cached keys, the memory EMA and the attention window are all computed here
+    (and so inside an exported graph), from the same inputs on every block.
+    """
+
+    def __init__(self, dit: WanCausalDiT, layout: CacheLayout, latent_height: int, latent_width: int):
+        super().__init__()
+        cfg = dit.config
+        _, p_h, p_w = cfg.patch_size
+        if latent_height % p_h or latent_width % p_w:
+            raise ValueError(f"latent size {latent_height}x{latent_width} is not divisible by the "
+                             f"patch size {p_h}x{p_w}")
+        self.grid_h, self.grid_w = latent_height // p_h, latent_width // p_w
+        if self.grid_h * self.grid_w != layout.frame_tokens:
+            raise ValueError(f"layout has {layout.frame_tokens} tokens per frame but the latent "
+                             f"grid {latent_height}x{latent_width} gives {self.grid_h * self.grid_w}")
+        self.dit = dit
+        self.layout = layout
+        self.latent_height, self.latent_width = latent_height, latent_width
+        tables = RopeTables(cfg.head_dim, self.grid_h, self.grid_w)
+        for name in ("temporal_cos", "temporal_sin", "spatial_cos", "spatial_sin"):
+            self.register_buffer(f"rope_{name}", getattr(tables, name), persistent=False)
+
+    @property
+    def config(self) -> WanConfig:
+        return self.dit.config
+
+    # -- stages -----------------------------------------------------------------------------
+
+    def _patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """``[B, F, C, H, W]`` -> tokens ``[B, F * S, dim]`` (Conv3d with kernel = stride)."""
+        cfg = self.config
+        _, p_h, p_w = cfg.patch_size
+        b, f, c, _, _ = latents.shape
+        x = latents.reshape(b, f, c, self.grid_h, p_h, self.grid_w, p_w)
+        x = x.permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f * self.grid_h * self.grid_w, c * p_h * p_w)
+        conv = self.dit.patch_embedding
+        return F.linear(x, conv.weight.reshape(cfg.dim, -1), conv.bias)
+
+    def _unpatchify(self, y: torch.Tensor, frames: int) -> torch.Tensor:
+        """Head output ``[B, F * S, ph * pw * C]`` (channel fastest) -> ``[B, F, C, H, W]``."""
+        cfg = self.config
+        _, p_h, p_w = cfg.patch_size
+        b = y.shape[0]
+        y = y.reshape(b, frames, self.grid_h, self.grid_w, p_h, p_w, cfg.out_dim)
+        y = y.permute(0, 1, 6, 2, 4, 3, 5)
+        return y.reshape(b, frames, cfg.out_dim, self.grid_h * p_h, self.grid_w * p_w)
+
+    def _time_embedding(self, timestep: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``[B, F]`` -> e ``[B, F, 1, dim]`` (head) and e0 ``[B, F, 6, dim]`` (blocks)."""
+        dit, cfg = self.dit, self.config
+        b, f = timestep.shape
+        features = sinusoidal_features(timestep.reshape(-1), cfg.freq_dim).to(dit.dtype)
+        e = dit.time_embedding(features)
+        e0 = dit.time_projection(e).reshape(b, f, 6, cfg.dim)
+        return e.reshape(b, f, 1, cfg.dim), e0
+
+    def _context_kv(self, past: torch.Tensor, memory: torch.Tensor | None,
+                    ready: torch.Tensor) -> torch.Tensor:
+        """The attended context ``[B, K, Hd, D]`` of one layer: the first ``context_frames``
+        slots, with the memory slots replaced by the broadcast memory once it is ready."""
+        lay = self.layout
+        ctx = past[:, : lay.context_tokens]
+        if memory is None:
+            return ctx
+        start = lay.memory_start_frame * lay.frame_tokens
+        end = start + lay.memory_frames * lay.frame_tokens
+        slots = memory_slots_view(memory, lay.frame_tokens, past.dtype)
+        shown = torch.where(ready, slots, ctx[:, start:end])
+        return torch.cat([ctx[:, :start], shown, ctx[:, end:]], dim=1)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        cross_keys: list[torch.Tensor],
+        cross_values: list[torch.Tensor],
+        controls: CacheControls,
+        memory_keys: list[torch.Tensor] | None = None,
+        memory_values: list[torch.Tensor] | None = None,
+    ) -> StepOutputs:
+        """One call.
+
+        Args:
+            latents: ``[B, F, C, H, W]`` noisy (or, for the context pass, clean) block.
+            timestep: ``[B, F]`` float32 per-frame timestep.
+            past_keys/values: per layer ``[B, cache_tokens, Hd, D]`` read-only cache.
+            cross_keys/values: per layer ``[B, T, Hd, D]`` from :meth:`WanCausalDiT.encode_text`.
+            controls: positions, validity and memory flags for this call.
+            memory_keys/values: per layer ``[B, 2, M, Hd, D]`` (policies with memory only).
+        """
+        dit, cfg, lay = self.dit, self.config, self.layout
+        b, frames = latents.shape[:2]
+        tokens_per_frame = lay.frame_tokens
+        if frames != lay.block_frames:
+            raise ValueError(f"expected a block of {lay.block_frames} frames, got {frames}")
+
+        # 1. Embeddings.
+        x = self._patchify(latents.to(dit.dtype))
+        e, e0 = self._time_embedding(timestep)
+
+        # 2. Per-call RoPE and mask, shared by all layers.
+        positions = torch.cat([controls.key_positions, controls.query_positions])
+        cos, sin = rope_cos_sin(positions, self.rope_temporal_cos, self.rope_temporal_sin,
+                                self.rope_spatial_cos, self.rope_spatial_sin)
+        q_cos, q_sin = cos[lay.context_tokens:], sin[lay.context_tokens:]
+        key_valid = controls.key_valid[:, None].expand(lay.context_frames, tokens_per_frame).reshape(-1)
+        mask = torch.cat([key_valid, torch.ones(lay.block_tokens, dtype=torch.bool, device=x.device)])
+        mask = mask[None, None, None, :]
+
+        # 3. Transformer blocks.
+        block_keys, block_values, new_mem_k, new_mem_v = [], [], [], []
+        for i, block in enumerate(dit.blocks):
+            m = (block.modulation[:, None] + e0).chunk(6, dim=2)  # each [B, F, 1, dim]
+            h = block.norm1(x).view(b, frames, tokens_per_frame, cfg.dim) * (1 + m[1]) + m[0]
+            q, k, v = block.self_attn.project(h.view(b, frames * tokens_per_frame, cfg.dim))
+            block_keys.append(k)
+            block_values.append(v)
+
+            mem_k = mem_v = None
+            if lay.has_memory:
+                evicted_k = past_keys[i][:, lay.context_tokens:]
+                evicted_v = past_values[i][:, lay.context_tokens:]
+                mem_k, mem_v = memory_update(memory_keys[i], memory_values[i], evicted_k, evicted_v,
+                                             controls.memory_init, controls.memory_update,
+                                             lay.config, tokens_per_frame)
+                new_mem_k.append(mem_k)
+                new_mem_v.append(mem_v)
+            keys = torch.cat([self._context_kv(past_keys[i], mem_k, controls.memory_ready), k], dim=1)
+            values = torch.cat([self._context_kv(past_values[i], mem_v, controls.memory_ready), v], dim=1)
+
+            q = apply_rope(q, q_cos, q_sin)
+            keys = apply_rope(keys, cos, sin)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
+                                                  values.transpose(1, 2), attn_mask=mask)
+            y = block.self_attn.o(attn.transpose(1, 2).reshape(b, frames * tokens_per_frame, cfg.dim))
+            x = x + (y.view(b, frames, tokens_per_frame, cfg.dim) * m[2]).view_as(x)
+
+            x = x + block.cross_attn(block.norm3(x), cross_keys[i], cross_values[i])
+
+            h = block.norm2(x).view(b, frames, tokens_per_frame, cfg.dim) * (1 + m[4]) + m[3]
+            y = block.ffn(h.view_as(x))
+            x = x + (y.view(b, frames, tokens_per_frame, cfg.dim) * m[5]).view_as(x)
+
+        # 4. Head and unpatchify.
+        head = dit.head
+        n = (head.modulation[:, None] + e).chunk(2, dim=2)
+        y = head.head(head.norm(x).view(b, frames, tokens_per_frame, cfg.dim) * (1 + n[1]) + n[0])
+        flow = self._unpatchify(y.reshape(b, frames * tokens_per_frame, -1), frames)
+        return StepOutputs(flow, block_keys, block_values, new_mem_k, new_mem_v)
+
+
+def param_count(cfg: WanConfig) -> int:
+    """Parameters of the DiT, from the config alone (46,440,704 per 1.3B block)."""
+    d, f = cfg.dim, cfg.ffn_dim
+    per_block = 6 * d + 8 * (d * d + d) + 4 * d + 2 * d + (d * f + f) + (f * d + d)
+    p_t, p_h, p_w = cfg.patch_size
+    glob = (d * cfg.in_dim * p_t * p_h * p_w + d) + (cfg.text_dim * d + d) + (d * d + d) \
+        + (cfg.freq_dim * d + d) + (d * d + d) + (d * 6 * d + 6 * d) + 2 * d \
+        + (d * cfg.patch_channels + cfg.patch_channels)
+    return cfg.num_layers * per_block + glob
+
+
+__all__ = ["MemRoPEStep", "StepOutputs", "WanCausalDiT", "param_count", "sinusoidal_features"]

@@ -1,0 +1,140 @@
+"""The generation loop: blocks of frames, a few denoising steps each, then the context pass.
+
+Owns: the lean per-block loop (spec section 3.2) over a step function with explicit cache
+I/O, and the buffers it drives (one :class:`KVCache`, one :class:`CacheControls`, fixed
+timestep tensors). Per block the host does integer bookkeeping (:class:`CachePolicy`), one
+tail roll once the window is full, and buffer writes of what the calls returned. Does not
+own the model math (``memrope.model``) or where noise comes from (``memrope.sampler``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterator
+
+import torch
+
+from memrope.cache import MEMORY_NONE, BlockPlan, CacheControls, CacheLayout, CachePolicy, KVCache
+from memrope.config import RunConfig, WanConfig, frame_tokens
+from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
+from memrope.sampler import NoiseSource, Schedule, add_noise, build_schedule, flow_to_x0
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class CallRecord:
+    """One model call as seen by the loop (for tests and tracing).
+
+    call: 0..num_steps-1 are the denoising steps, num_steps is the context pass.
+    """
+
+    block: int
+    call: int
+    plan: BlockPlan
+    latents: torch.Tensor
+    timestep: torch.Tensor
+    outputs: StepOutputs
+
+
+def cache_layout_for(model: WanConfig, run: RunConfig) -> CacheLayout:
+    return CacheLayout.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width),
+                             run.num_output_frames)
+
+
+class MemRoPEPipeline:
+    """Generates latent frames block by block with a fixed-size cache.
+
+    Args:
+        dit: the DiT (weights on ``device`` in the compute dtype).
+        run: the run configuration (cache policy, sampler, latent size, frames).
+    """
+
+    def __init__(self, dit: WanCausalDiT, run: RunConfig):
+        self.dit = dit
+        self.run = run
+        self.layout = cache_layout_for(dit.config, run)
+        self.step = MemRoPEStep(dit, self.layout, run.latent_height, run.latent_width)
+        device = dit.head.head.weight.device
+        self.step.to(device)
+        self.schedule: Schedule = build_schedule(run.sampler)
+        self.device, self.dtype = device, dit.dtype
+
+    def latent_frame_shape(self) -> tuple[int, int, int]:
+        r = self.run
+        return r.latent_channels, r.latent_height, r.latent_width
+
+    @torch.no_grad()
+    def blocks(
+        self,
+        prompt_embeds: torch.Tensor,
+        noise: NoiseSource,
+        num_blocks: int,
+        on_call: Callable[[CallRecord], None] | None = None,
+    ) -> Iterator[tuple[int, torch.Tensor, KVCache, BlockPlan]]:
+        """Yield ``(block_index, x0 [B, F, C, H, W], cache, plan)`` after each block.
+
+        The cache is yielded after the block's context pass (for inspection; do not keep
+        references across blocks, it is overwritten in place).
+        """
+        cfg, lay, sched = self.dit.config, self.layout, self.schedule
+        batch = prompt_embeds.shape[0]
+        if batch != self.run.batch_size:
+            raise ValueError(f"prompt_embeds batch {batch} does not match num_samples {self.run.batch_size}")
+        cross_k, cross_v = self.dit.encode_text(prompt_embeds.to(self.device))
+        cache = KVCache(lay, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
+        layer_k, layer_v = list(cache.keys.unbind(0)), list(cache.values.unbind(0))
+        mem_k = list(cache.memory_keys.unbind(0)) if cache.memory_keys is not None else None
+        mem_v = list(cache.memory_values.unbind(0)) if cache.memory_values is not None else None
+        policy = CachePolicy(lay)
+        controls = CacheControls.allocate(lay, self.device)
+        frames = lay.block_frames
+
+        def timestep(t: float) -> torch.Tensor:
+            return torch.full((batch, frames), t, dtype=torch.float32, device=self.device)
+
+        step_t = [timestep(t) for t in sched.step_timesteps]
+        context_t = timestep(sched.context_timestep)
+        expected = (batch, frames, *self.latent_frame_shape())
+
+        def call(x: torch.Tensor, t: torch.Tensor) -> StepOutputs:
+            return self.step(x, t, layer_k, layer_v, cross_k, cross_v, controls, mem_k, mem_v)
+
+        for b in range(num_blocks):
+            plan = policy.next_block()
+            if plan.roll:
+                cache.roll()
+            x = noise.block_noise(b).to(self.device, self.dtype)
+            if tuple(x.shape) != expected:
+                raise ValueError(f"noise for block {b} has shape {list(x.shape)}, expected {list(expected)}")
+            controls.set(lay, plan, first_call=True)
+            for i in range(sched.num_steps):
+                out = call(x, step_t[i])
+                if i == 0:
+                    if plan.memory_step != MEMORY_NONE:
+                        cache.write_memory(out.memory_keys, out.memory_values)
+                    controls.set(lay, plan, first_call=False)
+                x0 = flow_to_x0(out.flow, x, sched.step_sigmas[i])
+                if on_call is not None:
+                    on_call(CallRecord(b, i, plan, x, step_t[i], out))
+                if i < sched.num_steps - 1:
+                    eps = noise.renoise(b, i).to(self.device)
+                    x = add_noise(x0, eps, sched.step_sigmas[i + 1])
+            # Context pass: the clean prediction at the context timestep writes the cache.
+            out = call(x0, context_t)
+            if on_call is not None:
+                on_call(CallRecord(b, sched.num_steps, plan, x0, context_t, out))
+            cache.write_block(plan.write_frame, out.block_keys, out.block_values)
+            yield b, x0, cache, plan
+
+    def generate(self, prompt_embeds: torch.Tensor, noise: NoiseSource, num_frames: int | None = None,
+                 on_call: Callable[[CallRecord], None] | None = None) -> torch.Tensor:
+        """All frames at once: ``[B, num_frames, C, H, W]`` in the model dtype."""
+        num_frames = self.run.num_output_frames if num_frames is None else num_frames
+        if num_frames % self.layout.block_frames:
+            raise ValueError(f"num_frames ({num_frames}) must be a multiple of the block size "
+                             f"({self.layout.block_frames})")
+        out = [x0 for _, x0, _, _ in self.blocks(prompt_embeds, noise, num_frames // self.layout.block_frames,
+                                                 on_call)]
+        return torch.cat(out, dim=1)

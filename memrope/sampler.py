@@ -1,0 +1,154 @@
+"""Flow-matching schedule, warped denoising steps, x0 conversion and re-noising (spec 3.1).
+
+Owns the sampler arithmetic and the noise sources. Everything that depends only on the
+schedule (timesteps, sigmas) is computed once on the host; per call the loop does two
+elementwise ops on device tensors.
+
+Conventions: ``x_t = (1 - sigma) * x0 + sigma * eps``; the model predicts ``v = eps - x0``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from memrope.config import SamplerConfig
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The per-step constants of one run.
+
+    step_timesteps: float32 value fed to the model at each denoising step (e.g. 1000, 937.5,
+      833.3333129882812, 625 for the shipped config).
+    step_sigmas: float32 sigma looked up for each step (used by x0 conversion and re-noising).
+    context_timestep: timestep of the context pass (0 in every shipped config).
+    """
+
+    step_timesteps: tuple[float, ...]
+    step_sigmas: tuple[float, ...]
+    context_timestep: float
+
+    @property
+    def num_steps(self) -> int:
+        return len(self.step_timesteps)
+
+
+def flow_match_tables(shift: float, num_train_timesteps: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """``FlowMatchScheduler(shift, sigma_min=0, extra_one_step=True)`` training tables.
+
+    Returns ``(sigmas, timesteps)``, each ``[num_train_timesteps]`` float32.
+    """
+    s = torch.linspace(1.0, 0.0, num_train_timesteps + 1, dtype=torch.float32)[:-1]
+    sigmas = shift * s / (1 + (shift - 1) * s)
+    return sigmas, sigmas * num_train_timesteps
+
+
+def _lookup_sigma(sigmas: torch.Tensor, timesteps: torch.Tensor, t: float) -> float:
+    index = torch.argmin((timesteps - torch.tensor(t, dtype=torch.float32)).abs())
+    return float(sigmas[index])
+
+
+def build_schedule(cfg: SamplerConfig) -> Schedule:
+    sigmas, timesteps = flow_match_tables(cfg.shift, cfg.num_train_timesteps)
+    steps = torch.tensor(cfg.denoising_steps, dtype=torch.int64)
+    if cfg.warp_denoising_step:
+        table = torch.cat([timesteps, torch.zeros(1, dtype=torch.float32)])
+        step_t = table[cfg.num_train_timesteps - steps]
+    else:
+        # int64 x float32 promotes to float32 in the reference.
+        step_t = steps.to(torch.float32)
+    step_timesteps = tuple(float(t) for t in step_t)
+    step_sigmas = tuple(_lookup_sigma(sigmas, timesteps, t) for t in step_timesteps)
+    return Schedule(step_timesteps, step_sigmas, float(torch.tensor(cfg.context_timestep, dtype=torch.float32)))
+
+
+def flow_to_x0(flow: torch.Tensor, x_t: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``x0 = x_t - sigma * v`` in float64, cast back (as the reference wrapper)."""
+    return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+
+
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
+    """``(1 - sigma) * x0 + sigma * eps`` with a float32 sigma, result in the noise dtype."""
+    # A non-scalar float32 sigma promotes bf16 operands to float32, as the reference's
+    # [B, 1, 1, 1] sigma does (a 0-dim tensor would not).
+    s = torch.full((1,) * x0.ndim, sigma, dtype=torch.float32, device=x0.device)
+    return ((1 - s) * x0 + s * noise).to(noise.dtype)
+
+
+class NoiseSource:
+    """Gives the initial noise of each block and the re-noising draws between steps.
+
+    ``block_noise(b)`` -> ``[B, F, C, H, W]``; ``renoise(b, i)`` -> ``[B, F, C, H, W]`` for the
+    draw after denoising step ``i`` of block ``b`` (``i < num_steps - 1``). Calls come in the
+    loop's order: block-major, step-minor.
+    """
+
+    def block_noise(self, block: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    def renoise(self, block: int, step: int) -> torch.Tensor:  # pragma: no cover - interface
+        raise NotImplementedError
+
+
+class TensorNoise(NoiseSource):
+    """Noise given as tensors (e.g. read from a file).
+
+    noise: ``[B, num_frames, C, H, W]``; intermediate: ``[blocks, steps - 1, F, C, H, W]``
+    (batch 1) or ``[blocks, steps - 1, B * F, C, H, W]``.
+    """
+
+    def __init__(self, noise: torch.Tensor, intermediate: torch.Tensor, block_frames: int):
+        self.noise, self.intermediate, self.block_frames = noise, intermediate, block_frames
+
+    def block_noise(self, block: int) -> torch.Tensor:
+        f = self.block_frames
+        return self.noise[:, block * f:(block + 1) * f]
+
+    def renoise(self, block: int, step: int) -> torch.Tensor:
+        draw = self.intermediate[block, step]
+        return draw.reshape(self.noise.shape[0], self.block_frames, *draw.shape[1:])
+
+
+class SeededNoise(NoiseSource):
+    """The reference's draw order from one CPU ``torch.Generator(seed)``.
+
+    Draws the whole initial noise ``[B, num_frames, C, H, W]`` first, then ``[B * F, C, H, W]``
+    after each denoising step but the last, block after block, in ``dtype`` (bf16 in the
+    authors' runs). CPU draws make the result the same on any device.
+    """
+
+    def __init__(self, seed: int, batch: int, num_frames: int, latent_shape: tuple[int, int, int],
+                 block_frames: int, dtype: torch.dtype = torch.float32):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.block_frames, self.dtype, self.batch = block_frames, dtype, batch
+        self.latent_shape = latent_shape
+        self.noise = torch.randn([batch, num_frames, *latent_shape], generator=self.generator, dtype=dtype)
+
+    def block_noise(self, block: int) -> torch.Tensor:
+        f = self.block_frames
+        return self.noise[:, block * f:(block + 1) * f]
+
+    def renoise(self, block: int, step: int) -> torch.Tensor:
+        draw = torch.randn([self.batch * self.block_frames, *self.latent_shape],
+                           generator=self.generator, dtype=self.dtype)
+        return draw.reshape(self.batch, self.block_frames, *self.latent_shape)
+
+
+class StreamingSeededNoise(NoiseSource):
+    """Constant-memory noise for unbounded videos: one CPU generator drawn block by block
+    (the block's initial noise, then its re-noising draws). Deterministic for a seed, but not
+    the reference's stream, which draws all initial noise up front."""
+
+    def __init__(self, seed: int, batch: int, latent_shape: tuple[int, int, int], block_frames: int,
+                 dtype: torch.dtype = torch.float32):
+        self.generator = torch.Generator("cpu").manual_seed(seed)
+        self.shape = [batch, block_frames, *latent_shape]
+        self.dtype = dtype
+
+    def block_noise(self, block: int) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
+
+    def renoise(self, block: int, step: int) -> torch.Tensor:
+        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
