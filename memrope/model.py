@@ -15,6 +15,7 @@ the layout, and decisions arrive as tensors (``CacheControls``).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -343,6 +344,42 @@ class MemRoPEStep(nn.Module):
         return StepOutputs(flow, block_keys, block_values, new_mem_k, new_mem_v)
 
 
+def build_dit(cfg: WanConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,
+              device: torch.device | str = "cpu") -> WanCausalDiT:
+    """A DiT holding exactly ``state_dict`` (keys and shapes checked strictly), in ``dtype``.
+
+    Built on the meta device and filled by assignment, so the weights are never allocated
+    twice (this matters at 1.3B)."""
+    with torch.device("meta"):
+        dit = WanCausalDiT(cfg)
+    dit.load_state_dict({k: v.to(device=device, dtype=dtype) for k, v in state_dict.items()},
+                        strict=True, assign=True)
+    return dit.eval().requires_grad_(False)
+
+
+def random_state_dict(cfg: WanConfig, seed: int = 1234) -> dict[str, torch.Tensor]:
+    """Random float32 weights with sane scales, drawn in parameter order from one CPU generator
+    (the golden traces' rule): modulation ``randn / sqrt(dim)``; Linear/Conv weights
+    ``randn / sqrt(fan_in)``; biases ``0.05 * randn``; norm weights ``1 + 0.1 * randn``.
+    Latency does not depend on weight values; these keep activations finite and non-trivial."""
+    g = torch.Generator("cpu").manual_seed(seed)
+    with torch.device("meta"):
+        shapes = {k: tuple(v.shape) for k, v in WanCausalDiT(cfg).state_dict().items()}
+    out = {}
+    for name, shape in shapes.items():
+        noise = torch.randn(shape, generator=g, dtype=torch.float32)
+        if name.endswith("modulation"):
+            out[name] = noise / cfg.dim ** 0.5
+        elif "norm" in name and name.endswith("weight"):
+            out[name] = 1 + 0.1 * noise
+        elif name.endswith("bias"):
+            out[name] = 0.05 * noise
+        else:
+            fan_in = math.prod(shape[1:])
+            out[name] = noise / fan_in ** 0.5
+    return out
+
+
 def param_count(cfg: WanConfig) -> int:
     """Parameters of the DiT, from the config alone (46,440,704 per 1.3B block)."""
     d, f = cfg.dim, cfg.ffn_dim
@@ -354,4 +391,5 @@ def param_count(cfg: WanConfig) -> int:
     return cfg.num_layers * per_block + glob
 
 
-__all__ = ["MemRoPEStep", "StepOutputs", "WanCausalDiT", "param_count", "sinusoidal_features"]
+__all__ = ["MemRoPEStep", "StepOutputs", "WanCausalDiT", "build_dit", "param_count", "random_state_dict",
+           "sinusoidal_features"]

@@ -1,0 +1,5 @@
+import sys
+
+from memrope.cli import main
+
+sys.exit(main())

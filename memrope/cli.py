@@ -1,0 +1,202 @@
+"""The ``memrope`` command line.
+
+Owns: argument parsing and wiring files to the library. Library code logs; only this module
+prints. Every user-facing error is a one-line message and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("memrope")
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+BACKENDS = ("eager",)
+# Reference-order noise draws the whole video's initial noise up front; past this many
+# elements per run the loop draws block by block instead (constant memory).
+REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
+
+
+def _add_generate(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="generate latent frames (and, later, video)",
+                       description="Generate with the MemRoPE fixed-size cache.")
+    src = p.add_argument_group("model")
+    src.add_argument("--checkpoint", type=Path,
+                     help="DiT weights: Self-Forcing/LongLive .pt, a Wan2.1 .safetensors or a Wan2.1 folder")
+    src.add_argument("--model-config", type=Path, help="Wan config.json (default: the checkpoint folder's)")
+    src.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"),
+                     help="architecture preset; without --checkpoint the weights are RANDOM")
+    src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
+    src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
+                     help="load generator_ema (default: the YAML's use_ema)")
+    src.add_argument("--no-use-ema", dest="use_ema", action="store_false")
+    run = p.add_argument_group("run")
+    run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
+    run.add_argument("--text-embeds", type=Path, help="safetensors with prompt_embeds [B, L, text_dim]")
+    run.add_argument("--noise", type=Path, help="safetensors with noise and intermediate_noise")
+    run.add_argument("--seed", type=int, help="override the YAML seed")
+    run.add_argument("--num-frames", type=int, help="override num_output_frames (multiple of the block size)")
+    run.add_argument("--memory-dtype", choices=("cache", "float32"),
+                     help="EMA memory accumulator (default cache dtype, as the authors)")
+    run.add_argument("--stream-noise", action="store_true",
+                     help="draw noise block by block (constant memory; not the reference's draw order)")
+    out = p.add_argument_group("output")
+    out.add_argument("--latents-out", type=Path, help="write latents [B, F, C, H, W] to this safetensors file")
+    out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--backend", choices=BACKENDS, default="eager")
+    ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    p.set_defaults(func=cmd_generate)
+
+
+def _demo_run_config(preset: str):
+    from memrope.config import RunConfig
+
+    # The golden traces' run: 30 frames of a 4x6 latent with the shipped MemRoPE cache.
+    if preset == "tiny":
+        return RunConfig(num_output_frames=30, latent_height=4, latent_width=6, use_ema=True)
+    return RunConfig(num_output_frames=30, use_ema=True)
+
+
+def _resolve_model(args: argparse.Namespace):
+    from memrope.config import WanConfig, model_preset
+
+    if args.model_config is not None:
+        return WanConfig.from_json(args.model_config)
+    if args.checkpoint is not None and args.checkpoint.is_dir() and (args.checkpoint / "config.json").is_file():
+        return WanConfig.from_json(args.checkpoint / "config.json")
+    if args.preset is not None:
+        return model_preset(args.preset)
+    raise ValueError("no model architecture: pass --model-config config.json, a Wan2.1 folder as "
+                     "--checkpoint, or --preset")
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from memrope.checkpoint import load_dit_state_dict
+    from memrope.config import load_run_config
+    from memrope.io import read_noise, read_text_embeds, save_safetensors_atomic
+    from memrope.model import build_dit, random_state_dict
+    from memrope.pipeline import MemRoPEPipeline
+    from memrope.sampler import SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
+
+    if not args.no_decode:
+        raise ValueError("video decoding is not available in this build yet; pass --no-decode "
+                         "and --latents-out")
+    if args.latents_out is None:
+        raise ValueError("nothing to write: pass --latents-out FILE.safetensors")
+    if args.dtype == "bfloat16" and args.device == "cpu":
+        logger.warning("bfloat16 on CPU is slow; the authors' bf16 semantics are meant for CUDA")
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    dtype = DTYPES[args.dtype]
+
+    model_cfg = _resolve_model(args)
+    if args.config is not None:
+        run = load_run_config(args.config)
+    elif args.preset is not None:
+        run = _demo_run_config(args.preset)
+    else:
+        raise ValueError("no run configuration: pass --config run.yaml")
+    if args.seed is not None:
+        run = replace(run, seed=args.seed)
+    if args.memory_dtype is not None:
+        run = replace(run, cache=replace(run.cache, memory_dtype=args.memory_dtype))
+    schedule = build_schedule(run.sampler)
+    latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
+    if run.latent_channels != model_cfg.in_dim:
+        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
+                         f"model's in_dim={model_cfg.in_dim}")
+
+    # Inputs before weights: a bad file fails in milliseconds, not after loading 1.3B params.
+    noise_tensors = None
+    if args.noise is not None:
+        noise_tensors = read_noise(args.noise, run.batch_size, latent_shape, run.cache.block_frames,
+                                   schedule.num_steps)
+        run = run.with_frames(noise_tensors[0].shape[1])
+    if args.num_frames is not None:
+        if noise_tensors is not None and args.num_frames > run.num_output_frames:
+            raise ValueError(f"--num-frames {args.num_frames} exceeds the {run.num_output_frames} "
+                             "frames in the noise file")
+        run = run.with_frames(args.num_frames)
+
+    if args.text_embeds is not None:
+        embeds = read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
+    elif args.checkpoint is None:
+        g = torch.Generator("cpu").manual_seed(run.seed + 4321)
+        embeds = torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
+        logger.warning("no --text-embeds: using random text embeddings (demo)")
+    else:
+        raise ValueError("pass --text-embeds FILE.safetensors (prompt_embeds [B, L, text_dim]); "
+                         "text encoding is not available in this build yet")
+    if embeds.shape[0] != run.batch_size:
+        raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
+                         f"num_samples is {run.batch_size}")
+
+    if args.checkpoint is not None:
+        use_ema = run.use_ema if args.use_ema is None else args.use_ema
+        lora_path = args.lora if args.lora is not None else None
+        state = load_dit_state_dict(args.checkpoint, model_cfg, use_ema=use_ema, lora_path=lora_path,
+                                    lora=run.lora, dtype=torch.float32)
+    else:
+        if args.preset is None:
+            raise ValueError("pass --checkpoint, or --preset for random weights")
+        logger.warning("no --checkpoint: RANDOM weights (preset %s); the output shows the machinery, "
+                       "not a picture", args.preset)
+        state = random_state_dict(model_cfg, seed=run.seed + 1234)
+    dit = build_dit(model_cfg, state, dtype=dtype, device=device)
+    del state
+    pipeline = MemRoPEPipeline(dit, run)
+
+    if noise_tensors is not None:
+        noise = TensorNoise(noise_tensors[0], noise_tensors[1], run.cache.block_frames)
+    else:
+        elements = run.batch_size * run.num_output_frames * run.latent_channels * run.latent_height * run.latent_width
+        if args.stream_noise or elements > REFERENCE_NOISE_MAX_ELEMENTS:
+            if not args.stream_noise:
+                logger.warning("video too long for the reference's up-front noise draw; drawing block by block")
+            noise = StreamingSeededNoise(run.seed, run.batch_size, latent_shape, run.cache.block_frames, dtype)
+        else:
+            noise = SeededNoise(run.seed, run.batch_size, run.num_output_frames, latent_shape,
+                                run.cache.block_frames, dtype)
+
+    start = time.perf_counter()
+    latents = pipeline.generate(embeds, noise, run.num_output_frames)
+    elapsed = time.perf_counter() - start
+    save_safetensors_atomic({"latents": latents.float()}, args.latents_out)
+    print(f"wrote {args.latents_out}: latents {list(latents.shape)} "
+          f"({run.num_output_frames} frames, {run.num_blocks} blocks, {elapsed:.2f} s, "
+          f"policy {run.cache.policy}, backend {args.backend})")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="memrope", description="MemRoPE video generation engine")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_generate(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError) as exc:
+        print(f"memrope {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

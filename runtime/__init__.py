@@ -1,0 +1,1 @@
+"""Backends behind one runtime loop, streaming decode and benchmarks (see README)."""

@@ -1,0 +1,49 @@
+"""Shared fixtures: the golden tiny model and inputs copied from the authors' traces."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from memrope.checkpoint import load_dit_state_dict
+from memrope.config import WanConfig, load_run_config
+from memrope.model import WanCausalDiT, build_dit
+
+GOLDEN = Path(__file__).parent / "data" / "golden"
+TRACES = {
+    "memrope_ema": "trace_memrope_ema.safetensors",
+    "memrope_eviction": "trace_memrope_eviction.safetensors",
+    "global_noevict": "trace_global_noevict.safetensors",
+}
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    return GOLDEN
+
+
+@pytest.fixture(scope="session")
+def tiny_config() -> WanConfig:
+    return WanConfig.from_json(GOLDEN / "config.json")
+
+
+@pytest.fixture(scope="session")
+def golden_dit(tiny_config: WanConfig) -> WanCausalDiT:
+    state = load_dit_state_dict(GOLDEN / "tiny_selfforcing.pt", tiny_config, use_ema=True)
+    return build_dit(tiny_config, state)
+
+
+@pytest.fixture(scope="session")
+def golden_inputs() -> dict[str, torch.Tensor]:
+    return load_file(str(GOLDEN / "inputs.safetensors"))
+
+
+def golden_run(name: str):
+    return load_run_config(GOLDEN / f"{name}.yaml")
+
+
+def golden_trace(name: str) -> dict[str, torch.Tensor]:
+    return load_file(str(GOLDEN / TRACES[name]))
