@@ -208,6 +208,7 @@ class SamplerConfig:
     num_train_timesteps: int = 1000
 
     def __post_init__(self) -> None:
+        _positive_int("num_train_timestep", self.num_train_timesteps)
         _require(len(self.denoising_steps) >= 1, "denoising_step_list must not be empty")
         for step in self.denoising_steps:
             _require(isinstance(step, int) and not isinstance(step, bool)
@@ -341,6 +342,7 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
             warp_denoising_step=bool(raw.get("warp_denoising_step", False)),
             shift=_as_float(kwargs.get("timestep_shift", 8.0), "timestep_shift"),
             context_timestep=_as_float(raw.get("context_noise", 0), "context_noise"),
+            num_train_timesteps=raw.get("num_train_timestep", 1000),
         )
         lora = None
         adapter = raw.get("adapter")

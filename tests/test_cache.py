@@ -171,3 +171,21 @@ def test_300_blocks_constant_size_addresses_and_finite(policy):
                 assert torch.isfinite(cache.memory_keys).all() and torch.isfinite(cache.memory_values).all()
     # ru_maxrss is in KiB on Linux; 250 more blocks may not raise the peak by more than 32 MiB.
     assert rss_at[299] - rss_at[50] < 32 * 1024
+
+
+def test_memory_dtype_follows_the_cache_unless_float32_is_asked():
+    cfg = model_preset("tiny")
+    dit = build_dit(cfg, random_state_dict(cfg), dtype=torch.bfloat16)
+    embeds = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(1))
+    memories = {}
+    for memory_dtype in ("cache", "float32"):
+        run = RunConfig(cache=CacheConfig(memory_dtype=memory_dtype), num_output_frames=24,
+                        latent_height=4, latent_width=6)
+        pipeline = MemRoPEPipeline(dit, run)
+        for _, _, cache, _ in pipeline.blocks(embeds, StreamingSeededNoise(0, 1, (16, 4, 6), 3, torch.bfloat16), 8):
+            pass
+        memories[memory_dtype] = cache.memory_keys.clone()
+    assert memories["cache"].dtype == torch.bfloat16 and memories["float32"].dtype == torch.float32
+    # Same inputs, different accumulator rounding: close but not identical.
+    diff = (memories["cache"].float() - memories["float32"]).abs().max()
+    assert 0 < float(diff) < 0.1

@@ -1,0 +1,99 @@
+"""Bad input gets a one-line error naming what is wrong and what was expected (exit 2), and
+nothing is written."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from memrope.cli import main
+
+
+@pytest.fixture()
+def files(golden_dir, tmp_path):
+    paths = {name: golden_dir / name for name in ("tiny_selfforcing.pt", "config.json", "memrope_ema.yaml",
+                                                  "inputs.safetensors")}
+    paths["out"] = tmp_path / "out" / "latents.safetensors"
+    return paths
+
+
+def _args(files, **override):
+    values = {"--checkpoint": files["tiny_selfforcing.pt"], "--model-config": files["config.json"],
+              "--config": files["memrope_ema.yaml"], "--text-embeds": files["inputs.safetensors"],
+              "--noise": files["inputs.safetensors"], "--latents-out": files["out"]}
+    values.update(override)
+    args = ["generate", "--no-decode"]
+    for key, value in values.items():
+        if value is not None:
+            args += [key, str(value)]
+    return args
+
+
+def _fails(files, capsys, match, **override):
+    assert main(_args(files, **override)) == 2
+    err = capsys.readouterr().err
+    assert match in err, err
+    assert not files["out"].exists()
+    assert not files["out"].parent.exists() or not any(files["out"].parent.iterdir())
+
+
+def test_missing_checkpoint(files, tmp_path, capsys):
+    _fails(files, capsys, "missing.pt", **{"--checkpoint": tmp_path / "missing.pt"})
+
+
+def test_truncated_checkpoint(files, tmp_path, capsys):
+    data = files["tiny_selfforcing.pt"].read_bytes()
+    bad = tmp_path / "truncated.pt"
+    bad.write_bytes(data[: len(data) // 2])
+    _fails(files, capsys, "truncated", **{"--checkpoint": bad})
+
+
+def test_config_inconsistent_with_checkpoint(files, tmp_path, capsys):
+    cfg = json.loads(files["config.json"].read_text())
+    cfg["num_layers"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    _fails(files, capsys, "does not match the model config", **{"--model-config": tmp_path / "config.json"})
+
+
+def test_impossible_cache_layout(files, tmp_path, capsys):
+    text = files["memrope_ema.yaml"].read_text().replace("local_attn_size: 12", "local_attn_size: 6")
+    (tmp_path / "bad.yaml").write_text(text)
+    _fails(files, capsys, "impossible cache layout", **{"--config": tmp_path / "bad.yaml"})
+
+
+def test_noise_of_the_wrong_shape(files, tmp_path, capsys):
+    save_file({"noise": torch.zeros(1, 30, 16, 4, 5), "intermediate_noise": torch.zeros(10, 3, 3, 16, 4, 5)},
+              str(tmp_path / "noise.safetensors"))
+    _fails(files, capsys, "expected [1, F, 16, 4, 6]", **{"--noise": tmp_path / "noise.safetensors"})
+    save_file({"noise": torch.zeros(1, 30, 16, 4, 6), "intermediate_noise": torch.zeros(10, 2, 3, 16, 4, 6)},
+              str(tmp_path / "noise2.safetensors"))
+    _fails(files, capsys, "intermediate_noise has shape", **{"--noise": tmp_path / "noise2.safetensors"})
+    save_file({"noise": torch.zeros(1, 30, 16, 4, 6)}, str(tmp_path / "noise3.safetensors"))
+    _fails(files, capsys, "no tensor 'intermediate_noise'", **{"--noise": tmp_path / "noise3.safetensors"})
+
+
+def test_embeddings_of_the_wrong_shape(files, tmp_path, capsys):
+    save_file({"prompt_embeds": torch.zeros(1, 16, 31)}, str(tmp_path / "emb.safetensors"))
+    _fails(files, capsys, "expected [B, L <= 16, 32]", **{"--text-embeds": tmp_path / "emb.safetensors"})
+    save_file({"prompt_embeds": torch.zeros(2, 16, 32)}, str(tmp_path / "emb2.safetensors"))
+    _fails(files, capsys, "num_samples is 1", **{"--text-embeds": tmp_path / "emb2.safetensors"})
+    (tmp_path / "junk.safetensors").write_bytes(b"\x00" * 10)
+    _fails(files, capsys, "not a readable safetensors file", **{"--text-embeds": tmp_path / "junk.safetensors"})
+
+
+def test_decode_is_not_silently_skipped(files, capsys):
+    args = [a for a in _args(files) if a != "--no-decode"]
+    assert main(args) == 2
+    assert "--no-decode" in capsys.readouterr().err
+
+
+def test_existing_output_survives_a_failed_run(files, tmp_path, capsys):
+    files["out"].parent.mkdir(parents=True)
+    files["out"].write_bytes(b"previous result")
+    assert main(_args(files, **{"--checkpoint": tmp_path / "missing.pt"})) == 2
+    assert files["out"].read_bytes() == b"previous result"
+    shutil.rmtree(files["out"].parent)

@@ -1,0 +1,107 @@
+"""Config adapters read the authors' files unchanged; validation names field, value and rule."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from memrope.config import (CacheConfig, RunConfig, WanConfig, config_hash, load_run_config,
+                            model_preset, run_config_from_yaml_dict)
+from memrope.sampler import build_schedule
+
+CONFIGS = Path(__file__).parent / "data" / "configs"
+GOLDEN = Path(__file__).parent / "data" / "golden"
+
+
+def test_golden_yaml_files(golden_dir):
+    ema = load_run_config(golden_dir / "memrope_ema.yaml")
+    assert ema.cache == CacheConfig(policy="ema", window_frames=12, sink_frames=3, block_frames=3)
+    assert ema.cache.recent_frames == 4
+    assert (ema.latent_height, ema.latent_width, ema.num_output_frames) == (4, 6, 30)
+    assert load_run_config(golden_dir / "memrope_eviction.yaml").cache.policy == "eviction"
+    glob = load_run_config(golden_dir / "global_noevict.yaml")
+    assert glob.cache.policy == "global" and glob.cache.window_frames is None
+
+
+def test_memrope_longlive_and_self_forcing_files():
+    memrope = load_run_config(CONFIGS / "memrope_60s.yaml")
+    assert memrope.num_output_frames == 240 and memrope.cache.policy == "ema"
+    assert (memrope.latent_height, memrope.latent_width) == (60, 104)
+    longlive = load_run_config(CONFIGS / "longlive_inference.yaml")
+    assert longlive.cache.policy == "eviction" and longlive.cache.block_frames == 6
+    assert longlive.cache.recent_frames == 3
+    assert longlive.lora is not None and longlive.lora.scaling == 1.0 and not longlive.use_ema
+    assert longlive.lora_ckpt.endswith("lora.pt")
+    sf = load_run_config(CONFIGS / "self_forcing_dmd.yaml")
+    assert sf.cache.policy == "global" and sf.num_output_frames == 21
+
+
+def test_warped_schedule_matches_the_reference():
+    sched = build_schedule(load_run_config(GOLDEN / "memrope_ema.yaml").sampler)
+    meta = json.loads((GOLDEN / "golden_meta.json").read_text())
+    assert list(sched.step_timesteps) == meta["warped_denoising_steps"]
+    assert [float.hex(s) for s in sched.step_sigmas] == [
+        float.hex(float.fromhex(d["sigma_hex"])) for d in meta["warped_steps_detail"]]
+    assert sched.context_timestep == 0.0
+
+
+def test_wan_config_json_with_and_without_text_dim(tmp_path):
+    raw = {"dim": 1536, "ffn_dim": 8960, "num_heads": 12, "num_layers": 30, "freq_dim": 256,
+           "in_dim": 16, "out_dim": 16, "text_len": 512, "eps": 1e-6, "model_type": "t2v",
+           "_class_name": "WanModel", "_diffusers_version": "0.30.0"}
+    (tmp_path / "config.json").write_text(json.dumps(raw))
+    cfg = WanConfig.from_json(tmp_path / "config.json")
+    assert cfg == model_preset("wan-1.3b") and cfg.text_dim == 4096 and cfg.head_dim == 128
+    assert WanConfig.from_json(GOLDEN / "config.json").text_dim == 32
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"local_attn_size": 6, "sink_size": 3, "compression_method": "ema"}, "impossible cache layout"),
+    ({"local_attn_size": 13, "sink_size": 3}, "multiple of num_frame_per_block"),
+    ({"local_attn_size": 0}, "local_attn_size"),
+    ({"local_attn_size": 12, "compression_method": "zip"}, "compression_method"),
+    ({"local_attn_size": 12, "ema_alpha_long": 1.5}, "ema_alpha_long"),
+    ({"local_attn_size": 12, "sink_size": -1}, "sink_size"),
+])
+def test_impossible_layouts_are_refused(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        run_config_from_yaml_dict({"num_frame_per_block": 3, "model_kwargs": kwargs})
+
+
+@pytest.mark.parametrize("raw, match", [
+    ({"num_frame_per_block": 3, "num_output_frames": 31}, "multiple of num_frame_per_block"),
+    ({"denoising_step_list": [1000, 0]}, "denoising_step_list"),
+    ({"num_output_frames": 2000, "num_frame_per_block": 1}, "<= 1024"),
+    ({"engine": {"memory_dtype": "float64"}, "model_kwargs": {"local_attn_size": 12}}, "memory_dtype"),
+    ([1, 2], "mapping"),
+])
+def test_bad_run_configs(raw, match):
+    with pytest.raises(ValueError, match=match):
+        run_config_from_yaml_dict(raw)
+
+
+def test_bad_model_configs(tmp_path):
+    with pytest.raises(ValueError, match="divisible by num_heads"):
+        WanConfig(dim=100, num_heads=3)
+    with pytest.raises(ValueError, match="missing required keys"):
+        WanConfig.from_dict({"dim": 64})
+    bad = tmp_path / "config.json"
+    bad.write_text("{not json")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        WanConfig.from_json(bad)
+    with pytest.raises(FileNotFoundError, match="model config not found"):
+        WanConfig.from_json(tmp_path / "missing.json")
+    (tmp_path / "bad.yaml").write_text("a: [1, 2")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        load_run_config(tmp_path / "bad.yaml")
+
+
+def test_engine_options_and_hash():
+    run = run_config_from_yaml_dict({"num_frame_per_block": 3, "engine": {"memory_dtype": "float32"},
+                                     "model_kwargs": {"local_attn_size": 12, "sink_size": 3,
+                                                      "compression_method": "ema", "ema_adaptive": True}})
+    assert run.cache.policy == "ema_adaptive" and run.cache.memory_dtype == "float32"
+    assert config_hash(run) == config_hash(run)
+    assert config_hash(run) != config_hash(RunConfig())

@@ -1,0 +1,97 @@
+"""Model pieces against independent formulations, and the step's export-readiness: one
+strictly exported program (no data-dependent ops, fixed shapes) serves every block."""
+
+from __future__ import annotations
+
+import torch
+
+from memrope.cache import CacheControls
+from memrope.config import model_preset
+from memrope.model import MemRoPEStep, param_count, random_state_dict, build_dit
+from memrope.pipeline import MemRoPEPipeline
+from memrope.rope import RopeTables, apply_rope, rope_cos_sin, rope_pair_split
+from memrope.sampler import TensorNoise
+
+from conftest import golden_run, golden_trace
+
+
+def _complex_rope_reference(x, t_idx, grid_h, grid_w):
+    """Spec section 2 written with complex128 tables, as the authors do."""
+    d = x.shape[-1]
+    def params(dim):
+        return torch.outer(torch.arange(1024, dtype=torch.float64),
+                           1.0 / torch.pow(10000.0, torch.arange(0, dim, 2, dtype=torch.float64) / dim))
+    freqs = torch.polar(torch.ones(1024, d // 2, dtype=torch.float64),
+                        torch.cat([params(d - 4 * (d // 6)), params(2 * (d // 6)), params(2 * (d // 6))], dim=1))
+    p_t, p_h, _ = rope_pair_split(d)
+    ft, fh, fw = freqs.split([p_t, p_h, p_h], dim=1)
+    f = len(t_idx)
+    table = torch.cat([ft[t_idx][:, None, None].expand(f, grid_h, grid_w, -1),
+                       fh[:grid_h][None, :, None].expand(f, grid_h, grid_w, -1),
+                       fw[:grid_w][None, None, :].expand(f, grid_h, grid_w, -1)], dim=-1).reshape(-1, 1, d // 2)
+    z = torch.view_as_complex(x.double().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(z * table).flatten(-2).to(x.dtype)
+
+
+def test_rope_matches_complex_reference_for_several_head_sizes():
+    for head_dim, (gh, gw) in ((32, (2, 3)), (128, (30, 52)), (64, (5, 7))):
+        tables = RopeTables(head_dim, gh, gw)
+        positions = torch.tensor([0, 3, 11, 900])
+        cos, sin = rope_cos_sin(positions, tables.temporal_cos, tables.temporal_sin,
+                                tables.spatial_cos, tables.spatial_sin)
+        x = torch.randn(1, len(positions) * gh * gw, 2, head_dim)
+        torch.testing.assert_close(apply_rope(x, cos, sin), _complex_rope_reference(x, positions, gh, gw),
+                                   atol=5e-6, rtol=1e-5)
+
+
+def test_rope_split_and_parameter_count_follow_the_config():
+    assert rope_pair_split(128) == (22, 21, 21) and rope_pair_split(32) == (6, 5, 5)
+    cfg = model_preset("wan-1.3b")
+    d, f = cfg.dim, cfg.ffn_dim
+    per_block = 6 * d + 8 * (d * d + d) + 6 * d + (d * f + f) + (f * d + d)
+    assert per_block == 46_440_704
+    tiny = model_preset("tiny")
+    assert param_count(tiny) == sum(p.numel() for p in build_dit(tiny, random_state_dict(tiny)).parameters())
+
+
+class _FlatStep(torch.nn.Module):
+    """Flat tensors in and out, as an exporter sees the step."""
+
+    def __init__(self, step: MemRoPEStep):
+        super().__init__()
+        self.step = step
+        self.layers = step.config.num_layers
+
+    def forward(self, latents, timestep, *flat):
+        n = self.layers
+        pk, pv, ck, cv = (list(flat[i * n:(i + 1) * n]) for i in range(4))
+        controls = CacheControls(*flat[4 * n:4 * n + 6])
+        rest = flat[4 * n + 6:]
+        mk, mv = (list(rest[:n]), list(rest[n:])) if rest else (None, None)
+        out = self.step(latents, timestep, pk, pv, ck, cv, controls, mk, mv)
+        return (out.flow, *out.block_keys, *out.block_values, *out.memory_keys, *out.memory_values)
+
+
+def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
+    """torch.export (strict) traces the step once; that program, fed the loop's tensors, reproduces
+    the golden trace through fill, first eviction and steady state."""
+    name = "memrope_ema"
+    run, trace = golden_run(name), golden_trace(name)
+    pipeline = MemRoPEPipeline(golden_dit, run)
+    flat = _FlatStep(pipeline.step)
+    exported = {}
+
+    def exported_step(latents, timestep, pk, pv, ck, cv, controls, mk, mv):
+        args = (latents, timestep, *pk, *pv, *ck, *cv, *controls.as_dict().values(), *mk, *mv)
+        if "program" not in exported:
+            exported["program"] = torch.export.export(flat, args, strict=True).module()
+        outs = exported["program"](*args)
+        n = flat.layers
+        from memrope.model import StepOutputs
+        return StepOutputs(outs[0], list(outs[1:1 + n]), list(outs[1 + n:1 + 2 * n]),
+                           list(outs[1 + 2 * n:1 + 3 * n]), list(outs[1 + 3 * n:]))
+
+    pipeline.step = exported_step
+    noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)
+    latents = pipeline.generate(golden_inputs["prompt_embeds"], noise)
+    torch.testing.assert_close(latents, trace["output_latents"], atol=1e-4, rtol=0)
