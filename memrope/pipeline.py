@@ -119,7 +119,7 @@ class MemRoPEPipeline:
                 if on_call is not None:
                     on_call(CallRecord(b, i, plan, x, step_t[i], out))
                 if i < sched.num_steps - 1:
-                    eps = noise.renoise(b, i).to(self.device)
+                    eps = noise.renoise(b, i).to(self.device, self.dtype)
                     x = add_noise(x0, eps, sched.step_sigmas[i + 1])
             # Context pass: the clean prediction at the context timestep writes the cache.
             out = call(x0, context_t)
