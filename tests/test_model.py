@@ -95,3 +95,16 @@ def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
     noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)
     latents = pipeline.generate(golden_inputs["prompt_embeds"], noise)
     torch.testing.assert_close(latents, trace["output_latents"], atol=1e-4, rtol=0)
+
+
+def test_float32_sinusoid_matches_float64():
+    from memrope.model import sinusoid_constants, sinusoidal_features
+
+    t = torch.tensor([1000.0, 937.5, 833.3333129882812, 625.0, 0.0, 999.999, 3.3, 4095.5])
+    half = 128
+    omega = torch.pow(torch.tensor(10000.0, dtype=torch.float64), -torch.arange(half, dtype=torch.float64) / half)
+    angles = t.double()[:, None] * omega
+    reference = torch.cat([angles.cos(), angles.sin()], dim=-1)
+    ours = sinusoidal_features(t, **sinusoid_constants(256))
+    assert ours.dtype == torch.float32
+    assert float((ours.double() - reference).abs().max()) < 1e-6
