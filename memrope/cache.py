@@ -206,7 +206,7 @@ class CacheControls:
     key_positions: ``[context_frames]`` int64 temporal RoPE index of each context slot.
     key_valid: ``[context_frames]`` bool, slot attended.
     query_positions: ``[block_frames]`` int64 temporal RoPE index of the block's frames.
-    memory_ready / memory_init / memory_update: ``[]`` bool.
+    memory_ready / memory_init / memory_update: ``[1]`` bool.
     """
 
     key_positions: torch.Tensor
@@ -222,9 +222,9 @@ class CacheControls:
             key_positions=torch.arange(layout.context_frames, dtype=torch.int64, device=device),
             key_valid=torch.zeros(layout.context_frames, dtype=torch.bool, device=device),
             query_positions=torch.zeros(layout.block_frames, dtype=torch.int64, device=device),
-            memory_ready=torch.zeros((), dtype=torch.bool, device=device),
-            memory_init=torch.zeros((), dtype=torch.bool, device=device),
-            memory_update=torch.zeros((), dtype=torch.bool, device=device),
+            memory_ready=torch.zeros(1, dtype=torch.bool, device=device),
+            memory_init=torch.zeros(1, dtype=torch.bool, device=device),
+            memory_update=torch.zeros(1, dtype=torch.bool, device=device),
         )
 
     def set(self, layout: CacheLayout, plan: BlockPlan, first_call: bool) -> None:
@@ -256,7 +256,7 @@ def memory_update(
     Args:
         memory_key, memory_value: ``[B, 2, M, H, D]`` (long, short) in the memory dtype.
         evicted_key, evicted_value: ``[B, E * S, H, D]`` clean keys/values of the evicted frames.
-        init, update: ``[]`` bool. ``init`` sets long = short = mean; ``update`` applies the EMA;
+        init, update: ``[1]`` bool. ``init`` sets long = short = mean; ``update`` applies the EMA;
             neither returns the memory unchanged.
     Returns:
         The new ``(memory_key, memory_value)``, same shapes and dtype.

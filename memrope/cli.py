@@ -15,10 +15,12 @@ from pathlib import Path
 
 import torch
 
+from memrope.errors import StageError
+
 logger = logging.getLogger("memrope")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BACKENDS = ("eager",)
+BACKENDS = ("eager", "onnxruntime")
 # Reference-order noise draws the whole video's initial noise up front; past this many
 # elements per run the loop draws block by block instead (constant memory).
 REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
@@ -27,16 +29,7 @@ REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
 def _add_generate(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="generate latent frames (and, later, video)",
                        description="Generate with the MemRoPE fixed-size cache.")
-    src = p.add_argument_group("model")
-    src.add_argument("--checkpoint", type=Path,
-                     help="DiT weights: Self-Forcing/LongLive .pt, a Wan2.1 .safetensors or a Wan2.1 folder")
-    src.add_argument("--model-config", type=Path, help="Wan config.json (default: the checkpoint folder's)")
-    src.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"),
-                     help="architecture preset; without --checkpoint the weights are RANDOM")
-    src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
-    src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
-                     help="load generator_ema (default: the YAML's use_ema)")
-    src.add_argument("--no-use-ema", dest="use_ema", action="store_false")
+    _add_model_args(p)
     run = p.add_argument_group("run")
     run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
     run.add_argument("--text-embeds", type=Path, help="safetensors with prompt_embeds [B, L, text_dim]")
@@ -52,6 +45,7 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--backend", choices=BACKENDS, default="eager")
+    ex.add_argument("--engine", type=Path, help="artifact directory from `memrope export` (onnxruntime backend)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.set_defaults(func=cmd_generate)
@@ -79,11 +73,86 @@ def _resolve_model(args: argparse.Namespace):
                      "--checkpoint, or --preset")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _load_dit(args: argparse.Namespace, model_cfg, run, dtype: torch.dtype, device: torch.device):
+    """The DiT from ``--checkpoint`` (with ``--lora``), or random weights for a ``--preset``."""
     from memrope.checkpoint import load_dit_state_dict
+    from memrope.model import build_dit, random_state_dict
+
+    if args.checkpoint is not None:
+        use_ema = run.use_ema if args.use_ema is None else args.use_ema
+        state = load_dit_state_dict(args.checkpoint, model_cfg, use_ema=use_ema, lora_path=args.lora,
+                                    lora=run.lora, dtype=torch.float32)
+    else:
+        if args.preset is None:
+            raise ValueError("pass --checkpoint, or --preset for random weights")
+        logger.warning("no --checkpoint: RANDOM weights (preset %s); the output shows the machinery, "
+                       "not a picture", args.preset)
+        state = random_state_dict(model_cfg, seed=run.seed + 1234)
+    dit = build_dit(model_cfg, state, dtype=dtype, device=device)
+    del state
+    return dit
+
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model")
+    src.add_argument("--checkpoint", type=Path,
+                     help="DiT weights: Self-Forcing/LongLive .pt, a Wan2.1 .safetensors or a Wan2.1 folder")
+    src.add_argument("--model-config", type=Path, help="Wan config.json (default: the checkpoint folder's)")
+    src.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"),
+                     help="architecture preset; without --checkpoint the weights are RANDOM")
+    src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
+    src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
+                     help="load generator_ema (default: the YAML's use_ema)")
+    src.add_argument("--no-use-ema", dest="use_ema", action="store_false")
+
+
+def _add_export(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("export", help="export the step and text graphs to an ONNX artifact directory",
+                       description="Export one DiT call with explicit cache I/O (opset 23, static shapes), "
+                                   "audit it against TensorRT 10.15's parser and validate it against eager.")
+    _add_model_args(p)
+    p.add_argument("--config", type=Path, help="run YAML (cache policy, sampler); default: the preset's demo run")
+    p.add_argument("--height", type=int, required=True, help="video height in pixels (multiple of 16)")
+    p.add_argument("--width", type=int, required=True, help="video width in pixels (multiple of 16)")
+    p.add_argument("--batch", type=int, default=1)
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--memory-dtype", choices=("cache", "float32"))
+    p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
+    p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
+    p.add_argument("--no-validate", dest="validate", action="store_false",
+                   help="skip the ONNX Runtime vs eager comparison (fp32 exports)")
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import export_artifact
+    from memrope.config import load_run_config
+
+    model_cfg = _resolve_model(args)
+    if args.config is not None:
+        run = load_run_config(args.config)
+    elif args.preset is not None:
+        run = _demo_run_config(args.preset)
+    else:
+        raise ValueError("no run configuration: pass --config run.yaml")
+    if args.memory_dtype is not None:
+        run = replace(run, cache=replace(run.cache, memory_dtype=args.memory_dtype))
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    if args.out.exists() and not args.force:
+        raise ValueError(f"{args.out} already exists; pass --force to replace it")
+    dit = _load_dit(args, model_cfg, run, dtype, torch.device("cpu"))
+    result = export_artifact(dit, run, args.out, height=args.height, width=args.width, batch=args.batch,
+                             validate=args.validate, force=args.force)
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result.files.items() if name.endswith((".onnx", ".data")))
+    check = result.validation.get("skipped") or f"max abs error vs eager {result.validation['max_abs_error']:.2e}"
+    print(f"wrote {result.path} in {result.seconds:.1f} s: step graph {result.step_nodes} nodes; {sizes}; "
+          f"TensorRT audit passed; validation: {check}")
+    return 0
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.config import load_run_config
     from memrope.io import read_noise, read_text_embeds, save_safetensors_atomic
-    from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
     from memrope.sampler import SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
 
@@ -99,9 +168,22 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = DTYPES[args.dtype]
 
-    model_cfg = _resolve_model(args)
+    artifact = None
+    if args.backend == "onnxruntime":
+        from runtime.artifact import load_artifact
+
+        if args.engine is None:
+            raise ValueError("--backend onnxruntime needs --engine DIR (an artifact from `memrope export`)")
+        artifact = load_artifact(args.engine)
+        model_cfg = artifact.model
+    elif args.engine is not None:
+        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
+    else:
+        model_cfg = _resolve_model(args)
     if args.config is not None:
         run = load_run_config(args.config)
+    elif artifact is not None:
+        run = artifact.run
     elif args.preset is not None:
         run = _demo_run_config(args.preset)
     else:
@@ -128,9 +210,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              "frames in the noise file")
         run = run.with_frames(args.num_frames)
 
+    if artifact is not None:
+        run = artifact.check_run(run)
+
     if args.text_embeds is not None:
         embeds = read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
-    elif args.checkpoint is None:
+    elif args.checkpoint is None and artifact is None:
         g = torch.Generator("cpu").manual_seed(run.seed + 4321)
         embeds = torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
         logger.warning("no --text-embeds: using random text embeddings (demo)")
@@ -141,20 +226,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
                          f"num_samples is {run.batch_size}")
 
-    if args.checkpoint is not None:
-        use_ema = run.use_ema if args.use_ema is None else args.use_ema
-        lora_path = args.lora if args.lora is not None else None
-        state = load_dit_state_dict(args.checkpoint, model_cfg, use_ema=use_ema, lora_path=lora_path,
-                                    lora=run.lora, dtype=torch.float32)
+    if args.backend == "onnxruntime":
+        from runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+        if device.type != "cpu" or dtype != torch.float32:
+            raise ValueError("--backend onnxruntime runs the float32 export on the CPU here "
+                             "(--device cpu --dtype float32)")
+        backend = OnnxRuntimeBackend(artifact)
     else:
-        if args.preset is None:
-            raise ValueError("pass --checkpoint, or --preset for random weights")
-        logger.warning("no --checkpoint: RANDOM weights (preset %s); the output shows the machinery, "
-                       "not a picture", args.preset)
-        state = random_state_dict(model_cfg, seed=run.seed + 1234)
-    dit = build_dit(model_cfg, state, dtype=dtype, device=device)
-    del state
-    pipeline = MemRoPEPipeline(dit, run)
+        backend = _load_dit(args, model_cfg, run, dtype, device)
+    pipeline = MemRoPEPipeline(backend, run)
 
     if noise_tensors is not None:
         noise = TensorNoise(noise_tensors[0], noise_tensors[1], run.cache.block_frames)
@@ -183,17 +264,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
+    _add_export(sub)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
+    if not args.verbose:
+        for name in ("memrope", "export", "runtime"):
+            logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError) as exc:
+    except (ValueError, FileNotFoundError, ImportError, StageError) as exc:
         print(f"memrope {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

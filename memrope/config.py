@@ -409,3 +409,14 @@ def config_hash(*parts: Any) -> str:
 
     blob = json.dumps([normalise(p) for p in parts], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()
+
+
+def run_config_from_dict(raw: Mapping[str, Any]) -> RunConfig:
+    """Inverse of :meth:`RunConfig.to_dict` (for artifacts' ``config.json``)."""
+    raw = dict(raw)
+    cache = dict(raw.pop("cache"))
+    sampler = dict(raw.pop("sampler"))
+    sampler["denoising_steps"] = tuple(sampler["denoising_steps"])
+    lora = raw.pop("lora", None)
+    return RunConfig(cache=CacheConfig(**cache), sampler=SamplerConfig(**sampler),
+                     lora=LoraConfig(**lora) if lora else None, **raw)

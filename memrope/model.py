@@ -341,7 +341,8 @@ class MemRoPEStep(nn.Module):
         q_cos, q_sin = cos[lay.context_tokens:], sin[lay.context_tokens:]
         key_valid = controls.key_valid[:, None].expand(lay.context_frames, tokens_per_frame).reshape(-1)
         mask = torch.cat([key_valid, torch.ones(lay.block_tokens, dtype=torch.bool, device=x.device)])
-        mask = mask[None, None, None, :]
+        # [1, 1, N, K + N]: ONNX Runtime's Attention wants the query axis spelled out (a view here).
+        mask = mask[None, None, None, :].expand(1, 1, lay.block_tokens, mask.shape[0])
 
         # 3. Transformer blocks.
         block_keys, block_values, new_mem_k, new_mem_v = [], [], [], []

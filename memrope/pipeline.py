@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Protocol
 
 import torch
 
@@ -43,23 +43,68 @@ def cache_layout_for(model: WanConfig, run: RunConfig) -> CacheLayout:
                              run.num_output_frames)
 
 
+class StepBackend(Protocol):
+    """What the loop drives: one DiT call with explicit cache I/O, and the per-prompt text pass.
+
+    ``step`` has the signature of :meth:`memrope.model.MemRoPEStep.forward` and returns
+    :class:`StepOutputs`; ``encode_text`` maps ``prompt_embeds [B, L, text_dim]`` to per-layer
+    cross-attention keys and values. Tensors in and out live on ``device``.
+    """
+
+    name: str
+    model: WanConfig
+    layout: CacheLayout
+    dtype: torch.dtype
+    device: torch.device
+
+    def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
+
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor, past_keys: list[torch.Tensor],
+             past_values: list[torch.Tensor], cross_keys: list[torch.Tensor], cross_values: list[torch.Tensor],
+             controls: CacheControls, memory_keys: list[torch.Tensor] | None,
+             memory_values: list[torch.Tensor] | None) -> StepOutputs: ...
+
+
+class EagerBackend:
+    """The PyTorch core, called directly."""
+
+    name = "eager"
+
+    def __init__(self, dit: WanCausalDiT, run: RunConfig):
+        self.dit = dit
+        self.model = dit.config
+        self.layout = cache_layout_for(dit.config, run)
+        self.device = dit.head.head.weight.device
+        self.dtype = dit.dtype
+        self.module = MemRoPEStep(dit, self.layout, run.latent_height, run.latent_width).to(self.device)
+
+    def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return self.dit.encode_text(prompt_embeds.to(self.device))
+
+    def step(self, *args) -> StepOutputs:
+        return self.module(*args)
+
+
 class MemRoPEPipeline:
     """Generates latent frames block by block with a fixed-size cache.
 
     Args:
-        dit: the DiT (weights on ``device`` in the compute dtype).
+        backend: a :class:`StepBackend`, or a :class:`WanCausalDiT` (run eagerly).
         run: the run configuration (cache policy, sampler, latent size, frames).
     """
 
-    def __init__(self, dit: WanCausalDiT, run: RunConfig):
-        self.dit = dit
+    def __init__(self, backend: StepBackend | WanCausalDiT, run: RunConfig):
+        if isinstance(backend, WanCausalDiT):
+            backend = EagerBackend(backend, run)
+        expected = cache_layout_for(backend.model, run)
+        if backend.layout != expected:
+            raise ValueError(f"backend {backend.name} was built for cache layout {backend.layout.describe()}, "
+                             f"the run needs {expected.describe()}")
+        self.backend = backend
         self.run = run
-        self.layout = cache_layout_for(dit.config, run)
-        self.step = MemRoPEStep(dit, self.layout, run.latent_height, run.latent_width)
-        device = dit.head.head.weight.device
-        self.step.to(device)
+        self.layout = expected
         self.schedule: Schedule = build_schedule(run.sampler)
-        self.device, self.dtype = device, dit.dtype
+        self.device, self.dtype = backend.device, backend.dtype
 
     def latent_frame_shape(self) -> tuple[int, int, int]:
         r = self.run
@@ -78,11 +123,11 @@ class MemRoPEPipeline:
         The cache is yielded after the block's context pass (for inspection; do not keep
         references across blocks, it is overwritten in place).
         """
-        cfg, lay, sched = self.dit.config, self.layout, self.schedule
+        cfg, lay, sched = self.backend.model, self.layout, self.schedule
         batch = prompt_embeds.shape[0]
         if batch != self.run.batch_size:
             raise ValueError(f"prompt_embeds batch {batch} does not match num_samples {self.run.batch_size}")
-        cross_k, cross_v = self.dit.encode_text(prompt_embeds.to(self.device))
+        cross_k, cross_v = self.backend.encode_text(prompt_embeds.to(self.device))
         cache = KVCache(lay, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
         layer_k, layer_v = list(cache.keys.unbind(0)), list(cache.values.unbind(0))
         mem_k = list(cache.memory_keys.unbind(0)) if cache.memory_keys is not None else None
@@ -99,7 +144,7 @@ class MemRoPEPipeline:
         expected = (batch, frames, *self.latent_frame_shape())
 
         def call(x: torch.Tensor, t: torch.Tensor) -> StepOutputs:
-            return self.step(x, t, layer_k, layer_v, cross_k, cross_v, controls, mem_k, mem_v)
+            return self.backend.step(x, t, layer_k, layer_v, cross_k, cross_v, controls, mem_k, mem_v)
 
         for b in range(num_blocks):
             plan = policy.next_block()

@@ -78,7 +78,7 @@ def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
     name = "memrope_ema"
     run, trace = golden_run(name), golden_trace(name)
     pipeline = MemRoPEPipeline(golden_dit, run)
-    flat = _FlatStep(pipeline.step)
+    flat = _FlatStep(pipeline.backend.module)
     exported = {}
 
     def exported_step(latents, timestep, pk, pv, ck, cv, controls, mk, mv):
@@ -91,7 +91,7 @@ def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
         return StepOutputs(outs[0], list(outs[1:1 + n]), list(outs[1 + n:1 + 2 * n]),
                            list(outs[1 + 2 * n:1 + 3 * n]), list(outs[1 + 3 * n:]))
 
-    pipeline.step = exported_step
+    pipeline.backend.step = exported_step
     noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)
     latents = pipeline.generate(golden_inputs["prompt_embeds"], noise)
     torch.testing.assert_close(latents, trace["output_latents"], atol=1e-4, rtol=0)

@@ -1,0 +1,218 @@
+"""The IO contract: one description of the exported graphs' named inputs and outputs.
+
+Owns: tensor names, shapes and dtypes of the ``step`` graph (one DiT call with explicit cache
+I/O) and the ``text`` graph (per-prompt cross-attention keys/values), the cache layout they
+assume, and the hash that binds an artifact to its configuration. The wrapper modules, the
+exporter, the runtime's buffer allocation and the tests all read names from here; nothing else
+spells ``past_key_values.{i}.key``.
+
+Legend: B batch, F frames per block, C latent channels, H/W latent height/width, Hd heads,
+D head_dim, T text_len, M memory tokens per slot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from memrope.cache import CacheLayout
+from memrope.config import RunConfig, WanConfig, config_hash
+
+CONTRACT_VERSION = 1
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "int64": torch.int64, "bool": torch.bool}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+CONTROL_NAMES = ("key_positions", "key_valid", "query_positions", "memory_ready", "memory_init",
+                 "memory_update")
+
+
+def past_key(i: int) -> str:
+    return f"past_key_values.{i}.key"
+
+
+def past_value(i: int) -> str:
+    return f"past_key_values.{i}.value"
+
+
+def memory_key(i: int) -> str:
+    return f"memory.{i}.key"
+
+
+def memory_value(i: int) -> str:
+    return f"memory.{i}.value"
+
+
+def cross_key(i: int) -> str:
+    return f"cross_key_values.{i}.key"
+
+
+def cross_value(i: int) -> str:
+    return f"cross_key_values.{i}.value"
+
+
+def present_key(i: int) -> str:
+    return f"present.{i}.key"
+
+
+def present_value(i: int) -> str:
+    return f"present.{i}.value"
+
+
+def present_memory_key(i: int) -> str:
+    return f"present_memory.{i}.key"
+
+
+def present_memory_value(i: int) -> str:
+    return f"present_memory.{i}.value"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for d in self.shape:
+            n *= d
+        return n * torch.empty((), dtype=self.torch_dtype).element_size()
+
+    def zeros(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        return torch.zeros(self.shape, dtype=self.torch_dtype, device=device)
+
+
+@dataclass(frozen=True)
+class GraphContract:
+    """Inputs and outputs of one graph, in the positional order of the exported function."""
+
+    graph: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [t.name for t in self.inputs]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [t.name for t in self.outputs]
+
+    def input(self, name: str) -> TensorSpec:
+        return next(t for t in self.inputs if t.name == name)
+
+    def output(self, name: str) -> TensorSpec:
+        return next(t for t in self.outputs if t.name == name)
+
+
+@dataclass(frozen=True)
+class ArtifactContract:
+    """Everything a runtime needs to drive an exported artifact, and to refuse a stale one."""
+
+    model: WanConfig
+    run: RunConfig
+    dtype: str
+    batch: int
+    height: int
+    width: int
+    layout: dict
+    step: GraphContract
+    text: GraphContract
+
+    @property
+    def config_hash(self) -> str:
+        return artifact_hash(self.model, self.run, self.dtype, self.batch, self.height, self.width)
+
+    def to_json(self) -> dict[str, Any]:
+        def graph(g: GraphContract) -> dict:
+            return {"inputs": [asdict(t) for t in g.inputs], "outputs": [asdict(t) for t in g.outputs]}
+
+        return {
+            "contract_version": CONTRACT_VERSION,
+            "config_hash": self.config_hash,
+            "dtype": self.dtype,
+            "batch": self.batch,
+            "height": self.height,
+            "width": self.width,
+            "cache_layout": self.layout,
+            "graphs": {"step": graph(self.step), "text": graph(self.text)},
+        }
+
+    def write(self, path: Path) -> None:
+        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def artifact_hash(model: WanConfig, run: RunConfig, dtype: str, batch: int, height: int, width: int) -> str:
+    """Hash of what the graphs were specialised on. ``num_output_frames`` and ``seed`` only
+    matter for the ``global`` policy (its cache is sized by the video length)."""
+    cache_frames = run.num_output_frames if run.cache.policy == "global" else None
+    return config_hash(model, run.cache, run.sampler, run.latent_channels, run.latent_height,
+                       run.latent_width, cache_frames, dtype, batch, height, width, CONTRACT_VERSION)
+
+
+def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
+                   height: int, width: int) -> ArtifactContract:
+    """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8)."""
+    if dtype not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
+    hd, d, L = model.num_heads, model.head_dim, model.num_layers
+    f, c = layout.block_frames, run.latent_channels
+    lh, lw = run.latent_height, run.latent_width
+    mem_dtype = "float32" if run.cache.memory_dtype == "float32" else dtype
+    cache_shape = (batch, layout.cache_tokens, hd, d)
+    mem_shape = (batch, 2, layout.memory_tokens, hd, d)
+    text_shape = (batch, model.text_len, hd, d)
+    block_shape = (batch, layout.block_tokens, hd, d)
+
+    inputs = [TensorSpec("latents", (batch, f, c, lh, lw), dtype),
+              TensorSpec("timestep", (batch, f), "float32")]
+    inputs += [TensorSpec(past_key(i), cache_shape, dtype) for i in range(L)]
+    inputs += [TensorSpec(past_value(i), cache_shape, dtype) for i in range(L)]
+    inputs += [TensorSpec(cross_key(i), text_shape, dtype) for i in range(L)]
+    inputs += [TensorSpec(cross_value(i), text_shape, dtype) for i in range(L)]
+    inputs += [TensorSpec("key_positions", (layout.context_frames,), "int64"),
+               TensorSpec("key_valid", (layout.context_frames,), "bool"),
+               TensorSpec("query_positions", (f,), "int64"),
+               TensorSpec("memory_ready", (1,), "bool"),
+               TensorSpec("memory_init", (1,), "bool"),
+               TensorSpec("memory_update", (1,), "bool")]
+    outputs = [TensorSpec("flow", (batch, f, c, lh, lw), dtype)]
+    outputs += [TensorSpec(present_key(i), block_shape, dtype) for i in range(L)]
+    outputs += [TensorSpec(present_value(i), block_shape, dtype) for i in range(L)]
+    if layout.has_memory:
+        inputs += [TensorSpec(memory_key(i), mem_shape, mem_dtype) for i in range(L)]
+        inputs += [TensorSpec(memory_value(i), mem_shape, mem_dtype) for i in range(L)]
+        outputs += [TensorSpec(present_memory_key(i), mem_shape, mem_dtype) for i in range(L)]
+        outputs += [TensorSpec(present_memory_value(i), mem_shape, mem_dtype) for i in range(L)]
+    step = GraphContract("step", tuple(inputs), tuple(outputs))
+
+    text = GraphContract(
+        "text",
+        (TensorSpec("prompt_embeds", (batch, model.text_len, model.text_dim), dtype),),
+        tuple([TensorSpec(cross_key(i), text_shape, dtype) for i in range(L)]
+              + [TensorSpec(cross_value(i), text_shape, dtype) for i in range(L)]),
+    )
+    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), step, text)
+
+
+def read_contract_json(path: Path) -> dict[str, Any]:
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"artifact has no contract file: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"artifact contract {path} is not valid JSON: {exc}") from None
+    if raw.get("contract_version") != CONTRACT_VERSION:
+        raise ValueError(f"artifact contract {path} has version {raw.get('contract_version')!r}; this "
+                         f"engine reads version {CONTRACT_VERSION}: re-export it with `memrope export`")
+    return raw

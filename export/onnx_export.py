@@ -1,0 +1,199 @@
+"""Export an artifact directory: the step and text graphs, their contract, config and checks.
+
+Owns: ``export_artifact`` and the directory it writes:
+
+    step.onnx [+ step.onnx.data]   one DiT call, explicit cache I/O (opset 23, static shapes)
+    text.onnx [+ text.onnx.data]   prompt embeddings -> per-layer cross-attention keys/values
+    contract.json                  every input/output name, shape, dtype; cache layout; hash
+    config.json                    model, cache, sampler configs and their hash
+    versions.json                  the packages that produced it
+    audit.json                     the TensorRT 10.15 parser audit of each graph
+    validation.json                ONNX Runtime (CPU, fp32) vs eager, per call and output
+
+It is written into a hidden sibling directory and renamed into place only after every check
+passed, so a failed export leaves nothing that looks valid.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import time
+import uuid
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+
+from memrope.errors import StageError
+
+from export.contract import ArtifactContract, build_contract
+from export.graph import StepGraph, TextGraph
+from memrope.cache import CacheLayout, CacheControls
+from memrope.config import RunConfig, WanConfig, frame_tokens
+from memrope.model import MemRoPEStep, WanCausalDiT
+
+logger = logging.getLogger(__name__)
+
+OPSET = 23
+PROTOBUF_LIMIT_BYTES = 2 * 1024 ** 3
+STEP_FILE, TEXT_FILE, CONTRACT_FILE, CONFIG_FILE = "step.onnx", "text.onnx", "contract.json", "config.json"
+
+
+class ExportError(StageError):
+    """The exporter failed or produced a graph that does not honour the contract."""
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    contract: ArtifactContract
+    seconds: float
+    files: dict[str, int]
+    step_nodes: int
+    audit: dict
+    validation: dict
+
+
+def specialise_run(run: RunConfig, model: WanConfig, height: int, width: int, batch: int) -> RunConfig:
+    """The run config at ``height`` x ``width`` pixels (multiples of 16; latent = pixels / 8)."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            raise ValueError(f"--{name} must be a positive multiple of 16 pixels, got {value}")
+    if batch <= 0:
+        raise ValueError(f"--batch must be positive, got {batch}")
+    run = replace(run, latent_height=height // 8, latent_width=width // 8, batch_size=batch)
+    if run.latent_channels != model.in_dim:
+        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
+                         f"model's in_dim={model.in_dim}")
+    return run
+
+
+def example_step_inputs(contract: ArtifactContract, layout: CacheLayout) -> tuple[torch.Tensor, ...]:
+    """Valid-looking zeros in contract order (for tracing: values do not shape the graph)."""
+    controls = CacheControls.allocate(layout)
+    named = {**controls.as_dict()}
+    return tuple(named[t.name] if t.name in named else t.zeros() for t in contract.step.inputs)
+
+
+def _versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("torch", "onnx", "onnxruntime", "onnxscript", "polygraphy", "memrope-engine"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
+                  output_names: list[str], param_bytes: int) -> None:
+    external = param_bytes > PROTOBUF_LIMIT_BYTES * 0.9
+    try:
+        torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET,
+                          input_names=input_names, output_names=output_names,
+                          external_data=external, optimize=True, verbose=False)
+    except Exception as exc:  # the exporter raises many types; report them as one stage failure
+        raise ExportError(f"torch.onnx.export failed for {path.name}: {exc}") from exc
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    got_in = [i.name for i in model.graph.input]
+    got_out = [o.name for o in model.graph.output]
+    if got_in != input_names or got_out != output_names:
+        raise ExportError(f"{path.name}: exported names differ from the contract\n"
+                          f"  inputs  {got_in}\n  expected {input_names}\n"
+                          f"  outputs {got_out}\n  expected {output_names}")
+    # By path: a >2 GB model cannot be checked as an in-memory proto.
+    onnx.checker.check_model(str(path))
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLike[str], *,
+                    height: int, width: int, batch: int = 1, validate: bool = True,
+                    force: bool = False, validation_blocks: int | None = None) -> ExportResult:
+    """Export ``dit`` (already in the export dtype, on CPU) for ``run`` at ``height`` x ``width``.
+
+    Raises:
+        ValueError: bad resolution/batch, or ``out_dir`` exists and ``force`` is False.
+        ExportError: the exporter failed or the graph does not honour the contract.
+        TensorRTAuditError: a graph uses something TensorRT 10.15's parser does not support.
+        ExportMismatchError: ONNX Runtime disagrees with eager PyTorch (fp32 exports).
+    """
+    from export.audit import audit_onnx
+
+    start = time.perf_counter()
+    out_dir = Path(out_dir)
+    if out_dir.exists() and not force:
+        raise ValueError(f"{out_dir} already exists; pass --force to replace it")
+    model_cfg = dit.config
+    dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dit.dtype)
+    if dtype_name is None:
+        raise ValueError(f"cannot export a model in {dit.dtype}")
+    run = specialise_run(run, model_cfg, height, width, batch)
+    layout = CacheLayout.build(run.cache, frame_tokens(model_cfg, run.latent_height, run.latent_width),
+                               run.num_output_frames)
+    contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width)
+    step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
+    step_graph = StepGraph(step, contract.step).eval()
+    text_graph = TextGraph(dit).eval()
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()
+    try:
+        with torch.no_grad():
+            logger.info("exporting the step graph (%s, %dx%d, batch %d)", dtype_name, height, width, batch)
+            _export_graph(step_graph, example_step_inputs(contract, layout), tmp / STEP_FILE,
+                          contract.step.input_names, contract.step.output_names, _param_bytes(dit))
+            logger.info("exporting the text graph")
+            _export_graph(text_graph, (contract.text.inputs[0].zeros(),), tmp / TEXT_FILE,
+                          contract.text.input_names, contract.text.output_names, _param_bytes(dit))
+
+        audits = {}
+        for name in (STEP_FILE, TEXT_FILE):
+            report = audit_onnx(tmp / name, expect_dtype=dtype_name)
+            audits[name] = report.to_json()
+            report.raise_if_failed()
+        (tmp / "audit.json").write_text(json.dumps(audits, indent=1) + "\n")
+
+        validation = {"skipped": "validation disabled (--no-validate)"}
+        if validate and dtype_name != "float32":
+            validation = {"skipped": f"ONNX Runtime on CPU has no {dtype_name} kernels; validate the "
+                                     "float32 export of the same config"}
+        elif validate:
+            from export.validate import validate_artifact_graphs
+
+            validation = validate_artifact_graphs(tmp, step, text_graph, contract, run,
+                                                  blocks=validation_blocks)
+        (tmp / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
+
+        contract.write(tmp / CONTRACT_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(
+            {"config_hash": contract.config_hash, "model": asdict(model_cfg), "run": run.to_dict()},
+            indent=1, default=str) + "\n")
+        (tmp / "versions.json").write_text(json.dumps(_versions(), indent=1) + "\n")
+
+        if out_dir.exists():
+            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            out_dir.rename(trash)
+            tmp.rename(out_dir)
+            shutil.rmtree(trash)
+        else:
+            tmp.rename(out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    files = {p.name: p.stat().st_size for p in sorted(out_dir.iterdir())}
+    import onnx
+
+    step_nodes = len(onnx.load(str(out_dir / STEP_FILE), load_external_data=False).graph.node)
+    return ExportResult(out_dir, contract, time.perf_counter() - start, files, step_nodes, audits, validation)

@@ -1,0 +1,160 @@
+"""Check an exported artifact against eager PyTorch with ONNX Runtime on CPU (fp32).
+
+Owns: the validation rollout (the loop's real per-call inputs through fill, the first eviction
+and the steady state), a Polygraphy runner for the eager graph, and the comparison report.
+A mismatch raises :class:`ExportMismatchError` listing every call and output over tolerance.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from memrope.errors import StageError
+
+from export.contract import ArtifactContract, GraphContract
+from export.graph import StepGraph, TextGraph, pack_step_inputs
+from memrope.config import RunConfig
+from memrope.model import MemRoPEStep
+from memrope.pipeline import MemRoPEPipeline
+from memrope.sampler import StreamingSeededNoise
+
+logger = logging.getLogger(__name__)
+
+PER_CALL_ATOL = 1e-5
+
+
+class ExportMismatchError(StageError):
+    """ONNX Runtime and eager PyTorch disagree on an exported graph."""
+
+
+def _eager_runner(module: torch.nn.Module, graph: GraphContract, name: str):
+    from polygraphy.backend.base import BaseRunner
+
+    class EagerRunner(BaseRunner):
+        """A Polygraphy runner around an eager module with positional inputs in contract order."""
+
+        def __init__(self):
+            super().__init__(name=name, prefix="eager-runner")
+
+        def activate_impl(self):
+            pass
+
+        def get_input_metadata_impl(self):
+            from polygraphy.common import TensorMetadata
+
+            meta = TensorMetadata()
+            for spec in graph.inputs:
+                meta.add(spec.name, dtype=torch.empty((), dtype=spec.torch_dtype).numpy().dtype, shape=spec.shape)
+            return meta
+
+        def infer_impl(self, feed_dict):
+            with torch.no_grad():
+                args = [torch.from_numpy(np.ascontiguousarray(feed_dict[n])) for n in graph.input_names]
+                start = time.perf_counter()
+                outs = module(*args)
+                self.inference_time = time.perf_counter() - start
+            return OrderedDict((n, o.numpy()) for n, o in zip(graph.output_names, outs))
+
+        def deactivate_impl(self):
+            pass
+
+    return EagerRunner()
+
+
+def rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int, names: list[str]
+                  ) -> tuple[list[dict], list[str]]:
+    """The step's inputs, as NumPy arrays keyed by the contract's ``names``, for every call of
+    ``blocks`` blocks of a seeded rollout, and a label per call (``block b call c (phase)``)."""
+    cfg = step.config
+    feeds, labels = [], []
+
+    core = step
+
+    class Recording:
+        """The eager step, recording each call's inputs on the way through."""
+
+        name, model, layout, dtype, device = "recording", cfg, core.layout, torch.float32, torch.device("cpu")
+
+        def encode_text(self, embeds):
+            return core.dit.encode_text(embeds)
+
+        def step(self, *args):
+            flat = pack_step_inputs(*args)
+            feeds.append({n: t.detach().clone().numpy() for n, t in zip(names, flat)})
+            return core(*args)
+
+    pipeline = MemRoPEPipeline(Recording(), run)
+    noise = StreamingSeededNoise(run.seed, run.batch_size, pipeline.latent_frame_shape(), step.layout.block_frames)
+    g = torch.Generator().manual_seed(run.seed + 4321)
+    embeds = torch.randn(run.batch_size, cfg.text_len, cfg.text_dim, generator=g)
+    for b, _, _, plan in pipeline.blocks(embeds, noise, blocks):
+        phase = "fill" if not plan.roll else (f"roll, memory {plan.memory_step}" if step.layout.has_memory else "roll")
+        labels += [f"block {b} call {c} ({phase})" for c in range(pipeline.schedule.num_steps + 1)]
+    return feeds, labels
+
+
+def validation_blocks(step: MemRoPEStep) -> int:
+    """Blocks that cover fill, the first eviction and two steady-state blocks."""
+    lay = step.layout
+    fill_blocks = lay.cache_frames // lay.block_frames
+    return fill_blocks + 2 if lay.rolls else fill_blocks
+
+
+def _compare(runners, feeds: list[dict], labels: list[str], atol: float) -> tuple[list[dict], list[str]]:
+    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.logger import G_LOGGER
+
+    severity = G_LOGGER.module_severity
+    G_LOGGER.module_severity = G_LOGGER.ERROR
+    try:
+        results = Comparator.run(runners, data_loader=feeds)
+        accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0))
+    finally:
+        G_LOGGER.module_severity = severity
+    (_, eager_iters), (_, ort_iters) = results[0], results[1]
+    rows, failures = [], []
+    for label, eager, ort in zip(labels, eager_iters, ort_iters):
+        errors = {name: float(np.max(np.abs(eager[name].astype(np.float64) - ort[name].astype(np.float64))))
+                  if eager[name].size else 0.0 for name in eager.keys()}
+        worst = max(errors, key=errors.get)
+        rows.append({"call": label, "max_abs_error": errors[worst], "worst_output": worst, "errors": errors})
+        failures += [f"{label}: {name} max abs error {err:.3e} > {atol:.0e}"
+                     for name, err in errors.items() if err > atol]
+    if not bool(accuracy) and not failures:
+        failures.append("Polygraphy's comparator reported a mismatch (see its log)")
+    return rows, failures
+
+
+def validate_artifact_graphs(directory: Path, step: MemRoPEStep, text_graph: TextGraph,
+                             contract: ArtifactContract, run: RunConfig, blocks: int | None = None,
+                             atol: float = PER_CALL_ATOL) -> dict:
+    """Compare ``step.onnx`` and ``text.onnx`` in ``directory`` against eager, call by call."""
+    from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
+
+    blocks = validation_blocks(step) if blocks is None else blocks
+    feeds, labels = rollout_feeds(step, run, blocks, contract.step.input_names)
+    step_graph = StepGraph(step, contract.step)
+    step_rows, failures = _compare(
+        [_eager_runner(step_graph, contract.step, "eager-step"),
+         OnnxrtRunner(SessionFromOnnx(str(directory / "step.onnx"), providers=["cpu"]), name="onnxruntime-step")],
+        feeds, labels, atol)
+    g = torch.Generator().manual_seed(0)
+    text_feed = [{"prompt_embeds": torch.randn(contract.text.inputs[0].shape, generator=g).numpy()}]
+    text_rows, text_failures = _compare(
+        [_eager_runner(text_graph, contract.text, "eager-text"),
+         OnnxrtRunner(SessionFromOnnx(str(directory / "text.onnx"), providers=["cpu"]), name="onnxruntime-text")],
+        text_feed, ["text"], atol)
+    report = {"atol": atol, "blocks": blocks, "calls": len(feeds),
+              "max_abs_error": max(r["max_abs_error"] for r in step_rows + text_rows),
+              "step": step_rows, "text": text_rows}
+    if failures or text_failures:
+        listing = "\n  ".join(failures + text_failures)
+        raise ExportMismatchError(f"ONNX Runtime disagrees with eager PyTorch on {len(failures + text_failures)} "
+                                  f"output(s):\n  {listing}")
+    return report

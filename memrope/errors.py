@@ -1,0 +1,5 @@
+"""Typed errors for stage failures (user-input errors are ValueError/TypeError)."""
+
+
+class StageError(RuntimeError):
+    """A pipeline stage (export, validation, engine build) failed; the message says which and why."""

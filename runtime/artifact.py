@@ -1,0 +1,109 @@
+"""Opening an exported artifact directory, refusing one that does not match.
+
+Owns: reading ``contract.json`` / ``config.json``, recomputing the config hash, checking that
+the ONNX graphs' inputs and outputs are exactly the contract's, and comparing the artifact with
+the run a user asks for. A mismatch is an :class:`ArtifactMismatchError` that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from export.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
+from export.onnx_export import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, TEXT_FILE, specialise_run
+from memrope.cache import CacheLayout
+from memrope.config import RunConfig, WanConfig, frame_tokens, run_config_from_dict
+
+
+class ArtifactMismatchError(ValueError):
+    """An artifact was exported for something other than what is being asked of it."""
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: Path
+    contract: ArtifactContract
+
+    @property
+    def model(self) -> WanConfig:
+        return self.contract.model
+
+    @property
+    def run(self) -> RunConfig:
+        return self.contract.run
+
+    @property
+    def step_path(self) -> Path:
+        return self.path / STEP_FILE
+
+    @property
+    def text_path(self) -> Path:
+        return self.path / TEXT_FILE
+
+    def layout(self) -> CacheLayout:
+        run = self.run
+        return CacheLayout.build(run.cache, frame_tokens(self.model, run.latent_height, run.latent_width),
+                                 run.num_output_frames)
+
+    def check_run(self, run: RunConfig) -> RunConfig:
+        """The user's ``run`` at this artifact's resolution, or an error naming what differs.
+
+        The artifact fixes the resolution; the hash covers the cache policy, the sampler, the
+        batch, and (for the ``global`` policy only) the video length that sizes its cache.
+        """
+        c = self.contract
+        wanted = specialise_run(run, self.model, c.height, c.width, run.batch_size)
+        if artifact_hash(self.model, wanted, c.dtype, wanted.batch_size, c.height, c.width) != c.config_hash:
+            diffs = [f"{name}: artifact {a!r}, requested {b!r}"
+                     for name, a, b in (("cache", self.run.cache, wanted.cache),
+                                        ("sampler", self.run.sampler, wanted.sampler),
+                                        ("batch", c.batch, wanted.batch_size),
+                                        ("latent_channels", self.run.latent_channels, wanted.latent_channels),
+                                        ("num_output_frames", self.run.num_output_frames, wanted.num_output_frames))
+                     if a != b]
+            raise ArtifactMismatchError(
+                f"artifact {self.path} was exported for a different configuration "
+                f"({'; '.join(diffs)}); re-export it with `memrope export --config <your run.yaml> ...`")
+        return wanted
+
+
+def _check_graph_io(path: Path, names: list[str], shapes: list[tuple[int, ...]], outputs: list[str]) -> None:
+    import onnx
+
+    if not path.is_file():
+        raise ArtifactMismatchError(f"artifact graph missing: {path}; re-export with `memrope export`")
+    model = onnx.load(str(path), load_external_data=False)
+    got = [(i.name, tuple(d.dim_value for d in i.type.tensor_type.shape.dim)) for i in model.graph.input]
+    if got != list(zip(names, shapes)) or [o.name for o in model.graph.output] != outputs:
+        raise ArtifactMismatchError(f"{path}: the graph's inputs/outputs do not match contract.json; the "
+                                    "artifact was modified or mixed with another export — re-export it")
+
+
+def load_artifact(path: str | Path) -> Artifact:
+    """Open and verify an artifact directory written by ``memrope export``."""
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"artifact directory not found: {path}")
+    raw = read_contract_json(path / CONTRACT_FILE)
+    try:
+        config = json.loads((path / CONFIG_FILE).read_text())
+        model = WanConfig.from_dict(config["model"])
+        run = run_config_from_dict(config["run"])
+    except FileNotFoundError:
+        raise FileNotFoundError(f"artifact has no config file: {path / CONFIG_FILE}") from None
+    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+        raise ArtifactMismatchError(f"artifact config {path / CONFIG_FILE} is unreadable: {exc}") from None
+    layout = CacheLayout.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width),
+                               run.num_output_frames)
+    contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"])
+    if raw.get("config_hash") != contract.config_hash or config.get("config_hash") != contract.config_hash:
+        raise ArtifactMismatchError(f"artifact {path}: the config hash in contract.json/config.json does "
+                                    "not match its configuration (edited or stale); re-export it")
+    if raw != json.loads(json.dumps(contract.to_json())):
+        raise ArtifactMismatchError(f"artifact {path}: contract.json differs from the contract this engine "
+                                    "derives for its config; re-export it with this version")
+    for graph, file in ((contract.step, STEP_FILE), (contract.text, TEXT_FILE)):
+        _check_graph_io(path / file, graph.input_names, [t.shape for t in graph.inputs], graph.output_names)
+    return Artifact(path, contract)
