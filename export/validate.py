@@ -107,14 +107,14 @@ def validation_blocks(step: MemRoPEStep) -> int:
 
 
 def _compare(runners, feeds: list[dict], labels: list[str], atol: float) -> tuple[list[dict], list[str]]:
-    from polygraphy.comparator import Comparator, CompareFunc
+    from polygraphy.comparator import Comparator, SimpleCompareFunc
     from polygraphy.logger import G_LOGGER
 
     severity = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
     try:
         results = Comparator.run(runners, data_loader=feeds)
-        accuracy = Comparator.compare_accuracy(results, compare_func=CompareFunc.simple(atol=atol, rtol=0.0))
+        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
     finally:
         G_LOGGER.module_severity = severity
     (_, eager_iters), (_, ort_iters) = results[0], results[1]

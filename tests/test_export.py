@@ -1,0 +1,213 @@
+"""ONNX export: golden parity through ONNX Runtime, per-call parity with eager across the
+fill -> first eviction -> steady transitions, EMA and RoPE computed by graph ops, the TensorRT
+audit of every variant, and clear errors for bad input or stale artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from export.contract import memory_key, past_key, present_memory_key
+from export.onnx_export import export_artifact
+from export.validate import ExportMismatchError
+from memrope.cache import CacheControls, memory_update
+from memrope.cli import main
+from memrope.model import build_dit, random_state_dict
+from memrope.pipeline import EagerBackend, MemRoPEPipeline
+from memrope.sampler import TensorNoise
+from runtime.artifact import ArtifactMismatchError, load_artifact
+from runtime.onnxruntime_backend import OnnxRuntimeBackend
+
+from conftest import TRACES, golden_run, golden_trace
+
+GOLDEN_PIXELS = dict(height=32, width=48)  # latent 4 x 6
+
+
+@pytest.fixture(scope="session")
+def artifacts(golden_dit, tmp_path_factory):
+    root = tmp_path_factory.mktemp("artifacts")
+    return {name: export_artifact(golden_dit, golden_run(name), root / name, **GOLDEN_PIXELS).path
+            for name in TRACES}
+
+
+@pytest.mark.parametrize("name", sorted(TRACES))
+def test_onnxruntime_generate_reproduces_golden(name, artifacts, golden_dir, tmp_path):
+    out = tmp_path / "latents.safetensors"
+    code = main(["generate", "--engine", str(artifacts[name]), "--backend", "onnxruntime",
+                 "--config", str(golden_dir / f"{name}.yaml"), "--text-embeds", str(golden_dir / "inputs.safetensors"),
+                 "--noise", str(golden_dir / "inputs.safetensors"), "--latents-out", str(out), "--no-decode"])
+    assert code == 0
+    torch.testing.assert_close(load_file(str(out))["latents"], golden_trace(name)["output_latents"], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["memrope_ema", "memrope_eviction"])
+def test_onnxruntime_matches_eager_per_call_across_transitions(name, artifacts, golden_dit, golden_inputs):
+    run = golden_run(name)
+    noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)
+    records = {}
+    for backend in (EagerBackend(golden_dit, run), OnnxRuntimeBackend(artifacts[name])):
+        calls = []
+        MemRoPEPipeline(backend, run).generate(golden_inputs["prompt_embeds"], noise, on_call=calls.append)
+        records[backend.name] = calls
+    phases = set()
+    for eager, onnx_ in zip(records["eager"], records["onnxruntime"]):
+        phases.add((eager.plan.roll, eager.plan.memory_step if eager.call == 0 else "none"))
+        pairs = [(eager.outputs.flow, onnx_.outputs.flow)]
+        pairs += list(zip(eager.outputs.block_keys + eager.outputs.block_values + eager.outputs.memory_keys,
+                          onnx_.outputs.block_keys + onnx_.outputs.block_values + onnx_.outputs.memory_keys))
+        for a, b in pairs:
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=0)
+    assert (False, "none") in phases and (True, "none") in phases
+    if name == "memrope_ema":
+        assert {(True, "init"), (True, "update")} <= phases
+
+
+def test_validation_report_covers_every_phase(artifacts):
+    report = json.loads((artifacts["memrope_ema"] / "validation.json").read_text())
+    labels = " ".join(row["call"] for row in report["step"])
+    assert "fill" in labels and "memory init" in labels and "memory update" in labels
+    assert report["max_abs_error"] <= 1e-5
+
+
+def _session(artifact):
+    return ort.InferenceSession(str(artifact / "step.onnx"), providers=["CPUExecutionProvider"])
+
+
+def test_ema_and_rope_are_computed_by_graph_ops(artifacts, golden_dit):
+    """Feed the exported graph a hand-made cache state directly (no loop, no Python RoPE or EMA)
+    and check the memory and the rotation it computes against the PyTorch core."""
+    artifact = load_artifact(artifacts["memrope_ema"])
+    contract, layout = artifact.contract, artifact.layout()
+    g = torch.Generator().manual_seed(7)
+    feeds = {}
+    for spec in contract.step.inputs:
+        feeds[spec.name] = torch.randn(spec.shape, generator=g) if spec.dtype == "float32" else None
+    feeds["timestep"] = torch.full((1, 3), 937.5)
+    controls = CacheControls.allocate(layout)
+    controls.key_valid.fill_(True)
+    controls.query_positions.copy_(torch.tensor([9, 10, 11]))
+    controls.memory_ready.fill_(True)
+    controls.memory_update.fill_(True)
+    feeds.update(controls.as_dict())
+    session = _session(artifact.path)
+
+    def run(f):
+        names = [o.name for o in session.get_outputs()]
+        return dict(zip(names, session.run(None, {k: v.numpy() for k, v in f.items()})))
+
+    out = run(feeds)
+    # EMA: the graph's memory equals the core's update from the parked (evicted) slots.
+    n = layout.context_tokens
+    for i in range(artifact.model.num_layers):
+        past_v = feeds[f"past_key_values.{i}.value"]
+        want_k, _ = memory_update(feeds[memory_key(i)], feeds[f"memory.{i}.value"], feeds[past_key(i)][:, n:],
+                                  past_v[:, n:], controls.memory_init, controls.memory_update, layout.config,
+                                  layout.frame_tokens)
+        np.testing.assert_allclose(out[present_memory_key(i)], want_k.numpy(), atol=1e-6, rtol=0)
+    # RoPE: the flow follows the eager core, moves when the positions are permuted, and
+    # does not move under a uniform shift (rotations are relative).
+    step = EagerBackend(golden_dit, artifact.run).module
+
+    def eager_flow(f):
+        c = CacheControls(*(f[k] for k in ("key_positions", "key_valid", "query_positions", "memory_ready",
+                                           "memory_init", "memory_update")))
+        L = artifact.model.num_layers
+        with torch.no_grad():
+            return step(f["latents"], f["timestep"], [f[f"past_key_values.{i}.key"] for i in range(L)],
+                        [f[f"past_key_values.{i}.value"] for i in range(L)],
+                        [f[f"cross_key_values.{i}.key"] for i in range(L)],
+                        [f[f"cross_key_values.{i}.value"] for i in range(L)], c,
+                        [f[f"memory.{i}.key"] for i in range(L)], [f[f"memory.{i}.value"] for i in range(L)]).flow
+
+    np.testing.assert_allclose(out["flow"], eager_flow(feeds).numpy(), atol=1e-5, rtol=0)
+    permuted = dict(feeds, key_positions=feeds["key_positions"].flip(0).contiguous())
+    out_permuted = run(permuted)["flow"]
+    assert np.abs(out_permuted - out["flow"]).max() > 1e-3
+    np.testing.assert_allclose(out_permuted, eager_flow(permuted).numpy(), atol=1e-5, rtol=0)
+    shifted = dict(feeds, key_positions=feeds["key_positions"] + 7, query_positions=feeds["query_positions"] + 7)
+    np.testing.assert_allclose(run(shifted)["flow"], out["flow"], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_tensorrt_audit_passes_for_every_variant(dtype, tiny_config, tmp_path):
+    dit = build_dit(tiny_config, random_state_dict(tiny_config), dtype=dtype)
+    result = export_artifact(dit, golden_run("memrope_ema"), tmp_path / "art", validate=False, **GOLDEN_PIXELS)
+    for name in ("step.onnx", "text.onnx"):
+        audit = result.audit[name]
+        assert audit["problems"] == [] and audit["opset"] == 23
+        assert "Attention" in audit["op_counts"] or name == "text.onnx"
+    step = result.audit["step.onnx"]
+    if dtype != torch.float32:
+        low = {torch.bfloat16: "BF16", torch.float16: "FP16"}[dtype]
+        assert step["dtypes_by_op"]["MatMul"] == [low] and low in step["dtypes_by_op"]["Attention"]
+        # Deliberate fp32 islands (RMSNorm statistics, RoPE, timestep features) are explicit casts.
+        assert step["fp32_islands"]["casts_to_float32"]
+    contract = json.loads((result.path / "contract.json").read_text())
+    assert contract["dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+
+
+def test_export_rejects_bad_resolution_and_leaves_nothing(golden_dit, tmp_path):
+    with pytest.raises(ValueError, match="multiple of 16"):
+        export_artifact(golden_dit, golden_run("memrope_ema"), tmp_path / "art", height=30, width=48)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_validation_leaves_no_directory(golden_dit, tmp_path):
+    with pytest.raises(ExportMismatchError, match="max abs error"):
+        export_artifact(golden_dit, golden_run("memrope_ema"), tmp_path / "art", validation_blocks=1,
+                        validation_atol=0.0, **GOLDEN_PIXELS)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_stale_or_edited_artifacts_are_refused(artifacts, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(artifacts["memrope_ema"], art)
+    config = json.loads((art / "config.json").read_text())
+    config["run"]["cache"]["alpha_long"] = 0.02
+    (art / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ArtifactMismatchError, match="config hash"):
+        load_artifact(art)
+    shutil.rmtree(art)
+    shutil.copytree(artifacts["memrope_ema"], art)
+    contract = json.loads((art / "contract.json").read_text())
+    contract["graphs"]["step"]["inputs"][0]["shape"] = [1, 3, 16, 4, 8]
+    (art / "contract.json").write_text(json.dumps(contract))
+    with pytest.raises(ArtifactMismatchError, match="contract"):
+        load_artifact(art)
+    shutil.rmtree(art)
+    shutil.copytree(artifacts["memrope_ema"], art)
+    shutil.copy(artifacts["memrope_eviction"] / "step.onnx", art / "step.onnx")
+    with pytest.raises(ArtifactMismatchError, match="do not match contract.json"):
+        load_artifact(art)
+
+
+def _generate(artifact, golden_dir, tmp_path, **override):
+    values = {"--engine": artifact, "--backend": "onnxruntime", "--config": golden_dir / "memrope_ema.yaml",
+              "--text-embeds": golden_dir / "inputs.safetensors", "--noise": golden_dir / "inputs.safetensors",
+              "--latents-out": tmp_path / "out.safetensors"}
+    values.update(override)
+    args = ["generate", "--no-decode"]
+    for key, value in values.items():
+        if value is not None:
+            args += [key, str(value)]
+    return main(args)
+
+
+def test_generate_errors_with_an_artifact(artifacts, golden_dir, tmp_path, capsys):
+    save_file({"prompt_embeds": torch.zeros(1, 17, 32)}, str(tmp_path / "long.safetensors"))
+    assert _generate(artifacts["memrope_ema"], golden_dir, tmp_path, **{"--text-embeds": tmp_path / "long.safetensors"}) == 2
+    assert "expected [B, L <= 16, 32]" in capsys.readouterr().err
+    save_file({"prompt_embeds": torch.zeros(2, 16, 32)}, str(tmp_path / "b2.safetensors"))
+    assert _generate(artifacts["memrope_ema"], golden_dir, tmp_path, **{"--text-embeds": tmp_path / "b2.safetensors"}) == 2
+    assert "batch" in capsys.readouterr().err
+    assert _generate(artifacts["memrope_ema"], golden_dir, tmp_path, **{"--config": golden_dir / "memrope_eviction.yaml"}) == 2
+    assert "exported for a different configuration" in capsys.readouterr().err
+    assert _generate(None, golden_dir, tmp_path) == 2
+    assert "needs --engine" in capsys.readouterr().err
+    assert not (tmp_path / "out.safetensors").exists()
