@@ -175,7 +175,8 @@ def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype:
     block_shape = (batch, layout.block_tokens, hd, d)
 
     inputs = [TensorSpec("latents", (batch, f, c, lh, lw), dtype),
-              TensorSpec("timestep", (batch, f), "float32")]
+              TensorSpec("timestep", (batch, f), "float32"),
+              TensorSpec("sigma", (1,), "float32")]
     inputs += [TensorSpec(past_key(i), cache_shape, dtype) for i in range(L)]
     inputs += [TensorSpec(past_value(i), cache_shape, dtype) for i in range(L)]
     inputs += [TensorSpec(cross_key(i), text_shape, dtype) for i in range(L)]
@@ -186,7 +187,8 @@ def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype:
                TensorSpec("memory_ready", (1,), "bool"),
                TensorSpec("memory_init", (1,), "bool"),
                TensorSpec("memory_update", (1,), "bool")]
-    outputs = [TensorSpec("flow", (batch, f, c, lh, lw), dtype)]
+    outputs = [TensorSpec("flow", (batch, f, c, lh, lw), dtype),
+               TensorSpec("x0", (batch, f, c, lh, lw), dtype)]
     outputs += [TensorSpec(present_key(i), block_shape, dtype) for i in range(L)]
     outputs += [TensorSpec(present_value(i), block_shape, dtype) for i in range(L)]
     if layout.has_memory:

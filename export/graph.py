@@ -10,7 +10,6 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from export.contract import GraphContract
 from memrope.cache import CacheControls
 from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
 
@@ -18,15 +17,15 @@ from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
 def unpack_step_outputs(outputs: tuple[torch.Tensor, ...], num_layers: int) -> StepOutputs:
     """The step graph's outputs, in contract order, back into :class:`StepOutputs`."""
     n = num_layers
-    return StepOutputs(outputs[0], list(outputs[1:1 + n]), list(outputs[1 + n:1 + 2 * n]),
-                       list(outputs[1 + 2 * n:1 + 3 * n]), list(outputs[1 + 3 * n:1 + 4 * n]))
+    return StepOutputs(outputs[0], outputs[1], list(outputs[2:2 + n]), list(outputs[2 + n:2 + 2 * n]),
+                       list(outputs[2 + 2 * n:2 + 3 * n]), list(outputs[2 + 3 * n:2 + 4 * n]))
 
 
-def pack_step_inputs(latents: torch.Tensor, timestep: torch.Tensor, past_keys, past_values,
-                     cross_keys, cross_values, controls: CacheControls, memory_keys, memory_values
-                     ) -> tuple[torch.Tensor, ...]:
+def pack_step_inputs(latents: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, past_keys,
+                     past_values, cross_keys, cross_values, controls: CacheControls, memory_keys,
+                     memory_values) -> tuple[torch.Tensor, ...]:
     """The step's arguments flattened in contract order (see ``export.contract``)."""
-    flat = [latents, timestep, *past_keys, *past_values, *cross_keys, *cross_values,
+    flat = [latents, timestep, sigma, *past_keys, *past_values, *cross_keys, *cross_values,
             *controls.as_dict().values()]
     if memory_keys is not None:
         flat += [*memory_keys, *memory_values]
@@ -36,27 +35,26 @@ def pack_step_inputs(latents: torch.Tensor, timestep: torch.Tensor, past_keys, p
 class StepGraph(nn.Module):
     """``MemRoPEStep`` with positional tensors in and out, as the contract orders them."""
 
-    def __init__(self, step: MemRoPEStep, contract: GraphContract):
+    def __init__(self, step: MemRoPEStep):
         super().__init__()
         self.step = step
-        self.contract = contract
         self.num_layers = step.config.num_layers
         self.has_memory = step.layout.has_memory
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
         n = self.num_layers
-        latents, timestep = inputs[0], inputs[1]
-        past_k = list(inputs[2:2 + n])
-        past_v = list(inputs[2 + n:2 + 2 * n])
-        cross_k = list(inputs[2 + 2 * n:2 + 3 * n])
-        cross_v = list(inputs[2 + 3 * n:2 + 4 * n])
-        controls = CacheControls(*inputs[2 + 4 * n:8 + 4 * n])
+        latents, timestep, sigma = inputs[:3]
+        past_k = list(inputs[3:3 + n])
+        past_v = list(inputs[3 + n:3 + 2 * n])
+        cross_k = list(inputs[3 + 2 * n:3 + 3 * n])
+        cross_v = list(inputs[3 + 3 * n:3 + 4 * n])
+        controls = CacheControls(*inputs[3 + 4 * n:9 + 4 * n])
         mem_k = mem_v = None
         if self.has_memory:
-            mem_k = list(inputs[8 + 4 * n:8 + 5 * n])
-            mem_v = list(inputs[8 + 5 * n:8 + 6 * n])
-        out = self.step(latents, timestep, past_k, past_v, cross_k, cross_v, controls, mem_k, mem_v)
-        return (out.flow, *out.block_keys, *out.block_values, *out.memory_keys, *out.memory_values)
+            mem_k = list(inputs[9 + 4 * n:9 + 5 * n])
+            mem_v = list(inputs[9 + 5 * n:9 + 6 * n])
+        out = self.step(latents, timestep, sigma, past_k, past_v, cross_k, cross_v, controls, mem_k, mem_v)
+        return (out.flow, out.x0, *out.block_keys, *out.block_values, *out.memory_keys, *out.memory_values)
 
 
 class TextGraph(nn.Module):

@@ -139,7 +139,7 @@ def validate_artifact_graphs(directory: Path, step: MemRoPEStep, text_graph: Tex
 
     blocks = validation_blocks(step) if blocks is None else blocks
     feeds, labels = rollout_feeds(step, run, blocks, contract.step.input_names)
-    step_graph = StepGraph(step, contract.step)
+    step_graph = StepGraph(step)
     step_rows, failures = _compare(
         [_eager_runner(step_graph, contract.step, "eager-step"),
          OnnxrtRunner(SessionFromOnnx(str(directory / "step.onnx"), providers=["cpu"]), name="onnxruntime-step")],

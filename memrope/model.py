@@ -212,12 +212,14 @@ class StepOutputs:
     """What one call returns.
 
     flow: ``[B, F, C, H, W]`` flow prediction ``v = eps - x0``.
+    x0: ``[B, F, C, H, W]`` the clean prediction ``x_t - sigma * v`` (float32 arithmetic).
     block_keys/values: per layer ``[B, N, Hd, D]`` the block's un-rotated keys and values.
     memory_keys/values: per layer ``[B, 2, M, Hd, D]`` the memory after this call (empty
     lists for policies without memory).
     """
 
     flow: torch.Tensor
+    x0: torch.Tensor
     block_keys: list[torch.Tensor]
     block_values: list[torch.Tensor]
     memory_keys: list[torch.Tensor]
@@ -306,6 +308,7 @@ class MemRoPEStep(nn.Module):
         self,
         latents: torch.Tensor,
         timestep: torch.Tensor,
+        sigma: torch.Tensor,
         past_keys: list[torch.Tensor],
         past_values: list[torch.Tensor],
         cross_keys: list[torch.Tensor],
@@ -319,6 +322,7 @@ class MemRoPEStep(nn.Module):
         Args:
             latents: ``[B, F, C, H, W]`` noisy (or, for the context pass, clean) block.
             timestep: ``[B, F]`` float32 per-frame timestep.
+            sigma: ``[1]`` float32 sigma of that timestep (for the x0 conversion).
             past_keys/values: per layer ``[B, cache_tokens, Hd, D]`` read-only cache.
             cross_keys/values: per layer ``[B, T, Hd, D]`` from :meth:`WanCausalDiT.encode_text`.
             controls: positions, validity and memory flags for this call.
@@ -383,7 +387,9 @@ class MemRoPEStep(nn.Module):
         n = (head.modulation[:, None] + e).chunk(2, dim=2)
         y = head.head(head.norm(x).view(b, frames, tokens_per_frame, cfg.dim) * (1 + n[1]) + n[0])
         flow = self._unpatchify(y.reshape(b, frames * tokens_per_frame, -1), frames)
-        return StepOutputs(flow, block_keys, block_values, new_mem_k, new_mem_v)
+        # 5. x0 = x_t - sigma * v: an fp32 island (the reference uses float64), cast back.
+        x0 = (latents.float() - sigma.float() * flow.float()).to(flow.dtype)
+        return StepOutputs(flow, x0, block_keys, block_values, new_mem_k, new_mem_v)
 
 
 def build_dit(cfg: WanConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,

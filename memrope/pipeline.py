@@ -18,7 +18,7 @@ import torch
 from memrope.cache import MEMORY_NONE, BlockPlan, CacheControls, CacheLayout, CachePolicy, KVCache
 from memrope.config import RunConfig, WanConfig, frame_tokens
 from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
-from memrope.sampler import NoiseSource, Schedule, add_noise, build_schedule, flow_to_x0
+from memrope.sampler import NoiseSource, Schedule, add_noise, build_schedule
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,8 @@ class StepBackend(Protocol):
 
     def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
 
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor, past_keys: list[torch.Tensor],
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor,
+             past_keys: list[torch.Tensor],
              past_values: list[torch.Tensor], cross_keys: list[torch.Tensor], cross_values: list[torch.Tensor],
              controls: CacheControls, memory_keys: list[torch.Tensor] | None,
              memory_values: list[torch.Tensor] | None) -> StepOutputs: ...
@@ -139,12 +140,16 @@ class MemRoPEPipeline:
         def timestep(t: float) -> torch.Tensor:
             return torch.full((batch, frames), t, dtype=torch.float32, device=self.device)
 
+        def sigma(s: float) -> torch.Tensor:
+            return torch.full((1,), s, dtype=torch.float32, device=self.device)
+
         step_t = [timestep(t) for t in sched.step_timesteps]
-        context_t = timestep(sched.context_timestep)
+        step_sigma = [sigma(s) for s in sched.step_sigmas]
+        context_t, context_sigma = timestep(sched.context_timestep), sigma(sched.context_sigma)
         expected = (batch, frames, *self.latent_frame_shape())
 
-        def call(x: torch.Tensor, t: torch.Tensor) -> StepOutputs:
-            return self.backend.step(x, t, layer_k, layer_v, cross_k, cross_v, controls, mem_k, mem_v)
+        def call(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> StepOutputs:
+            return self.backend.step(x, t, s, layer_k, layer_v, cross_k, cross_v, controls, mem_k, mem_v)
 
         for b in range(num_blocks):
             plan = policy.next_block()
@@ -155,19 +160,19 @@ class MemRoPEPipeline:
                 raise ValueError(f"noise for block {b} has shape {list(x.shape)}, expected {list(expected)}")
             controls.set(lay, plan, first_call=True)
             for i in range(sched.num_steps):
-                out = call(x, step_t[i])
+                out = call(x, step_t[i], step_sigma[i])
                 if i == 0:
                     if plan.memory_step != MEMORY_NONE:
                         cache.write_memory(out.memory_keys, out.memory_values)
                     controls.set(lay, plan, first_call=False)
-                x0 = flow_to_x0(out.flow, x, sched.step_sigmas[i])
+                x0 = out.x0
                 if on_call is not None:
                     on_call(CallRecord(b, i, plan, x, step_t[i], out))
                 if i < sched.num_steps - 1:
                     eps = noise.renoise(b, i).to(self.device, self.dtype)
                     x = add_noise(x0, eps, sched.step_sigmas[i + 1])
             # Context pass: the clean prediction at the context timestep writes the cache.
-            out = call(x0, context_t)
+            out = call(x0, context_t, context_sigma)
             if on_call is not None:
                 on_call(CallRecord(b, sched.num_steps, plan, x0, context_t, out))
             cache.write_block(plan.write_frame, out.block_keys, out.block_values)

@@ -24,11 +24,13 @@ class Schedule:
       833.3333129882812, 625 for the shipped config).
     step_sigmas: float32 sigma looked up for each step (used by x0 conversion and re-noising).
     context_timestep: timestep of the context pass (0 in every shipped config).
+    context_sigma: its looked-up sigma (the context pass's x0 is discarded).
     """
 
     step_timesteps: tuple[float, ...]
     step_sigmas: tuple[float, ...]
     context_timestep: float
+    context_sigma: float
 
     @property
     def num_steps(self) -> int:
@@ -61,12 +63,8 @@ def build_schedule(cfg: SamplerConfig) -> Schedule:
         step_t = steps.to(torch.float32)
     step_timesteps = tuple(float(t) for t in step_t)
     step_sigmas = tuple(_lookup_sigma(sigmas, timesteps, t) for t in step_timesteps)
-    return Schedule(step_timesteps, step_sigmas, float(torch.tensor(cfg.context_timestep, dtype=torch.float32)))
-
-
-def flow_to_x0(flow: torch.Tensor, x_t: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``x0 = x_t - sigma * v`` in float64, cast back (as the reference wrapper)."""
-    return (x_t.double() - sigma * flow.double()).to(flow.dtype)
+    context_t = float(torch.tensor(cfg.context_timestep, dtype=torch.float32))
+    return Schedule(step_timesteps, step_sigmas, context_t, _lookup_sigma(sigmas, timesteps, context_t))
 
 
 def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:

@@ -68,10 +68,10 @@ class OnnxRuntimeBackend:
         tensors = [torch.from_numpy(o) for o in outs]
         return tensors[:n], tensors[n:]
 
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor, past_keys, past_values, cross_keys,
-             cross_values, controls: CacheControls, memory_keys, memory_values) -> StepOutputs:
-        flat = pack_step_inputs(latents.float(), timestep, past_keys, past_values, cross_keys, cross_values,
-                                controls, memory_keys, memory_values)
+    def step(self, latents: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, past_keys, past_values,
+             cross_keys, cross_values, controls: CacheControls, memory_keys, memory_values) -> StepOutputs:
+        flat = pack_step_inputs(latents.float(), timestep, sigma, past_keys, past_values, cross_keys,
+                                cross_values, controls, memory_keys, memory_values)
         feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self.step_inputs, flat)}
         outs = self.step_session.run(self.step_outputs, feeds)
         return unpack_step_outputs(tuple(torch.from_numpy(o) for o in outs), self.model.num_layers)

@@ -90,7 +90,7 @@ def test_ema_closed_form():
         ek = torch.randn(b, e, h, d, generator=g, dtype=torch.float64)
         ev = torch.randn(b, e, h, d, generator=g, dtype=torch.float64)
         means.append(ek.mean(dim=1))
-        mem_k, mem_v = memory_update(mem_k, mem_v, ek, ev, torch.tensor(n == 0), torch.tensor(n > 0), cfg, S)
+        mem_k, mem_v = memory_update(mem_k, mem_v, ek, ev, torch.tensor([n == 0]), torch.tensor([n > 0]), cfg, S)
     for slot, alpha in ((0, cfg.alpha_long), (1, cfg.alpha_short)):
         n = len(means) - 1
         expected = (1 - alpha) ** n * means[0] + sum(alpha * (1 - alpha) ** (n - j) * means[j]
@@ -102,9 +102,9 @@ def test_memory_flags_select_init_update_or_keep():
     cfg = CacheConfig()
     mem = torch.randn(1, 2, 1, 2, 4)
     ev = torch.randn(1, 3 * S, 2, 4)
-    kept, _ = memory_update(mem, mem, ev, ev, torch.tensor(False), torch.tensor(False), cfg, S)
+    kept, _ = memory_update(mem, mem, ev, ev, torch.tensor([False]), torch.tensor([False]), cfg, S)
     assert torch.equal(kept, mem)
-    init, _ = memory_update(mem, mem, ev, ev, torch.tensor(True), torch.tensor(False), cfg, S)
+    init, _ = memory_update(mem, mem, ev, ev, torch.tensor([True]), torch.tensor([False]), cfg, S)
     torch.testing.assert_close(init[:, 0], ev.mean(dim=1, keepdim=True))
     torch.testing.assert_close(init[:, 1], ev.mean(dim=1, keepdim=True))
 
@@ -115,9 +115,9 @@ def test_adaptive_memory_is_per_position():
     assert layout.memory_tokens == S
     ev = torch.randn(1, 3 * S, 2, 4)
     mem = torch.zeros(1, 2, S, 2, 4)
-    init, _ = memory_update(mem, mem, ev, ev, torch.tensor(True), torch.tensor(False), cfg, S)
+    init, _ = memory_update(mem, mem, ev, ev, torch.tensor([True]), torch.tensor([False]), cfg, S)
     torch.testing.assert_close(init[:, 0], ev.view(1, 3, S, 2, 4).mean(dim=1))
-    upd, _ = memory_update(init, init, ev * 2, ev * 2, torch.tensor(False), torch.tensor(True), cfg, S)
+    upd, _ = memory_update(init, init, ev * 2, ev * 2, torch.tensor([False]), torch.tensor([True]), cfg, S)
     # Long memory: scalar alpha; short memory: alpha between 0.1 and 5 times alpha_short.
     torch.testing.assert_close(upd[:, 0], init[:, 0] + cfg.alpha_long * (2 * init[:, 0] - init[:, 0]))
     step = (upd[:, 1] - init[:, 1]) / (2 * init[:, 1] - init[:, 1])

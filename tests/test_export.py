@@ -119,7 +119,7 @@ def test_ema_and_rope_are_computed_by_graph_ops(artifacts, golden_dit):
                                            "memory_init", "memory_update")))
         L = artifact.model.num_layers
         with torch.no_grad():
-            return step(f["latents"], f["timestep"], [f[f"past_key_values.{i}.key"] for i in range(L)],
+            return step(f["latents"], f["timestep"], f["sigma"], [f[f"past_key_values.{i}.key"] for i in range(L)],
                         [f[f"past_key_values.{i}.value"] for i in range(L)],
                         [f[f"cross_key_values.{i}.key"] for i in range(L)],
                         [f[f"cross_key_values.{i}.value"] for i in range(L)], c,

@@ -45,6 +45,7 @@ def test_python_api_matches_golden(name, golden_dit, golden_inputs):
         torch.testing.assert_close(rec.timestep, trace["call_timestep"][rec.block, rec.call], atol=0, rtol=0)
         torch.testing.assert_close(rec.outputs.flow, trace["call_flow_pred"][rec.block, rec.call],
                                    atol=ATOL, rtol=0)
+        torch.testing.assert_close(rec.outputs.x0, trace["call_x0_pred"][rec.block, rec.call], atol=ATOL, rtol=0)
     torch.testing.assert_close(torch.cat(latents, dim=1), trace["output_latents"], atol=ATOL, rtol=0)
 
 

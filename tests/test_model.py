@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import torch
 
-from memrope.cache import CacheControls
+from export.graph import StepGraph, pack_step_inputs, unpack_step_outputs
 from memrope.config import model_preset
-from memrope.model import MemRoPEStep, param_count, random_state_dict, build_dit
+from memrope.model import build_dit, param_count, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
 from memrope.rope import RopeTables, apply_rope, rope_cos_sin, rope_pair_split
 from memrope.sampler import TensorNoise
@@ -54,42 +54,20 @@ def test_rope_split_and_parameter_count_follow_the_config():
     assert param_count(tiny) == sum(p.numel() for p in build_dit(tiny, random_state_dict(tiny)).parameters())
 
 
-class _FlatStep(torch.nn.Module):
-    """Flat tensors in and out, as an exporter sees the step."""
-
-    def __init__(self, step: MemRoPEStep):
-        super().__init__()
-        self.step = step
-        self.layers = step.config.num_layers
-
-    def forward(self, latents, timestep, *flat):
-        n = self.layers
-        pk, pv, ck, cv = (list(flat[i * n:(i + 1) * n]) for i in range(4))
-        controls = CacheControls(*flat[4 * n:4 * n + 6])
-        rest = flat[4 * n + 6:]
-        mk, mv = (list(rest[:n]), list(rest[n:])) if rest else (None, None)
-        out = self.step(latents, timestep, pk, pv, ck, cv, controls, mk, mv)
-        return (out.flow, *out.block_keys, *out.block_values, *out.memory_keys, *out.memory_values)
-
-
 def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
     """torch.export (strict) traces the step once; that program, fed the loop's tensors, reproduces
     the golden trace through fill, first eviction and steady state."""
     name = "memrope_ema"
     run, trace = golden_run(name), golden_trace(name)
     pipeline = MemRoPEPipeline(golden_dit, run)
-    flat = _FlatStep(pipeline.backend.module)
+    flat = StepGraph(pipeline.backend.module)
     exported = {}
 
-    def exported_step(latents, timestep, pk, pv, ck, cv, controls, mk, mv):
-        args = (latents, timestep, *pk, *pv, *ck, *cv, *controls.as_dict().values(), *mk, *mv)
+    def exported_step(*step_args):
+        args = pack_step_inputs(*step_args)
         if "program" not in exported:
             exported["program"] = torch.export.export(flat, args, strict=True).module()
-        outs = exported["program"](*args)
-        n = flat.layers
-        from memrope.model import StepOutputs
-        return StepOutputs(outs[0], list(outs[1:1 + n]), list(outs[1 + n:1 + 2 * n]),
-                           list(outs[1 + 2 * n:1 + 3 * n]), list(outs[1 + 3 * n:]))
+        return unpack_step_outputs(exported["program"](*args), flat.num_layers)
 
     pipeline.backend.step = exported_step
     noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)
