@@ -1,8 +1,8 @@
-"""Flat-tensor wrappers of the PyTorch core, in the contract's positional order.
+"""Positional-tensor wrappers of the PyTorch core, in the contract's order, for the exporter.
 
 Owns: :class:`StepGraph` (one ``MemRoPEStep`` call) and :class:`TextGraph` (the per-prompt
-cross-attention keys/values), both taking and returning plain tensors named by the contract.
-They are what gets exported, and what the export validation runs eagerly. No math lives here.
+cross-attention keys/values). The exporter sees positional tensors; names come from the
+contract and are attached to the graph's inputs and outputs at export. No math lives here.
 """
 
 from __future__ import annotations
@@ -10,51 +10,24 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from memrope.cache import CacheControls
-from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
-
-
-def unpack_step_outputs(outputs: tuple[torch.Tensor, ...], num_layers: int) -> StepOutputs:
-    """The step graph's outputs, in contract order, back into :class:`StepOutputs`."""
-    n = num_layers
-    return StepOutputs(outputs[0], outputs[1], list(outputs[2:2 + n]), list(outputs[2 + n:2 + 2 * n]),
-                       list(outputs[2 + 2 * n:2 + 3 * n]), list(outputs[2 + 3 * n:2 + 4 * n]))
-
-
-def pack_step_inputs(latents: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, past_keys,
-                     past_values, cross_keys, cross_values, controls: CacheControls, memory_keys,
-                     memory_values) -> tuple[torch.Tensor, ...]:
-    """The step's arguments flattened in contract order (see ``export.contract``)."""
-    flat = [latents, timestep, sigma, *past_keys, *past_values, *cross_keys, *cross_values,
-            *controls.as_dict().values()]
-    if memory_keys is not None:
-        flat += [*memory_keys, *memory_values]
-    return tuple(flat)
+from memrope.contract import GraphContract, named_step_outputs, step_arguments
+from memrope.model import MemRoPEStep, WanCausalDiT
 
 
 class StepGraph(nn.Module):
-    """``MemRoPEStep`` with positional tensors in and out, as the contract orders them."""
+    """``MemRoPEStep`` with positional tensors in and out, as ``contract`` orders them."""
 
-    def __init__(self, step: MemRoPEStep):
+    def __init__(self, step: MemRoPEStep, contract: GraphContract):
         super().__init__()
         self.step = step
-        self.num_layers = step.config.num_layers
-        self.has_memory = step.layout.has_memory
+        self.input_names = contract.input_names
+        self.output_names = contract.output_names
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        n = self.num_layers
-        latents, timestep, sigma = inputs[:3]
-        past_k = list(inputs[3:3 + n])
-        past_v = list(inputs[3 + n:3 + 2 * n])
-        cross_k = list(inputs[3 + 2 * n:3 + 3 * n])
-        cross_v = list(inputs[3 + 3 * n:3 + 4 * n])
-        controls = CacheControls(*inputs[3 + 4 * n:9 + 4 * n])
-        mem_k = mem_v = None
-        if self.has_memory:
-            mem_k = list(inputs[9 + 4 * n:9 + 5 * n])
-            mem_v = list(inputs[9 + 5 * n:9 + 6 * n])
-        out = self.step(latents, timestep, sigma, past_k, past_v, cross_k, cross_v, controls, mem_k, mem_v)
-        return (out.flow, out.x0, *out.block_keys, *out.block_values, *out.memory_keys, *out.memory_values)
+        feeds = dict(zip(self.input_names, inputs))
+        args = step_arguments(feeds, self.step.config.num_layers, self.step.layout.has_memory)
+        named = named_step_outputs(self.step(*args))
+        return tuple(named[name] for name in self.output_names)
 
 
 class TextGraph(nn.Module):

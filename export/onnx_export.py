@@ -30,7 +30,7 @@ import torch
 
 from memrope.errors import StageError
 
-from export.contract import ArtifactContract, build_contract
+from memrope.contract import ArtifactContract, build_contract
 from export.graph import StepGraph, TextGraph
 from memrope.cache import CacheLayout, CacheControls
 from memrope.config import RunConfig, WanConfig, frame_tokens
@@ -152,7 +152,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
                                run.num_output_frames)
     contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width)
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
-    step_graph = StepGraph(step).eval()
+    step_graph = StepGraph(step, contract.step).eval()
     text_graph = TextGraph(dit).eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)

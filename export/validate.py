@@ -17,11 +17,11 @@ import torch
 
 from memrope.errors import StageError
 
-from export.contract import ArtifactContract, GraphContract
-from export.graph import StepGraph, TextGraph, pack_step_inputs
+from memrope.contract import ArtifactContract, GraphContract
+from export.graph import StepGraph, TextGraph
 from memrope.config import RunConfig
 from memrope.model import MemRoPEStep
-from memrope.pipeline import MemRoPEPipeline
+from memrope.pipeline import Backend, EagerBackend, MemRoPEPipeline
 from memrope.sampler import StreamingSeededNoise
 
 logger = logging.getLogger(__name__)
@@ -67,32 +67,30 @@ def _eager_runner(module: torch.nn.Module, graph: GraphContract, name: str):
     return EagerRunner()
 
 
-def rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int, names: list[str]
-                  ) -> tuple[list[dict], list[str]]:
-    """The step's inputs, as NumPy arrays keyed by the contract's ``names``, for every call of
-    ``blocks`` blocks of a seeded rollout, and a label per call (``block b call c (phase)``)."""
+def rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int) -> tuple[list[dict], list[str]]:
+    """The step's named inputs (NumPy) for every call of ``blocks`` blocks of a seeded rollout,
+    and a label per call (``block b call c (phase)``)."""
     cfg = step.config
-    feeds, labels = [], []
+    feeds: list[dict] = []
+    eager = EagerBackend(step.dit, run)
 
-    core = step
-
-    class Recording:
+    class Recording(Backend):
         """The eager step, recording each call's inputs on the way through."""
 
-        name, model, layout, dtype, device = "recording", cfg, core.layout, torch.float32, torch.device("cpu")
+        name, model, layout, dtype, device = "recording", cfg, eager.layout, eager.dtype, eager.device
 
         def encode_text(self, embeds):
-            return core.dit.encode_text(embeds)
+            return eager.encode_text(embeds)
 
-        def step(self, *args):
-            flat = pack_step_inputs(*args)
-            feeds.append({n: t.detach().clone().numpy() for n, t in zip(names, flat)})
-            return core(*args)
+        def step(self, named):
+            feeds.append({k: v.detach().clone().numpy() for k, v in named.items()})
+            return eager.step(named)
 
     pipeline = MemRoPEPipeline(Recording(), run)
     noise = StreamingSeededNoise(run.seed, run.batch_size, pipeline.latent_frame_shape(), step.layout.block_frames)
     g = torch.Generator().manual_seed(run.seed + 4321)
     embeds = torch.randn(run.batch_size, cfg.text_len, cfg.text_dim, generator=g)
+    labels = []
     for b, _, _, plan in pipeline.blocks(embeds, noise, blocks):
         phase = "fill" if not plan.roll else (f"roll, memory {plan.memory_step}" if step.layout.has_memory else "roll")
         labels += [f"block {b} call {c} ({phase})" for c in range(pipeline.schedule.num_steps + 1)]
@@ -138,8 +136,8 @@ def validate_artifact_graphs(directory: Path, step: MemRoPEStep, text_graph: Tex
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     blocks = validation_blocks(step) if blocks is None else blocks
-    feeds, labels = rollout_feeds(step, run, blocks, contract.step.input_names)
-    step_graph = StepGraph(step)
+    feeds, labels = rollout_feeds(step, run, blocks)
+    step_graph = StepGraph(step, contract.step)
     step_rows, failures = _compare(
         [_eager_runner(step_graph, contract.step, "eager-step"),
          OnnxrtRunner(SessionFromOnnx(str(directory / "step.onnx"), providers=["cpu"]), name="onnxruntime-step")],

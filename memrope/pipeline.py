@@ -1,8 +1,9 @@
 """The generation loop: blocks of frames, a few denoising steps each, then the context pass.
 
-Owns: the lean per-block loop (spec section 3.2) over a step function with explicit cache
-I/O, and the buffers it drives (one :class:`KVCache`, one :class:`CacheControls`, fixed
-timestep tensors). Per block the host does integer bookkeeping (:class:`CachePolicy`), one
+Owns: the lean per-block loop (spec section 3.2), the :class:`Backend` interface it drives
+(named tensors in and out, as the IO contract names them), the eager backend, and the buffers
+the loop owns (one :class:`KVCache`, one :class:`CacheControls`, fixed latent/timestep/sigma
+buffers, all at fixed addresses for the whole run). Per block the host does integer bookkeeping (:class:`CachePolicy`), one
 tail roll once the window is full, and buffer writes of what the calls returned. Does not
 own the model math (``memrope.model``) or where noise comes from (``memrope.sampler``).
 """
@@ -11,12 +12,15 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator, Protocol
+from typing import Callable, Iterator
 
 import torch
 
 from memrope.cache import MEMORY_NONE, BlockPlan, CacheControls, CacheLayout, CachePolicy, KVCache
 from memrope.config import RunConfig, WanConfig, frame_tokens
+from memrope.contract import (DTYPE_NAMES, cross_key, cross_value, memory_key, memory_value, named_step_outputs,
+                              past_key, past_value, present_key, present_memory_key, present_memory_value,
+                              present_value, step_arguments, step_contract, step_outputs_from_named)
 from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
 from memrope.sampler import NoiseSource, Schedule, add_noise, build_schedule
 
@@ -43,30 +47,44 @@ def cache_layout_for(model: WanConfig, run: RunConfig) -> CacheLayout:
                              run.num_output_frames)
 
 
-class StepBackend(Protocol):
-    """What the loop drives: one DiT call with explicit cache I/O, and the per-prompt text pass.
+class Backend:
+    """One DiT call with explicit cache I/O, by name: the only thing the loop drives.
 
-    ``step`` has the signature of :meth:`memrope.model.MemRoPEStep.forward` and returns
-    :class:`StepOutputs`; ``encode_text`` maps ``prompt_embeds [B, L, text_dim]`` to per-layer
-    cross-attention keys and values. Tensors in and out live on ``device``.
+    A backend maps the contract's named inputs (:func:`memrope.contract.step_contract`) to its
+    named outputs. The loop owns the input buffers and keeps their addresses fixed for the whole
+    run (cache views, controls, a latent buffer), so a backend may bind them once (ONNX Runtime
+    IO binding, TensorRT tensor addresses, CUDA graphs). Returned outputs stay valid until the
+    next call. Backends are context managers; ``close`` releases sessions, engines and buffers.
+
+    Attributes: ``name``; ``model`` (WanConfig); ``layout`` (CacheLayout); ``dtype`` and
+    ``device`` of the tensors it takes and returns.
     """
 
-    name: str
+    name = "backend"
     model: WanConfig
     layout: CacheLayout
     dtype: torch.dtype
     device: torch.device
 
-    def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]: ...
+    def __enter__(self) -> "Backend":
+        return self
 
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor,
-             past_keys: list[torch.Tensor],
-             past_values: list[torch.Tensor], cross_keys: list[torch.Tensor], cross_values: list[torch.Tensor],
-             controls: CacheControls, memory_keys: list[torch.Tensor] | None,
-             memory_values: list[torch.Tensor] | None) -> StepOutputs: ...
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, engines, device buffers)."""
+
+    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``prompt_embeds [B, text_len, text_dim]`` (zero-padded) -> ``cross_key_values.*``."""
+        raise NotImplementedError
+
+    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """One call: every input of the step contract by name -> every output by name."""
+        raise NotImplementedError
 
 
-class EagerBackend:
+class EagerBackend(Backend):
     """The PyTorch core, called directly."""
 
     name = "eager"
@@ -79,22 +97,30 @@ class EagerBackend:
         self.dtype = dit.dtype
         self.module = MemRoPEStep(dit, self.layout, run.latent_height, run.latent_width).to(self.device)
 
-    def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        return self.dit.encode_text(prompt_embeds.to(self.device))
+    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        keys, values = self.dit.encode_text(prompt_embeds.to(self.device))
+        return cross_named(keys, values)
 
-    def step(self, *args) -> StepOutputs:
-        return self.module(*args)
+    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        args = step_arguments(feeds, self.model.num_layers, self.layout.has_memory)
+        return named_step_outputs(self.module(*args))
+
+
+def cross_named(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    named = {cross_key(i): k for i, k in enumerate(keys)}
+    named.update({cross_value(i): v for i, v in enumerate(values)})
+    return named
 
 
 class MemRoPEPipeline:
     """Generates latent frames block by block with a fixed-size cache.
 
     Args:
-        backend: a :class:`StepBackend`, or a :class:`WanCausalDiT` (run eagerly).
+        backend: a :class:`Backend`, or a :class:`WanCausalDiT` (run eagerly).
         run: the run configuration (cache policy, sampler, latent size, frames).
     """
 
-    def __init__(self, backend: StepBackend | WanCausalDiT, run: RunConfig):
+    def __init__(self, backend: Backend | WanCausalDiT, run: RunConfig):
         if isinstance(backend, WanCausalDiT):
             backend = EagerBackend(backend, run)
         expected = cache_layout_for(backend.model, run)
@@ -124,33 +150,63 @@ class MemRoPEPipeline:
         The cache is yielded after the block's context pass (for inspection; do not keep
         references across blocks, it is overwritten in place).
         """
-        cfg, lay, sched = self.backend.model, self.layout, self.schedule
+        cfg, lay, sched, backend = self.backend.model, self.layout, self.schedule, self.backend
         batch = prompt_embeds.shape[0]
         if batch != self.run.batch_size:
             raise ValueError(f"prompt_embeds batch {batch} does not match num_samples {self.run.batch_size}")
-        cross_k, cross_v = self.backend.encode_text(prompt_embeds.to(self.device))
+        if prompt_embeds.shape[1] > cfg.text_len:
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens; the model takes at most "
+                             f"text_len={cfg.text_len}")
+        contract = step_contract(cfg, self.run, lay, DTYPE_NAMES[self.dtype], batch)
+
+        # Buffers, allocated once; their addresses never change during the run.
         cache = KVCache(lay, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-        layer_k, layer_v = list(cache.keys.unbind(0)), list(cache.values.unbind(0))
-        mem_k = list(cache.memory_keys.unbind(0)) if cache.memory_keys is not None else None
-        mem_v = list(cache.memory_values.unbind(0)) if cache.memory_values is not None else None
-        policy = CachePolicy(lay)
         controls = CacheControls.allocate(lay, self.device)
+        feeds: dict[str, torch.Tensor] = {}
+        padded = torch.zeros(batch, cfg.text_len, cfg.text_dim, dtype=self.dtype, device=self.device)
+        padded[:, :prompt_embeds.shape[1]] = prompt_embeds
+        cross = backend.encode_text(padded)
+        named_controls = controls.as_dict()
+        for i in range(cfg.num_layers):
+            feeds[past_key(i)], feeds[past_value(i)] = cache.keys[i], cache.values[i]
+            if lay.has_memory:
+                feeds[memory_key(i)], feeds[memory_value(i)] = cache.memory_keys[i], cache.memory_values[i]
+        for spec in contract.inputs:
+            if spec.name in named_controls:
+                feeds[spec.name] = named_controls[spec.name]
+            elif spec.name in cross:
+                feeds[spec.name] = spec.zeros(self.device).copy_(cross[spec.name])
+            elif spec.name not in feeds:
+                feeds[spec.name] = spec.zeros(self.device)
+        del cross
+        latents_buf, timestep_buf, sigma_buf = feeds["latents"], feeds["timestep"], feeds["sigma"]
+
         frames = lay.block_frames
 
-        def timestep(t: float) -> torch.Tensor:
-            return torch.full((batch, frames), t, dtype=torch.float32, device=self.device)
+        def constant(shape: tuple[int, ...], value: float) -> torch.Tensor:
+            return torch.full(shape, value, dtype=torch.float32, device=self.device)
 
-        def sigma(s: float) -> torch.Tensor:
-            return torch.full((1,), s, dtype=torch.float32, device=self.device)
-
-        step_t = [timestep(t) for t in sched.step_timesteps]
-        step_sigma = [sigma(s) for s in sched.step_sigmas]
-        context_t, context_sigma = timestep(sched.context_timestep), sigma(sched.context_sigma)
+        step_t = [constant((batch, frames), t) for t in sched.step_timesteps]
+        step_sigma = [constant((1,), s) for s in sched.step_sigmas]
+        context_t = constant((batch, frames), sched.context_timestep)
+        context_sigma = constant((1,), sched.context_sigma)
         expected = (batch, frames, *self.latent_frame_shape())
 
-        def call(x: torch.Tensor, t: torch.Tensor, s: torch.Tensor) -> StepOutputs:
-            return self.backend.step(x, t, s, layer_k, layer_v, cross_k, cross_v, controls, mem_k, mem_v)
+        def call(block: int, index: int, plan: BlockPlan, x: torch.Tensor, t: torch.Tensor,
+                 s: torch.Tensor) -> dict[str, torch.Tensor]:
+            latents_buf.copy_(x)
+            timestep_buf.copy_(t)
+            sigma_buf.copy_(s)
+            out = backend.step(feeds)
+            if on_call is not None:
+                snapshot = {k: v.clone() for k, v in out.items()}
+                on_call(CallRecord(block, index, plan, latents_buf.clone(), t,
+                                   step_outputs_from_named(snapshot, cfg.num_layers)))
+            return out
 
+        memory_names = [(present_memory_key(i), present_memory_value(i)) for i in range(cfg.num_layers)]
+        block_names = [(present_key(i), present_value(i)) for i in range(cfg.num_layers)]
+        policy = CachePolicy(lay)
         for b in range(num_blocks):
             plan = policy.next_block()
             if plan.roll:
@@ -160,22 +216,19 @@ class MemRoPEPipeline:
                 raise ValueError(f"noise for block {b} has shape {list(x.shape)}, expected {list(expected)}")
             controls.set(lay, plan, first_call=True)
             for i in range(sched.num_steps):
-                out = call(x, step_t[i], step_sigma[i])
+                out = call(b, i, plan, x, step_t[i], step_sigma[i])
                 if i == 0:
                     if plan.memory_step != MEMORY_NONE:
-                        cache.write_memory(out.memory_keys, out.memory_values)
+                        cache.write_memory([out[k] for k, _ in memory_names], [out[v] for _, v in memory_names])
                     controls.set(lay, plan, first_call=False)
-                x0 = out.x0
-                if on_call is not None:
-                    on_call(CallRecord(b, i, plan, x, step_t[i], out))
                 if i < sched.num_steps - 1:
                     eps = noise.renoise(b, i).to(self.device, self.dtype)
-                    x = add_noise(x0, eps, sched.step_sigmas[i + 1])
+                    x = add_noise(out["x0"], eps, sched.step_sigmas[i + 1])
+                else:
+                    x0 = out["x0"].clone()
             # Context pass: the clean prediction at the context timestep writes the cache.
-            out = call(x0, context_t, context_sigma)
-            if on_call is not None:
-                on_call(CallRecord(b, sched.num_steps, plan, x0, context_t, out))
-            cache.write_block(plan.write_frame, out.block_keys, out.block_values)
+            out = call(b, sched.num_steps, plan, x0, context_t, context_sigma)
+            cache.write_block(plan.write_frame, [out[k] for k, _ in block_names], [out[v] for _, v in block_names])
             yield b, x0, cache, plan
 
     def generate(self, prompt_embeds: torch.Tensor, noise: NoiseSource, num_frames: int | None = None,

@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
-from export.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
+from memrope.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
 from export.onnx_export import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, TEXT_FILE, specialise_run
 from memrope.cache import CacheLayout
 from memrope.config import RunConfig, WanConfig, frame_tokens, run_config_from_dict

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import torch
 
-from export.graph import pack_step_inputs, unpack_step_outputs
-from memrope.cache import CacheControls
-from memrope.model import StepOutputs
+from memrope.pipeline import Backend
 from runtime.artifact import Artifact, load_artifact
 
 logger = logging.getLogger(__name__)
@@ -30,7 +28,7 @@ def _require_onnxruntime():
     return onnxruntime
 
 
-class OnnxRuntimeBackend:
+class OnnxRuntimeBackend(Backend):
     """Runs an artifact's graphs with ONNX Runtime (CPU execution provider)."""
 
     name = "onnxruntime"
@@ -55,23 +53,17 @@ class OnnxRuntimeBackend:
         self.step_inputs = contract.step.input_names
         self.step_outputs = contract.step.output_names
 
-    def encode_text(self, prompt_embeds: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         spec = self.artifact.contract.text.inputs[0]
-        b, length, dim = prompt_embeds.shape
-        if b != spec.shape[0] or dim != spec.shape[2] or length > spec.shape[1]:
-            raise ValueError(f"prompt_embeds {list(prompt_embeds.shape)} do not fit the artifact's "
-                             f"{list(spec.shape)} (batch, at most text_len tokens, text_dim)")
-        padded = torch.zeros(spec.shape, dtype=torch.float32)
-        padded[:, :length] = prompt_embeds
-        outs = self.text_session.run(None, {spec.name: padded.numpy()})
-        n = self.model.num_layers
-        tensors = [torch.from_numpy(o) for o in outs]
-        return tensors[:n], tensors[n:]
+        if tuple(prompt_embeds.shape) != spec.shape:
+            raise ValueError(f"prompt_embeds {list(prompt_embeds.shape)} do not match the artifact's "
+                             f"{list(spec.shape)}")
+        outs = self.text_session.run(None, {spec.name: prompt_embeds.float().contiguous().numpy()})
+        names = self.artifact.contract.text.output_names
+        return {name: torch.from_numpy(o) for name, o in zip(names, outs)}
 
-    def step(self, latents: torch.Tensor, timestep: torch.Tensor, sigma: torch.Tensor, past_keys, past_values,
-             cross_keys, cross_values, controls: CacheControls, memory_keys, memory_values) -> StepOutputs:
-        flat = pack_step_inputs(latents.float(), timestep, sigma, past_keys, past_values, cross_keys,
-                                cross_values, controls, memory_keys, memory_values)
-        feeds = {name: t.detach().contiguous().numpy() for name, t in zip(self.step_inputs, flat)}
-        outs = self.step_session.run(self.step_outputs, feeds)
-        return unpack_step_outputs(tuple(torch.from_numpy(o) for o in outs), self.model.num_layers)
+    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        # Zero-copy NumPy views of the loop's CPU buffers in, zero-copy torch views out.
+        arrays = {name: feeds[name].numpy() for name in self.step_inputs}
+        outs = self.step_session.run(self.step_outputs, arrays)
+        return {name: torch.from_numpy(o) for name, o in zip(self.step_outputs, outs)}

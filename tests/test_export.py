@@ -13,7 +13,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from export.contract import memory_key, past_key, present_memory_key
+from memrope.contract import memory_key, past_key, present_memory_key
 from export.onnx_export import export_artifact
 from export.validate import ExportMismatchError
 from memrope.cache import CacheControls, memory_update

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import torch
 
-from export.graph import StepGraph, pack_step_inputs, unpack_step_outputs
+from export.graph import StepGraph
+from memrope.contract import step_contract
 from memrope.config import model_preset
 from memrope.model import build_dit, param_count, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
@@ -60,14 +61,15 @@ def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
     name = "memrope_ema"
     run, trace = golden_run(name), golden_trace(name)
     pipeline = MemRoPEPipeline(golden_dit, run)
-    flat = StepGraph(pipeline.backend.module)
+    contract = step_contract(golden_dit.config, run, pipeline.layout, "float32", 1)
+    flat = StepGraph(pipeline.backend.module, contract)
     exported = {}
 
-    def exported_step(*step_args):
-        args = pack_step_inputs(*step_args)
+    def exported_step(feeds):
+        args = tuple(feeds[name] for name in contract.input_names)
         if "program" not in exported:
             exported["program"] = torch.export.export(flat, args, strict=True).module()
-        return unpack_step_outputs(exported["program"](*args), flat.num_layers)
+        return dict(zip(contract.output_names, exported["program"](*args)))
 
     pipeline.backend.step = exported_step
     noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)

@@ -1,10 +1,10 @@
 """The IO contract: one description of the exported graphs' named inputs and outputs.
 
-Owns: tensor names, shapes and dtypes of the ``step`` graph (one DiT call with explicit cache
-I/O) and the ``text`` graph (per-prompt cross-attention keys/values), the cache layout they
-assume, and the hash that binds an artifact to its configuration. The wrapper modules, the
-exporter, the runtime's buffer allocation and the tests all read names from here; nothing else
-spells ``past_key_values.{i}.key``.
+Owns: tensor names, shapes and dtypes of the ``step`` call (one DiT call with explicit cache
+I/O) and the ``text`` call (per-prompt cross-attention keys/values), the cache layout they
+assume, and the hash that binds an exported artifact to its configuration. The generation
+loop's buffers, every backend, the export wrappers and the tests read names from here; nothing
+else spells ``past_key_values.{i}.key``.
 
 Legend: B batch, F frames per block, C latent channels, H/W latent height/width, Hd heads,
 D head_dim, T text_len, M memory tokens per slot.
@@ -13,14 +13,16 @@ D head_dim, T text_len, M memory tokens per slot.
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from memrope.cache import CacheLayout
+from memrope.cache import CacheControls, CacheLayout
 from memrope.config import RunConfig, WanConfig, config_hash
+from memrope.model import StepOutputs
 
 CONTRACT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
@@ -160,9 +162,8 @@ def artifact_hash(model: WanConfig, run: RunConfig, dtype: str, batch: int, heig
                        run.latent_width, cache_frames, dtype, batch, height, width, CONTRACT_VERSION)
 
 
-def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
-                   height: int, width: int) -> ArtifactContract:
-    """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8)."""
+def step_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int) -> GraphContract:
+    """Inputs and outputs of one DiT call (the ``step`` graph), in positional order."""
     if dtype not in ("float32", "bfloat16", "float16"):
         raise ValueError(f"dtype must be float32, bfloat16 or float16, got {dtype!r}")
     hd, d, L = model.num_heads, model.head_dim, model.num_layers
@@ -196,15 +197,26 @@ def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype:
         inputs += [TensorSpec(memory_value(i), mem_shape, mem_dtype) for i in range(L)]
         outputs += [TensorSpec(present_memory_key(i), mem_shape, mem_dtype) for i in range(L)]
         outputs += [TensorSpec(present_memory_value(i), mem_shape, mem_dtype) for i in range(L)]
-    step = GraphContract("step", tuple(inputs), tuple(outputs))
+    return GraphContract("step", tuple(inputs), tuple(outputs))
 
-    text = GraphContract(
+
+def text_contract(model: WanConfig, dtype: str, batch: int) -> GraphContract:
+    """``prompt_embeds`` (padded to ``text_len``) -> per-layer cross-attention keys, then values."""
+    L = model.num_layers
+    shape = (batch, model.text_len, model.num_heads, model.head_dim)
+    return GraphContract(
         "text",
         (TensorSpec("prompt_embeds", (batch, model.text_len, model.text_dim), dtype),),
-        tuple([TensorSpec(cross_key(i), text_shape, dtype) for i in range(L)]
-              + [TensorSpec(cross_value(i), text_shape, dtype) for i in range(L)]),
+        tuple([TensorSpec(cross_key(i), shape, dtype) for i in range(L)]
+              + [TensorSpec(cross_value(i), shape, dtype) for i in range(L)]),
     )
-    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), step, text)
+
+
+def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
+                   height: int, width: int) -> ArtifactContract:
+    """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8)."""
+    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(),
+                            step_contract(model, run, layout, dtype, batch), text_contract(model, dtype, batch))
 
 
 def read_contract_json(path: Path) -> dict[str, Any]:
@@ -218,3 +230,34 @@ def read_contract_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"artifact contract {path} has version {raw.get('contract_version')!r}; this "
                          f"engine reads version {CONTRACT_VERSION}: re-export it with `memrope export`")
     return raw
+
+
+def step_arguments(feeds: Mapping[str, torch.Tensor], num_layers: int, has_memory: bool) -> tuple:
+    """Named step inputs -> the positional arguments of ``MemRoPEStep.forward``."""
+    L = range(num_layers)
+    controls = CacheControls(*(feeds[name] for name in CONTROL_NAMES))
+    memory_keys = [feeds[memory_key(i)] for i in L] if has_memory else None
+    memory_values = [feeds[memory_value(i)] for i in L] if has_memory else None
+    return (feeds["latents"], feeds["timestep"], feeds["sigma"], [feeds[past_key(i)] for i in L],
+            [feeds[past_value(i)] for i in L], [feeds[cross_key(i)] for i in L],
+            [feeds[cross_value(i)] for i in L], controls, memory_keys, memory_values)
+
+
+def named_step_outputs(out: StepOutputs) -> dict[str, torch.Tensor]:
+    """``StepOutputs`` -> the contract's output names."""
+    named = {"flow": out.flow, "x0": out.x0}
+    for i, (k, v) in enumerate(zip(out.block_keys, out.block_values)):
+        named[present_key(i)], named[present_value(i)] = k, v
+    for i, (k, v) in enumerate(zip(out.memory_keys, out.memory_values)):
+        named[present_memory_key(i)], named[present_memory_value(i)] = k, v
+    return named
+
+
+def step_outputs_from_named(named: Mapping[str, torch.Tensor], num_layers: int) -> StepOutputs:
+    """The contract's named outputs -> ``StepOutputs`` (memory lists empty when absent)."""
+    L = range(num_layers)
+    has_memory = present_memory_key(0) in named
+    return StepOutputs(named["flow"], named["x0"], [named[present_key(i)] for i in L],
+                       [named[present_value(i)] for i in L],
+                       [named[present_memory_key(i)] for i in L] if has_memory else [],
+                       [named[present_memory_value(i)] for i in L] if has_memory else [])
