@@ -20,7 +20,8 @@ from memrope.errors import StageError
 logger = logging.getLogger("memrope")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-BACKENDS = ("eager", "onnxruntime")
+BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
+EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 # Reference-order noise draws the whole video's initial noise up front; past this many
 # elements per run the loop draws block by block instead (constant memory).
 REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
@@ -45,7 +46,10 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
     ex = p.add_argument_group("execution")
     ex.add_argument("--backend", choices=BACKENDS, default="eager")
-    ex.add_argument("--engine", type=Path, help="artifact directory from `memrope export` (onnxruntime backend)")
+    ex.add_argument("--engine", type=Path,
+                    help="artifact directory from `memrope export` (onnxruntime; tensorrt after `memrope build`)")
+    ex.add_argument("--ort-provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto",
+                    help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
     p.set_defaults(func=cmd_generate)
@@ -150,10 +154,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_build(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("build", help="build TensorRT engines for an exported artifact",
+                       description="Build strongly typed TensorRT engines (step.plan, text.plan) with "
+                                   "Polygraphy, next to the artifact's graphs, with a sidecar each.")
+    p.add_argument("artifact", type=Path, help="artifact directory from `memrope export`")
+    p.add_argument("--timing-cache", type=Path, help="timing cache to reuse across builds")
+    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level (0-5)")
+    p.add_argument("--force", action="store_true", help="rebuild existing plans")
+    p.set_defaults(func=cmd_build)
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    from engine.build import build_engines
+
+    plans = build_engines(args.artifact, timing_cache=args.timing_cache, opt_level=args.opt_level, force=args.force)
+    print("built " + ", ".join(str(p) for p in plans))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.config import load_run_config
     from memrope.io import read_noise, read_text_embeds, save_safetensors_atomic
-    from memrope.pipeline import MemRoPEPipeline
+    from memrope.pipeline import EagerBackend, MemRoPEPipeline
     from memrope.sampler import SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
 
     if not args.no_decode:
@@ -169,11 +192,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
 
     artifact = None
-    if args.backend == "onnxruntime":
+    if args.backend in EXPORTED_BACKENDS:
         from runtime.artifact import load_artifact
 
         if args.engine is None:
-            raise ValueError("--backend onnxruntime needs --engine DIR (an artifact from `memrope export`)")
+            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
         artifact = load_artifact(args.engine)
         model_cfg = artifact.model
     elif args.engine is not None:
@@ -229,12 +252,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.backend == "onnxruntime":
         from runtime.onnxruntime_backend import OnnxRuntimeBackend
 
-        if device.type != "cpu" or dtype != torch.float32:
-            raise ValueError("--backend onnxruntime runs the float32 export on the CPU here "
-                             "(--device cpu --dtype float32)")
-        backend = OnnxRuntimeBackend(artifact)
+        backend = OnnxRuntimeBackend(artifact, provider=args.ort_provider)
+    elif args.backend == "tensorrt":
+        from runtime.tensorrt_backend import TensorRTBackend
+
+        backend = TensorRTBackend(artifact)
+    elif args.backend == "compiled":
+        from runtime.compiled_backend import CompiledBackend
+
+        backend = CompiledBackend(_load_dit(args, model_cfg, run, dtype, device), run)
     else:
-        backend = _load_dit(args, model_cfg, run, dtype, device)
+        backend = EagerBackend(_load_dit(args, model_cfg, run, dtype, device), run)
+    # Exported backends run in their artifact's dtype on their own device.
+    dtype = backend.dtype
     pipeline = MemRoPEPipeline(backend, run)
 
     if noise_tensors is not None:
@@ -250,7 +280,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 run.cache.block_frames, dtype)
 
     start = time.perf_counter()
-    latents = pipeline.generate(embeds, noise, run.num_output_frames)
+    with backend:
+        latents = pipeline.generate(embeds, noise, run.num_output_frames)
     elapsed = time.perf_counter() - start
     save_safetensors_atomic({"latents": latents.float()}, args.latents_out)
     print(f"wrote {args.latents_out}: latents {list(latents.shape)} "
@@ -265,6 +296,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _add_generate(sub)
     _add_export(sub)
+    _add_build(sub)
     return parser
 
 

@@ -13,6 +13,7 @@ from memrope.config import WanConfig, load_run_config
 from memrope.model import WanCausalDiT, build_dit
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
+GOLDEN_PIXELS = dict(height=32, width=48)  # latent 4 x 6
 TRACES = {
     "memrope_ema": "trace_memrope_ema.safetensors",
     "memrope_eviction": "trace_memrope_eviction.safetensors",
@@ -47,3 +48,13 @@ def golden_run(name: str):
 
 def golden_trace(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(GOLDEN / TRACES[name]))
+
+
+@pytest.fixture(scope="session")
+def artifacts(golden_dit, tmp_path_factory):
+    """fp32 ONNX artifacts of the golden model, one per trace's cache policy (validated)."""
+    from export.onnx_export import export_artifact
+
+    root = tmp_path_factory.mktemp("artifacts")
+    return {name: export_artifact(golden_dit, golden_run(name), root / name, **GOLDEN_PIXELS).path
+            for name in TRACES}

@@ -26,14 +26,7 @@ from runtime.onnxruntime_backend import OnnxRuntimeBackend
 
 from conftest import TRACES, golden_run, golden_trace
 
-GOLDEN_PIXELS = dict(height=32, width=48)  # latent 4 x 6
-
-
-@pytest.fixture(scope="session")
-def artifacts(golden_dit, tmp_path_factory):
-    root = tmp_path_factory.mktemp("artifacts")
-    return {name: export_artifact(golden_dit, golden_run(name), root / name, **GOLDEN_PIXELS).path
-            for name in TRACES}
+from conftest import GOLDEN_PIXELS
 
 
 @pytest.mark.parametrize("name", sorted(TRACES))
