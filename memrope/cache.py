@@ -337,6 +337,7 @@ class KVCache:
             mshape = (num_layers, batch, 2, layout.memory_tokens, heads, head_dim)
             self.memory_keys = torch.zeros(mshape, dtype=mem_dtype, device=device)
             self.memory_values = torch.zeros(mshape, dtype=mem_dtype, device=device)
+        self._scratch: torch.Tensor | None = None
 
     @property
     def num_layers(self) -> int:
@@ -352,12 +353,21 @@ class KVCache:
                    for t in (self.keys, self.values, self.memory_keys, self.memory_values) if t is not None)
 
     def roll(self) -> None:
-        """Rotate the tail left by one block: the evicted frames land in the block slots."""
+        """Rotate the tail left by one block: the evicted frames land in the block slots.
+
+        Layer by layer through a one-layer scratch buffer (allocated on first use), so the
+        roll never allocates a copy of the whole cache."""
         lay = self.layout
         start = lay.tail_start_frame * lay.frame_tokens
+        shift = lay.block_tokens
+        if self._scratch is None:
+            self._scratch = torch.empty_like(self.keys[0, :, start:])
         for buf in (self.keys, self.values):
-            tail = buf[:, :, start:]
-            tail.copy_(torch.roll(tail, shifts=-lay.block_tokens, dims=2))
+            for layer in buf:
+                tail = layer[:, start:]
+                self._scratch.copy_(tail)
+                tail[:, :-shift].copy_(self._scratch[:, shift:])
+                tail[:, -shift:].copy_(self._scratch[:, :shift])
 
     def write_block(self, frame: int, keys: list[torch.Tensor], values: list[torch.Tensor]) -> None:
         """Store each layer's block keys/values ``[B, block_tokens, H, D]`` at slot ``frame``."""
