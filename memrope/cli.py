@@ -173,6 +173,51 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_bench(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="latency of the same loop on every available backend",
+                       description="Profile eager, compiled, ONNX Runtime and TensorRT on the same loop and "
+                                   "inputs (random weights). Prints a table, then one JSON line.")
+    p.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"), default="tiny")
+    p.add_argument("--height", type=int, help="pixels (multiple of 16); default: the preset's")
+    p.add_argument("--width", type=int, help="pixels (multiple of 16); default: the preset's")
+    p.add_argument("--backends", default="eager,compiled,onnxruntime,tensorrt",
+                   help="comma-separated subset of eager,compiled,onnxruntime,tensorrt")
+    p.add_argument("--blocks", type=int, default=30, help="timed blocks (after the warm-up)")
+    p.add_argument("--warmup-blocks", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
+    p.add_argument("--json-out", type=Path)
+    p.add_argument("--plot", type=Path, help="PNG: per-block latency and per-stage breakdown")
+    p.set_defaults(func=cmd_bench)
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    import json
+
+    from runtime.bench import BENCH_PRESETS, BACKENDS, plot, print_table, run_bench, write_json
+
+    preset = BENCH_PRESETS[args.preset]
+    if args.height or args.width:
+        preset = replace(preset, height=args.height or preset.height, width=args.width or preset.width)
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
+    doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops)
+    print_table(doc)
+    if args.json_out:
+        write_json(doc, args.json_out)
+    if args.plot:
+        plot(doc, args.plot)
+    summary = [{k: r.get(k) for k in ("backend", "available", "call_ms_median", "block_ms_median", "latent_fps",
+                                       "video_fps", "host_overhead_pct", "flatness")} for r in doc["results"]]
+    print(json.dumps(summary))
+    return 0
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.config import load_run_config
     from memrope.io import read_noise, read_text_embeds, save_safetensors_atomic
@@ -297,6 +342,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_export(sub)
     _add_build(sub)
+    _add_bench(sub)
     return parser
 
 
