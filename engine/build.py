@@ -24,6 +24,7 @@ from typing import Any, Iterator
 from engine.sidecar import (GRAPHS, EngineMismatchError, EngineSidecar, check_sidecar, plan_path, read_sidecar,
                             sidecar_path, write_sidecar)
 from memrope.errors import StageError
+from memrope.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -101,19 +102,6 @@ def _polygraphy_errors() -> Iterator[list[str]]:
             errors.extend(line.strip() for line in lines if "[E]" in line or "[!]" in line)
 
 
-def _replace_atomically(path: Path, data: Any) -> None:
-    """Write ``data`` (bytes or a buffer such as TensorRT's IHostMemory) to a temp file, then rename."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def _up_to_date(plan: Path, env: dict[str, str], contract_hash: str, flags: dict[str, Any],
@@ -201,7 +189,7 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, timing_cache: str | o
             details = "\n".join(errors) or str(build_error or "TensorRT returned no engine")
             raise EngineBuildError(f"TensorRT could not build the {graph} graph {onnx_path}: {details}") \
                 from build_error
-        _replace_atomically(plan, serialized)
+        atomic_write(plan, memoryview(serialized))
         write_sidecar(sidecar_path(plan), EngineSidecar(graph=graph, dtype=contract.dtype,
                                                         contract_hash=contract.config_hash,
                                                         build_flags=flags, **env))

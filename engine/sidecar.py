@@ -14,10 +14,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+
+from memrope.io import atomic_write
 from typing import Any
 
 GRAPHS = ("step", "text")
@@ -83,19 +84,7 @@ class EngineSidecar:
 
 def write_sidecar(path: str | os.PathLike[str], sidecar: EngineSidecar) -> None:
     """Write ``sidecar`` as JSON atomically (temp file in the same directory, then ``os.replace``)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(sidecar.to_json(), f, indent=1, sort_keys=True)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
+    atomic_write(path, json.dumps(sidecar.to_json(), indent=1, sort_keys=True) + "\n")
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> EngineSidecar:

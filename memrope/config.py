@@ -91,14 +91,9 @@ class WanConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> "WanConfig":
         """Read Wan's ``config.json`` (optionally with ``text_dim``; the 1.3B default is 4096)."""
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise FileNotFoundError(f"model config not found: {path}") from None
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"model config {path} is not valid JSON: {exc}") from None
-        return cls.from_dict(raw, source=str(path))
+        from memrope.io import read_json
+
+        return cls.from_dict(read_json(path, "model config"), source=str(path))
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "WanConfig":

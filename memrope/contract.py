@@ -220,12 +220,9 @@ def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype:
 
 
 def read_contract_json(path: Path) -> dict[str, Any]:
-    try:
-        raw = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"artifact has no contract file: {path}") from None
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"artifact contract {path} is not valid JSON: {exc}") from None
+    from memrope.io import read_json
+
+    raw = read_json(path, "artifact contract")
     if raw.get("contract_version") != CONTRACT_VERSION:
         raise ValueError(f"artifact contract {path} has version {raw.get('contract_version')!r}; this "
                          f"engine reads version {CONTRACT_VERSION}: re-export it with `memrope export`")

@@ -10,7 +10,8 @@ from __future__ import annotations
 import logging
 import os
 import uuid
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -42,18 +43,48 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
         seen.add(storage.data_ptr())
         out[name] = tensor
 
+    with atomic_path(path) as tmp:
+        save_file(out, str(tmp), metadata={"format": "pt", **(metadata or {})})
+    logger.debug("wrote %d tensors to %s", len(out), path)
+    return path
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``,
+    on failure remove it. Readers never see half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        save_file(out, str(tmp), metadata={"format": "pt", **(metadata or {})})
+        yield tmp
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    logger.debug("wrote %d tensors to %s", len(out), path)
-    return path
+
+
+def atomic_write(path: str | os.PathLike[str], data: bytes | str | memoryview) -> Path:
+    """Write ``data`` (bytes, text, or a buffer such as TensorRT's IHostMemory) atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "w" if isinstance(data, str) else "wb") as handle:
+            handle.write(data)
+    return Path(path)
+
+
+def read_json(path: str | os.PathLike[str], what: str):
+    """Parse a JSON file; errors name ``what`` it was supposed to be."""
+    import json
+
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} not found: {path}") from None
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
 
 
 def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:

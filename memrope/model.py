@@ -99,7 +99,9 @@ class WanLayerNorm(nn.LayerNorm):
         return super().forward(x).type_as(x)
 
 
-class WanSelfAttention(nn.Module):
+class _WanAttention(nn.Module):
+    """q, k, v, o projections with q/k RMSNorm over the full width (both attention kinds)."""
+
     def __init__(self, cfg: WanConfig):
         super().__init__()
         self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
@@ -110,6 +112,8 @@ class WanSelfAttention(nn.Module):
         self.norm_q = WanRMSNorm(cfg.dim, cfg.eps)
         self.norm_k = WanRMSNorm(cfg.dim, cfg.eps)
 
+
+class WanSelfAttention(_WanAttention):
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``x [B, N, dim]`` -> q, k (RMS-normed, un-rotated), v, each ``[B, N, Hd, D]``."""
         b, n, _ = x.shape
@@ -120,17 +124,7 @@ class WanSelfAttention(nn.Module):
         return q, k, v
 
 
-class WanCrossAttention(nn.Module):
-    def __init__(self, cfg: WanConfig):
-        super().__init__()
-        self.num_heads, self.head_dim = cfg.num_heads, cfg.head_dim
-        self.q = nn.Linear(cfg.dim, cfg.dim)
-        self.k = nn.Linear(cfg.dim, cfg.dim)
-        self.v = nn.Linear(cfg.dim, cfg.dim)
-        self.o = nn.Linear(cfg.dim, cfg.dim)
-        self.norm_q = WanRMSNorm(cfg.dim, cfg.eps)
-        self.norm_k = WanRMSNorm(cfg.dim, cfg.eps)
-
+class WanCrossAttention(_WanAttention):
     def project_context(self, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Text ``[B, T, dim]`` -> keys, values ``[B, T, Hd, D]`` (once per prompt)."""
         b, t, _ = context.shape

@@ -14,6 +14,7 @@ there in a real run anyway). Host overhead is the block's wall time outside the 
 from __future__ import annotations
 
 import datetime
+import io
 import json
 import logging
 import math
@@ -32,6 +33,7 @@ import torch
 
 from memrope.cache import CacheLayout
 from memrope.config import CacheConfig, RunConfig, WanConfig, frame_tokens, model_preset
+from memrope.io import atomic_write
 from memrope.pipeline import Backend, MemRoPEPipeline
 
 logger = logging.getLogger(__name__)
@@ -50,7 +52,7 @@ class BenchPreset:
 
 BENCH_PRESETS = {
     "tiny": BenchPreset("tiny", 32, 48),
-    "mid": BenchPreset("mid", 128, 192),
+    "mid": BenchPreset("mid", 96, 128),
     "wan-1.3b": BenchPreset("wan-1.3b", 480, 832),
 }
 
@@ -384,14 +386,11 @@ def plot(doc: dict, path: Path) -> None:
     fig.suptitle(f"memrope bench: {meta['preset']['model']} {meta['preset']['width']}x{meta['preset']['height']}, "
                  f"{meta['dtype']} on {meta['machine']['gpu'] or meta['machine']['cpu']}", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
-    os.replace(tmp, path)
+    atomic_write(path, buffer.getvalue())
 
 
 def write_json(doc: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(doc, indent=1) + "\n")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(doc, indent=1) + "\n")

@@ -108,3 +108,25 @@ def test_compiled_cuda_graphs_match_eager_in_bf16(tiny_config):
     err_eager = (ref["eager"].float() - ref["fp32"]).abs().max()
     err_compiled = (ref["compiled"].float() - ref["fp32"]).abs().max()
     assert err_compiled <= 2 * err_eager + 1e-6
+
+
+def _ort_cuda_available() -> bool:
+    import onnxruntime
+
+    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not _ort_cuda_available(),
+                    reason="needs onnxruntime-gpu and a CUDA GPU (this machine has the CPU build and no GPU)")
+def test_onnxruntime_cuda_io_binding_matches_eager(golden_dit, artifacts, golden_inputs):
+    """The CUDA execution provider bound to the loop's device buffers, with and without CUDA graphs."""
+    run = replace(golden_run("memrope_ema"), num_output_frames=3 * 8)
+    results = {}
+    for label, backend in (("eager", EagerBackend(golden_dit, run)),
+                           ("cuda", OnnxRuntimeBackend(artifacts["memrope_ema"], provider="cuda", cuda_graph=False)),
+                           ("cuda-graph", OnnxRuntimeBackend(artifacts["memrope_ema"], provider="cuda"))):
+        noise = StreamingSeededNoise(0, 1, (16, 4, 6), 3)
+        _, results[label] = _run(backend, run, golden_inputs["prompt_embeds"], noise, 8)
+    torch.testing.assert_close(results["cuda"].cpu(), results["eager"], atol=1e-4, rtol=0)
+    torch.testing.assert_close(results["cuda-graph"].cpu(), results["cuda"].cpu(), atol=0, rtol=0)
