@@ -195,8 +195,10 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from runtime.bench import BENCH_PRESETS, BACKENDS, plot, print_table, run_bench, write_json
+    from runtime.bench import BENCH_PRESETS, BACKENDS, plot, print_table, require_matplotlib, run_bench, write_json
 
+    if args.plot:
+        require_matplotlib()  # fail before minutes of benchmarking, not after
     preset = BENCH_PRESETS[args.preset]
     if args.height or args.width:
         preset = replace(preset, height=args.height or preset.height, width=args.width or preset.width)

@@ -356,9 +356,17 @@ def print_table(doc: dict) -> None:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
 
+def require_matplotlib():
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("--plot needs matplotlib: pip install -e '.[bench]'") from exc
+    return matplotlib
+
+
 def plot(doc: dict, path: Path) -> None:
     """Per-block latency over the run for each backend, and a per-stage breakdown."""
-    import matplotlib
+    matplotlib = require_matplotlib()
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
