@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from dataclasses import replace
@@ -28,12 +29,18 @@ REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
 
 
 def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate latent frames (and, later, video)",
+    p = sub.add_parser("generate", help="generate a video (or latents) from a prompt",
                        description="Generate with the MemRoPE fixed-size cache.")
     _add_model_args(p)
     run = p.add_argument_group("run")
     run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
+    run.add_argument("--prompt", help="text prompt (encoded with the umT5 in --model-dir; cached on disk)")
     run.add_argument("--text-embeds", type=Path, help="safetensors with prompt_embeds [B, L, text_dim]")
+    run.add_argument("--seconds", type=float, help="video length at 16 fps (sets the latent frame count)")
+    run.add_argument("--model-dir", type=Path,
+                     help="Wan2.1 folder: text encoder + tokenizer, VAE (Diffusers or original layout), "
+                          "and config.json / diffusion_pytorch_model.safetensors for the DiT")
+    run.add_argument("--text-cache", type=Path, help="prompt-embedding cache folder (default ~/.cache/memrope/text)")
     run.add_argument("--noise", type=Path, help="safetensors with noise and intermediate_noise")
     run.add_argument("--seed", type=int, help="override the YAML seed")
     run.add_argument("--num-frames", type=int, help="override num_output_frames (multiple of the block size)")
@@ -42,8 +49,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     run.add_argument("--stream-noise", action="store_true",
                      help="draw noise block by block (constant memory; not the reference's draw order)")
     out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="MP4 (H.264) written as frames are generated, finalised atomically")
+    out.add_argument("--png-dir", type=Path, help="also write every frame as PNG here")
     out.add_argument("--latents-out", type=Path, help="write latents [B, F, C, H, W] to this safetensors file")
     out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
     ex = p.add_argument_group("execution")
     ex.add_argument("--backend", choices=BACKENDS, default="eager")
     ex.add_argument("--engine", type=Path,
@@ -55,20 +65,28 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_generate)
 
 
-def _demo_run_config(preset: str):
+def _demo_run_config(preset: str, video: bool = False):
     from memrope.config import RunConfig
 
-    # The golden traces' run: 30 frames of a 4x6 latent with the shipped MemRoPE cache.
     if preset == "tiny":
+        if video:
+            from runtime.t2v import DEMO_LATENT
+
+            # The embedded demo: a 64x96-pixel video, 4 s unless --seconds says otherwise.
+            return RunConfig(num_output_frames=18, latent_height=DEMO_LATENT[0], latent_width=DEMO_LATENT[1],
+                             use_ema=True)
+        # The golden traces' run: 30 frames of a 4x6 latent with the shipped MemRoPE cache.
         return RunConfig(num_output_frames=30, latent_height=4, latent_width=6, use_ema=True)
     return RunConfig(num_output_frames=30, use_ema=True)
 
 
-def _resolve_model(args: argparse.Namespace):
+def _resolve_model(args: argparse.Namespace, model_dir: Path | None = None):
     from memrope.config import WanConfig, model_preset
 
     if args.model_config is not None:
         return WanConfig.from_json(args.model_config)
+    if model_dir is not None and (model_dir / "config.json").is_file():
+        return WanConfig.from_json(model_dir / "config.json")
     if args.checkpoint is not None and args.checkpoint.is_dir() and (args.checkpoint / "config.json").is_file():
         return WanConfig.from_json(args.checkpoint / "config.json")
     if args.preset is not None:
@@ -77,14 +95,19 @@ def _resolve_model(args: argparse.Namespace):
                      "--checkpoint, or --preset")
 
 
-def _load_dit(args: argparse.Namespace, model_cfg, run, dtype: torch.dtype, device: torch.device):
-    """The DiT from ``--checkpoint`` (with ``--lora``), or random weights for a ``--preset``."""
-    from memrope.checkpoint import load_dit_state_dict
+def _load_dit(args: argparse.Namespace, model_cfg, run, dtype: torch.dtype, device: torch.device,
+              model_dir: Path | None = None):
+    """The DiT from ``--checkpoint`` (with ``--lora``), the model folder's
+    ``diffusion_pytorch_model.safetensors``, or random weights for a ``--preset``."""
+    from memrope.checkpoint import WAN_WEIGHTS_FILE, load_dit_state_dict
     from memrope.model import build_dit, random_state_dict
 
-    if args.checkpoint is not None:
+    checkpoint = args.checkpoint
+    if checkpoint is None and model_dir is not None and (model_dir / WAN_WEIGHTS_FILE).is_file():
+        checkpoint = model_dir
+    if checkpoint is not None:
         use_ema = run.use_ema if args.use_ema is None else args.use_ema
-        state = load_dit_state_dict(args.checkpoint, model_cfg, use_ema=use_ema, lora_path=args.lora,
+        state = load_dit_state_dict(checkpoint, model_cfg, use_ema=use_ema, lora_path=args.lora,
                                     lora=run.lora, dtype=torch.float32)
     else:
         if args.preset is None:
@@ -220,17 +243,80 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _check_writable(target: Path) -> None:
+    """Fail before any model loads if ``target`` cannot be written (its folder is created)."""
+    parent = target if target.suffix == "" and not target.exists() else target.parent
+    if target.exists() and target.is_dir() and target.suffix:
+        raise ValueError(f"cannot write {target}: it is a directory")
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {target}: {parent} is not a directory") from None
+    except OSError as exc:
+        raise ValueError(f"cannot write {target}: cannot create {parent} ({exc.strerror})") from None
+    if not os.access(parent, os.W_OK):
+        raise ValueError(f"cannot write {target}: {parent} is not writable")
+
+
+def _model_dir(args: argparse.Namespace) -> Path | None:
+    """The Wan2.1 folder holding the text encoder and VAE: ``--model-dir``, or the embedded demo
+    model for ``--preset tiny`` when decoding without a checkpoint."""
+    if args.model_dir is not None:
+        if not args.model_dir.is_dir():
+            raise FileNotFoundError(f"--model-dir not found: {args.model_dir}")
+        return args.model_dir
+    if args.preset == "tiny" and args.checkpoint is None and not args.no_decode:
+        from runtime.t2v import ensure_demo_model
+
+        logger.warning("using the embedded demo model: tiny, RANDOM weights; its frames are not meaningful "
+                       "pictures, it shows the machinery")
+        return ensure_demo_model()
+    return None
+
+
+def _text_embeddings(args, model_cfg, run, model_dir: Path | None) -> torch.Tensor:
+    from memrope.io import read_text_embeds
+
+    if args.text_embeds is not None:
+        if args.prompt is not None:
+            raise ValueError("pass either --prompt or --text-embeds, not both")
+        return read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
+    if args.prompt is not None:
+        if model_dir is None:
+            raise ValueError("--prompt needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
+        from runtime.text import TextEncoder, encode_cached
+
+        cache_dir = args.text_cache or Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope")) / "text"
+        key = f"{model_dir.resolve()}|{model_cfg.text_len}"
+        embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
+                               [args.prompt] * run.batch_size, cache_dir, key=key)
+        if embeds.shape[-1] != model_cfg.text_dim:
+            raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
+                             f"takes text_dim={model_cfg.text_dim}")
+        return embeds
+    if args.checkpoint is None and args.engine is None and model_dir is None:
+        g = torch.Generator("cpu").manual_seed(run.seed + 4321)
+        logger.warning("no --prompt or --text-embeds: using random text embeddings (demo)")
+        return torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
+    raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.config import load_run_config
-    from memrope.io import read_noise, read_text_embeds, save_safetensors_atomic
+    from memrope.io import read_noise, save_safetensors_atomic
     from memrope.pipeline import EagerBackend, MemRoPEPipeline
     from memrope.sampler import SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
 
-    if not args.no_decode:
-        raise ValueError("video decoding is not available in this build yet; pass --no-decode "
-                         "and --latents-out")
-    if args.latents_out is None:
+    decode = not args.no_decode
+    if decode and args.out is None:
+        raise ValueError("pass --out VIDEO.mp4 (or --no-decode with --latents-out for latents only)")
+    if not decode and args.latents_out is None:
         raise ValueError("nothing to write: pass --latents-out FILE.safetensors")
+    if args.out is not None and args.out.suffix.lower() != ".mp4":
+        raise ValueError(f"--out must be an .mp4 file, got {args.out}")
+    for target in (args.out, args.latents_out, args.png_dir):
+        if target is not None:
+            _check_writable(target)
     if args.dtype == "bfloat16" and args.device == "cpu":
         logger.warning("bfloat16 on CPU is slow; the authors' bf16 semantics are meant for CUDA")
     device = torch.device(args.device)
@@ -239,6 +325,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dtype = DTYPES[args.dtype]
 
     artifact = None
+    model_dir = _model_dir(args)
     if args.backend in EXPORTED_BACKENDS:
         from runtime.artifact import load_artifact
 
@@ -249,13 +336,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.engine is not None:
         raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
     else:
-        model_cfg = _resolve_model(args)
+        model_cfg = _resolve_model(args, model_dir)
     if args.config is not None:
         run = load_run_config(args.config)
     elif artifact is not None:
         run = artifact.run
     elif args.preset is not None:
-        run = _demo_run_config(args.preset)
+        run = _demo_run_config(args.preset, video=model_dir is not None and args.model_dir is None)
     else:
         raise ValueError("no run configuration: pass --config run.yaml")
     if args.seed is not None:
@@ -274,27 +361,32 @@ def cmd_generate(args: argparse.Namespace) -> int:
         noise_tensors = read_noise(args.noise, run.batch_size, latent_shape, run.cache.block_frames,
                                    schedule.num_steps)
         run = run.with_frames(noise_tensors[0].shape[1])
-    if args.num_frames is not None:
-        if noise_tensors is not None and args.num_frames > run.num_output_frames:
-            raise ValueError(f"--num-frames {args.num_frames} exceeds the {run.num_output_frames} "
-                             "frames in the noise file")
-        run = run.with_frames(args.num_frames)
+    frames = args.num_frames
+    if args.seconds is not None:
+        from runtime.t2v import latent_frames_for
 
+        if args.num_frames is not None:
+            raise ValueError("pass either --seconds or --num-frames, not both")
+        frames = latent_frames_for(args.seconds, run.cache.block_frames)
+    if frames is not None:
+        if noise_tensors is not None and frames > run.num_output_frames:
+            raise ValueError(f"{frames} latent frames exceed the {run.num_output_frames} frames in the noise file")
+        run = run.with_frames(frames)
     if artifact is not None:
         run = artifact.check_run(run)
 
-    if args.text_embeds is not None:
-        embeds = read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
-    elif args.checkpoint is None and artifact is None:
-        g = torch.Generator("cpu").manual_seed(run.seed + 4321)
-        embeds = torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
-        logger.warning("no --text-embeds: using random text embeddings (demo)")
-    else:
-        raise ValueError("pass --text-embeds FILE.safetensors (prompt_embeds [B, L, text_dim]); "
-                         "text encoding is not available in this build yet")
+    embeds = _text_embeddings(args, model_cfg, run, model_dir)
     if embeds.shape[0] != run.batch_size:
         raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
                          f"num_samples is {run.batch_size}")
+
+    decoder = None
+    if decode:
+        if model_dir is None:
+            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode)")
+        from runtime.vae import StreamingVAEDecoder
+
+        decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
 
     if args.backend == "onnxruntime":
         from runtime.onnxruntime_backend import OnnxRuntimeBackend
@@ -307,9 +399,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elif args.backend == "compiled":
         from runtime.compiled_backend import CompiledBackend
 
-        backend = CompiledBackend(_load_dit(args, model_cfg, run, dtype, device), run)
+        backend = CompiledBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
     else:
-        backend = EagerBackend(_load_dit(args, model_cfg, run, dtype, device), run)
+        backend = EagerBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
     # Exported backends run in their artifact's dtype on their own device.
     dtype = backend.dtype
     pipeline = MemRoPEPipeline(backend, run)
@@ -327,12 +419,30 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 run.cache.block_frames, dtype)
 
     start = time.perf_counter()
-    with backend:
-        latents = pipeline.generate(embeds, noise, run.num_output_frames)
+    if decode:
+        from runtime.t2v import VIDEO_FPS, stream_video
+        from runtime.video import Mp4Writer, write_png_frames
+
+        on_frames = None
+        if args.png_dir is not None:
+            args.png_dir.mkdir(parents=True, exist_ok=True)
+            on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
+        with backend, Mp4Writer(args.out, fps=VIDEO_FPS, width=8 * run.latent_width,
+                                height=8 * run.latent_height) as writer:
+            result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
+                                  keep_latents=args.latents_out is not None, progress=not args.no_progress,
+                                  on_frames=on_frames)
+        latents = result.latents
+        summary = f"wrote {args.out}: {result.video_frames} frames at {VIDEO_FPS} fps " \
+                  f"({result.video_frames / VIDEO_FPS:.1f} s, {8 * run.latent_width}x{8 * run.latent_height})"
+    else:
+        with backend:
+            latents = pipeline.generate(embeds, noise, run.num_output_frames)
+        summary = f"wrote {args.latents_out}: latents {list(latents.shape)}"
     elapsed = time.perf_counter() - start
-    save_safetensors_atomic({"latents": latents.float()}, args.latents_out)
-    print(f"wrote {args.latents_out}: latents {list(latents.shape)} "
-          f"({run.num_output_frames} frames, {run.num_blocks} blocks, {elapsed:.2f} s, "
+    if args.latents_out is not None:
+        save_safetensors_atomic({"latents": latents.float()}, args.latents_out)
+    print(f"{summary} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, {elapsed:.2f} s, "
           f"policy {run.cache.policy}, backend {args.backend})")
     return 0
 

@@ -213,8 +213,6 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
     g = torch.Generator().manual_seed(seed + 1)
     embeds = torch.randn(1, model.text_len, model.text_dim, generator=g)
     latent = (run.latent_channels, run.latent_height, run.latent_width)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
 
     with backend:
         # Warm-up: compilation, allocators, caches. Not timed.

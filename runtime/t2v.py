@@ -1,0 +1,145 @@
+"""Text to video, streamed: prompt -> umT5 embeddings -> DiT with the MemRoPE cache -> streaming
+Wan VAE -> MP4, block by block at constant memory.
+
+Owns: the duration arithmetic (seconds -> latent frames), the streaming driver that hands each
+block's frames to the decoder and the writer as soon as the block is denoised, the model-folder
+conventions, and the embedded demo model (tiny, random, generated once with a fixed seed, no
+downloads). Does not own the models themselves (``memrope.model``, ``runtime.text``,
+``runtime.vae``) or the MP4 container (``runtime.video``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import shutil
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from memrope.pipeline import MemRoPEPipeline
+from memrope.sampler import NoiseSource
+
+logger = logging.getLogger(__name__)
+
+VIDEO_FPS = 16                    # Wan2.1
+TEMPORAL_STRIDE = 4               # T latent frames -> 1 + 4 (T - 1) video frames
+MAX_SECONDS = 6 * 3600.0          # beyond this, a typo is likelier than a wish
+DEMO_VERSION = "demo-v1"
+DEMO_PROMPT = "a red fox trotting through fresh snow at dawn"
+DEMO_LATENT = (8, 12)             # latent height, width of the demo (64 x 96 pixels)
+
+
+def latent_frames_for(seconds: float, block_frames: int) -> int:
+    """Latent frames that cover ``seconds`` of 16 fps video, rounded up to whole blocks."""
+    if not isinstance(seconds, (int, float)) or isinstance(seconds, bool) or not math.isfinite(seconds):
+        raise ValueError(f"--seconds must be a number, got {seconds!r}")
+    if seconds <= 0:
+        raise ValueError(f"--seconds must be positive, got {seconds}")
+    if seconds > MAX_SECONDS:
+        raise ValueError(f"--seconds {seconds} exceeds the {MAX_SECONDS / 3600:.0f} h limit of one run")
+    video = math.ceil(seconds * VIDEO_FPS)
+    latents = 1 + math.ceil(max(video - 1, 0) / TEMPORAL_STRIDE)
+    return block_frames * math.ceil(latents / block_frames)
+
+
+def video_frames_for(latent_frames: int) -> int:
+    return 1 + TEMPORAL_STRIDE * (latent_frames - 1)
+
+
+@dataclass
+class StreamResult:
+    latent_frames: int
+    video_frames: int
+    seconds: float
+    latents: torch.Tensor | None
+
+
+def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
+                 decoder, writer, *, keep_latents: bool = False, progress: bool = True,
+                 on_frames: Callable[[torch.Tensor, int], None] | None = None) -> StreamResult:
+    """Denoise ``num_blocks`` blocks; decode and write each block's frames as soon as it is done.
+
+    Memory stays constant: nothing accumulates unless ``keep_latents``. ``writer`` is an open
+    :class:`runtime.video.Mp4Writer` (or anything with ``write(frames [T, H, W, 3] uint8)``);
+    ``on_frames(frames, first_index)`` sees every decoded chunk (e.g. PNG output).
+    """
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=video_frames_for(num_blocks * pipeline.layout.block_frames), unit="frame",
+                   desc="generating", dynamic_ncols=True)
+    decoder.reset()
+    kept, written = [], 0
+    start = time.perf_counter()
+    try:
+        for _, x0, _, _ in pipeline.blocks(prompt_embeds, noise, num_blocks):
+            frames = decoder.decode(x0)[0]  # [T, H, W, 3] uint8, batch 0
+            writer.write(frames)
+            if on_frames is not None:
+                on_frames(frames, written)
+            written += frames.shape[0]
+            if keep_latents:
+                kept.append(x0.float().cpu())
+            if bar is not None:
+                bar.update(frames.shape[0])
+    finally:
+        if bar is not None:
+            bar.close()
+    latents = torch.cat(kept, dim=1) if kept else None
+    return StreamResult(num_blocks * pipeline.layout.block_frames, written, time.perf_counter() - start, latents)
+
+
+def demo_dir() -> Path:
+    """Where the embedded demo model lives (generated on first use)."""
+    root = Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
+    return root / DEMO_VERSION
+
+
+def ensure_demo_model(directory: Path | None = None) -> Path:
+    """Build the tiny demo model folder (random weights, fixed seeds) once, atomically.
+
+    The folder has the Wan2.1 layout the real models use: ``config.json`` and
+    ``diffusion_pytorch_model.safetensors`` (a tiny DiT), ``text_encoder/`` + ``tokenizer/`` (a
+    tiny umT5 with a tokenizer built in code) and ``vae/`` (a tiny Wan VAE). Its weights are
+    RANDOM: the frames it produces are not meaningful pictures; it exists to show and test the
+    machinery end to end without downloads.
+    """
+    import json
+
+    from memrope.checkpoint import save_dit_state_dict_safetensors
+    from memrope.config import model_preset
+    from memrope.model import random_state_dict
+    from runtime.text import build_tiny_text_model
+    from runtime.vae import build_tiny_vae
+
+    directory = Path(directory) if directory is not None else demo_dir()
+    if (directory / "config.json").is_file():
+        return directory
+    cfg = model_preset("tiny")
+    tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir(parents=True)
+    try:
+        build_tiny_text_model(tmp, layout="diffusers", d_model=cfg.text_dim, text_len=cfg.text_len, seed=0)
+        build_tiny_vae(tmp, layout="diffusers", seed=0, z_dim=cfg.in_dim)
+        save_dit_state_dict_safetensors(random_state_dict(cfg, seed=1234), tmp / "diffusion_pytorch_model.safetensors")
+        raw = {k: getattr(cfg, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "in_dim",
+                                             "out_dim", "text_len", "text_dim", "eps", "model_type")}
+        (tmp / "config.json").write_text(json.dumps({**raw, "_note": "memrope demo: RANDOM weights"}, indent=1))
+        try:
+            tmp.rename(directory)
+        except OSError:
+            if not (directory / "config.json").is_file():  # not a concurrent builder that won
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    logger.info("built the demo model (random weights) in %s", directory)
+    return directory

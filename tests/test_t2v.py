@@ -1,0 +1,96 @@
+"""Text to video end to end with the embedded demo model (tiny, random, no downloads): the MP4
+opens with the expected frame count, size and fps; the demo passes on CPU; durations and bad
+input give clear errors and write nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import av
+import pytest
+import torch
+
+from memrope.cli import main
+from runtime.t2v import DEMO_LATENT, DEMO_PROMPT, ensure_demo_model, latent_frames_for, video_frames_for
+
+
+@pytest.fixture(scope="module")
+def cache_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("memrope-cache")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEMROPE_CACHE", str(path))
+    yield path
+    mp.undo()
+
+
+def _probe(path: Path) -> tuple[int, int, int, float]:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        frames = sum(1 for _ in container.decode(stream))
+        return frames, stream.codec_context.width, stream.codec_context.height, float(stream.average_rate)
+
+
+def test_duration_arithmetic():
+    assert latent_frames_for(60, 3) == 243 and video_frames_for(243) == 969
+    assert latent_frames_for(0.01, 3) == 3 and video_frames_for(3) == 9
+    for bad in (0, -1, float("nan"), 1e9):
+        with pytest.raises(ValueError, match="--seconds"):
+            latent_frames_for(bad, 3)
+
+
+def test_embedded_demo_writes_an_mp4(cache_dir, tmp_path):
+    out = tmp_path / "videos" / "demo.mp4"
+    assert main(["generate", "--preset", "tiny", "--prompt", DEMO_PROMPT, "--seconds", "2", "--out", str(out),
+                 "--no-progress", "--latents-out", str(tmp_path / "latents.safetensors")]) == 0
+    latents = latent_frames_for(2, 3)
+    frames, width, height, fps = _probe(out)
+    assert frames == video_frames_for(latents)
+    assert (height, width) == (8 * DEMO_LATENT[0], 8 * DEMO_LATENT[1]) and fps == 16
+    assert not list(out.parent.glob(".*.tmp"))
+    # The prompt was encoded once and cached: a second run reads the cache.
+    assert len(list((cache_dir / "text").glob("*.safetensors"))) == 1
+
+
+def test_demo_model_is_a_real_wan_folder(cache_dir):
+    folder = ensure_demo_model()
+    for name in ("config.json", "diffusion_pytorch_model.safetensors", "text_encoder", "tokenizer", "vae"):
+        assert (folder / name).exists(), name
+    # Loading it through --model-dir is the same path as a real Wan2.1 folder.
+    from runtime.text import TextEncoder
+    from runtime.vae import StreamingVAEDecoder
+
+    encoder = TextEncoder.from_model_dir(folder, text_len=16)
+    embeds = encoder.encode(["hello world"])
+    assert embeds.shape == (1, 16, 32) and torch.isfinite(embeds).all()
+    decoder = StreamingVAEDecoder.from_model_dir(folder)
+    decoder.reset()
+    frames = decoder.decode(torch.randn(1, 3, 16, *DEMO_LATENT))
+    assert frames.shape[1] == 9 and frames.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--prompt", "   "], "empty"),
+    (["--prompt", "x", "--seconds", "-3"], "--seconds must be positive"),
+    (["--prompt", "x", "--seconds", "100000"], "limit"),
+    (["--prompt", "x", "--seconds", "2", "--num-frames", "6"], "either --seconds or --num-frames"),
+])
+def test_bad_input_writes_nothing(cache_dir, tmp_path, capsys, extra, match):
+    out = tmp_path / "bad.mp4"
+    assert main(["generate", "--preset", "tiny", "--out", str(out), "--no-progress", *extra]) == 2
+    assert match in capsys.readouterr().err
+    assert not out.exists() and not list(tmp_path.glob(".*"))
+
+
+def test_unwritable_output_and_corrupt_model_folder(cache_dir, tmp_path, capsys):
+    blocker = tmp_path / "file.txt"
+    blocker.write_text("not a folder")
+    assert main(["generate", "--preset", "tiny", "--prompt", "x", "--out", str(blocker / "v.mp4"), "--no-progress"]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text((ensure_demo_model() / "config.json").read_text())
+    assert main(["generate", "--model-dir", str(broken), "--preset", "tiny", "--prompt", "x",
+                 "--out", str(tmp_path / "v.mp4"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "text_encoder" in err or "vae" in err or "diffusion_pytorch_model" in err
+    assert not (tmp_path / "v.mp4").exists()
