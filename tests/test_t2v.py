@@ -94,3 +94,39 @@ def test_unwritable_output_and_corrupt_model_folder(cache_dir, tmp_path, capsys)
     err = capsys.readouterr().err
     assert "text_encoder" in err or "vae" in err or "diffusion_pytorch_model" in err
     assert not (tmp_path / "v.mp4").exists()
+
+
+def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_path):
+    """DiT with the MemRoPE cache -> streaming VAE -> MP4 for 334 blocks: the peak RSS after
+    block 300 is no higher than after block 60 (+32 MB), and every frame reaches the file."""
+    import resource
+
+    from memrope.config import CacheConfig, RunConfig, model_preset
+    from memrope.model import build_dit, random_state_dict
+    from memrope.pipeline import MemRoPEPipeline
+    from memrope.sampler import StreamingSeededNoise
+    from runtime.t2v import stream_video
+    from runtime.vae import StreamingVAEDecoder, build_tiny_vae
+    from runtime.video import Mp4Writer
+
+    cfg = model_preset("tiny")
+    blocks = 334
+    run = RunConfig(cache=CacheConfig(), num_output_frames=3 * blocks, latent_height=4, latent_width=6)
+    pipeline = MemRoPEPipeline(build_dit(cfg, random_state_dict(cfg)), run)
+    build_tiny_vae(tmp_path / "model", layout="diffusers", seed=0, base_dim=4)
+    decoder = StreamingVAEDecoder.from_model_dir(tmp_path / "model")
+    embeds = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0))
+    rss = {}
+
+    def sample(frames, first_index):
+        block = (first_index + frames.shape[0] - 1) // 12
+        if block in (60, 300) and block not in rss:
+            rss[block] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+    out = tmp_path / "long.mp4"
+    with Mp4Writer(out, fps=16, width=48, height=32, preset="ultrafast") as writer:
+        result = stream_video(pipeline, embeds, StreamingSeededNoise(0, 1, (16, 4, 6), 3), blocks, decoder, writer,
+                              progress=False, on_frames=sample)
+    assert result.latent_frames == 1002 and result.video_frames == video_frames_for(1002)
+    assert rss[300] - rss[60] < 32 * 1024  # KiB
+    assert _probe(out)[0] == result.video_frames
