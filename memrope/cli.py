@@ -105,6 +105,9 @@ def _load_dit(args: argparse.Namespace, model_cfg, run, dtype: torch.dtype, devi
     checkpoint = args.checkpoint
     if checkpoint is None and model_dir is not None and (model_dir / WAN_WEIGHTS_FILE).is_file():
         checkpoint = model_dir
+    if checkpoint is not None and run.lora_ckpt and args.lora is None:
+        logger.warning("the run config names a LoRA (lora_ckpt: %s) but --lora was not given: running the "
+                       "base weights only", run.lora_ckpt)
     if checkpoint is not None:
         use_ema = run.use_ema if args.use_ema is None else args.use_ema
         state = load_dit_state_dict(checkpoint, model_cfg, use_ema=use_ema, lora_path=args.lora,
