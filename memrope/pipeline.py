@@ -223,7 +223,7 @@ class MemRoPEPipeline:
                     controls.set(lay, plan, first_call=False)
                 if i < sched.num_steps - 1:
                     eps = noise.renoise(b, i).to(self.device, self.dtype)
-                    x = add_noise(out["x0"], eps, sched.step_sigmas[i + 1])
+                    x = add_noise(out["x0"], eps, step_sigma[i + 1])
                 else:
                     x0 = out["x0"].clone()
             # Context pass: the clean prediction at the context timestep writes the cache.

@@ -67,12 +67,16 @@ def build_schedule(cfg: SamplerConfig) -> Schedule:
     return Schedule(step_timesteps, step_sigmas, context_t, _lookup_sigma(sigmas, timesteps, context_t))
 
 
-def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float) -> torch.Tensor:
-    """``(1 - sigma) * x0 + sigma * eps`` with a float32 sigma, result in the noise dtype."""
-    # A non-scalar float32 sigma promotes bf16 operands to float32, as the reference's
-    # [B, 1, 1, 1] sigma does (a 0-dim tensor would not).
-    s = torch.full((1,) * x0.ndim, sigma, dtype=torch.float32, device=x0.device)
-    return ((1 - s) * x0 + s * noise).to(noise.dtype)
+def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor) -> torch.Tensor:
+    """``(1 - sigma) * x0 + sigma * eps`` with a float32 sigma, result in the noise dtype.
+
+    ``sigma`` may be a float or a float32 tensor of shape ``[1]`` already on the device (the
+    loop's, so no allocation per step). A non-scalar float32 sigma promotes bf16 operands to
+    float32, as the reference's ``[B, 1, 1, 1]`` sigma does (a 0-dim tensor would not).
+    """
+    if not isinstance(sigma, torch.Tensor):
+        sigma = torch.full((1,), sigma, dtype=torch.float32, device=x0.device)
+    return ((1 - sigma) * x0 + sigma * noise).to(noise.dtype)
 
 
 class NoiseSource:
