@@ -23,7 +23,6 @@ from typing import Any
 
 GRAPHS = ("step", "text")
 PLAN_SUFFIX = ".plan"
-SIDECAR_SUFFIX = ".plan.json"
 
 
 class EngineMismatchError(ValueError):

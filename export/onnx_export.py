@@ -33,7 +33,7 @@ from memrope.errors import StageError
 from memrope.contract import ArtifactContract, build_contract
 from export.graph import StepGraph, TextGraph
 from memrope.cache import CacheLayout, CacheControls
-from memrope.config import RunConfig, WanConfig, frame_tokens
+from memrope.config import VAE_SPATIAL_STRIDE, RunConfig, WanConfig, frame_tokens
 from memrope.model import MemRoPEStep, WanCausalDiT
 
 logger = logging.getLogger(__name__)
@@ -65,7 +65,8 @@ def specialise_run(run: RunConfig, model: WanConfig, height: int, width: int, ba
             raise ValueError(f"--{name} must be a positive multiple of 16 pixels, got {value}")
     if batch <= 0:
         raise ValueError(f"--batch must be positive, got {batch}")
-    run = replace(run, latent_height=height // 8, latent_width=width // 8, batch_size=batch)
+    run = replace(run, latent_height=height // VAE_SPATIAL_STRIDE, latent_width=width // VAE_SPATIAL_STRIDE,
+                  batch_size=batch)
     if run.latent_channels != model.in_dim:
         raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
                          f"model's in_dim={model.in_dim}")

@@ -148,7 +148,6 @@ class BlockPlan:
     """
 
     block_index: int
-    frame_start: int
     valid_frames: int
     write_frame: int
     query_start: int
@@ -182,7 +181,7 @@ class CachePolicy:
         block = lay.block_frames
         b = self.block_index
         if self.filled_frames + block <= lay.cache_frames:
-            plan = BlockPlan(b, b * block, self.filled_frames, self.filled_frames,
+            plan = BlockPlan(b, self.filled_frames, self.filled_frames,
                              self.filled_frames, False, MEMORY_NONE, self.memory_initialized)
             self.filled_frames += block
         elif lay.rolls:
@@ -190,7 +189,7 @@ class CachePolicy:
             if lay.has_memory:
                 step = MEMORY_UPDATE if self.memory_initialized else MEMORY_INIT
                 self.memory_initialized = True
-            plan = BlockPlan(b, b * block, lay.context_frames, lay.context_frames,
+            plan = BlockPlan(b, lay.context_frames, lay.context_frames,
                              lay.context_frames, True, step, self.memory_initialized)
         else:
             raise ValueError(f"policy 'global' cache holds {lay.cache_frames} frames; block {b} "

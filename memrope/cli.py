@@ -80,6 +80,24 @@ def _demo_run_config(preset: str, video: bool = False):
     return RunConfig(num_output_frames=30, use_ema=True)
 
 
+def _run_config(args: argparse.Namespace, fallback=None, video_demo: bool = False):
+    """``--config`` YAML, else ``fallback`` (an artifact's run), else the preset's demo run;
+    then ``--memory-dtype``."""
+    from memrope.config import load_run_config
+
+    if args.config is not None:
+        run = load_run_config(args.config)
+    elif fallback is not None:
+        run = fallback
+    elif args.preset is not None:
+        run = _demo_run_config(args.preset, video=video_demo)
+    else:
+        raise ValueError("no run configuration: pass --config run.yaml")
+    if args.memory_dtype is not None:
+        run = replace(run, cache=replace(run.cache, memory_dtype=args.memory_dtype))
+    return run
+
+
 def _resolve_model(args: argparse.Namespace, model_dir: Path | None = None):
     from memrope.config import WanConfig, model_preset
 
@@ -156,17 +174,9 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_artifact
-    from memrope.config import load_run_config
 
     model_cfg = _resolve_model(args)
-    if args.config is not None:
-        run = load_run_config(args.config)
-    elif args.preset is not None:
-        run = _demo_run_config(args.preset)
-    else:
-        raise ValueError("no run configuration: pass --config run.yaml")
-    if args.memory_dtype is not None:
-        run = replace(run, cache=replace(run.cache, memory_dtype=args.memory_dtype))
+    run = _run_config(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.out.exists() and not args.force:
         raise ValueError(f"{args.out} already exists; pass --force to replace it")
@@ -305,7 +315,6 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None) -> torch.Tens
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    from memrope.config import load_run_config
     from memrope.io import read_noise, save_safetensors_atomic
     from memrope.pipeline import EagerBackend, MemRoPEPipeline
     from memrope.sampler import SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
@@ -340,18 +349,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
     else:
         model_cfg = _resolve_model(args, model_dir)
-    if args.config is not None:
-        run = load_run_config(args.config)
-    elif artifact is not None:
-        run = artifact.run
-    elif args.preset is not None:
-        run = _demo_run_config(args.preset, video=model_dir is not None and args.model_dir is None)
-    else:
-        raise ValueError("no run configuration: pass --config run.yaml")
+    run = _run_config(args, artifact.run if artifact is not None else None,
+                      video_demo=model_dir is not None and args.model_dir is None)
     if args.seed is not None:
         run = replace(run, seed=args.seed)
-    if args.memory_dtype is not None:
-        run = replace(run, cache=replace(run.cache, memory_dtype=args.memory_dtype))
     schedule = build_schedule(run.sampler)
     latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
     if run.latent_channels != model_cfg.in_dim:
@@ -423,6 +424,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     start = time.perf_counter()
     if decode:
+        from memrope.config import VAE_SPATIAL_STRIDE
         from runtime.t2v import VIDEO_FPS, stream_video
         from runtime.video import Mp4Writer, write_png_frames
 
@@ -430,14 +432,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if args.png_dir is not None:
             args.png_dir.mkdir(parents=True, exist_ok=True)
             on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
-        with backend, Mp4Writer(args.out, fps=VIDEO_FPS, width=8 * run.latent_width,
-                                height=8 * run.latent_height) as writer:
+        width, height = VAE_SPATIAL_STRIDE * run.latent_width, VAE_SPATIAL_STRIDE * run.latent_height
+        with backend, Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height) as writer:
             result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
                                   keep_latents=args.latents_out is not None, progress=not args.no_progress,
                                   on_frames=on_frames)
         latents = result.latents
         summary = f"wrote {args.out}: {result.video_frames} frames at {VIDEO_FPS} fps " \
-                  f"({result.video_frames / VIDEO_FPS:.1f} s, {8 * run.latent_width}x{8 * run.latent_height})"
+                  f"({result.video_frames / VIDEO_FPS:.1f} s, {width}x{height})"
     else:
         with backend:
             latents = pipeline.generate(embeds, noise, run.num_output_frames)

@@ -378,6 +378,12 @@ def load_run_config(path: str | Path) -> RunConfig:
     return run_config_from_yaml_dict(raw, source=str(path))
 
 
+# Wan2.1 VAE geometry: one latent pixel covers 8x8 video pixels, and T latent frames decode to
+# 1 + 4 (T - 1) video frames.
+VAE_SPATIAL_STRIDE = 8
+VAE_TEMPORAL_STRIDE = 4
+
+
 def frame_tokens(model: WanConfig, latent_height: int, latent_width: int) -> int:
     """Tokens per latent frame, S = (H / ph) * (W / pw)."""
     _, p_h, p_w = model.patch_size

@@ -32,15 +32,13 @@ from pathlib import Path
 import torch
 
 from memrope.cache import CacheLayout
-from memrope.config import CacheConfig, RunConfig, WanConfig, frame_tokens, model_preset
+from memrope.config import VAE_TEMPORAL_STRIDE, CacheConfig, RunConfig, WanConfig, frame_tokens, model_preset
 from memrope.io import atomic_write
 from memrope.pipeline import Backend, MemRoPEPipeline
 
 logger = logging.getLogger(__name__)
 
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
-# Wan2.1's VAE: T latent frames decode to 1 + 4 (T - 1) video frames.
-VIDEO_FRAMES_PER_LATENT = 4
 
 
 @dataclass(frozen=True)
@@ -59,10 +57,11 @@ BENCH_PRESETS = {
 
 def bench_run_config(model: WanConfig, height: int, width: int, blocks: int) -> RunConfig:
     """The shipped MemRoPE cache (window 12, sink 3) and sampler at ``height`` x ``width``."""
-    if height % 16 or width % 16:
-        raise ValueError(f"--height/--width must be multiples of 16 pixels, got {height}x{width}")
-    return RunConfig(cache=CacheConfig(), num_output_frames=3 * blocks, latent_height=height // 8,
-                     latent_width=width // 8, latent_channels=model.in_dim)
+    from export.onnx_export import specialise_run
+
+    cache = CacheConfig()
+    run = RunConfig(cache=cache, num_output_frames=cache.block_frames * blocks, latent_channels=model.in_dim)
+    return specialise_run(run, model, height, width, batch=1)
 
 
 def work_per_call(model: WanConfig, layout: CacheLayout, element_bytes: int) -> dict[str, float]:
@@ -270,7 +269,7 @@ def summarise(name: str, block_ms: list[float], call_ms: list[list[float]], call
         "stage_ms_median": stage_ms,
         "block_ms_median": block_median, "block_ms_p90": _percentile(blocks_steady, 0.9),
         "first_block_ms": block_ms[0],
-        "latent_fps": latent_fps, "video_fps": VIDEO_FRAMES_PER_LATENT * latent_fps,
+        "latent_fps": latent_fps, "video_fps": VAE_TEMPORAL_STRIDE * latent_fps,
         "host_overhead_ms_per_call": host_per_call,
         "host_overhead_pct": 100.0 * host_per_call / call_median,
         "peak_host_mb": peak_host_mb, "peak_device_mb": peak_device_mb,
@@ -341,7 +340,8 @@ def _meta(preset: BenchPreset, device: str, dtype: str, blocks: int, warmup: int
         pass
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
     model = model_preset(preset.model)
-    layout = CacheLayout.build(CacheConfig(), frame_tokens(model, preset.height // 8, preset.width // 8))
+    run = bench_run_config(model, preset.height, preset.width, blocks)
+    layout = CacheLayout.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width))
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()},
             "versions": versions, "preset": {"model": preset.model, "height": preset.height, "width": preset.width,

@@ -22,13 +22,13 @@ from typing import Callable
 
 import torch
 
+from memrope.config import VAE_TEMPORAL_STRIDE
 from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import NoiseSource
 
 logger = logging.getLogger(__name__)
 
 VIDEO_FPS = 16                    # Wan2.1
-TEMPORAL_STRIDE = 4               # T latent frames -> 1 + 4 (T - 1) video frames
 MAX_SECONDS = 6 * 3600.0          # beyond this, a typo is likelier than a wish
 DEMO_VERSION = "demo-v1"
 DEMO_PROMPT = "a red fox trotting through fresh snow at dawn"
@@ -44,12 +44,12 @@ def latent_frames_for(seconds: float, block_frames: int) -> int:
     if seconds > MAX_SECONDS:
         raise ValueError(f"--seconds {seconds} exceeds the {MAX_SECONDS / 3600:.0f} h limit of one run")
     video = math.ceil(seconds * VIDEO_FPS)
-    latents = 1 + math.ceil(max(video - 1, 0) / TEMPORAL_STRIDE)
+    latents = 1 + math.ceil(max(video - 1, 0) / VAE_TEMPORAL_STRIDE)
     return block_frames * math.ceil(latents / block_frames)
 
 
 def video_frames_for(latent_frames: int) -> int:
-    return 1 + TEMPORAL_STRIDE * (latent_frames - 1)
+    return 1 + VAE_TEMPORAL_STRIDE * (latent_frames - 1)
 
 
 @dataclass

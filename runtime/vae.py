@@ -36,8 +36,6 @@ logger = logging.getLogger(__name__)
 WAN_VAE_FILE = "Wan2.1_VAE.pth"
 DIFFUSERS_VAE_DIR = "vae"
 DIFFUSERS_VAE_FILES = ("config.json", "diffusion_pytorch_model.safetensors")
-TEMPORAL_STRIDE = 4
-SPATIAL_STRIDE = 8
 
 # Wan2.1's VAE (spec section 5.1); Wan's original names where they differ from diffusers'.
 WAN21_VAE_CONFIG = dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],

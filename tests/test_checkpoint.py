@@ -312,60 +312,45 @@ def _lora_error(cfg, tmp_path, base_path, entries, rank=4):
                                lora=LoraConfig(rank=rank, alpha=8.0))
 
 
-def test_lora_non_target_module_raises(cfg, tmp_path, lora_base):
+def _set(key, shape):
+    def mutate(entries):
+        entries[f"base_model.model.{key}"] = torch.zeros(shape)
+    return mutate
+
+
+def _drop(key):
+    def mutate(entries):
+        del entries[f"base_model.model.{key}"]
+    return mutate
+
+
+def _both(*mutations):
+    def mutate(entries):
+        for m in mutations:
+            m(entries)
+    return mutate
+
+
+@pytest.mark.parametrize("mutate, rank, match", [
+    pytest.param(_both(_set("head.head.lora_A.weight", (4, 64)), _set("head.head.lora_B.weight", (64, 4))), 4,
+                 r"head\.head\.lora_", id="non-target module"),
+    pytest.param(_set("blocks.5.ffn.0.lora_A.weight", (4, 64)), 4, r"blocks\.5\.ffn\.0", id="block out of range"),
+    pytest.param(_set("blocks.0.self_attn.q.lora_magnitude_vector", (64,)), 4, "lora_magnitude_vector",
+                 id="unknown key"),
+    pytest.param(_drop("blocks.1.cross_attn.o.lora_B.weight"), 4, r"blocks\.1\.cross_attn\.o\.lora_A\.weight.*lora_B",
+                 id="missing partner"),
+    pytest.param(lambda entries: None, 8, r"lora_A\.weight.*\[4, 64\].*expected \[8, 64\]", id="wrong rank"),
+    pytest.param(_set("blocks.1.ffn.0.lora_A.weight", (4, 128)), 4, r"blocks\.1\.ffn\.0\.lora_A\.weight",
+                 id="wrong in features"),
+    pytest.param(_set("blocks.0.self_attn.q.lora_B.weight", (128, 4)), 4, r"blocks\.0\.self_attn\.q\.lora_B\.weight",
+                 id="wrong out features"),
+])
+def test_bad_lora_files_raise(cfg, tmp_path, lora_base, mutate, rank, match):
     _, base_path = lora_base
     entries = peft_dict(lora_weights(cfg, rank=4))
-    entries["base_model.model.head.head.lora_A.weight"] = torch.zeros(4, 64)
-    entries["base_model.model.head.head.lora_B.weight"] = torch.zeros(64, 4)
-    with pytest.raises(ValueError, match=r"head\.head\.lora_"):
-        _lora_error(cfg, tmp_path, base_path, entries)
-
-
-def test_lora_out_of_range_block_raises(cfg, tmp_path, lora_base):
-    _, base_path = lora_base
-    entries = peft_dict(lora_weights(cfg, rank=4))
-    entries["base_model.model.blocks.5.ffn.0.lora_A.weight"] = torch.zeros(4, 64)
-    with pytest.raises(ValueError, match=r"blocks\.5\.ffn\.0"):
-        _lora_error(cfg, tmp_path, base_path, entries)
-
-
-def test_lora_unknown_key_raises(cfg, tmp_path, lora_base):
-    _, base_path = lora_base
-    entries = peft_dict(lora_weights(cfg, rank=4))
-    entries["base_model.model.blocks.0.self_attn.q.lora_magnitude_vector"] = torch.zeros(64)
-    with pytest.raises(ValueError, match="lora_magnitude_vector"):
-        _lora_error(cfg, tmp_path, base_path, entries)
-
-
-def test_lora_missing_partner_raises(cfg, tmp_path, lora_base):
-    _, base_path = lora_base
-    entries = peft_dict(lora_weights(cfg, rank=4))
-    del entries["base_model.model.blocks.1.cross_attn.o.lora_B.weight"]
-    with pytest.raises(ValueError, match=r"blocks\.1\.cross_attn\.o\.lora_A\.weight.*lora_B"):
-        _lora_error(cfg, tmp_path, base_path, entries)
-
-
-def test_lora_wrong_rank_raises(cfg, tmp_path, lora_base):
-    _, base_path = lora_base
-    entries = peft_dict(lora_weights(cfg, rank=4))
-    with pytest.raises(ValueError, match=r"lora_A\.weight.*\[4, 64\].*expected \[8, 64\]"):
-        _lora_error(cfg, tmp_path, base_path, entries, rank=8)
-
-
-def test_lora_wrong_in_features_raises(cfg, tmp_path, lora_base):
-    _, base_path = lora_base
-    entries = peft_dict(lora_weights(cfg, rank=4))
-    entries["base_model.model.blocks.1.ffn.0.lora_A.weight"] = torch.zeros(4, 128)
-    with pytest.raises(ValueError, match=r"blocks\.1\.ffn\.0\.lora_A\.weight"):
-        _lora_error(cfg, tmp_path, base_path, entries)
-
-
-def test_lora_wrong_out_features_raises(cfg, tmp_path, lora_base):
-    _, base_path = lora_base
-    entries = peft_dict(lora_weights(cfg, rank=4))
-    entries["base_model.model.blocks.0.self_attn.q.lora_B.weight"] = torch.zeros(128, 4)
-    with pytest.raises(ValueError, match=r"blocks\.0\.self_attn\.q\.lora_B\.weight"):
-        _lora_error(cfg, tmp_path, base_path, entries)
+    mutate(entries)
+    with pytest.raises(ValueError, match=match):
+        _lora_error(cfg, tmp_path, base_path, entries, rank=rank)
 
 
 def test_lora_targets_are_block_linears(cfg):
