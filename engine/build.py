@@ -21,8 +21,16 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from engine.sidecar import (GRAPHS, EngineMismatchError, EngineSidecar, check_sidecar, plan_path, read_sidecar,
-                            sidecar_path, write_sidecar)
+from engine.sidecar import (
+    GRAPHS,
+    EngineMismatchError,
+    EngineSidecar,
+    check_sidecar,
+    plan_path,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
 from memrope.errors import StageError
 from memrope.io import atomic_write
 
@@ -52,7 +60,11 @@ def _require_polygraphy():
         from polygraphy.backend.trt import loader  # noqa: F401
     except ImportError as exc:
         raise ImportError(f"building TensorRT engines needs polygraphy: {INSTALL_HINT}") from exc
-    from polygraphy.backend.trt import CreateConfig, EngineBytesFromNetwork, NetworkFromOnnxPath
+    from polygraphy.backend.trt import (
+        CreateConfig,
+        EngineBytesFromNetwork,
+        NetworkFromOnnxPath,
+    )
 
     if "strongly_typed" not in inspect.signature(NetworkFromOnnxPath.__init__).parameters:
         raise ImportError("this polygraphy cannot build strongly typed networks; "
@@ -140,7 +152,7 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, timing_cache: str | o
         RuntimeError: no CUDA GPU.
         EngineBuildError: TensorRT could not parse or build a graph.
     """
-    from runtime.artifact import load_artifact
+    from memrope.artifact import load_artifact
 
     artifact = load_artifact(artifact_dir)
     contract = artifact.contract

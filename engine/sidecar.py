@@ -17,9 +17,9 @@ import os
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from memrope.io import atomic_write
-from typing import Any
 
 GRAPHS = ("step", "text")
 PLAN_SUFFIX = ".plan"

@@ -23,24 +23,29 @@ import platform
 import shutil
 import time
 import uuid
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from memrope.errors import StageError
-
-from memrope.contract import ArtifactContract, build_contract
 from export.graph import StepGraph, TextGraph
-from memrope.cache import CacheLayout, CacheControls
-from memrope.config import VAE_SPATIAL_STRIDE, RunConfig, WanConfig, frame_tokens
+from memrope.artifact import (
+    CONFIG_FILE,
+    CONTRACT_FILE,
+    STEP_FILE,
+    TEXT_FILE,
+    specialise_run,
+)
+from memrope.cache import CacheControls, CacheLayout
+from memrope.config import RunConfig
+from memrope.contract import ArtifactContract, build_contract
+from memrope.errors import StageError
 from memrope.model import MemRoPEStep, WanCausalDiT
 
 logger = logging.getLogger(__name__)
 
 OPSET = 23
 PROTOBUF_LIMIT_BYTES = 2 * 1024 ** 3
-STEP_FILE, TEXT_FILE, CONTRACT_FILE, CONFIG_FILE = "step.onnx", "text.onnx", "contract.json", "config.json"
 
 
 class ExportError(StageError):
@@ -56,21 +61,6 @@ class ExportResult:
     step_nodes: int
     audit: dict
     validation: dict
-
-
-def specialise_run(run: RunConfig, model: WanConfig, height: int, width: int, batch: int) -> RunConfig:
-    """The run config at ``height`` x ``width`` pixels (multiples of 16; latent = pixels / 8)."""
-    for name, value in (("height", height), ("width", width)):
-        if not isinstance(value, int) or value <= 0 or value % 16:
-            raise ValueError(f"--{name} must be a positive multiple of 16 pixels, got {value}")
-    if batch <= 0:
-        raise ValueError(f"--batch must be positive, got {batch}")
-    run = replace(run, latent_height=height // VAE_SPATIAL_STRIDE, latent_width=width // VAE_SPATIAL_STRIDE,
-                  batch_size=batch)
-    if run.latent_channels != model.in_dim:
-        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
-                         f"model's in_dim={model.in_dim}")
-    return run
 
 
 def example_step_inputs(contract: ArtifactContract, layout: CacheLayout) -> tuple[torch.Tensor, ...]:
@@ -149,8 +139,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     if dtype_name is None:
         raise ValueError(f"cannot export a model in {dit.dtype}")
     run = specialise_run(run, model_cfg, height, width, batch)
-    layout = CacheLayout.build(run.cache, frame_tokens(model_cfg, run.latent_height, run.latent_width),
-                               run.num_output_frames)
+    layout = CacheLayout.for_run(model_cfg, run)
     contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width)
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
     step_graph = StepGraph(step, contract.step).eval()

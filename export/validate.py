@@ -15,13 +15,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from memrope.errors import StageError
-
-from memrope.contract import ArtifactContract, GraphContract
 from export.graph import StepGraph, TextGraph
+from memrope.backend import Backend, StepModuleBackend
 from memrope.config import RunConfig
+from memrope.contract import ArtifactContract, GraphContract
+from memrope.errors import StageError
 from memrope.model import MemRoPEStep
-from memrope.pipeline import Backend, EagerBackend, MemRoPEPipeline
+from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import StreamingSeededNoise
 
 logger = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int) -> tuple[list[
     and a label per call (``block b call c (phase)``)."""
     cfg = step.config
     feeds: list[dict] = []
-    eager = EagerBackend(step.dit, run)
+    eager = StepModuleBackend(step)
 
     class Recording(Backend):
         """The eager step, recording each call's inputs on the way through."""

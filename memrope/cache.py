@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memrope.config import CacheConfig
+from memrope.config import CacheConfig, RunConfig, WanConfig, frame_tokens
 
 MEMORY_NONE, MEMORY_INIT, MEMORY_UPDATE = "none", "init", "update"
 
@@ -65,6 +65,12 @@ class CacheLayout:
             raise ValueError(f"cache of {cache_frames} frames cannot hold whole blocks of "
                              f"{config.block_frames} frames")
         return cls(config=config, frame_tokens=frame_tokens, cache_frames=cache_frames)
+
+    @classmethod
+    def for_run(cls, model: WanConfig, run: RunConfig) -> "CacheLayout":
+        """The layout of ``run``'s cache for ``model`` (tokens per frame from the latent grid)."""
+        return cls.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width),
+                         run.num_output_frames)
 
     @property
     def block_frames(self) -> int:

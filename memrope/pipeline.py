@@ -1,8 +1,7 @@
 """The generation loop: blocks of frames, a few denoising steps each, then the context pass.
 
-Owns: the lean per-block loop (spec section 3.2), the :class:`Backend` interface it drives
-(named tensors in and out, as the IO contract names them), the eager backend, and the buffers
-the loop owns (one :class:`KVCache`, one :class:`CacheControls`, fixed latent/timestep/sigma
+Owns: the lean per-block loop (spec section 3.2) over a :class:`memrope.backend.Backend`
+(named tensors in and out, as the IO contract names them), and the buffers the loop owns (one :class:`KVCache`, one :class:`CacheControls`, fixed latent/timestep/sigma
 buffers, all at fixed addresses for the whole run). Per block the host does integer bookkeeping (:class:`CachePolicy`), one
 tail roll once the window is full, and buffer writes of what the calls returned. Does not
 own the model math (``memrope.model``) or where noise comes from (``memrope.sampler``).
@@ -16,12 +15,30 @@ from typing import Callable, Iterator
 
 import torch
 
-from memrope.cache import MEMORY_NONE, BlockPlan, CacheControls, CacheLayout, CachePolicy, KVCache
-from memrope.config import RunConfig, WanConfig, frame_tokens
-from memrope.contract import (DTYPE_NAMES, cross_key, cross_value, memory_key, memory_value, named_step_outputs,
-                              past_key, past_value, present_key, present_memory_key, present_memory_value,
-                              present_value, step_arguments, step_contract, step_outputs_from_named)
-from memrope.model import MemRoPEStep, StepOutputs, WanCausalDiT
+from memrope.backend import Backend
+from memrope.cache import (
+    MEMORY_NONE,
+    BlockPlan,
+    CacheControls,
+    CacheLayout,
+    CachePolicy,
+    KVCache,
+)
+from memrope.config import RunConfig
+from memrope.contract import (
+    DTYPE_NAMES,
+    memory_key,
+    memory_value,
+    past_key,
+    past_value,
+    present_key,
+    present_memory_key,
+    present_memory_value,
+    present_value,
+    step_contract,
+    step_outputs_from_named,
+)
+from memrope.model import StepOutputs
 from memrope.sampler import NoiseSource, Schedule, add_noise, build_schedule
 
 logger = logging.getLogger(__name__)
@@ -42,88 +59,16 @@ class CallRecord:
     outputs: StepOutputs
 
 
-def cache_layout_for(model: WanConfig, run: RunConfig) -> CacheLayout:
-    return CacheLayout.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width),
-                             run.num_output_frames)
-
-
-class Backend:
-    """One DiT call with explicit cache I/O, by name: the only thing the loop drives.
-
-    A backend maps the contract's named inputs (:func:`memrope.contract.step_contract`) to its
-    named outputs. The loop owns the input buffers and keeps their addresses fixed for the whole
-    run (cache views, controls, a latent buffer), so a backend may bind them once (ONNX Runtime
-    IO binding, TensorRT tensor addresses, CUDA graphs). Returned outputs stay valid until the
-    next call. Backends are context managers; ``close`` releases sessions, engines and buffers.
-
-    Attributes: ``name``; ``model`` (WanConfig); ``layout`` (CacheLayout); ``dtype`` and
-    ``device`` of the tensors it takes and returns.
-    """
-
-    name = "backend"
-    model: WanConfig
-    layout: CacheLayout
-    dtype: torch.dtype
-    device: torch.device
-
-    def __enter__(self) -> "Backend":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def close(self) -> None:
-        """Release what the backend holds (sessions, engines, device buffers)."""
-
-    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """``prompt_embeds [B, text_len, text_dim]`` (zero-padded) -> ``cross_key_values.*``."""
-        raise NotImplementedError
-
-    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One call: every input of the step contract by name -> every output by name."""
-        raise NotImplementedError
-
-
-class EagerBackend(Backend):
-    """The PyTorch core, called directly."""
-
-    name = "eager"
-
-    def __init__(self, dit: WanCausalDiT, run: RunConfig):
-        self.dit = dit
-        self.model = dit.config
-        self.layout = cache_layout_for(dit.config, run)
-        self.device = dit.head.head.weight.device
-        self.dtype = dit.dtype
-        self.module = MemRoPEStep(dit, self.layout, run.latent_height, run.latent_width).to(self.device)
-
-    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        keys, values = self.dit.encode_text(prompt_embeds.to(self.device))
-        return cross_named(keys, values)
-
-    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args = step_arguments(feeds, self.model.num_layers, self.layout.has_memory)
-        return named_step_outputs(self.module(*args))
-
-
-def cross_named(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    named = {cross_key(i): k for i, k in enumerate(keys)}
-    named.update({cross_value(i): v for i, v in enumerate(values)})
-    return named
-
-
 class MemRoPEPipeline:
     """Generates latent frames block by block with a fixed-size cache.
 
     Args:
-        backend: a :class:`Backend`, or a :class:`WanCausalDiT` (run eagerly).
+        backend: a :class:`memrope.backend.Backend` (``engine/`` has one per runtime).
         run: the run configuration (cache policy, sampler, latent size, frames).
     """
 
-    def __init__(self, backend: Backend | WanCausalDiT, run: RunConfig):
-        if isinstance(backend, WanCausalDiT):
-            backend = EagerBackend(backend, run)
-        expected = cache_layout_for(backend.model, run)
+    def __init__(self, backend: Backend, run: RunConfig):
+        expected = CacheLayout.for_run(backend.model, run)
         if backend.layout != expected:
             raise ValueError(f"backend {backend.name} was built for cache layout {backend.layout.describe()}, "
                              f"the run needs {expected.describe()}")

@@ -31,10 +31,18 @@ from pathlib import Path
 
 import torch
 
+from memrope.backend import Backend
 from memrope.cache import CacheLayout
-from memrope.config import VAE_TEMPORAL_STRIDE, CacheConfig, RunConfig, WanConfig, frame_tokens, model_preset
+from memrope.config import (
+    VAE_TEMPORAL_STRIDE,
+    CacheConfig,
+    RunConfig,
+    WanConfig,
+    frame_tokens,
+    model_preset,
+)
 from memrope.io import atomic_write
-from memrope.pipeline import Backend, MemRoPEPipeline
+from memrope.pipeline import MemRoPEPipeline
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +65,7 @@ BENCH_PRESETS = {
 
 def bench_run_config(model: WanConfig, height: int, width: int, blocks: int) -> RunConfig:
     """The shipped MemRoPE cache (window 12, sink 3) and sampler at ``height`` x ``width``."""
-    from export.onnx_export import specialise_run
+    from memrope.artifact import specialise_run
 
     cache = CacheConfig()
     run = RunConfig(cache=cache, num_output_frames=cache.block_frames * blocks, latent_channels=model.in_dim)
@@ -149,10 +157,10 @@ def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConf
     if name in ("eager", "compiled"):
         dit = build_dit(model, random_state_dict(model), dtype=dtype, device=device)
         if name == "eager":
-            from memrope.pipeline import EagerBackend
+            from engine.eager_backend import EagerBackend
 
             return EagerBackend(dit, run)
-        from runtime.compiled_backend import CompiledBackend
+        from engine.compiled_backend import CompiledBackend
 
         return CompiledBackend(dit, run)
     from export.onnx_export import export_artifact
@@ -165,11 +173,11 @@ def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConf
         export_artifact(dit, run, artifact, height=preset.height, width=preset.width, validate=False)
         del dit
     if name == "onnxruntime":
-        from runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from engine.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(artifact, provider="cpu" if device.type == "cpu" else "cuda")
     from engine.build import build_engines
-    from runtime.tensorrt_backend import TensorRTBackend
+    from engine.tensorrt_backend import TensorRTBackend
 
     build_engines(artifact)
     return TensorRTBackend(artifact)

@@ -31,7 +31,12 @@ from pathlib import Path
 
 import torch
 
-from memrope.io import atomic_path, atomic_write, read_safetensors, save_safetensors_atomic
+from memrope.io import (
+    atomic_path,
+    atomic_write,
+    read_safetensors,
+    save_safetensors_atomic,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +87,11 @@ def _t5_attention_fp32_softmax(module, query, key, value, attention_mask, scalin
 
 def _register_attention() -> None:
     from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, eager_mask
+    from transformers.masking_utils import (
+        ALL_MASK_ATTENTION_FUNCTIONS,
+        AttentionMaskInterface,
+        eager_mask,
+    )
 
     if ATTN_IMPLEMENTATION not in ALL_MASK_ATTENTION_FUNCTIONS.valid_keys():
         AttentionInterface.register(ATTN_IMPLEMENTATION, _t5_attention_fp32_softmax)

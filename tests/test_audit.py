@@ -8,7 +8,12 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from export.audit import (OpSupport, TensorRTAuditError, audit_onnx, load_trt_support_table)
+from export.audit import (
+    OpSupport,
+    TensorRTAuditError,
+    audit_onnx,
+    load_trt_support_table,
+)
 
 F, BF = TP.FLOAT, TP.BFLOAT16
 

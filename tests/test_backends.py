@@ -8,13 +8,14 @@ from dataclasses import replace
 
 import pytest
 import torch
-
-from memrope.pipeline import Backend, EagerBackend, MemRoPEPipeline
-from memrope.sampler import StreamingSeededNoise, TensorNoise
-from runtime.compiled_backend import CompiledBackend
-from runtime.onnxruntime_backend import OnnxRuntimeBackend
-
 from conftest import TRACES, golden_run, golden_trace
+
+from engine.compiled_backend import CompiledBackend
+from engine.eager_backend import EagerBackend
+from engine.onnxruntime_backend import OnnxRuntimeBackend
+from memrope.backend import Backend
+from memrope.pipeline import MemRoPEPipeline
+from memrope.sampler import StreamingSeededNoise, TensorNoise
 
 BLOCKS = 24
 

@@ -11,11 +11,10 @@ import pytest
 import torch
 
 from memrope.cache import CacheLayout
-from memrope.cli import main
-from memrope.config import CacheConfig, model_preset
+from memrope.config import VAE_TEMPORAL_STRIDE, CacheConfig, model_preset
 from memrope.model import WanCausalDiT
-from memrope.config import VAE_TEMPORAL_STRIDE
 from runtime.bench import BENCH_PRESETS, run_bench, work_per_call
+from runtime.cli import main
 
 REQUIRED = ("call_ms_median", "block_ms_median", "first_block_ms", "latent_fps", "video_fps", "host_overhead_pct",
             "peak_host_mb", "flatness", "block_ms")

@@ -8,8 +8,17 @@ import resource
 import pytest
 import torch
 
-from memrope.cache import (MEMORY_INIT, MEMORY_NONE, MEMORY_UPDATE, CacheControls, CacheLayout,
-                           CachePolicy, KVCache, memory_update)
+from engine.eager_backend import EagerBackend
+from memrope.cache import (
+    MEMORY_INIT,
+    MEMORY_NONE,
+    MEMORY_UPDATE,
+    CacheControls,
+    CacheLayout,
+    CachePolicy,
+    KVCache,
+    memory_update,
+)
 from memrope.config import CacheConfig, RunConfig, model_preset
 from memrope.model import build_dit, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
@@ -150,7 +159,7 @@ def test_300_blocks_constant_size_addresses_and_finite(policy):
     after block 0, values stay finite, and host memory stays flat."""
     cfg = model_preset("tiny")
     run = RunConfig(cache=CacheConfig(policy=policy), num_output_frames=900, latent_height=4, latent_width=6)
-    pipeline = MemRoPEPipeline(build_dit(cfg, random_state_dict(cfg)), run)
+    pipeline = MemRoPEPipeline(EagerBackend(build_dit(cfg, random_state_dict(cfg)), run), run)
     noise = StreamingSeededNoise(0, 1, (16, 4, 6), 3)
     embeds = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(1))
     sink_tokens = run.cache.sink_frames * pipeline.layout.frame_tokens
@@ -181,7 +190,7 @@ def test_memory_dtype_follows_the_cache_unless_float32_is_asked():
     for memory_dtype in ("cache", "float32"):
         run = RunConfig(cache=CacheConfig(memory_dtype=memory_dtype), num_output_frames=24,
                         latent_height=4, latent_width=6)
-        pipeline = MemRoPEPipeline(dit, run)
+        pipeline = MemRoPEPipeline(EagerBackend(dit, run), run)
         for _, _, cache, _ in pipeline.blocks(embeds, StreamingSeededNoise(0, 1, (16, 4, 6), 3, torch.bfloat16), 8):
             pass
         memories[memory_dtype] = cache.memory_keys.clone()

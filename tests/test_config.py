@@ -7,8 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from memrope.config import (CacheConfig, RunConfig, WanConfig, config_hash, load_run_config,
-                            model_preset, run_config_from_yaml_dict)
+from memrope.config import (
+    CacheConfig,
+    RunConfig,
+    WanConfig,
+    config_hash,
+    load_run_config,
+    model_preset,
+    run_config_from_yaml_dict,
+)
 from memrope.sampler import build_schedule
 
 CONFIGS = Path(__file__).parent / "data" / "configs"

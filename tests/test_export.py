@@ -11,22 +11,20 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from conftest import GOLDEN_PIXELS, TRACES, golden_run, golden_trace
 from safetensors.torch import load_file, save_file
 
-from memrope.contract import memory_key, past_key, present_memory_key
+from engine.eager_backend import EagerBackend
+from engine.onnxruntime_backend import OnnxRuntimeBackend
 from export.onnx_export import export_artifact
 from export.validate import ExportMismatchError
+from memrope.artifact import ArtifactMismatchError, load_artifact
 from memrope.cache import CacheControls, memory_update
-from memrope.cli import main
+from memrope.contract import memory_key, past_key, present_memory_key
 from memrope.model import build_dit, random_state_dict
-from memrope.pipeline import EagerBackend, MemRoPEPipeline
+from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import TensorNoise
-from runtime.artifact import ArtifactMismatchError, load_artifact
-from runtime.onnxruntime_backend import OnnxRuntimeBackend
-
-from conftest import TRACES, golden_run, golden_trace
-
-from conftest import GOLDEN_PIXELS
+from runtime.cli import main
 
 
 @pytest.mark.parametrize("name", sorted(TRACES))

@@ -10,13 +10,13 @@ import sys
 
 import pytest
 import torch
+from conftest import TRACES, golden_run, golden_trace
 from safetensors.torch import load_file
 
-from memrope.cli import main
+from engine.eager_backend import EagerBackend
 from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import TensorNoise
-
-from conftest import TRACES, golden_run, golden_trace
+from runtime.cli import main
 
 ATOL = 1e-4
 
@@ -24,7 +24,7 @@ ATOL = 1e-4
 @pytest.mark.parametrize("name", sorted(TRACES))
 def test_python_api_matches_golden(name, golden_dit, golden_inputs):
     run, trace = golden_run(name), golden_trace(name)
-    pipeline = MemRoPEPipeline(golden_dit, run)
+    pipeline = MemRoPEPipeline(EagerBackend(golden_dit, run), run)
     noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], run.cache.block_frames)
     calls = []
     latents = []
@@ -69,7 +69,7 @@ def test_cli_matches_golden(name, golden_dir, tmp_path):
 
 def test_console_entry_point_runs_in_a_fresh_process(golden_dir, tmp_path):
     out = tmp_path / "latents.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "memrope", *_cli_args("memrope_ema", golden_dir, out)],
+    proc = subprocess.run([sys.executable, "-m", "runtime", *_cli_args("memrope_ema", golden_dir, out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     torch.testing.assert_close(load_file(str(out))["latents"], golden_trace("memrope_ema")["output_latents"],

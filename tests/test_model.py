@@ -4,16 +4,16 @@ strictly exported program (no data-dependent ops, fixed shapes) serves every blo
 from __future__ import annotations
 
 import torch
+from conftest import golden_run, golden_trace
 
+from engine.eager_backend import EagerBackend
 from export.graph import StepGraph
-from memrope.contract import step_contract
 from memrope.config import model_preset
+from memrope.contract import step_contract
 from memrope.model import build_dit, param_count, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
 from memrope.rope import RopeTables, apply_rope, rope_cos_sin, rope_pair_split
 from memrope.sampler import TensorNoise
-
-from conftest import golden_run, golden_trace
 
 
 def _complex_rope_reference(x, t_idx, grid_h, grid_w):
@@ -60,7 +60,7 @@ def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
     the golden trace through fill, first eviction and steady state."""
     name = "memrope_ema"
     run, trace = golden_run(name), golden_trace(name)
-    pipeline = MemRoPEPipeline(golden_dit, run)
+    pipeline = MemRoPEPipeline(EagerBackend(golden_dit, run), run)
     contract = step_contract(golden_dit.config, run, pipeline.layout, "float32", 1)
     flat = StepGraph(pipeline.backend.module, contract)
     exported = {}

@@ -10,8 +10,14 @@ import av
 import pytest
 import torch
 
-from memrope.cli import main
-from runtime.t2v import DEMO_LATENT, DEMO_PROMPT, ensure_demo_model, latent_frames_for, video_frames_for
+from runtime.cli import main
+from runtime.t2v import (
+    DEMO_LATENT,
+    DEMO_PROMPT,
+    ensure_demo_model,
+    latent_frames_for,
+    video_frames_for,
+)
 
 
 @pytest.fixture(scope="module")
@@ -101,6 +107,7 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
     block 300 is no higher than after block 60 (+32 MB), and every frame reaches the file."""
     import resource
 
+    from engine.eager_backend import EagerBackend
     from memrope.config import CacheConfig, RunConfig, model_preset
     from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
@@ -112,7 +119,7 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
     cfg = model_preset("tiny")
     blocks = 334
     run = RunConfig(cache=CacheConfig(), num_output_frames=3 * blocks, latent_height=4, latent_width=6)
-    pipeline = MemRoPEPipeline(build_dit(cfg, random_state_dict(cfg)), run)
+    pipeline = MemRoPEPipeline(EagerBackend(build_dit(cfg, random_state_dict(cfg)), run), run)
     build_tiny_vae(tmp_path / "model", layout="diffusers", seed=0, base_dim=4)
     decoder = StreamingVAEDecoder.from_model_dir(tmp_path / "model")
     embeds = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(0))

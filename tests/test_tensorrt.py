@@ -13,14 +13,21 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.sidecar import (EngineMismatchError, EngineSidecar, check_sidecar, plan_path, read_sidecar,
-                            sidecar_path, write_sidecar)
+from engine.sidecar import (
+    EngineMismatchError,
+    EngineSidecar,
+    check_sidecar,
+    plan_path,
+    read_sidecar,
+    sidecar_path,
+    write_sidecar,
+)
+from engine.tensorrt_backend import TensorRTBackend, plan_buffers
+from memrope.backend import Backend
 from memrope.cache import CacheLayout
 from memrope.config import RunConfig, WanConfig, load_run_config, model_preset
 from memrope.contract import step_contract
 from memrope.model import build_dit, random_state_dict
-from memrope.pipeline import Backend
-from runtime.tensorrt_backend import TensorRTBackend, plan_buffers
 
 GOLDEN = Path(__file__).parent / "data" / "golden"
 PIXELS = dict(height=32, width=48)  # latent 4 x 6
@@ -196,9 +203,10 @@ class _PerCallComparison(Backend):
 @pytest.mark.gpu
 def test_tensorrt_matches_eager_per_call_within_bf16_ratio(built_artifact, golden_inputs):
     _require_trt_gpu()
-    from memrope.pipeline import EagerBackend, MemRoPEPipeline
+    from engine.eager_backend import EagerBackend
+    from memrope.artifact import load_artifact
+    from memrope.pipeline import MemRoPEPipeline
     from memrope.sampler import TensorNoise
-    from runtime.artifact import load_artifact
 
     artifact = load_artifact(built_artifact)
     run = artifact.run
@@ -221,7 +229,7 @@ def test_tensorrt_matches_eager_per_call_within_bf16_ratio(built_artifact, golde
 @pytest.mark.gpu
 def test_cuda_graph_replay_matches_plain_execution(built_artifact):
     _require_trt_gpu()
-    from runtime.artifact import load_artifact
+    from memrope.artifact import load_artifact
 
     contract = load_artifact(built_artifact).contract.step
     gen = torch.Generator().manual_seed(1)

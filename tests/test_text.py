@@ -10,8 +10,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.text import (WAN_T5_CHECKPOINT, WAN_TOKENIZER_DIR, TextEncoder, build_tiny_text_model,
-                          clean_prompt, encode_cached)
+from runtime.text import (
+    WAN_T5_CHECKPOINT,
+    WAN_TOKENIZER_DIR,
+    TextEncoder,
+    build_tiny_text_model,
+    clean_prompt,
+    encode_cached,
+)
 
 TEXT_LEN = 16
 D_MODEL = 32

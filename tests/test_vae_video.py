@@ -18,9 +18,18 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.vae import (WAN21_VAE_CONFIG, WAN_VAE_FILE, StreamingVAEDecoder, _wan_vae_config, build_tiny_vae,
-                         decode_all, diffusers_to_wan_key, diffusers_to_wan_state_dict, tiny_vae_config,
-                         wan_to_diffusers_state_dict)
+from runtime.vae import (
+    WAN21_VAE_CONFIG,
+    WAN_VAE_FILE,
+    StreamingVAEDecoder,
+    _wan_vae_config,
+    build_tiny_vae,
+    decode_all,
+    diffusers_to_wan_key,
+    diffusers_to_wan_state_dict,
+    tiny_vae_config,
+    wan_to_diffusers_state_dict,
+)
 from runtime.video import Mp4Writer, write_png_frames
 
 LATENT_HW = (4, 6)  # 32 x 48 pixels

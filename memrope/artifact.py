@@ -1,20 +1,48 @@
-"""Opening an exported artifact directory, refusing one that does not match.
+"""The artifact format: what ``memrope export`` writes, and opening it again safely.
 
-Owns: reading ``contract.json`` / ``config.json``, recomputing the config hash, checking that
-the ONNX graphs' inputs and outputs are exactly the contract's, and comparing the artifact with
-the run a user asks for. A mismatch is an :class:`ArtifactMismatchError` that says how to fix it.
+Owns: the file names of an artifact directory, the run config specialised to an export's
+resolution (:func:`specialise_run`), reading ``contract.json`` / ``config.json``, recomputing the
+config hash, checking that the ONNX graphs' inputs and outputs are exactly the contract's, and
+comparing the artifact with the run a user asks for. A mismatch is an
+:class:`ArtifactMismatchError` that says how to fix it. Writing artifacts is ``export/``'s job.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from memrope.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
-from export.onnx_export import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, TEXT_FILE, specialise_run
 from memrope.cache import CacheLayout
-from memrope.config import RunConfig, WanConfig, frame_tokens, run_config_from_dict
+from memrope.config import (
+    VAE_SPATIAL_STRIDE,
+    RunConfig,
+    WanConfig,
+    run_config_from_dict,
+)
+from memrope.contract import (
+    ArtifactContract,
+    artifact_hash,
+    build_contract,
+    read_contract_json,
+)
+
+STEP_FILE, TEXT_FILE, CONTRACT_FILE, CONFIG_FILE = "step.onnx", "text.onnx", "contract.json", "config.json"
+
+
+def specialise_run(run: RunConfig, model: WanConfig, height: int, width: int, batch: int) -> RunConfig:
+    """The run config at ``height`` x ``width`` pixels (multiples of 16; latent = pixels / 8)."""
+    for name, value in (("height", height), ("width", width)):
+        if not isinstance(value, int) or value <= 0 or value % 16:
+            raise ValueError(f"--{name} must be a positive multiple of 16 pixels, got {value}")
+    if batch <= 0:
+        raise ValueError(f"--batch must be positive, got {batch}")
+    run = replace(run, latent_height=height // VAE_SPATIAL_STRIDE, latent_width=width // VAE_SPATIAL_STRIDE,
+                  batch_size=batch)
+    if run.latent_channels != model.in_dim:
+        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
+                         f"model's in_dim={model.in_dim}")
+    return run
 
 
 class ArtifactMismatchError(ValueError):
@@ -43,9 +71,7 @@ class Artifact:
         return self.path / TEXT_FILE
 
     def layout(self) -> CacheLayout:
-        run = self.run
-        return CacheLayout.build(run.cache, frame_tokens(self.model, run.latent_height, run.latent_width),
-                                 run.num_output_frames)
+        return CacheLayout.for_run(self.model, self.run)
 
     def check_run(self, run: RunConfig) -> RunConfig:
         """The user's ``run`` at this artifact's resolution, or an error naming what differs.
@@ -95,8 +121,7 @@ def load_artifact(path: str | Path) -> Artifact:
         raise FileNotFoundError(f"artifact has no config file: {path / CONFIG_FILE}") from None
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ArtifactMismatchError(f"artifact config {path / CONFIG_FILE} is unreadable: {exc}") from None
-    layout = CacheLayout.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width),
-                               run.num_output_frames)
+    layout = CacheLayout.for_run(model, run)
     contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"])
     if raw.get("config_hash") != contract.config_hash or config.get("config_hash") != contract.config_hash:
         raise ArtifactMismatchError(f"artifact {path}: the config hash in contract.json/config.json does "

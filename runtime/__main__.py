@@ -1,5 +1,5 @@
 import sys
 
-from memrope.cli import main
+from runtime.cli import main
 
 sys.exit(main())

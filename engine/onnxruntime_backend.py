@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
+from memrope.artifact import Artifact, load_artifact
+from memrope.backend import Backend
 from memrope.contract import GraphContract
-from memrope.pipeline import Backend
-from runtime.artifact import Artifact, load_artifact
 
 logger = logging.getLogger(__name__)
 

@@ -231,7 +231,15 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from runtime.bench import BENCH_PRESETS, BACKENDS, plot, print_table, require_matplotlib, run_bench, write_json
+    from runtime.bench import (
+        BACKENDS,
+        BENCH_PRESETS,
+        plot,
+        print_table,
+        require_matplotlib,
+        run_bench,
+        write_json,
+    )
 
     if args.plot:
         require_matplotlib()  # fail before minutes of benchmarking, not after
@@ -315,9 +323,15 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None) -> torch.Tens
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    from engine.eager_backend import EagerBackend
     from memrope.io import read_noise, save_safetensors_atomic
-    from memrope.pipeline import EagerBackend, MemRoPEPipeline
-    from memrope.sampler import SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
+    from memrope.pipeline import MemRoPEPipeline
+    from memrope.sampler import (
+        SeededNoise,
+        StreamingSeededNoise,
+        TensorNoise,
+        build_schedule,
+    )
 
     decode = not args.no_decode
     if decode and args.out is None:
@@ -339,7 +353,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     artifact = None
     model_dir = _model_dir(args)
     if args.backend in EXPORTED_BACKENDS:
-        from runtime.artifact import load_artifact
+        from memrope.artifact import load_artifact
 
         if args.engine is None:
             raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
@@ -393,15 +407,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
 
     if args.backend == "onnxruntime":
-        from runtime.onnxruntime_backend import OnnxRuntimeBackend
+        from engine.onnxruntime_backend import OnnxRuntimeBackend
 
         backend = OnnxRuntimeBackend(artifact, provider=args.ort_provider)
     elif args.backend == "tensorrt":
-        from runtime.tensorrt_backend import TensorRTBackend
+        from engine.tensorrt_backend import TensorRTBackend
 
         backend = TensorRTBackend(artifact)
     elif args.backend == "compiled":
-        from runtime.compiled_backend import CompiledBackend
+        from engine.compiled_backend import CompiledBackend
 
         backend = CompiledBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
     else:

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import torch
 
+from engine.eager_backend import EagerBackend
 from memrope.config import RunConfig
 from memrope.model import WanCausalDiT
-from memrope.pipeline import EagerBackend
 
 
 class CompiledBackend(EagerBackend):

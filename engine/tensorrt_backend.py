@@ -19,10 +19,17 @@ from typing import Any
 
 import torch
 
-from engine.sidecar import EngineMismatchError, check_sidecar, plan_path, read_sidecar, rebuild_hint, sidecar_path
+from engine.sidecar import (
+    EngineMismatchError,
+    check_sidecar,
+    plan_path,
+    read_sidecar,
+    rebuild_hint,
+    sidecar_path,
+)
+from memrope.artifact import Artifact, load_artifact
+from memrope.backend import Backend
 from memrope.contract import GraphContract
-from memrope.pipeline import Backend
-from runtime.artifact import Artifact, load_artifact
 
 logger = logging.getLogger(__name__)
 
