@@ -27,7 +27,15 @@ from memrope.contract import (
     read_contract_json,
 )
 
-STEP_FILE, TEXT_FILE, CONTRACT_FILE, CONFIG_FILE = "step.onnx", "text.onnx", "contract.json", "config.json"
+CONTRACT_FILE, CONFIG_FILE = "contract.json", "config.json"
+
+
+def graph_file(graph: str) -> str:
+    """The ONNX file of one of an artifact's graphs (``step`` -> ``step.onnx``)."""
+    return f"{graph}.onnx"
+
+
+STEP_FILE, TEXT_FILE = graph_file("step"), graph_file("text")
 
 
 def specialise_run(run: RunConfig, model: WanConfig, height: int, width: int, batch: int) -> RunConfig:
@@ -62,13 +70,19 @@ class Artifact:
     def run(self) -> RunConfig:
         return self.contract.run
 
+    def graph_path(self, graph: str) -> Path:
+        """``<artifact>/<graph>.onnx`` for one of the contract's graphs."""
+        if graph not in self.contract.graphs:
+            raise ValueError(f"artifact {self.path} has no {graph!r} graph (it has {sorted(self.contract.graphs)})")
+        return self.path / graph_file(graph)
+
     @property
     def step_path(self) -> Path:
-        return self.path / STEP_FILE
+        return self.graph_path("step")
 
     @property
     def text_path(self) -> Path:
-        return self.path / TEXT_FILE
+        return self.graph_path("text")
 
     def layout(self) -> CacheLayout:
         return CacheLayout.for_run(self.model, self.run)
@@ -129,6 +143,7 @@ def load_artifact(path: str | Path) -> Artifact:
     if raw != json.loads(json.dumps(contract.to_json())):
         raise ArtifactMismatchError(f"artifact {path}: contract.json differs from the contract this engine "
                                     "derives for its config; re-export it with this version")
-    for graph, file in ((contract.step, STEP_FILE), (contract.text, TEXT_FILE)):
-        _check_graph_io(path / file, graph.input_names, [t.shape for t in graph.inputs], graph.output_names)
+    for name, graph in contract.graphs.items():
+        _check_graph_io(path / graph_file(name), graph.input_names, [t.shape for t in graph.inputs],
+                        graph.output_names)
     return Artifact(path, contract)

@@ -128,8 +128,15 @@ class ArtifactContract:
     height: int
     width: int
     layout: dict
-    step: GraphContract
-    text: GraphContract
+    graphs: dict[str, GraphContract]
+
+    @property
+    def step(self) -> GraphContract:
+        return self.graphs["step"]
+
+    @property
+    def text(self) -> GraphContract:
+        return self.graphs["text"]
 
     @property
     def config_hash(self) -> str:
@@ -147,7 +154,7 @@ class ArtifactContract:
             "height": self.height,
             "width": self.width,
             "cache_layout": self.layout,
-            "graphs": {"step": graph(self.step), "text": graph(self.text)},
+            "graphs": {name: graph(g) for name, g in self.graphs.items()},
         }
 
     def write(self, path: Path) -> None:
@@ -215,8 +222,8 @@ def text_contract(model: WanConfig, dtype: str, batch: int) -> GraphContract:
 def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
                    height: int, width: int) -> ArtifactContract:
     """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8)."""
-    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(),
-                            step_contract(model, run, layout, dtype, batch), text_contract(model, dtype, batch))
+    graphs = {"step": step_contract(model, run, layout, dtype, batch), "text": text_contract(model, dtype, batch)}
+    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), graphs)
 
 
 def read_contract_json(path: Path) -> dict[str, Any]:
