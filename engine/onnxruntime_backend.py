@@ -1,12 +1,13 @@
 """ONNX Runtime backend: an artifact's step and text graphs behind the loop's interface.
 
-Owns: the two inference sessions (opened by path) and how tensors cross into them.
-- CPU execution provider (float32 artifacts): inputs go in as zero-copy NumPy views of the
-  loop's torch buffers and outputs come back as zero-copy torch views.
-- CUDA execution provider (``onnxruntime-gpu``): IO binding to the loop's fixed device
-  buffers by pointer (bf16 bound by ONNX element type 16) and to preallocated output buffers,
-  bound once; ``enable_cuda_graph`` replays the whole call; the TensorRT execution provider is
-  an option. The loop's cache stays the only copy of the cache either way.
+Owns: the two inference sessions (opened by path) and how tensors cross into them: IO binding
+by pointer, on the CPU and on CUDA alike. The loop's fixed buffers are bound as inputs once per
+stream (:class:`memrope.backend.Feeds`), and the outputs are preallocated torch tensors the
+backend owns, bound once and shared by every stream; a call is one ``run_with_iobinding`` with
+no per-call Python work that grows with the layer count and no allocation. On CUDA
+(``onnxruntime-gpu``) bf16 is bound by ONNX element type 16, ``enable_cuda_graph`` replays the
+whole call (one captured graph per stream, by ``gpu_graph_id``), and the TensorRT execution
+provider is an option. The loop's cache stays the only copy of the cache.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from pathlib import Path
 import torch
 
 from memrope.artifact import Artifact, load_artifact
-from memrope.backend import Backend
+from memrope.backend import Backend, Feeds, StreamBindings
 from memrope.contract import GraphContract
 
 logger = logging.getLogger(__name__)
@@ -36,31 +37,42 @@ def _require_onnxruntime():
     return onnxruntime
 
 
-class _IoBinding:
-    """One session's IO binding to fixed torch buffers, rebound only when an address changes."""
+def _bind(bind, name: str, tensor: torch.Tensor) -> None:
+    if not tensor.is_contiguous():
+        raise ValueError(f"{name} must be a contiguous tensor to be bound by pointer")
+    bind(name, tensor.device.type, tensor.device.index or 0, ELEMENT_TYPES[tensor.dtype], tuple(tensor.shape),
+         tensor.data_ptr())
 
-    def __init__(self, session, contract: GraphContract, device: torch.device):
-        self.session = session
-        self.binding = session.io_binding()
-        self.contract = contract
-        self.device = device
+
+class _Graph:
+    """One session, its preallocated outputs, and an IO binding per stream of inputs."""
+
+    def __init__(self, session, contract: GraphContract, device: torch.device, ort, graph_ids: bool):
+        self.session, self.contract, self.ort = session, contract, ort
         self.outputs = {spec.name: spec.zeros(device) for spec in contract.outputs}
+        self.bindings = StreamBindings(self._bind_stream)
+        self.graph_ids = graph_ids
+
+    def _bind_stream(self, feeds: dict[str, torch.Tensor], index: int):
+        binding = self.session.io_binding()
+        for spec in self.contract.inputs:
+            tensor = feeds[spec.name]
+            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.torch_dtype:
+                raise ValueError(f"input {spec.name} is {tensor.dtype} {list(tensor.shape)}; the graph takes "
+                                 f"{spec.dtype} {list(spec.shape)}")
+            _bind(binding.bind_input, spec.name, tensor)
         for name, tensor in self.outputs.items():
-            self._bind(self.binding.bind_output, name, tensor)
-        self.bound: dict[str, int] = {}
+            _bind(binding.bind_output, name, tensor)
+        options = None
+        if self.graph_ids:
+            # One captured CUDA graph per stream: graph 0 is ORT's default.
+            options = self.ort.RunOptions()
+            options.add_run_config_entry("gpu_graph_id", str(index))
+        return binding, options
 
-    def _bind(self, bind, name: str, tensor: torch.Tensor) -> None:
-        bind(name, "cuda", self.device.index or 0, ELEMENT_TYPES[tensor.dtype], tuple(tensor.shape), tensor.data_ptr())
-
-    def run(self, feeds: dict[str, torch.Tensor], run_options=None) -> dict[str, torch.Tensor]:
-        for name in self.contract.input_names:
-            tensor = feeds[name]
-            if self.bound.get(name) != tensor.data_ptr():
-                if not tensor.is_contiguous():
-                    raise ValueError(f"input {name} must be contiguous to be bound by pointer")
-                self._bind(self.binding.bind_input, name, tensor)
-                self.bound[name] = tensor.data_ptr()
-        self.session.run_with_iobinding(self.binding, run_options)
+    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        binding, options = self.bindings.get(feeds)
+        self.session.run_with_iobinding(binding, options)
         return self.outputs
 
 
@@ -106,12 +118,10 @@ class OnnxRuntimeBackend(Backend):
         text_providers = self._providers(provider, cuda_graph=False)
         self.step_session = ort.InferenceSession(str(self.artifact.step_path), options, providers=step_providers)
         self.text_session = ort.InferenceSession(str(self.artifact.text_path), options, providers=text_providers)
-        self.step_inputs = contract.step.input_names
-        self.step_outputs = contract.step.output_names
-        self._step_binding = self._text_binding = None
-        if self.device.type == "cuda":
-            self._step_binding = _IoBinding(self.step_session, contract.step, self.device)
-            self._text_binding = _IoBinding(self.text_session, contract.text, self.device)
+        graph_ids = self.device.type == "cuda" and cuda_graph
+        self._step = _Graph(self.step_session, contract.step, self.device, ort, graph_ids)
+        self._text = _Graph(self.text_session, contract.text, self.device, ort, graph_ids=False)
+        self._text_input = Feeds({contract.text.inputs[0].name: contract.text.inputs[0].zeros(self.device)})
 
     def _providers(self, provider: str, cuda_graph: bool) -> list:
         if provider == "cpu":
@@ -130,20 +140,12 @@ class OnnxRuntimeBackend(Backend):
         if tuple(prompt_embeds.shape) != spec.shape:
             raise ValueError(f"prompt_embeds {list(prompt_embeds.shape)} do not match the artifact's "
                              f"{list(spec.shape)}")
-        embeds = prompt_embeds.to(self.device, spec.torch_dtype).contiguous()
-        if self._text_binding is not None:
-            return {k: v.clone() for k, v in self._text_binding.run({spec.name: embeds}).items()}
-        outs = self.text_session.run(None, {spec.name: embeds.numpy()})
-        return {name: torch.from_numpy(o) for name, o in zip(self.artifact.contract.text.output_names, outs)}
+        self._text_input[spec.name].copy_(prompt_embeds)
+        return self._text.run(self._text_input)
 
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._step_binding is not None:
-            return self._step_binding.run(feeds)
-        # Zero-copy NumPy views of the loop's CPU buffers in, zero-copy torch views out.
-        arrays = {name: feeds[name].numpy() for name in self.step_inputs}
-        outs = self.step_session.run(self.step_outputs, arrays)
-        return {name: torch.from_numpy(o) for name, o in zip(self.step_outputs, outs)}
+        return self._step.run(feeds)
 
     def close(self) -> None:
-        self._step_binding = self._text_binding = None
+        self._step = self._text = None
         self.step_session = self.text_session = None

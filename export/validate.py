@@ -91,7 +91,8 @@ def rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int) -> tuple[list[
     g = torch.Generator().manual_seed(run.seed + 4321)
     embeds = torch.randn(run.batch_size, cfg.text_len, cfg.text_dim, generator=g)
     labels = []
-    for b, _, _, plan in pipeline.blocks(embeds, noise, blocks):
+    for block in pipeline.blocks(embeds, noise, blocks):
+        b, plan = block.index, block.plan
         phase = "fill" if not plan.roll else (f"roll, memory {plan.memory_step}" if step.layout.has_memory else "roll")
         labels += [f"block {b} call {c} ({phase})" for c in range(pipeline.schedule.num_steps + 1)]
     return feeds, labels

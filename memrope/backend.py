@@ -9,6 +9,8 @@ contract names of per-layer cross-attention keys/values. The runtimes (eager PyT
 
 from __future__ import annotations
 
+import weakref
+
 import torch
 
 from memrope.cache import CacheLayout
@@ -50,8 +52,57 @@ class Backend:
         raise NotImplementedError
 
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """One call: every input of the step contract by name -> every output by name."""
+        """One call: every input of the step contract by name -> every output by name.
+
+        ``feeds`` is a stream's :class:`Feeds`: the same object, holding the same tensors, on
+        every call of that stream, so a backend may bind it once (:class:`StreamBindings`).
+        """
         raise NotImplementedError
+
+
+class Feeds(dict):
+    """One stream's named input buffers (contract name -> tensor), fixed for the stream's life.
+
+    The loop hands the same object to every call of a stream and only writes into its tensors;
+    a backend may therefore bind the addresses once per ``Feeds`` (another object is another
+    stream). Weak-referenceable, so per-stream bindings die with their stream.
+    """
+
+    __slots__ = ("__weakref__",)
+
+
+class StreamBindings:
+    """Per-stream bindings a backend makes once and reuses: ``get(feeds)`` returns the binding
+    ``make(feeds, index)`` built for this :class:`Feeds` object (``index`` numbers the streams
+    0, 1, ...), building it on first sight. A binding is dropped when its stream's feeds are
+    garbage-collected, so a server's finished sessions release theirs.
+    """
+
+    def __init__(self, make):
+        self._make = make
+        self._by_id: dict[int, tuple[weakref.ref, object]] = {}
+        self._last: tuple[weakref.ref, object] | None = None  # never a strong reference to a stream
+        self._count = 0
+
+    def get(self, feeds: dict[str, torch.Tensor]):
+        last = self._last
+        if last is not None and last[0]() is feeds:
+            return last[1]
+        entry = self._by_id.get(id(feeds))
+        if entry is None or entry[0]() is not feeds:
+            if not isinstance(feeds, Feeds):
+                raise TypeError("a backend binds a stream's Feeds once; got a plain dict (wrap it in "
+                                "memrope.backend.Feeds and keep passing the same object)")
+            key = id(feeds)
+            entry = (weakref.ref(feeds, lambda _ref, key=key: self._by_id.pop(key, None)),
+                     self._make(feeds, self._count))
+            self._count += 1
+            self._by_id[key] = entry
+        self._last = (entry[0], entry[1])
+        return entry[1]
+
+    def __len__(self) -> int:
+        return len(self._by_id)
 
 
 def cross_named(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -77,11 +128,12 @@ class StepModuleBackend(Backend):
         self.layout = step.layout
         self.device = self.dit.head.head.weight.device
         self.dtype = self.dit.dtype
+        self._arguments = StreamBindings(
+            lambda feeds, _: step_arguments(feeds, self.model.num_layers, self.layout.has_memory))
 
     def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         keys, values = self.dit.encode_text(prompt_embeds.to(self.device))
         return cross_named(keys, values)
 
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        args = step_arguments(feeds, self.model.num_layers, self.layout.has_memory)
-        return named_step_outputs(self.module(*args))
+        return named_step_outputs(self.module(*self._arguments.get(feeds)))

@@ -1,10 +1,18 @@
 """The generation loop: blocks of frames, a few denoising steps each, then the context pass.
 
 Owns: the lean per-block loop (spec section 3.2) over a :class:`memrope.backend.Backend`
-(named tensors in and out, as the IO contract names them), and the buffers the loop owns (one :class:`KVCache`, one :class:`CacheControls`, fixed latent/timestep/sigma
-buffers, all at fixed addresses for the whole run). Per block the host does integer bookkeeping (:class:`CachePolicy`), one
-tail roll once the window is full, and buffer writes of what the calls returned. Does not
-own the model math (``memrope.model``) or where noise comes from (``memrope.sampler``).
+(named tensors in and out, as the IO contract names them), and everything a stream of blocks
+keeps between calls, in :class:`BlockStream`: one :class:`KVCache`, one :class:`CacheControls`,
+the latent / timestep / sigma / noise buffers and a ring of two output buffers, all allocated
+once at fixed addresses. Per block the host does integer bookkeeping (:class:`CachePolicy`),
+one tail roll once the window is full, and buffer writes of what the calls returned; per call it
+does a fixed number of in-place tensor ops, whatever the layer count, and no host <-> device
+synchronisation. Also owns prompt changes at a block boundary (:meth:`BlockStream.set_prompt`).
+
+Does not own the model math (``memrope.model``), where noise comes from (``memrope.sampler``), or
+what a backend runs (``engine/``).
+
+Legend: B batch, F frames per block, C latent channels, H/W latent height/width, N steps.
 """
 
 from __future__ import annotations
@@ -15,18 +23,13 @@ from typing import Callable, Iterator
 
 import torch
 
-from memrope.backend import Backend
-from memrope.cache import (
-    MEMORY_NONE,
-    BlockPlan,
-    CacheControls,
-    CacheLayout,
-    CachePolicy,
-    KVCache,
-)
+from memrope.backend import Backend, Feeds
+from memrope.cache import MEMORY_NONE, BlockPlan, CacheControls, CacheLayout, CachePolicy, KVCache
 from memrope.config import RunConfig
 from memrope.contract import (
     DTYPE_NAMES,
+    cross_key,
+    cross_value,
     memory_key,
     memory_value,
     past_key,
@@ -38,10 +41,14 @@ from memrope.contract import (
     step_contract,
     step_outputs_from_named,
 )
+from memrope.errors import NonFiniteError
 from memrope.model import StepOutputs
-from memrope.sampler import NoiseSource, Schedule, add_noise, build_schedule
+from memrope.sampler import NoiseSource, Schedule, build_schedule
 
 logger = logging.getLogger(__name__)
+
+MEMORY_ON_SWITCH = ("keep", "reset")
+_ALL_DIMS = (0, 1, 2, 3, 4)
 
 
 @dataclass
@@ -59,12 +66,57 @@ class CallRecord:
     outputs: StepOutputs
 
 
+@dataclass
+class BlockResult:
+    """One finished block.
+
+    x0: ``[B, F, C, H, W]`` the block's clean latents, in one of two ring buffers: valid until
+      the block after next has been computed (so it may be decoded while the next block runs).
+    cache: the stream's cache after the context pass (inspection only; overwritten in place).
+    finite: ``[1]`` float32 on the device, 0 when every value of ``x0`` is finite (NaN
+      otherwise). Read it with :meth:`check_finite` once the frames have left the device, which
+      synchronises anyway.
+    """
+
+    index: int
+    x0: torch.Tensor
+    cache: KVCache
+    plan: BlockPlan
+    finite: torch.Tensor
+
+    def check_finite(self) -> None:
+        """Raise :class:`NonFiniteError` naming this block if its latents hold NaN or Inf."""
+        if self.finite.item() == 0.0:
+            return
+        if self.index == 0:
+            cause = ("the inputs or the weights: check --noise / --text-embeds and the checkpoint "
+                     "(weights are checked for NaN/Inf at load)")
+        else:
+            cause = ("a numerical overflow carried forward by the cache and the EMA memory; try --dtype float32, "
+                     "or --memory-dtype float32")
+        raise NonFiniteError(f"block {self.index} (latent frames {self.index * self.x0.shape[1]}.."
+                             f"{(self.index + 1) * self.x0.shape[1] - 1}) produced NaN or Inf; likely cause: {cause}")
+
+
+@dataclass(frozen=True)
+class _PromptSwitch:
+    """A prompt change waiting for its block boundary (see :meth:`BlockStream.set_prompt`)."""
+
+    at_block: int
+    prompt_embeds: torch.Tensor
+    memory: str
+    transition_blocks: int
+
+
 class MemRoPEPipeline:
     """Generates latent frames block by block with a fixed-size cache.
 
     Args:
         backend: a :class:`memrope.backend.Backend` (``engine/`` has one per runtime).
         run: the run configuration (cache policy, sampler, latent size, frames).
+
+    One pipeline may drive several streams (:meth:`stream`), each with its own cache, on the
+    same backend: a server does this, one block at a time per stream.
     """
 
     def __init__(self, backend: Backend, run: RunConfig):
@@ -82,107 +134,311 @@ class MemRoPEPipeline:
         r = self.run
         return r.latent_channels, r.latent_height, r.latent_width
 
+    def block_shape(self) -> tuple[int, int, int, int, int]:
+        """``(B, F, C, H, W)`` of one block of latents."""
+        return (self.run.batch_size, self.layout.block_frames, *self.latent_frame_shape())
+
+    def stream(self, prompt_embeds: torch.Tensor, noise: NoiseSource, *, max_blocks: int | None = None,
+               on_call: Callable[[CallRecord], None] | None = None) -> "BlockStream":
+        """A new stream of blocks for ``prompt_embeds [B, L <= text_len, text_dim]``; see :class:`BlockStream`."""
+        return BlockStream(self, prompt_embeds, noise, max_blocks=max_blocks, on_call=on_call)
+
     @torch.no_grad()
-    def blocks(
-        self,
-        prompt_embeds: torch.Tensor,
-        noise: NoiseSource,
-        num_blocks: int,
-        on_call: Callable[[CallRecord], None] | None = None,
-    ) -> Iterator[tuple[int, torch.Tensor, KVCache, BlockPlan]]:
-        """Yield ``(block_index, x0 [B, F, C, H, W], cache, plan)`` after each block.
-
-        The cache is yielded after the block's context pass (for inspection; do not keep
-        references across blocks, it is overwritten in place).
-        """
-        cfg, lay, sched, backend = self.backend.model, self.layout, self.schedule, self.backend
-        batch = prompt_embeds.shape[0]
-        if batch != self.run.batch_size:
-            raise ValueError(f"prompt_embeds batch {batch} does not match num_samples {self.run.batch_size}")
-        if prompt_embeds.shape[1] > cfg.text_len:
-            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens; the model takes at most "
-                             f"text_len={cfg.text_len}")
-        contract = step_contract(cfg, self.run, lay, DTYPE_NAMES[self.dtype], batch)
-
-        # Buffers, allocated once; their addresses never change during the run.
-        cache = KVCache(lay, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, self.dtype, self.device)
-        controls = CacheControls.allocate(lay, self.device)
-        feeds: dict[str, torch.Tensor] = {}
-        padded = torch.zeros(batch, cfg.text_len, cfg.text_dim, dtype=self.dtype, device=self.device)
-        padded[:, :prompt_embeds.shape[1]] = prompt_embeds
-        cross = backend.encode_text(padded)
-        named_controls = controls.as_dict()
-        for i in range(cfg.num_layers):
-            feeds[past_key(i)], feeds[past_value(i)] = cache.keys[i], cache.values[i]
-            if lay.has_memory:
-                feeds[memory_key(i)], feeds[memory_value(i)] = cache.memory_keys[i], cache.memory_values[i]
-        for spec in contract.inputs:
-            if spec.name in named_controls:
-                feeds[spec.name] = named_controls[spec.name]
-            elif spec.name in cross:
-                feeds[spec.name] = spec.zeros(self.device).copy_(cross[spec.name])
-            elif spec.name not in feeds:
-                feeds[spec.name] = spec.zeros(self.device)
-        del cross
-        latents_buf, timestep_buf, sigma_buf = feeds["latents"], feeds["timestep"], feeds["sigma"]
-
-        frames = lay.block_frames
-
-        def constant(shape: tuple[int, ...], value: float) -> torch.Tensor:
-            return torch.full(shape, value, dtype=torch.float32, device=self.device)
-
-        step_t = [constant((batch, frames), t) for t in sched.step_timesteps]
-        step_sigma = [constant((1,), s) for s in sched.step_sigmas]
-        context_t = constant((batch, frames), sched.context_timestep)
-        context_sigma = constant((1,), sched.context_sigma)
-        expected = (batch, frames, *self.latent_frame_shape())
-
-        def call(block: int, index: int, plan: BlockPlan, x: torch.Tensor, t: torch.Tensor,
-                 s: torch.Tensor) -> dict[str, torch.Tensor]:
-            latents_buf.copy_(x)
-            timestep_buf.copy_(t)
-            sigma_buf.copy_(s)
-            out = backend.step(feeds)
-            if on_call is not None:
-                snapshot = {k: v.clone() for k, v in out.items()}
-                on_call(CallRecord(block, index, plan, latents_buf.clone(), t,
-                                   step_outputs_from_named(snapshot, cfg.num_layers)))
-            return out
-
-        memory_names = [(present_memory_key(i), present_memory_value(i)) for i in range(cfg.num_layers)]
-        block_names = [(present_key(i), present_value(i)) for i in range(cfg.num_layers)]
-        policy = CachePolicy(lay)
-        for b in range(num_blocks):
-            plan = policy.next_block()
-            if plan.roll:
-                cache.roll()
-            x = noise.block_noise(b).to(self.device, self.dtype)
-            if tuple(x.shape) != expected:
-                raise ValueError(f"noise for block {b} has shape {list(x.shape)}, expected {list(expected)}")
-            controls.set(lay, plan, first_call=True)
-            for i in range(sched.num_steps):
-                out = call(b, i, plan, x, step_t[i], step_sigma[i])
-                if i == 0:
-                    if plan.memory_step != MEMORY_NONE:
-                        cache.write_memory([out[k] for k, _ in memory_names], [out[v] for _, v in memory_names])
-                    controls.set(lay, plan, first_call=False)
-                if i < sched.num_steps - 1:
-                    eps = noise.renoise(b, i).to(self.device, self.dtype)
-                    x = add_noise(out["x0"], eps, step_sigma[i + 1])
-                else:
-                    x0 = out["x0"].clone()
-            # Context pass: the clean prediction at the context timestep writes the cache.
-            out = call(b, sched.num_steps, plan, x0, context_t, context_sigma)
-            cache.write_block(plan.write_frame, [out[k] for k, _ in block_names], [out[v] for _, v in block_names])
-            yield b, x0, cache, plan
+    def blocks(self, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
+               on_call: Callable[[CallRecord], None] | None = None) -> Iterator[BlockResult]:
+        """Yield each of ``num_blocks`` blocks as a :class:`BlockResult` once its context pass is done."""
+        stream = self.stream(prompt_embeds, noise, max_blocks=num_blocks, on_call=on_call)
+        try:
+            for _ in range(num_blocks):
+                yield stream.next_block()
+        finally:
+            stream.close()
 
     def generate(self, prompt_embeds: torch.Tensor, noise: NoiseSource, num_frames: int | None = None,
                  on_call: Callable[[CallRecord], None] | None = None) -> torch.Tensor:
-        """All frames at once: ``[B, num_frames, C, H, W]`` in the model dtype."""
+        """All frames at once: ``[B, num_frames, C, H, W]`` in the model dtype (held in memory; a
+        long video should consume :meth:`blocks` instead)."""
         num_frames = self.run.num_output_frames if num_frames is None else num_frames
         if num_frames % self.layout.block_frames:
             raise ValueError(f"num_frames ({num_frames}) must be a multiple of the block size "
                              f"({self.layout.block_frames})")
-        out = [x0 for _, x0, _, _ in self.blocks(prompt_embeds, noise, num_frames // self.layout.block_frames,
-                                                 on_call)]
+        out = [r.x0.clone() for r in self.blocks(prompt_embeds, noise, num_frames // self.layout.block_frames,
+                                                  on_call)]
         return torch.cat(out, dim=1)
+
+
+class BlockStream:
+    """One video being generated: its cache, controls, buffers, noise and prompt.
+
+    Created by :meth:`MemRoPEPipeline.stream`. :meth:`next_block` runs every call of the next
+    block and returns a :class:`BlockResult`; :meth:`set_prompt` changes the prompt at a block
+    boundary. Every buffer is allocated here, once; the backend sees the same ``feeds`` dict (same
+    tensors, same addresses) on every call, so it may bind them once.
+
+    Args:
+        prompt_embeds: ``[B, L <= text_len, text_dim]`` text embeddings (zero-padded to text_len here).
+        noise: where each block's noise comes from.
+        max_blocks: the last block this stream will run, if known (noise is drawn one block
+            ahead, but never past it); ``None`` for an unbounded stream.
+    """
+
+    def __init__(self, pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: NoiseSource, *,
+                 max_blocks: int | None = None, on_call: Callable[[CallRecord], None] | None = None):
+        self.pipeline = pipeline
+        backend, lay, run = pipeline.backend, pipeline.layout, pipeline.run
+        cfg, device, dtype = backend.model, pipeline.device, pipeline.dtype
+        self.backend, self.layout, self.on_call = backend, lay, on_call
+        self.num_layers = cfg.num_layers
+        self.max_blocks = max_blocks
+        batch = run.batch_size
+        self._check_embeds(prompt_embeds)
+        shape = pipeline.block_shape()
+        num_steps = pipeline.schedule.num_steps
+        noise.check(shape, num_steps)
+        self.noise = noise
+
+        # Buffers, allocated once; their addresses never change for the stream's life.
+        self.cache = KVCache(lay, cfg.num_layers, batch, cfg.num_heads, cfg.head_dim, dtype, device)
+        self.controls = CacheControls.allocate(lay, device)
+        self.policy = CachePolicy(lay)
+        contract = step_contract(cfg, run, lay, DTYPE_NAMES[dtype], batch)
+        feeds = Feeds(self.controls.as_dict())
+        for i in range(cfg.num_layers):
+            feeds[past_key(i)], feeds[past_value(i)] = self.cache.keys[i], self.cache.values[i]
+            if lay.has_memory:
+                feeds[memory_key(i)], feeds[memory_value(i)] = self.cache.memory_keys[i], self.cache.memory_values[i]
+        for spec in contract.inputs:
+            if spec.name not in feeds:
+                feeds[spec.name] = spec.zeros(device)
+        self.feeds = feeds
+        self.cross = {name: feeds[name] for i in range(cfg.num_layers) for name in (cross_key(i), cross_value(i))}
+        self._padded = torch.zeros(batch, cfg.text_len, cfg.text_dim, dtype=dtype, device=device)
+        self._load_cross(prompt_embeds)
+
+        self._latents, self._timestep, self._sigma = feeds["latents"], feeds["timestep"], feeds["sigma"]
+
+        def constant(shape_: tuple[int, ...], value: float) -> torch.Tensor:
+            return torch.full(shape_, value, dtype=torch.float32, device=device)
+
+        sched = pipeline.schedule
+        frames = lay.block_frames
+        self._step_t = [constant((batch, frames), t) for t in sched.step_timesteps]
+        self._step_sigma = [constant((1,), s) for s in sched.step_sigmas]
+        self._step_keep = [constant((1,), 1.0) - s for s in self._step_sigma]
+        self._context_t = constant((batch, frames), sched.context_timestep)
+        self._context_sigma = constant((1,), sched.context_sigma)
+        # Re-noising (1 - s) * x0 + s * eps in float32 (the reference's arithmetic), into fixed
+        # scratch: two products then a sum, bit-identical to sampler.add_noise.
+        self._mix = torch.empty(shape, dtype=torch.float32, device=device)
+        self._mix_eps = torch.empty(shape, dtype=torch.float32, device=device)
+        self._x0 = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
+        self._finite = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(2)]
+        self._finite_scratch = torch.empty(shape, dtype=torch.float32, device=device)
+
+        # Noise: [steps, B, F, C, H, W] on the device. A host source on an accelerator is staged
+        # through two (pinned, on CUDA) buffers and copied without blocking, one block ahead.
+        # A host source drawing in another dtype (e.g. bf16 noise for an fp32 comparison run) is
+        # staged in its dtype and converted by the copy.
+        self._noise = torch.empty((num_steps, *shape), dtype=dtype, device=device)
+        draw_dtype = noise.dtype or dtype
+        if noise.device is not None and draw_dtype != dtype:
+            raise ValueError(f"noise drawn on {noise.device} in {draw_dtype} cannot fill the model's {dtype} buffers")
+        self._staged = noise.device is None and (device.type != "cpu" or draw_dtype != dtype)
+        self._staging: list[torch.Tensor] = []
+        self._staging_done: list = [None, None]
+        if self._staged:
+            pin = device.type == "cuda"
+            self._staging = [torch.empty((num_steps, *shape), dtype=draw_dtype, pin_memory=pin) for _ in range(2)]
+        self._noise_ready = -1  # the block whose noise self._noise holds (or has a copy queued for)
+
+        self._memory_names = [(present_memory_key(i), present_memory_value(i)) for i in range(cfg.num_layers)]
+        self._block_names = [(present_key(i), present_value(i)) for i in range(cfg.num_layers)]
+        self._pending: list[_PromptSwitch] = []
+        self._transition: tuple[torch.Tensor, ...] | None = None
+        self._blend: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._blend_left = 0
+        self.block_index = 0
+        self.closed = False
+
+    # -- prompts ----------------------------------------------------------------------------------
+
+    def _check_embeds(self, prompt_embeds: torch.Tensor) -> None:
+        cfg, run = self.backend.model, self.pipeline.run
+        if prompt_embeds.ndim != 3 or prompt_embeds.shape[2] != cfg.text_dim:
+            raise ValueError(f"prompt_embeds must be [B, L, text_dim={cfg.text_dim}], got {list(prompt_embeds.shape)}")
+        if prompt_embeds.shape[0] != run.batch_size:
+            raise ValueError(f"prompt_embeds batch {prompt_embeds.shape[0]} does not match num_samples "
+                             f"{run.batch_size}")
+        if prompt_embeds.shape[1] > cfg.text_len:
+            raise ValueError(f"prompt_embeds has {prompt_embeds.shape[1]} tokens; the model takes at most "
+                             f"text_len={cfg.text_len}")
+        if not torch.isfinite(prompt_embeds).all():
+            raise ValueError("prompt_embeds contain NaN or Inf")
+
+    def _encode(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Cross-attention K/V of a prompt, in the backend's own output buffers (valid until its
+        next ``encode_text``)."""
+        self._padded.zero_()
+        self._padded[:, :prompt_embeds.shape[1]] = prompt_embeds
+        return self.backend.encode_text(self._padded)
+
+    def _load_cross(self, prompt_embeds: torch.Tensor) -> None:
+        for name, tensor in self._encode(prompt_embeds).items():
+            self.cross[name].copy_(tensor)
+
+    def set_prompt(self, prompt_embeds: torch.Tensor, *, at_block: int | None = None, memory: str = "keep",
+                   transition_blocks: int = 0) -> None:
+        """Change the prompt at a block boundary: from block ``at_block`` on (default: the next
+        block), the calls attend to the new prompt's cross-attention keys/values.
+
+        Args:
+            prompt_embeds: ``[B, L <= text_len, text_dim]`` of the new prompt.
+            memory: ``keep`` the EMA memory (it summarises frames that are gone and cannot be
+                recomputed), or ``reset`` it: the next roll initialises it afresh.
+            transition_blocks: blend the old and new cross keys/values linearly over this many
+                blocks (block k of the transition uses weight ``(k + 1) / (N + 1)`` for the new
+                prompt); 0 switches at once.
+
+        The text is encoded when the switch takes effect, between blocks. Raises ValueError for a
+        bad prompt or option before anything changes.
+        """
+        self._check_open()
+        self._check_embeds(prompt_embeds)
+        if memory not in MEMORY_ON_SWITCH:
+            raise ValueError(f"memory must be one of {MEMORY_ON_SWITCH}, got {memory!r}")
+        if isinstance(transition_blocks, bool) or not isinstance(transition_blocks, int) or transition_blocks < 0:
+            raise ValueError(f"transition_blocks must be a non-negative integer, got {transition_blocks!r}")
+        at = self.block_index if at_block is None else at_block
+        if isinstance(at, bool) or not isinstance(at, int) or at < self.block_index:
+            raise ValueError(f"at_block must be an integer >= the next block ({self.block_index}), got {at_block!r}")
+        self._pending.append(_PromptSwitch(at, prompt_embeds.detach().clone(), memory, transition_blocks))
+        self._pending.sort(key=lambda s: s.at_block)
+
+    def _apply_switches(self) -> None:
+        while self._pending and self._pending[0].at_block <= self.block_index:
+            switch = self._pending.pop(0)
+            if switch.memory == "reset":
+                self.policy.memory_initialized = False
+                if self.cache.memory_keys is not None:
+                    self.cache.memory_keys.zero_()
+                    self.cache.memory_values.zero_()
+            if switch.transition_blocks == 0:
+                self._blend_left = 0
+                self._load_cross(switch.prompt_embeds)
+            else:
+                self._start_transition(switch)
+            logger.info("prompt switched at block %d (memory %s, transition %d blocks)", self.block_index,
+                        switch.memory, switch.transition_blocks)
+        if self._blend_left:
+            self._blend_step()
+
+    def _start_transition(self, switch: _PromptSwitch) -> None:
+        if not self._blend:
+            # Allocated on the first transition and reused by later ones (2 x the cross K/V).
+            self._blend = {name: (torch.empty_like(t), torch.empty_like(t)) for name, t in self.cross.items()}
+        new = self._encode(switch.prompt_embeds)
+        for name, (old_buf, new_buf) in self._blend.items():
+            old_buf.copy_(self.cross[name])
+            new_buf.copy_(new[name])
+        self._blend_total = switch.transition_blocks
+        self._blend_left = switch.transition_blocks + 1
+
+    def _blend_step(self) -> None:
+        k = self._blend_total + 1 - self._blend_left
+        weight = (k + 1) / (self._blend_total + 1)
+        for name, (old_buf, new_buf) in self._blend.items():
+            torch.lerp(old_buf, new_buf, weight, out=self.cross[name])
+        self._blend_left -= 1
+
+    # -- noise --------------------------------------------------------------------------------------
+
+    def _queue_noise(self, block: int) -> None:
+        """Make ``self._noise`` hold block ``block``'s noise by the time the stream's next calls run."""
+        if self.max_blocks is not None and block >= self.max_blocks:
+            return
+        self._noise_ready = block
+        if not self._staged:
+            self.noise.draw(block, self._noise)
+            return
+        slot = block % 2
+        done = self._staging_done[slot]
+        if done is not None:
+            done.synchronize()  # the copy out of this staging buffer (two blocks ago) has finished
+        self.noise.draw(block, self._staging[slot])
+        # Ordered on the stream after every call that still reads the current block's noise.
+        self._noise.copy_(self._staging[slot], non_blocking=True)
+        if self._noise.device.type == "cuda":
+            if done is None:
+                done = self._staging_done[slot] = torch.cuda.Event()
+            done.record()
+
+    # -- the loop -----------------------------------------------------------------------------------
+
+    def _call(self, block: int, index: int, plan: BlockPlan, t: torch.Tensor, s: torch.Tensor) -> dict:
+        self._timestep.copy_(t)
+        self._sigma.copy_(s)
+        out = self.backend.step(self.feeds)
+        if self.on_call is not None:
+            snapshot = {k: v.clone() for k, v in out.items()}
+            self.on_call(CallRecord(block, index, plan, self._latents.clone(), t,
+                                    step_outputs_from_named(snapshot, self.num_layers)))
+        return out
+
+    @torch.no_grad()
+    def next_block(self) -> BlockResult:
+        """Run every call of the next block (its denoising steps, then the context pass)."""
+        self._check_open()
+        b = self.block_index
+        if self.max_blocks is not None and b >= self.max_blocks:
+            raise ValueError(f"this stream was opened for {self.max_blocks} blocks")
+        self._apply_switches()
+        if self._noise_ready != b:
+            self._queue_noise(b)
+        cache, controls, lay, sched = self.cache, self.controls, self.layout, self.pipeline.schedule
+        plan = self.policy.next_block()
+        if plan.roll:
+            cache.roll()
+        controls.set(lay, plan, first_call=True)
+        x0 = self._x0[b % 2]
+        latents = self._latents
+        latents.copy_(self._noise[0])
+        for i in range(sched.num_steps):
+            out = self._call(b, i, plan, self._step_t[i], self._step_sigma[i])
+            if i == 0:
+                if plan.memory_step != MEMORY_NONE:
+                    cache.write_memory([out[k] for k, _ in self._memory_names],
+                                       [out[v] for _, v in self._memory_names])
+                controls.set(lay, plan, first_call=False)
+            if i < sched.num_steps - 1:
+                mix = latents if latents.dtype == torch.float32 else self._mix
+                torch.mul(out["x0"], self._step_keep[i + 1], out=mix)
+                torch.mul(self._noise[i + 1], self._step_sigma[i + 1], out=self._mix_eps)
+                mix.add_(self._mix_eps)
+                if mix is not latents:
+                    latents.copy_(mix)
+            else:
+                x0.copy_(out["x0"])
+        # Context pass: the clean prediction at the context timestep writes the cache.
+        latents.copy_(x0)
+        out = self._call(b, sched.num_steps, plan, self._context_t, self._context_sigma)
+        cache.write_block(plan.write_frame, [out[k] for k, _ in self._block_names],
+                          [out[v] for _, v in self._block_names])
+        # Every call that reads this block's noise is queued: draw the next block's meanwhile.
+        self._queue_noise(b + 1)
+        # x * 0 is 0 for a finite x and NaN for NaN or +-Inf: the sum is 0 iff the block is finite.
+        finite = self._finite[b % 2]
+        torch.mul(x0, 0.0, out=self._finite_scratch)
+        torch.sum(self._finite_scratch, dim=_ALL_DIMS, out=finite)
+        self.block_index = b + 1
+        return BlockResult(b, x0, cache, plan, finite)
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("this stream is closed")
+
+    def close(self) -> None:
+        """Release the stream's buffers (its cache first: the largest)."""
+        self.closed = True
+        self.cache = self.feeds = self.cross = None
+        self._x0 = self._noise = self._staging = []
+        self._blend = {}

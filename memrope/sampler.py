@@ -80,18 +80,32 @@ def add_noise(x0: torch.Tensor, noise: torch.Tensor, sigma: float | torch.Tensor
 
 
 class NoiseSource:
-    """Gives the initial noise of each block and the re-noising draws between steps.
+    """Writes each block's noise into a buffer the loop owns (no allocation per block).
 
-    ``block_noise(b)`` -> ``[B, F, C, H, W]``; ``renoise(b, i)`` -> ``[B, F, C, H, W]`` for the
-    draw after denoising step ``i`` of block ``b`` (``i < num_steps - 1``). Calls come in the
-    loop's order: block-major, step-minor.
+    ``draw(block, out)`` fills ``out [num_steps, B, F, C, H, W]``: ``out[0]`` is the block's
+    initial noise, ``out[i]`` (``i >= 1``) the re-noising draw after denoising step ``i - 1``.
+    The loop calls it once per block, in block order, possibly one block ahead of the compute
+    (a block's draws all come after the previous block's, so drawing ahead keeps the order).
+
+    ``device``: ``None`` when the source draws on the host (the loop stages it through pinned
+    memory and copies it without blocking); a device for a source that draws there directly.
+    ``dtype``: the dtype it draws in (``None``: any, converted on copy).
     """
 
-    def block_noise(self, block: int) -> torch.Tensor:  # pragma: no cover - interface
+    device: torch.device | None = None
+    dtype: torch.dtype | None = None
+
+    def check(self, block_shape: tuple[int, ...], num_steps: int) -> None:
+        """Raise ValueError if this source cannot fill ``[num_steps, *block_shape]`` buffers."""
+
+    def draw(self, block: int, out: torch.Tensor) -> None:  # pragma: no cover - interface
         raise NotImplementedError
 
-    def renoise(self, block: int, step: int) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
+
+def _check_shape(what: str, got: tuple[int, ...], expected: tuple[int, ...]) -> None:
+    if tuple(got) != tuple(expected):
+        raise ValueError(f"{what} has shape {list(got)}, expected {list(expected)} (batch, frames per block, "
+                         "latent channels, latent height, latent width)")
 
 
 class TensorNoise(NoiseSource):
@@ -104,13 +118,20 @@ class TensorNoise(NoiseSource):
     def __init__(self, noise: torch.Tensor, intermediate: torch.Tensor, block_frames: int):
         self.noise, self.intermediate, self.block_frames = noise, intermediate, block_frames
 
-    def block_noise(self, block: int) -> torch.Tensor:
-        f = self.block_frames
-        return self.noise[:, block * f:(block + 1) * f]
+    def check(self, block_shape: tuple[int, ...], num_steps: int) -> None:
+        batch, frames = block_shape[:2]
+        _check_shape("noise for one block", (self.noise.shape[0], frames, *self.noise.shape[2:]), block_shape)
+        expected = (self.intermediate.shape[0], num_steps - 1, batch * frames, *block_shape[2:])
+        if tuple(self.intermediate.shape) != expected:
+            raise ValueError(f"intermediate_noise has shape {list(self.intermediate.shape)}, expected "
+                             f"{list(expected)} (blocks, denoising steps - 1, batch * frames per block, C, H, W)")
 
-    def renoise(self, block: int, step: int) -> torch.Tensor:
-        draw = self.intermediate[block, step]
-        return draw.reshape(self.noise.shape[0], self.block_frames, *draw.shape[1:])
+    def draw(self, block: int, out: torch.Tensor) -> None:
+        f = self.block_frames
+        if (block + 1) * f > self.noise.shape[1] or block >= self.intermediate.shape[0]:
+            raise ValueError(f"the noise tensors cover {self.noise.shape[1] // f} blocks; block {block} has none")
+        out[0].copy_(self.noise[:, block * f:(block + 1) * f])
+        out[1:].copy_(self.intermediate[block].reshape(out[1:].shape))
 
 
 class SeededNoise(NoiseSource):
@@ -124,18 +145,22 @@ class SeededNoise(NoiseSource):
     def __init__(self, seed: int, batch: int, num_frames: int, latent_shape: tuple[int, int, int],
                  block_frames: int, dtype: torch.dtype = torch.float32):
         self.generator = torch.Generator("cpu").manual_seed(seed)
-        self.block_frames, self.dtype, self.batch = block_frames, dtype, batch
-        self.latent_shape = latent_shape
+        self.block_frames, self.dtype = block_frames, dtype
+        self.block_shape = (batch, block_frames, *latent_shape)
         self.noise = torch.randn([batch, num_frames, *latent_shape], generator=self.generator, dtype=dtype)
 
-    def block_noise(self, block: int) -> torch.Tensor:
-        f = self.block_frames
-        return self.noise[:, block * f:(block + 1) * f]
+    def check(self, block_shape: tuple[int, ...], num_steps: int) -> None:
+        _check_shape("seeded noise", self.block_shape, block_shape)
 
-    def renoise(self, block: int, step: int) -> torch.Tensor:
-        draw = torch.randn([self.batch * self.block_frames, *self.latent_shape],
-                           generator=self.generator, dtype=self.dtype)
-        return draw.reshape(self.batch, self.block_frames, *self.latent_shape)
+    def draw(self, block: int, out: torch.Tensor) -> None:
+        f = self.block_frames
+        if (block + 1) * f > self.noise.shape[1]:
+            raise ValueError(f"the seeded noise was drawn for {self.noise.shape[1] // f} blocks; block {block} "
+                             "has none")
+        out[0].copy_(self.noise[:, block * f:(block + 1) * f])
+        for step in range(1, out.shape[0]):
+            # [B, F, C, H, W] holds the reference's [B * F, C, H, W] draw element for element.
+            torch.randn(self.block_shape, generator=self.generator, dtype=self.dtype, out=out[step])
 
 
 class StreamingSeededNoise(NoiseSource):
@@ -146,11 +171,25 @@ class StreamingSeededNoise(NoiseSource):
     def __init__(self, seed: int, batch: int, latent_shape: tuple[int, int, int], block_frames: int,
                  dtype: torch.dtype = torch.float32):
         self.generator = torch.Generator("cpu").manual_seed(seed)
-        self.shape = [batch, block_frames, *latent_shape]
+        self.block_shape = (batch, block_frames, *latent_shape)
         self.dtype = dtype
 
-    def block_noise(self, block: int) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
+    def check(self, block_shape: tuple[int, ...], num_steps: int) -> None:
+        _check_shape("seeded noise", self.block_shape, block_shape)
 
-    def renoise(self, block: int, step: int) -> torch.Tensor:
-        return torch.randn(self.shape, generator=self.generator, dtype=self.dtype)
+    def draw(self, block: int, out: torch.Tensor) -> None:
+        for step in range(out.shape[0]):
+            torch.randn(self.block_shape, generator=self.generator, dtype=self.dtype, out=out[step])
+
+
+class DeviceNoise(NoiseSource):
+    """Noise drawn on the device by a device generator, straight into the loop's buffer: no host
+    draw and no copy. Deterministic for a seed and device, but neither the reference's stream nor
+    the same across devices (use :class:`SeededNoise` for that)."""
+
+    def __init__(self, seed: int, device: torch.device | str):
+        self.device = torch.device(device)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+
+    def draw(self, block: int, out: torch.Tensor) -> None:
+        torch.randn(out.shape, generator=self.generator, dtype=out.dtype, device=out.device, out=out)

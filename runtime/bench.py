@@ -235,7 +235,7 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
         block_ms, call_ms = [], []
         start = time.perf_counter()
         device_peak = 0
-        for _, x0, _, _ in pipeline.blocks(embeds, noise, blocks):
+        for _ in pipeline.blocks(embeds, noise, blocks):
             calls = backend.drain()  # synchronises on GPU: the block's frames are ready
             now = time.perf_counter()
             device_peak = max(device_peak, _device_used_bytes(dev))

@@ -79,7 +79,8 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     kept, written = [], 0
     start = time.perf_counter()
     try:
-        for _, x0, _, _ in pipeline.blocks(prompt_embeds, noise, num_blocks):
+        for block in pipeline.blocks(prompt_embeds, noise, num_blocks):
+            x0 = block.x0
             frames = decoder.decode(x0)[0]  # [T, H, W, 3] uint8, batch 0
             writer.write(frames)
             if on_frames is not None:

@@ -28,8 +28,8 @@ def compiled_backends(golden_dit):
 def _run(backend, run, embeds, noise, blocks):
     calls, latents = [], []
     with backend:
-        for _, x0, _, _ in MemRoPEPipeline(backend, run).blocks(embeds, noise, blocks, on_call=calls.append):
-            latents.append(x0)
+        for block in MemRoPEPipeline(backend, run).blocks(embeds, noise, blocks, on_call=calls.append):
+            latents.append(block.x0.clone())
     return calls, torch.cat(latents, dim=1)
 
 

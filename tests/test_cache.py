@@ -164,7 +164,8 @@ def test_300_blocks_constant_size_addresses_and_finite(policy):
     embeds = torch.randn(1, cfg.text_len, cfg.text_dim, generator=torch.Generator().manual_seed(1))
     sink_tokens = run.cache.sink_frames * pipeline.layout.frame_tokens
     rss_at = {}
-    for b, x0, cache, plan in pipeline.blocks(embeds, noise, 300):
+    for block in pipeline.blocks(embeds, noise, 300):
+        b, x0, cache = block.index, block.x0, block.cache
         if b == 0:
             ptrs = (cache.keys.data_ptr(), cache.values.data_ptr())
             nbytes = cache.nbytes()
@@ -191,8 +192,8 @@ def test_memory_dtype_follows_the_cache_unless_float32_is_asked():
         run = RunConfig(cache=CacheConfig(memory_dtype=memory_dtype), num_output_frames=24,
                         latent_height=4, latent_width=6)
         pipeline = MemRoPEPipeline(EagerBackend(dit, run), run)
-        for _, _, cache, _ in pipeline.blocks(embeds, StreamingSeededNoise(0, 1, (16, 4, 6), 3, torch.bfloat16), 8):
-            pass
+        for block in pipeline.blocks(embeds, StreamingSeededNoise(0, 1, (16, 4, 6), 3, torch.bfloat16), 8):
+            cache = block.cache
         memories[memory_dtype] = cache.memory_keys.clone()
     assert memories["cache"].dtype == torch.bfloat16 and memories["float32"].dtype == torch.float32
     # Same inputs, different accumulator rounding: close but not identical.
