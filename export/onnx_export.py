@@ -22,24 +22,18 @@ import os
 import platform
 import shutil
 import time
-import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
 from export.graph import StepGraph, TextGraph
-from memrope.artifact import (
-    CONFIG_FILE,
-    CONTRACT_FILE,
-    STEP_FILE,
-    TEXT_FILE,
-    specialise_run,
-)
+from memrope.artifact import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, TEXT_FILE, pin_files, specialise_run
 from memrope.cache import CacheControls, CacheLayout
 from memrope.config import RunConfig
 from memrope.contract import ArtifactContract, build_contract
 from memrope.errors import StageError
+from memrope.io import clean_leftovers, partial_path
 from memrope.model import MemRoPEStep, WanCausalDiT
 
 logger = logging.getLogger(__name__)
@@ -146,7 +140,8 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     text_graph = TextGraph(dit).eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir.parent / f".{out_dir.name}.partial-{uuid.uuid4().hex[:8]}"
+    clean_leftovers(out_dir.parent)
+    tmp = partial_path(out_dir)
     tmp.mkdir()
     try:
         with torch.no_grad():
@@ -176,14 +171,14 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
                 atol=PER_CALL_ATOL if validation_atol is None else validation_atol)
         (tmp / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
 
-        contract.write(tmp / CONTRACT_FILE)
+        contract.write(tmp / CONTRACT_FILE, files=pin_files(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps(
             {"config_hash": contract.config_hash, "model": asdict(model_cfg), "run": run.to_dict()},
             indent=1, default=str) + "\n")
         (tmp / "versions.json").write_text(json.dumps(_versions(), indent=1) + "\n")
 
         if out_dir.exists():
-            trash = out_dir.parent / f".{out_dir.name}.old-{uuid.uuid4().hex[:8]}"
+            trash = partial_path(out_dir, "old")
             out_dir.rename(trash)
             tmp.rename(out_dir)
             shutil.rmtree(trash)

@@ -10,22 +10,13 @@ comparing the artifact with the run a user asks for. A mismatch is an
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from memrope.cache import CacheLayout
-from memrope.config import (
-    VAE_SPATIAL_STRIDE,
-    RunConfig,
-    WanConfig,
-    run_config_from_dict,
-)
-from memrope.contract import (
-    ArtifactContract,
-    artifact_hash,
-    build_contract,
-    read_contract_json,
-)
+from memrope.config import VAE_SPATIAL_STRIDE, RunConfig, WanConfig, run_config_from_dict
+from memrope.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
 
 CONTRACT_FILE, CONFIG_FILE = "contract.json", "config.json"
 
@@ -36,6 +27,7 @@ def graph_file(graph: str) -> str:
 
 
 STEP_FILE, TEXT_FILE = graph_file("step"), graph_file("text")
+logger = logging.getLogger(__name__)
 
 
 def specialise_run(run: RunConfig, model: WanConfig, height: int, width: int, batch: int) -> RunConfig:
@@ -121,12 +113,69 @@ def _check_graph_io(path: Path, names: list[str], shapes: list[tuple[int, ...]],
                                     "artifact was modified or mixed with another export — re-export it")
 
 
-def load_artifact(path: str | Path) -> Artifact:
-    """Open and verify an artifact directory written by ``memrope export``."""
+# Files whose bytes the contract pins: the graphs and their external weights.
+PINNED_SUFFIXES = (".onnx", ".data")
+_HASH_CHUNK_BYTES = 1 << 24
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(_HASH_CHUNK_BYTES):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def pin_files(directory: Path) -> dict[str, dict]:
+    """``{file: {bytes, sha256, mtime_ns}}`` for every graph and external-data file in ``directory``
+    (what the export records in ``contract.json``)."""
+    pins = {}
+    for file in sorted(directory.iterdir()):
+        if file.is_file() and file.suffix in PINNED_SUFFIXES:
+            stat = file.stat()
+            pins[file.name] = {"bytes": stat.st_size, "sha256": file_sha256(file), "mtime_ns": stat.st_mtime_ns}
+    return pins
+
+
+def _check_pins(path: Path, pins: object, verify: bool) -> None:
+    """Every pinned file is present with its size; its SHA-256 is recomputed when ``verify`` or
+    when its mtime moved (a copy, an edit). A mismatch names the file."""
+    if not isinstance(pins, dict) or not pins:
+        raise ArtifactMismatchError(f"artifact {path}: contract.json records no file hashes (exported by an older "
+                                    "version); re-export it with `memrope export`")
+    for name, pin in pins.items():
+        file = path / name
+        if not file.is_file():
+            raise ArtifactMismatchError(f"artifact {path}: {name} is missing; re-export it with `memrope export`")
+        stat = file.stat()
+        if stat.st_size != pin.get("bytes"):
+            raise ArtifactMismatchError(f"artifact {path}: {name} has {stat.st_size} bytes, the export wrote "
+                                        f"{pin.get('bytes')}: the file was edited or mixed in from another export; "
+                                        "re-export it")
+        if verify or stat.st_mtime_ns != pin.get("mtime_ns"):
+            if file_sha256(file) != pin.get("sha256"):
+                raise ArtifactMismatchError(f"artifact {path}: {name} differs from the file the export wrote "
+                                            "(SHA-256 mismatch): it was edited or mixed in from another export; "
+                                            "re-export it")
+    extra = sorted(f.name for f in path.iterdir() if f.is_file() and f.suffix in PINNED_SUFFIXES and f.name not in pins)
+    if extra:
+        logger.warning("artifact %s holds files its export did not write (ignored): %s", path, ", ".join(extra))
+
+
+def load_artifact(path: str | Path, *, verify: bool = False) -> Artifact:
+    """Open and verify an artifact directory written by ``memrope export``.
+
+    Checks the contract and config against what this engine derives, the graphs' I/O names,
+    and the recorded size of every graph and external-data file; a file whose mtime changed is
+    hashed and compared, and ``verify`` hashes every file (SHA-256). A mismatch is an
+    :class:`ArtifactMismatchError` naming the file."""
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"artifact directory not found: {path}")
     raw = read_contract_json(path / CONTRACT_FILE)
+    _check_pins(path, raw.pop("files", None), verify)
     try:
         config = json.loads((path / CONFIG_FILE).read_text())
         model = WanConfig.from_dict(config["model"])

@@ -139,7 +139,7 @@ def load_dit_state_dict(
       ``_fsdp_wrapped_module.`` segments and a leading ``model.`` are stripped.
 
     The result must match :func:`expected_dit_shapes` exactly (no missing or extra keys, same
-    shapes, floating dtypes). If ``lora_path`` is given, the LongLive LoRA in it is merged as
+    shapes, floating dtypes) and hold only finite values. If ``lora_path`` is given, the LongLive LoRA in it is merged as
     ``W <- W + (alpha / rank) * B @ A`` in float32, with ``lora`` (default :class:`LoraConfig`)
     giving rank and alpha; ``lora`` is ignored without ``lora_path``. Tensors come back
     contiguous, on CPU, in ``dtype``, in state-dict order.
@@ -153,8 +153,18 @@ def load_dit_state_dict(
     if lora_path is not None:
         state = _merge_lora(state, Path(lora_path), lora if lora is not None else LoraConfig(),
                             num_layers=cfg.num_layers)
-    return {name: state[name].to(device="cpu", dtype=dtype).contiguous()
-            for name in expected_dit_shapes(cfg)}
+    out = {name: state[name].to(device="cpu", dtype=dtype).contiguous() for name in expected_dit_shapes(cfg)}
+    _check_finite(out, source=str(path) + (f" + LoRA {lora_path}" if lora_path is not None else ""))
+    return out
+
+
+def _check_finite(state: Mapping[str, torch.Tensor], *, source: str) -> None:
+    """Refuse weights holding NaN or Inf (after the cast: a value too large for ``dtype`` counts):
+    such a model would turn every frame into NaN after minutes of compute."""
+    bad = [name for name, tensor in state.items() if not bool(torch.isfinite(tensor).all())]
+    if bad:
+        raise ValueError(f"{source}: {len(bad)} weight tensor(s) hold NaN or Inf ({_preview(bad)}); the "
+                         "checkpoint is corrupt (or its values overflow the requested dtype)")
 
 
 def save_dit_state_dict_safetensors(

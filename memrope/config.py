@@ -286,47 +286,91 @@ def _as_float(value: Any, name: str) -> float:
     return float(value)
 
 
+# The one architecture these weights and this engine implement (spec section 1).
+SUPPORTED_MODEL_NAME = "Wan2.1-T2V-1.3B"
+
+
+def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
+    value = raw.get(name) or {}
+    if not isinstance(value, Mapping):
+        raise ValueError(f"{source}: {name} must be a mapping, got {value!r}")
+    return value
+
+
+def _pick(key: str, places: list[tuple[str, Mapping[str, Any]]], source: str, default: Any = None) -> Any:
+    """The value of ``key`` wherever the authors' layouts put it; two different values are an error."""
+    found = [(where, place[key]) for where, place in places if key in place]
+    if len({repr(v) for _, v in found}) > 1:
+        listed = ", ".join(f"{where}{key}={v!r}" for where, v in found)
+        raise ValueError(f"{source}: {key} is given twice with different values ({listed}); keep one")
+    return found[0][1] if found else default
+
+
 def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") -> RunConfig:
     """Map the authors' YAML keys onto :class:`RunConfig`.
 
-    Unknown keys (training options, prompts, paths of other components) are ignored, so the
-    authors' files are read unchanged. Our own options live under an optional ``engine:`` map:
-    ``memory_dtype: float32``.
+    Reads the layouts of MemRoPE / Self-Forcing / LongLive v1 (options at the top level and under
+    ``model_kwargs:``) and LongLive 2.0's nested ``inference:`` / ``data:`` sections, so that no
+    option is silently read as its default. ``model_name`` must be Wan2.1-T2V-1.3B (the model
+    this engine implements): another model's config is refused by name. Without
+    ``num_output_frames``, Self-Forcing's ``image_or_video_shape`` (``[B, F, C, H, W]``) or
+    ``num_training_frames`` give the frame count, as Self-Forcing's inference does (21), and the
+    shape gives the latent size. Other keys (training options, prompts, paths of other
+    components) are ignored, so the authors' files are read unchanged. Our own options live under
+    an optional ``engine:`` map: ``memory_dtype: float32``.
     """
     if not isinstance(raw, Mapping):
         raise ValueError(f"{source}: expected a YAML mapping at top level, got {type(raw).__name__}")
-    kwargs = raw.get("model_kwargs") or {}
-    if not isinstance(kwargs, Mapping):
-        raise ValueError(f"{source}: model_kwargs must be a mapping, got {kwargs!r}")
-    engine = raw.get("engine") or {}
-    if not isinstance(engine, Mapping):
-        raise ValueError(f"{source}: engine must be a mapping, got {engine!r}")
+    kwargs = _section(raw, "model_kwargs", source)
+    engine = _section(raw, "engine", source)
+    places = [("", raw), ("model_kwargs.", kwargs), ("inference.", _section(raw, "inference", source)),
+              ("data.", _section(raw, "data", source))]
 
-    local_attn = kwargs.get("local_attn_size", -1)
+    model_name = _pick("model_name", places, source)
+    if model_name is not None and model_name != SUPPORTED_MODEL_NAME:
+        raise ValueError(f"{source}: model_name {model_name!r} is not supported: this engine runs the causal "
+                         f"{SUPPORTED_MODEL_NAME} DiT (Self-Forcing / LongLive v1 / MemRoPE weights, 16 latent "
+                         "channels); that config is for another model")
+    shape = _pick("image_or_video_shape", places, source)
+    shape_frames = shape_channels = shape_h = shape_w = None
+    if shape is not None:
+        if not (isinstance(shape, (list, tuple)) and len(shape) == 5
+                and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
+            raise ValueError(f"{source}: image_or_video_shape must be 5 positive integers [B, F, C, H, W], "
+                             f"got {shape!r}")
+        _, shape_frames, shape_channels, shape_h, shape_w = shape
+
+    local_attn = _pick("local_attn_size", places, source, -1)
     if isinstance(local_attn, bool) or not isinstance(local_attn, int):
         raise ValueError(f"{source}: local_attn_size must be an integer, got {local_attn!r}")
-    method = kwargs.get("compression_method", "eviction")
+    method = _pick("compression_method", places, source, "eviction")
     if method not in ("ema", "eviction"):
         raise ValueError(f"{source}: compression_method {method!r} is not 'ema' or 'eviction'")
     if local_attn == -1:
         policy, window = "global", None
     elif local_attn > 0:
         policy = method
-        if method == "ema" and bool(kwargs.get("ema_adaptive", False)):
+        if method == "ema" and bool(_pick("ema_adaptive", places, source, False)):
             policy = "ema_adaptive"
         window = local_attn
     else:
         raise ValueError(f"{source}: local_attn_size must be -1 (global) or positive, got {local_attn}")
 
-    block_frames = raw.get("num_frame_per_block", 1)
+    block_frames = _pick("num_frame_per_block", places, source, 1)
+    frames = raw.get("num_output_frames")
+    if frames is None:
+        frames = shape_frames if shape_frames is not None else raw.get("num_training_frames", 120)
+        if shape_frames is not None or "num_training_frames" in raw:
+            logger.info("%s: no num_output_frames; generating %s latent frames, as Self-Forcing's inference does",
+                        source, frames)
     try:
         cache = CacheConfig(
             policy=policy,
             window_frames=window,
-            sink_frames=kwargs.get("sink_size", 0),
+            sink_frames=_pick("sink_size", places, source, 0),
             block_frames=block_frames,
-            alpha_long=_as_float(kwargs.get("ema_alpha_long", 0.01), "ema_alpha_long"),
-            alpha_short=_as_float(kwargs.get("ema_alpha_short", 0.1), "ema_alpha_short"),
+            alpha_long=_as_float(_pick("ema_alpha_long", places, source, 0.01), "ema_alpha_long"),
+            alpha_short=_as_float(_pick("ema_alpha_short", places, source, 0.1), "ema_alpha_short"),
             memory_dtype=engine.get("memory_dtype", "cache"),
         )
         steps = raw.get("denoising_step_list", [1000, 750, 500, 250])
@@ -335,6 +379,7 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         sampler = SamplerConfig(
             denoising_steps=tuple(steps),
             warp_denoising_step=bool(raw.get("warp_denoising_step", False)),
+            # The reference's wrapper reads model_kwargs only (a top-level shift is a training option).
             shift=_as_float(kwargs.get("timestep_shift", 8.0), "timestep_shift"),
             context_timestep=_as_float(raw.get("context_noise", 0), "context_noise"),
             num_train_timesteps=raw.get("num_train_timestep", 1000),
@@ -349,12 +394,12 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         return RunConfig(
             cache=cache,
             sampler=sampler,
-            num_output_frames=raw.get("num_output_frames", 120),
+            num_output_frames=frames,
             seed=raw.get("seed", 0),
             batch_size=raw.get("num_samples", 1),
-            latent_channels=raw.get("latent_channels", 16),
-            latent_height=raw.get("latent_h", 60),
-            latent_width=raw.get("latent_w", 104),
+            latent_channels=raw.get("latent_channels", shape_channels or 16),
+            latent_height=raw.get("latent_h", shape_h or 60),
+            latent_width=raw.get("latent_w", shape_w or 104),
             use_ema=bool(raw.get("use_ema", False)),
             generator_ckpt=raw.get("generator_ckpt"),
             lora_ckpt=raw.get("lora_ckpt"),

@@ -157,8 +157,12 @@ class ArtifactContract:
             "graphs": {name: graph(g) for name, g in self.graphs.items()},
         }
 
-    def write(self, path: Path) -> None:
-        path.write_text(json.dumps(self.to_json(), indent=1) + "\n")
+    def write(self, path: Path, files: dict[str, dict] | None = None) -> None:
+        """Write ``contract.json``; ``files`` pins the artifact's graph files (size, SHA-256, mtime)."""
+        doc = self.to_json()
+        if files is not None:
+            doc["files"] = files
+        path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
 def artifact_hash(model: WanConfig, run: RunConfig, dtype: str, batch: int, height: int, width: int) -> str:

@@ -1,14 +1,22 @@
-"""Tensor files in and out: validated inputs, atomic outputs.
+"""Files in and out: validated inputs, atomic outputs, and what a killed run leaves behind.
 
 Owns: reading ``--text-embeds`` and ``--noise`` safetensors files with shape checks that say
-what was expected, and writing any tensor file atomically (temp file in the same folder, fsync,
-``os.replace``) so a crash never leaves a file that looks finished.
+what was expected; writing any file atomically (temp file in the same folder, fsync,
+``os.replace``) so a crash never leaves a file that looks finished; the names of temp files and
+partial directories (``.NAME.PID.UUID.tmp``, ``.NAME.partial-PID-ID``, ``.NAME.old-PID-ID``),
+which carry the writer's process id so that a later run can remove what a killed one left
+(:func:`clean_leftovers`); checking an output path before any work (:func:`check_output_path`);
+and :class:`SafetensorsStreamWriter`, which writes a tensor file block by block at constant
+memory.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
+import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -49,12 +57,71 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     return path
 
 
+_LEFTOVER = re.compile(r"^\.(?P<name>.+)\.(?:(?P<tmp_pid>\d+)\.[0-9a-f]{32}\.tmp"
+                       r"|(?:partial|old)-(?P<dir_pid>\d+)-[0-9a-f]{8})$")
+
+
+def partial_path(target: str | os.PathLike[str], kind: str = "partial") -> Path:
+    """A hidden sibling of ``target`` for a directory being built (``kind='partial'``) or set
+    aside (``'old'``), named with this process's id so :func:`clean_leftovers` can tell whether
+    its writer is still alive."""
+    target = Path(target)
+    if kind not in ("partial", "old"):
+        raise ValueError(f"kind must be 'partial' or 'old', got {kind!r}")
+    return target.parent / f".{target.name}.{kind}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def _alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+def clean_leftovers(directory: str | os.PathLike[str]) -> list[Path]:
+    """Remove the temp files and partial directories that killed runs left in ``directory``.
+
+    Only entries named by this module whose writer process is gone are removed (a live writer's
+    are kept); each removal is logged. Returns what was removed."""
+    directory = Path(directory)
+    removed: list[Path] = []
+    try:
+        entries = list(directory.iterdir())
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _LEFTOVER.match(entry.name)
+        if match is None:
+            continue
+        pid = int(match.group("tmp_pid") or match.group("dir_pid"))
+        if _alive(pid):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            logger.warning("could not remove %s, left by a killed run (pid %d): %s", entry, pid, exc.strerror)
+            continue
+        logger.warning("removed %s, left by a killed run (pid %d)", entry, pid)
+        removed.append(entry)
+    return removed
+
+
 @contextmanager
 def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temp path beside ``path``; on success fsync it and ``os.replace`` it onto ``path``,
-    on failure remove it. Readers never see half a file."""
+    on failure remove it. Readers never see half a file. Leftovers of killed runs in the folder
+    are cleaned first."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(path.parent)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
         yield tmp
@@ -145,3 +212,146 @@ def read_noise(path: str | os.PathLike[str], batch: int, latent_shape: tuple[int
                          f"expected {list(expected)} (blocks, denoising steps - 1, batch * frames "
                          "per block, C, H, W)")
     return noise, inter
+
+
+def _nearest_existing(path: Path) -> Path:
+    for parent in (path, *path.parents):
+        if parent.exists():
+            return parent
+    return Path(".")
+
+
+def check_output_path(path: str | os.PathLike[str], what: str, *, suffixes: tuple[str, ...] = (),
+                      directory: bool = False, estimate_bytes: int | None = None) -> Path:
+    """Check, before any work, that ``path`` can be written; clean leftovers of killed runs there.
+
+    ``what`` names the option in messages (``--out``). A file output must not be an existing
+    directory and must end in one of ``suffixes``; a ``directory`` output must not be a file. The
+    nearest existing folder on the way must be a writable directory, and when
+    ``estimate_bytes`` is given its filesystem must have that much free space. Nothing is
+    created. Raises ValueError naming the path and the problem."""
+    path = Path(path)
+    if directory:
+        if path.exists() and not path.is_dir():
+            raise ValueError(f"{what} {path} is a file; expected a directory")
+    else:
+        if path.is_dir():
+            raise ValueError(f"{what} {path} is a directory; expected a file path")
+        if suffixes and path.suffix.lower() not in suffixes:
+            raise ValueError(f"{what} {path} must end in {' or '.join(suffixes)}")
+    folder = path if directory else path.parent
+    base = _nearest_existing(folder)
+    if not base.is_dir():
+        raise ValueError(f"{what} {path}: {base} is not a directory")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise ValueError(f"{what} {path}: {base} is not writable")
+    if estimate_bytes is not None:
+        free = shutil.disk_usage(base).free
+        if free < estimate_bytes:
+            raise ValueError(f"{what} {path}: needs about {estimate_bytes / 1e6:.1f} MB but {base} has "
+                             f"{free / 1e6:.1f} MB free")
+    if folder.is_dir():
+        clean_leftovers(folder)
+    return path
+
+
+_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+
+
+class SafetensorsStreamWriter:
+    """One tensor written to a ``.safetensors`` file frame block by frame block, at constant memory.
+
+    ``SafetensorsStreamWriter(path, "latents", [B, F, C, H, W])`` writes the header (the whole
+    shape is known up front) to a temp file beside ``path``; ``write(frame_start, block)`` stores
+    ``block [B, f, C, H, W]`` at frames ``frame_start .. frame_start + f - 1``; ``close()`` checks
+    every frame was written, fsyncs and renames onto ``path``; ``abort()`` (or an exception inside
+    a ``with``) removes the temp file. The result is a standard safetensors file (readable by
+    ``safetensors.torch.load_file``).
+    """
+
+    def __init__(self, path: str | os.PathLike[str], name: str, shape: tuple[int, ...] | list[int],
+                 dtype: torch.dtype = torch.float32):
+        if dtype not in _SAFETENSORS_DTYPES:
+            raise ValueError(f"dtype must be one of {list(_SAFETENSORS_DTYPES)}, got {dtype}")
+        self.path, self.name = Path(path), name
+        self.shape, self.dtype = tuple(int(d) for d in shape), dtype
+        if len(self.shape) < 2 or min(self.shape) <= 0:
+            raise ValueError(f"shape must be [B, F, ...] with positive sizes, got {list(self.shape)}")
+        self._frame_bytes = torch.empty((), dtype=dtype).element_size()
+        for d in self.shape[2:]:
+            self._frame_bytes *= d
+        nbytes = self._frame_bytes * self.shape[0] * self.shape[1]
+        header = json.dumps({name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(self.shape),
+                                    "data_offsets": [0, nbytes]}, "__metadata__": {"format": "pt"}},
+                            separators=(",", ":")).encode()
+        header += b" " * (-len(header) % 8)  # 8-byte aligned data, as safetensors writes it
+        self._data_start = 8 + len(header)
+        self._written = [False] * self.shape[1]
+        self._atomic = atomic_path(self.path)
+        self._tmp = self._atomic.__enter__()
+        try:
+            self._file = open(self._tmp, "wb")
+            self._file.write(len(header).to_bytes(8, "little") + header)
+            self._file.truncate(self._data_start + nbytes)
+        except BaseException as exc:
+            self._discard(exc)
+            raise
+        self._closed = False
+
+    def write(self, frame_start: int, block: torch.Tensor) -> None:
+        """Store ``block [B, f, ...]`` (any device; cast to the file's dtype) at ``frame_start``."""
+        if self._closed:
+            raise ValueError(f"write() on a closed writer for {self.path}")
+        b, f = block.shape[:2]
+        if (b, *block.shape[2:]) != (self.shape[0], *self.shape[2:]) or frame_start < 0 \
+                or frame_start + f > self.shape[1]:
+            raise ValueError(f"block {list(block.shape)} at frame {frame_start} does not fit {list(self.shape)}")
+        host = block.detach().to("cpu", self.dtype).contiguous()
+        raw = host.view(torch.uint8).numpy() if self.dtype == torch.bfloat16 else host.numpy()
+        try:
+            for i in range(b):
+                self._file.seek(self._data_start + (i * self.shape[1] + frame_start) * self._frame_bytes)
+                self._file.write(raw[i].tobytes())
+        except BaseException as exc:
+            self._discard(exc)
+            raise
+        self._written[frame_start:frame_start + f] = [True] * f
+
+    def close(self) -> Path:
+        if self._closed:
+            return self.path
+        try:
+            missing = self._written.count(False)
+            if missing:
+                raise ValueError(f"{missing} of {self.shape[1]} frames were never written; {self.path} was not "
+                                 "created")
+            self._file.close()
+        except BaseException as exc:
+            self._discard(exc)
+            raise
+        self._closed = True
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self) -> None:
+        if not self._closed:
+            self._discard(RuntimeError(f"writer for {self.path} aborted"))
+
+    def _discard(self, exc: BaseException) -> None:
+        self._closed = True
+        file = getattr(self, "_file", None)
+        if file is not None and not file.closed:
+            file.close()
+        try:
+            self._atomic.__exit__(type(exc), exc, exc.__traceback__)
+        except BaseException:  # noqa: BLE001 - atomic_path re-raises; the caller raises its own
+            pass
+
+    def __enter__(self) -> "SafetensorsStreamWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._discard(exc if exc is not None else RuntimeError("aborted"))

@@ -1,7 +1,14 @@
 """The ``memrope`` command line.
 
 Owns: argument parsing and wiring files to the library. Library code logs; only this module
-prints. Every user-facing error is a one-line message and exit code 2.
+prints. Every failure is one line on stderr (a traceback only with ``-v``), and the exit code
+says whose fault it was:
+
+- 2: the input is wrong (a bad option, file, config, artifact or output path; a missing extra);
+  found before any expensive work;
+- 1: the run failed (a stage failed, a block went non-finite, the disk filled, a device error);
+  nothing half-written is left behind;
+- 130: interrupted.
 """
 
 from __future__ import annotations
@@ -9,60 +16,78 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 import time
 from dataclasses import replace
 from pathlib import Path
 
-import torch
-
-from memrope.errors import StageError
-
 logger = logging.getLogger("memrope")
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPE_NAMES = ("float32", "bfloat16", "float16")
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+NOISE_SOURCES = ("reference", "streamed", "device")
 # Reference-order noise draws the whole video's initial noise up front; past this many
 # elements per run the loop draws block by block instead (constant memory).
 REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
+_DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-def _add_generate(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("generate", help="generate a video (or latents) from a prompt",
-                       description="Generate with the MemRoPE fixed-size cache.")
-    _add_model_args(p)
-    run = p.add_argument_group("run")
-    run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
-    run.add_argument("--prompt", help="text prompt (encoded with the umT5 in --model-dir; cached on disk)")
-    run.add_argument("--text-embeds", type=Path, help="safetensors with prompt_embeds [B, L, text_dim]")
-    run.add_argument("--seconds", type=float, help="video length at 16 fps (sets the latent frame count)")
-    run.add_argument("--model-dir", type=Path,
-                     help="Wan2.1 folder: text encoder + tokenizer, VAE (Diffusers or original layout), "
-                          "and config.json / diffusion_pytorch_model.safetensors for the DiT")
-    run.add_argument("--text-cache", type=Path, help="prompt-embedding cache folder (default ~/.cache/memrope/text)")
-    run.add_argument("--noise", type=Path, help="safetensors with noise and intermediate_noise")
-    run.add_argument("--seed", type=int, help="override the YAML seed")
-    run.add_argument("--num-frames", type=int, help="override num_output_frames (multiple of the block size)")
-    run.add_argument("--memory-dtype", choices=("cache", "float32"),
-                     help="EMA memory accumulator (default cache dtype, as the authors)")
-    run.add_argument("--stream-noise", action="store_true",
-                     help="draw noise block by block (constant memory; not the reference's draw order)")
-    out = p.add_argument_group("output")
-    out.add_argument("--out", type=Path, help="MP4 (H.264) written as frames are generated, finalised atomically")
-    out.add_argument("--png-dir", type=Path, help="also write every frame as PNG here")
-    out.add_argument("--latents-out", type=Path, help="write latents [B, F, C, H, W] to this safetensors file")
-    out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
-    out.add_argument("--no-progress", action="store_true", help="no progress bar")
-    ex = p.add_argument_group("execution")
-    ex.add_argument("--backend", choices=BACKENDS, default="eager")
-    ex.add_argument("--engine", type=Path,
-                    help="artifact directory from `memrope export` (onnxruntime; tensorrt after `memrope build`)")
-    ex.add_argument("--ort-provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto",
-                    help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
-    ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.set_defaults(func=cmd_generate)
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Show every option's default, keep descriptions as written."""
+
+
+def _version() -> str:
+    import importlib.metadata as md
+
+    try:
+        return md.version("memrope-engine")
+    except md.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def _device(name: str):
+    """``cpu`` or ``cuda[:N]``, checked against this machine before any work."""
+    import torch
+
+    if not _DEVICE.match(name):
+        raise ValueError(f"--device must be cpu or cuda[:N], got {name!r}")
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {name}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
+def _cache_root() -> Path:
+    return Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
+
+
+# ------------------------------------------------------------------------------------------------
+# Shared argument groups and resolution (model, run config, weights)
+# ------------------------------------------------------------------------------------------------
+
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    src = p.add_argument_group("model")
+    src.add_argument("--checkpoint", type=Path,
+                     help="DiT weights: Self-Forcing/LongLive .pt, a Wan2.1 .safetensors or a Wan2.1 folder")
+    src.add_argument("--model-config", type=Path, help="Wan config.json (default: the checkpoint folder's)")
+    src.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"),
+                     help="architecture preset; without --checkpoint the weights are RANDOM ('tiny' without "
+                          "--checkpoint is the embedded demo model)")
+    src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
+    src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
+                     help="load generator_ema (default: the YAML's use_ema)")
+    src.add_argument("--no-use-ema", dest="use_ema", action="store_false")
 
 
 def _demo_run_config(preset: str, video: bool = False):
@@ -113,10 +138,18 @@ def _resolve_model(args: argparse.Namespace, model_dir: Path | None = None):
                      "--checkpoint, or --preset")
 
 
-def _load_dit(args: argparse.Namespace, model_cfg, run, dtype: torch.dtype, device: torch.device,
-              model_dir: Path | None = None):
+def _check_inputs_exist(args: argparse.Namespace, *names: str) -> None:
+    for name in names:
+        path = getattr(args, name, None)
+        if path is not None and not path.exists():
+            raise FileNotFoundError(f"--{name.replace('_', '-')} not found: {path}")
+
+
+def _load_dit(args: argparse.Namespace, model_cfg, run, dtype, device, model_dir: Path | None = None):
     """The DiT from ``--checkpoint`` (with ``--lora``), the model folder's
     ``diffusion_pytorch_model.safetensors``, or random weights for a ``--preset``."""
+    import torch
+
     from memrope.checkpoint import WAN_WEIGHTS_FILE, load_dit_state_dict
     from memrope.model import build_dit, random_state_dict
 
@@ -133,29 +166,305 @@ def _load_dit(args: argparse.Namespace, model_cfg, run, dtype: torch.dtype, devi
     else:
         if args.preset is None:
             raise ValueError("pass --checkpoint, or --preset for random weights")
-        logger.warning("no --checkpoint: RANDOM weights (preset %s); the output shows the machinery, "
-                       "not a picture", args.preset)
+        if args.preset != "tiny":
+            logger.warning("no --checkpoint: RANDOM weights (preset %s); the output shows the machinery, "
+                           "not a picture", args.preset)
+        # Seed 1234 for the demo run (seed 0): the embedded demo model's own DiT weights.
         state = random_state_dict(model_cfg, seed=run.seed + 1234)
     dit = build_dit(model_cfg, state, dtype=dtype, device=device)
     del state
     return dit
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
-    src = p.add_argument_group("model")
-    src.add_argument("--checkpoint", type=Path,
-                     help="DiT weights: Self-Forcing/LongLive .pt, a Wan2.1 .safetensors or a Wan2.1 folder")
-    src.add_argument("--model-config", type=Path, help="Wan config.json (default: the checkpoint folder's)")
-    src.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"),
-                     help="architecture preset; without --checkpoint the weights are RANDOM")
-    src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
-    src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
-                     help="load generator_ema (default: the YAML's use_ema)")
-    src.add_argument("--no-use-ema", dest="use_ema", action="store_false")
+def _model_dir(args: argparse.Namespace) -> Path | None:
+    """The Wan2.1 folder holding the text encoder and VAE: ``--model-dir``, or the embedded demo
+    model for ``--preset tiny`` without a checkpoint when it needs text or frames."""
+    if args.model_dir is not None:
+        if not args.model_dir.is_dir():
+            raise FileNotFoundError(f"--model-dir not found: {args.model_dir}")
+        return args.model_dir
+    wants_demo = not args.no_decode or args.prompt is not None or getattr(args, "prompts", None) is not None
+    if args.preset == "tiny" and args.checkpoint is None and wants_demo:
+        from runtime.t2v import ensure_demo_model
+
+        logger.warning("using the embedded demo model: tiny, RANDOM weights; its frames are not meaningful "
+                       "pictures, it shows the machinery")
+        return ensure_demo_model()
+    return None
 
 
-def _add_export(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("export", help="export the step and text graphs to an ONNX artifact directory",
+# ------------------------------------------------------------------------------------------------
+# memrope generate
+# ------------------------------------------------------------------------------------------------
+
+def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("generate", parents=[common], formatter_class=_Formatter,
+                       help="generate a video (or latents) from a prompt",
+                       description="Generate with the MemRoPE fixed-size cache, block by block, streaming the "
+                                   "video (and latents) to disk as it goes.")
+    _add_model_args(p)
+    run = p.add_argument_group("run")
+    run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
+    run.add_argument("--prompt", help="text prompt (encoded with the umT5 in --model-dir; cached on disk)")
+    run.add_argument("--text-embeds", type=Path, help="safetensors with prompt_embeds [B, L, text_dim]")
+    run.add_argument("--seconds", type=float, help="video length at 16 fps (sets the latent frame count)")
+    run.add_argument("--model-dir", type=Path,
+                     help="Wan2.1 folder: text encoder + tokenizer, VAE (Diffusers or original layout), "
+                          "and config.json / diffusion_pytorch_model.safetensors for the DiT")
+    run.add_argument("--text-cache", type=Path, help="prompt-embedding cache folder (default: $MEMROPE_CACHE/text)")
+    run.add_argument("--noise", type=Path, help="safetensors with noise and intermediate_noise")
+    run.add_argument("--noise-source", choices=NOISE_SOURCES, default="reference",
+                     help="without --noise: 'reference' = the authors' CPU generator and draw order (drawn "
+                          "one block ahead, copied without blocking); 'streamed' = the CPU generator block by "
+                          "block at constant memory; 'device' = a generator on --device (no host work)")
+    run.add_argument("--stream-noise", dest="noise_source", action="store_const", const="streamed",
+                     help="same as --noise-source streamed")
+    run.add_argument("--seed", type=int, help="override the YAML seed")
+    run.add_argument("--num-frames", type=int, help="override num_output_frames (multiple of the block size)")
+    run.add_argument("--memory-dtype", choices=("cache", "float32"),
+                     help="EMA memory accumulator (default: the cache dtype, as the authors)")
+    out = p.add_argument_group("output")
+    out.add_argument("--out", type=Path, help="MP4 (H.264) written as frames are generated, finalised atomically")
+    out.add_argument("--png-dir", type=Path, help="also write every frame as PNG here")
+    out.add_argument("--latents-out", type=Path,
+                     help="write latents [B, F, C, H, W] (float32) to this .safetensors file, block by block")
+    out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    out.add_argument("--allow-nonfinite", action="store_true",
+                     help="keep going when a block holds NaN/Inf (default: stop, naming the block, and write "
+                          "nothing)")
+    ex = p.add_argument_group("execution")
+    ex.add_argument("--backend", choices=BACKENDS, default="eager")
+    ex.add_argument("--engine", type=Path,
+                    help="artifact directory from `memrope export` (onnxruntime; tensorrt after `memrope build`)")
+    ex.add_argument("--verify-artifact", action="store_true",
+                    help="hash every graph file of --engine in full (default: size and mtime, hashing only "
+                         "files whose mtime changed)")
+    ex.add_argument("--ort-provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto",
+                    help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
+    ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ex.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                    help="model dtype (exported backends run in their artifact's dtype)")
+    p.set_defaults(func=cmd_generate)
+
+
+def _text_embeddings(args, model_cfg, run, model_dir: Path | None):
+    import torch
+
+    from memrope.io import read_text_embeds
+
+    if args.text_embeds is not None:
+        if args.prompt is not None:
+            raise ValueError("pass either --prompt or --text-embeds, not both")
+        return read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
+    if args.prompt is not None:
+        if model_dir is None:
+            raise ValueError("--prompt needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
+        from runtime.text import TextEncoder, encode_cached
+
+        cache_dir = args.text_cache or _cache_root() / "text"
+        key = f"{model_dir.resolve()}|{model_cfg.text_len}"
+        embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
+                               [args.prompt] * run.batch_size, cache_dir, key=key)
+        if embeds.shape[-1] != model_cfg.text_dim:
+            raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
+                             f"takes text_dim={model_cfg.text_dim}")
+        return embeds
+    if args.checkpoint is None and args.engine is None and model_dir is None:
+        g = torch.Generator("cpu").manual_seed(run.seed + 4321)
+        logger.warning("no --prompt or --text-embeds: using random text embeddings (demo)")
+        return torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
+    raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
+
+
+def _check_engine_files(artifact, backend: str) -> None:
+    """A TensorRT run needs a built plan for every graph: say so before any model loads."""
+    if backend != "tensorrt":
+        return
+    from engine.sidecar import plan_path, sidecar_path
+
+    for graph in artifact.contract.graphs:
+        plan = plan_path(artifact.path, graph)
+        for file in (plan, sidecar_path(plan)):
+            if not file.is_file():
+                raise FileNotFoundError(f"artifact {artifact.path} has no TensorRT engine ({file.name} missing); "
+                                        f"build it with `memrope build {artifact.path}`")
+
+
+def _noise_source(args, run, schedule, dtype, device, latent_shape):
+    from memrope.io import read_noise
+    from memrope.sampler import DeviceNoise, SeededNoise, StreamingSeededNoise, TensorNoise
+
+    if args.noise is not None:
+        if args.noise_source != "reference":
+            raise ValueError("--noise gives the noise itself; drop --noise-source/--stream-noise")
+        tensors = read_noise(args.noise, run.batch_size, latent_shape, run.cache.block_frames, schedule.num_steps)
+        return TensorNoise(*tensors, run.cache.block_frames)
+    if args.noise_source == "device":
+        return DeviceNoise(run.seed, device)
+    elements = run.batch_size * run.num_output_frames * run.latent_channels * run.latent_height * run.latent_width
+    if args.noise_source == "streamed" or elements > REFERENCE_NOISE_MAX_ELEMENTS:
+        if args.noise_source != "streamed":
+            logger.warning("video too long for the reference's up-front noise draw; drawing block by block")
+        return StreamingSeededNoise(run.seed, run.batch_size, latent_shape, run.cache.block_frames, dtype)
+    return SeededNoise(run.seed, run.batch_size, run.num_output_frames, latent_shape, run.cache.block_frames, dtype)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+
+    from memrope.config import VAE_SPATIAL_STRIDE
+    from memrope.io import SafetensorsStreamWriter, check_output_path, read_noise
+    from memrope.pipeline import MemRoPEPipeline
+    from memrope.sampler import build_schedule
+    from runtime.t2v import VIDEO_FPS, latent_frames_for, stream_video, video_frames_for
+
+    # 1. Options and output paths: milliseconds, before anything loads.
+    decode = not args.no_decode
+    if decode and args.out is None:
+        raise ValueError("pass --out VIDEO.mp4 (or --no-decode with --latents-out for latents only)")
+    if not decode and args.latents_out is None:
+        raise ValueError("nothing to write: pass --latents-out FILE.safetensors")
+    if not decode and (args.out is not None or args.png_dir is not None):
+        raise ValueError("--no-decode writes latents only; drop --out/--png-dir")
+    if args.seconds is not None and args.num_frames is not None:
+        raise ValueError("pass either --seconds or --num-frames, not both")
+    device = _device(args.device)
+    if args.dtype != "float32" and device.type == "cpu" and args.backend in ("eager", "compiled"):
+        logger.warning("%s on CPU is slow; the authors' bf16 semantics are meant for CUDA", args.dtype)
+    dtype = _torch_dtype(args.dtype)
+    if args.out is not None:
+        check_output_path(args.out, "--out", suffixes=(".mp4",))
+    if args.latents_out is not None:
+        check_output_path(args.latents_out, "--latents-out", suffixes=(".safetensors",))
+    if args.png_dir is not None:
+        check_output_path(args.png_dir, "--png-dir", directory=True)
+    _check_inputs_exist(args, "checkpoint", "model_config", "config", "lora", "text_embeds", "noise", "engine")
+
+    # 2. The artifact (if any) and the run it fixes: its resolution applies before any shape is
+    #    derived, and its graphs (and engines) are checked before the text encoder or VAE load.
+    artifact = None
+    if args.backend in EXPORTED_BACKENDS:
+        from memrope.artifact import load_artifact
+
+        if args.engine is None:
+            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
+        artifact = load_artifact(args.engine, verify=args.verify_artifact)
+        _check_engine_files(artifact, args.backend)
+    elif args.engine is not None:
+        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
+    model_dir = _model_dir(args)
+    model_cfg = artifact.model if artifact is not None else _resolve_model(args, model_dir)
+    run = _run_config(args, artifact.run if artifact is not None else None,
+                      video_demo=model_dir is not None and args.model_dir is None)
+    if args.seed is not None:
+        run = replace(run, seed=args.seed)
+    if artifact is not None:
+        run = artifact.check_run(run)
+    if run.latent_channels != model_cfg.in_dim:
+        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
+                         f"model's in_dim={model_cfg.in_dim}")
+    schedule = build_schedule(run.sampler)
+    latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
+
+    # 3. Inputs before weights: a bad file fails in milliseconds, not after loading 1.3B params.
+    if args.noise is not None:
+        noise_frames = read_noise(args.noise, run.batch_size, latent_shape, run.cache.block_frames,
+                                  schedule.num_steps)[0].shape[1]
+        run = run.with_frames(noise_frames)
+    frames = args.num_frames
+    if args.seconds is not None:
+        frames = latent_frames_for(args.seconds, run.cache.block_frames)
+    if frames is not None:
+        if args.noise is not None and frames > run.num_output_frames:
+            raise ValueError(f"{frames} latent frames exceed the {run.num_output_frames} frames in the noise file")
+        run = run.with_frames(frames)
+    if artifact is not None:
+        run = artifact.check_run(run)  # the global policy's cache is sized by the frame count
+    width, height = VAE_SPATIAL_STRIDE * run.latent_width, VAE_SPATIAL_STRIDE * run.latent_height
+    if args.latents_out is not None:
+        check_output_path(args.latents_out, "--latents-out", suffixes=(".safetensors",),
+                          estimate_bytes=4 * run.batch_size * run.num_output_frames * run.latent_channels
+                          * run.latent_height * run.latent_width + 4096)
+    if args.out is not None:
+        # H.264 at CRF 18: well under 1 byte per pixel; a generous bound still catches a full disk.
+        check_output_path(args.out, "--out", suffixes=(".mp4",),
+                          estimate_bytes=video_frames_for(run.num_output_frames) * width * height // 4 + 65536)
+    embeds = _text_embeddings(args, model_cfg, run, model_dir)
+    if embeds.shape[0] != run.batch_size:
+        raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
+                         f"num_samples is {run.batch_size}")
+
+    # 4. Models.
+    decoder = None
+    if decode:
+        if model_dir is None:
+            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode)")
+        from runtime.vae import StreamingVAEDecoder
+
+        decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
+    backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir)
+    pipeline = MemRoPEPipeline(backend, run)
+    noise = _noise_source(args, run, schedule, backend.dtype, backend.device, latent_shape)
+
+    # 5. The run: every output is streamed to a temp file and renamed only when the run succeeded.
+    from contextlib import ExitStack
+
+    start = time.perf_counter()
+    with ExitStack() as outputs:
+        outputs.enter_context(backend)
+        writer = latents_writer = on_frames = None
+        if args.latents_out is not None:
+            latents_writer = outputs.enter_context(SafetensorsStreamWriter(
+                args.latents_out, "latents", [run.batch_size, run.num_output_frames, *latent_shape]))
+        if decode:
+            from runtime.video import Mp4Writer, write_png_frames
+
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            writer = outputs.enter_context(Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height))
+            if args.png_dir is not None:
+                args.png_dir.mkdir(parents=True, exist_ok=True)
+                on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
+        result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
+                              latents_writer=latents_writer, progress=not args.no_progress,
+                              on_frames=on_frames, allow_nonfinite=args.allow_nonfinite)
+    elapsed = time.perf_counter() - start
+    written = []
+    if decode:
+        written.append(f"{args.out}: {result.video_frames} frames at {VIDEO_FPS} fps "
+                       f"({result.video_frames / VIDEO_FPS:.1f} s, {width}x{height})")
+    if args.latents_out is not None:
+        written.append(f"{args.latents_out}: latents {[run.batch_size, run.num_output_frames, *latent_shape]}")
+    print(f"wrote {'; '.join(written)} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, "
+          f"{elapsed:.2f} s, policy {run.cache.policy}, backend {args.backend})")
+    return 0
+
+
+def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir):
+    if args.backend == "onnxruntime":
+        from engine.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(artifact, provider=args.ort_provider)
+    if args.backend == "tensorrt":
+        from engine.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(artifact)
+    dit = _load_dit(args, model_cfg, run, dtype, device, model_dir)
+    if args.backend == "compiled":
+        from engine.compiled_backend import CompiledBackend
+
+        return CompiledBackend(dit, run)
+    from engine.eager_backend import EagerBackend
+
+    return EagerBackend(dit, run)
+
+
+# ------------------------------------------------------------------------------------------------
+# memrope export / build / bench
+# ------------------------------------------------------------------------------------------------
+
+def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("export", parents=[common], formatter_class=_Formatter,
+                       help="export the step and text graphs to an ONNX artifact directory",
                        description="Export one DiT call with explicit cache I/O (opset 23, static shapes), "
                                    "audit it against TensorRT 10.15's parser and validate it against eager.")
     _add_model_args(p)
@@ -163,7 +472,7 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--height", type=int, required=True, help="video height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, required=True, help="video width in pixels (multiple of 16)")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--memory-dtype", choices=("cache", "float32"))
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
@@ -173,25 +482,32 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import export_artifact
+    from memrope.artifact import specialise_run
+    from memrope.io import check_output_path
 
-    model_cfg = _resolve_model(args)
-    run = _run_config(args)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.out.exists() and not args.force:
         raise ValueError(f"{args.out} already exists; pass --force to replace it")
-    dit = _load_dit(args, model_cfg, run, dtype, torch.device("cpu"))
+    check_output_path(args.out, "--out", directory=True)
+    _check_inputs_exist(args, "checkpoint", "model_config", "config", "lora")
+    model_cfg = _resolve_model(args)
+    run = _run_config(args)
+    specialise_run(run, model_cfg, args.height, args.width, args.batch)  # bad sizes fail before the weights load
+    from export.onnx_export import export_artifact
+
+    dit = _load_dit(args, model_cfg, run, _torch_dtype(args.dtype), _device("cpu"))
     result = export_artifact(dit, run, args.out, height=args.height, width=args.width, batch=args.batch,
                              validate=args.validate, force=args.force)
-    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result.files.items() if name.endswith((".onnx", ".data")))
+    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result.files.items()
+                      if name.endswith((".onnx", ".data")))
     check = result.validation.get("skipped") or f"max abs error vs eager {result.validation['max_abs_error']:.2e}"
     print(f"wrote {result.path} in {result.seconds:.1f} s: step graph {result.step_nodes} nodes; {sizes}; "
           f"TensorRT audit passed; validation: {check}")
     return 0
 
 
-def _add_build(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("build", help="build TensorRT engines for an exported artifact",
+def _add_build(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("build", parents=[common], formatter_class=_Formatter,
+                       help="build TensorRT engines for an exported artifact",
                        description="Build strongly typed TensorRT engines (step.plan, text.plan) with "
                                    "Polygraphy, next to the artifact's graphs, with a sidecar each.")
     p.add_argument("artifact", type=Path, help="artifact directory from `memrope export`")
@@ -209,21 +525,23 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_bench(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="latency of the same loop on every available backend",
+def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser("bench", parents=[common], formatter_class=_Formatter,
+                       help="latency of the same loop on every available backend",
                        description="Profile eager, compiled, ONNX Runtime and TensorRT on the same loop and "
-                                   "inputs (random weights). Prints a table, then one JSON line.")
+                                   "inputs (random weights). Prints a table, then one JSON line. Exits 1 if no "
+                                   "backend could be measured.")
     p.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"), default="tiny")
     p.add_argument("--height", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--width", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--backends", default="eager,compiled,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,compiled,onnxruntime,tensorrt")
     p.add_argument("--blocks", type=int, default=30, help="timed blocks (after the warm-up)")
-    p.add_argument("--warmup-blocks", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    p.add_argument("--warmup-blocks", type=int, default=3, help="untimed blocks first (compilation, caches)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
     p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
-    p.add_argument("--json-out", type=Path)
+    p.add_argument("--json-out", type=Path, help="write the results document here (JSON)")
     p.add_argument("--plot", type=Path, help="PNG: per-block latency and per-stage breakdown")
     p.set_defaults(func=cmd_bench)
 
@@ -231,27 +549,29 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from runtime.bench import (
-        BACKENDS,
-        BENCH_PRESETS,
-        plot,
-        print_table,
-        require_matplotlib,
-        run_bench,
-        write_json,
-    )
+    from memrope.io import check_output_path
+    from runtime.bench import BACKENDS as BENCH_BACKENDS
+    from runtime.bench import BENCH_PRESETS, plot, print_table, require_matplotlib, run_bench, write_json
 
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
+    if not backends:
+        raise ValueError(f"--backends {args.backends!r} names no backend; choose from {', '.join(BENCH_BACKENDS)}")
+    unknown = [b for b in backends if b not in BENCH_BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BENCH_BACKENDS)}")
+    if args.warmup_blocks < 0:
+        raise ValueError(f"--warmup-blocks must be >= 0, got {args.warmup_blocks}")
+    if args.peak_tflops is not None and not args.peak_tflops > 0:
+        raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
+    _device(args.device)
+    if args.json_out:
+        check_output_path(args.json_out, "--json-out", suffixes=(".json",))
     if args.plot:
+        check_output_path(args.plot, "--plot", suffixes=(".png",))
         require_matplotlib()  # fail before minutes of benchmarking, not after
     preset = BENCH_PRESETS[args.preset]
     if args.height or args.width:
         preset = replace(preset, height=args.height or preset.height, width=args.width or preset.width)
-    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
-    unknown = [b for b in backends if b not in BACKENDS]
-    if unknown:
-        raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops)
     print_table(doc)
     if args.json_out:
@@ -261,235 +581,89 @@ def cmd_bench(args: argparse.Namespace) -> int:
     summary = [{k: r.get(k) for k in ("backend", "available", "call_ms_median", "block_ms_median", "latent_fps",
                                        "video_fps", "host_overhead_pct", "flatness")} for r in doc["results"]]
     print(json.dumps(summary))
+    if not any(r.get("available") for r in doc["results"]):
+        print("memrope bench: error: no backend could be measured here (see the reasons above)", file=sys.stderr)
+        return 1
     return 0
 
 
-def _check_writable(target: Path) -> None:
-    """Fail before any model loads if ``target`` cannot be written (its folder is created)."""
-    parent = target if target.suffix == "" and not target.exists() else target.parent
-    if target.exists() and target.is_dir() and target.suffix:
-        raise ValueError(f"cannot write {target}: it is a directory")
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"cannot write {target}: {parent} is not a directory") from None
-    except OSError as exc:
-        raise ValueError(f"cannot write {target}: cannot create {parent} ({exc.strerror})") from None
-    if not os.access(parent, os.W_OK):
-        raise ValueError(f"cannot write {target}: {parent} is not writable")
-
-
-def _model_dir(args: argparse.Namespace) -> Path | None:
-    """The Wan2.1 folder holding the text encoder and VAE: ``--model-dir``, or the embedded demo
-    model for ``--preset tiny`` when decoding without a checkpoint."""
-    if args.model_dir is not None:
-        if not args.model_dir.is_dir():
-            raise FileNotFoundError(f"--model-dir not found: {args.model_dir}")
-        return args.model_dir
-    if args.preset == "tiny" and args.checkpoint is None and not args.no_decode:
-        from runtime.t2v import ensure_demo_model
-
-        logger.warning("using the embedded demo model: tiny, RANDOM weights; its frames are not meaningful "
-                       "pictures, it shows the machinery")
-        return ensure_demo_model()
-    return None
-
-
-def _text_embeddings(args, model_cfg, run, model_dir: Path | None) -> torch.Tensor:
-    from memrope.io import read_text_embeds
-
-    if args.text_embeds is not None:
-        if args.prompt is not None:
-            raise ValueError("pass either --prompt or --text-embeds, not both")
-        return read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
-    if args.prompt is not None:
-        if model_dir is None:
-            raise ValueError("--prompt needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
-        from runtime.text import TextEncoder, encode_cached
-
-        cache_dir = args.text_cache or Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope")) / "text"
-        key = f"{model_dir.resolve()}|{model_cfg.text_len}"
-        embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
-                               [args.prompt] * run.batch_size, cache_dir, key=key)
-        if embeds.shape[-1] != model_cfg.text_dim:
-            raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
-                             f"takes text_dim={model_cfg.text_dim}")
-        return embeds
-    if args.checkpoint is None and args.engine is None and model_dir is None:
-        g = torch.Generator("cpu").manual_seed(run.seed + 4321)
-        logger.warning("no --prompt or --text-embeds: using random text embeddings (demo)")
-        return torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
-    raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
-
-
-def cmd_generate(args: argparse.Namespace) -> int:
-    from engine.eager_backend import EagerBackend
-    from memrope.io import read_noise, save_safetensors_atomic
-    from memrope.pipeline import MemRoPEPipeline
-    from memrope.sampler import (
-        SeededNoise,
-        StreamingSeededNoise,
-        TensorNoise,
-        build_schedule,
-    )
-
-    decode = not args.no_decode
-    if decode and args.out is None:
-        raise ValueError("pass --out VIDEO.mp4 (or --no-decode with --latents-out for latents only)")
-    if not decode and args.latents_out is None:
-        raise ValueError("nothing to write: pass --latents-out FILE.safetensors")
-    if args.out is not None and args.out.suffix.lower() != ".mp4":
-        raise ValueError(f"--out must be an .mp4 file, got {args.out}")
-    for target in (args.out, args.latents_out, args.png_dir):
-        if target is not None:
-            _check_writable(target)
-    if args.dtype == "bfloat16" and args.device == "cpu":
-        logger.warning("bfloat16 on CPU is slow; the authors' bf16 semantics are meant for CUDA")
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    dtype = DTYPES[args.dtype]
-
-    artifact = None
-    model_dir = _model_dir(args)
-    if args.backend in EXPORTED_BACKENDS:
-        from memrope.artifact import load_artifact
-
-        if args.engine is None:
-            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
-        artifact = load_artifact(args.engine)
-        model_cfg = artifact.model
-    elif args.engine is not None:
-        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
-    else:
-        model_cfg = _resolve_model(args, model_dir)
-    run = _run_config(args, artifact.run if artifact is not None else None,
-                      video_demo=model_dir is not None and args.model_dir is None)
-    if args.seed is not None:
-        run = replace(run, seed=args.seed)
-    schedule = build_schedule(run.sampler)
-    latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
-    if run.latent_channels != model_cfg.in_dim:
-        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
-                         f"model's in_dim={model_cfg.in_dim}")
-
-    # Inputs before weights: a bad file fails in milliseconds, not after loading 1.3B params.
-    noise_tensors = None
-    if args.noise is not None:
-        noise_tensors = read_noise(args.noise, run.batch_size, latent_shape, run.cache.block_frames,
-                                   schedule.num_steps)
-        run = run.with_frames(noise_tensors[0].shape[1])
-    frames = args.num_frames
-    if args.seconds is not None:
-        from runtime.t2v import latent_frames_for
-
-        if args.num_frames is not None:
-            raise ValueError("pass either --seconds or --num-frames, not both")
-        frames = latent_frames_for(args.seconds, run.cache.block_frames)
-    if frames is not None:
-        if noise_tensors is not None and frames > run.num_output_frames:
-            raise ValueError(f"{frames} latent frames exceed the {run.num_output_frames} frames in the noise file")
-        run = run.with_frames(frames)
-    if artifact is not None:
-        run = artifact.check_run(run)
-
-    embeds = _text_embeddings(args, model_cfg, run, model_dir)
-    if embeds.shape[0] != run.batch_size:
-        raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
-                         f"num_samples is {run.batch_size}")
-
-    decoder = None
-    if decode:
-        if model_dir is None:
-            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode)")
-        from runtime.vae import StreamingVAEDecoder
-
-        decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
-
-    if args.backend == "onnxruntime":
-        from engine.onnxruntime_backend import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend(artifact, provider=args.ort_provider)
-    elif args.backend == "tensorrt":
-        from engine.tensorrt_backend import TensorRTBackend
-
-        backend = TensorRTBackend(artifact)
-    elif args.backend == "compiled":
-        from engine.compiled_backend import CompiledBackend
-
-        backend = CompiledBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
-    else:
-        backend = EagerBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
-    # Exported backends run in their artifact's dtype on their own device.
-    dtype = backend.dtype
-    pipeline = MemRoPEPipeline(backend, run)
-
-    if noise_tensors is not None:
-        noise = TensorNoise(noise_tensors[0], noise_tensors[1], run.cache.block_frames)
-    else:
-        elements = run.batch_size * run.num_output_frames * run.latent_channels * run.latent_height * run.latent_width
-        if args.stream_noise or elements > REFERENCE_NOISE_MAX_ELEMENTS:
-            if not args.stream_noise:
-                logger.warning("video too long for the reference's up-front noise draw; drawing block by block")
-            noise = StreamingSeededNoise(run.seed, run.batch_size, latent_shape, run.cache.block_frames, dtype)
-        else:
-            noise = SeededNoise(run.seed, run.batch_size, run.num_output_frames, latent_shape,
-                                run.cache.block_frames, dtype)
-
-    start = time.perf_counter()
-    if decode:
-        from memrope.config import VAE_SPATIAL_STRIDE
-        from runtime.t2v import VIDEO_FPS, stream_video
-        from runtime.video import Mp4Writer, write_png_frames
-
-        on_frames = None
-        if args.png_dir is not None:
-            args.png_dir.mkdir(parents=True, exist_ok=True)
-            on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
-        width, height = VAE_SPATIAL_STRIDE * run.latent_width, VAE_SPATIAL_STRIDE * run.latent_height
-        with backend, Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height) as writer:
-            result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
-                                  keep_latents=args.latents_out is not None, progress=not args.no_progress,
-                                  on_frames=on_frames)
-        latents = result.latents
-        summary = f"wrote {args.out}: {result.video_frames} frames at {VIDEO_FPS} fps " \
-                  f"({result.video_frames / VIDEO_FPS:.1f} s, {width}x{height})"
-    else:
-        with backend:
-            latents = pipeline.generate(embeds, noise, run.num_output_frames)
-        summary = f"wrote {args.latents_out}: latents {list(latents.shape)}"
-    elapsed = time.perf_counter() - start
-    if args.latents_out is not None:
-        save_safetensors_atomic({"latents": latents.float()}, args.latents_out)
-    print(f"{summary} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, {elapsed:.2f} s, "
-          f"policy {run.cache.policy}, backend {args.backend})")
-    return 0
-
+# ------------------------------------------------------------------------------------------------
+# Entry point
+# ------------------------------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="memrope", description="MemRoPE video generation engine")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = parser.add_subparsers(dest="command", required=True)
-    _add_generate(sub)
-    _add_export(sub)
-    _add_build(sub)
-    _add_bench(sub)
+    # -v is accepted before and after the subcommand; SUPPRESS keeps a subparser's default from
+    # overwriting a -v given before it.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging and full tracebacks")
+    parser = argparse.ArgumentParser(prog="memrope", formatter_class=_Formatter,
+                                     description="MemRoPE video generation engine: generate, export, build, bench.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
+    parser.add_argument("--version", action="version", version=f"memrope {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_generate(sub, common)
+    _add_export(sub, common)
+    _add_build(sub, common)
+    _add_bench(sub, common)
     return parser
+
+
+# Exceptions that mean "the input is wrong" (exit 2); everything else a run raises is a failure (exit 1).
+_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                 PermissionError, ImportError)
+
+
+def _quiet_third_party() -> None:
+    """Progress bars and deprecation chatter of libraries we drive are noise on a CLI."""
+    import warnings
+
+    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "TRANSFORMERS_NO_ADVISORY_WARNINGS"):
+        os.environ.setdefault(name, "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+    verbose = getattr(args, "verbose", False)
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not args.verbose:
-        for name in ("memrope", "export", "runtime"):
+    if not verbose:
+        _quiet_third_party()
+        for name in ("memrope", "export", "engine", "runtime"):
             logging.getLogger(name).setLevel(logging.INFO)
     try:
         return args.func(args)
-    except (ValueError, FileNotFoundError, ImportError, StageError) as exc:
-        print(f"memrope {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"memrope {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        code = 2 if isinstance(exc, _INPUT_ERRORS) else 1
+        print(f"memrope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
+        return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """The exception as one line: its message (or its type), with OSError's errno text and path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return f"{lines[0]} ({len(lines) - 1} more line(s) with -v)" if len(lines) > 4 else " | ".join(lines)
+    return lines[0]
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ import math
 import os
 import shutil
 import time
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -57,44 +56,58 @@ class StreamResult:
     latent_frames: int
     video_frames: int
     seconds: float
-    latents: torch.Tensor | None
 
 
 def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
-                 decoder, writer, *, keep_latents: bool = False, progress: bool = True,
-                 on_frames: Callable[[torch.Tensor, int], None] | None = None) -> StreamResult:
-    """Denoise ``num_blocks`` blocks; decode and write each block's frames as soon as it is done.
+                 decoder=None, writer=None, *, latents_writer=None, progress: bool = True,
+                 on_frames: Callable[[torch.Tensor, int], None] | None = None,
+                 allow_nonfinite: bool = False) -> StreamResult:
+    """Denoise ``num_blocks`` blocks; hand each block's output on as soon as it is done.
 
-    Memory stays constant: nothing accumulates unless ``keep_latents``. ``writer`` is an open
-    :class:`runtime.video.Mp4Writer` (or anything with ``write(frames [T, H, W, 3] uint8)``);
-    ``on_frames(frames, first_index)`` sees every decoded chunk (e.g. PNG output).
+    Per block: ``decoder.decode(x0)`` (frames leave the device there) -> ``writer.write(frames
+    [T, H, W, 3] uint8)`` (e.g. an open :class:`runtime.video.Mp4Writer`) and
+    ``on_frames(frames, first_index)``; ``latents_writer.write(frame_start, x0)`` (e.g. a
+    :class:`memrope.io.SafetensorsStreamWriter`). Without a decoder only latents are written.
+    Memory stays constant: nothing accumulates.
+
+    Each block is checked for NaN/Inf where its output reaches the host (no extra sync); a
+    non-finite block raises :class:`memrope.errors.NonFiniteError` naming it, before anything of
+    it is written, unless ``allow_nonfinite``.
     """
     bar = None
+    frames_total = num_blocks * pipeline.layout.block_frames
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=video_frames_for(num_blocks * pipeline.layout.block_frames), unit="frame",
-                   desc="generating", dynamic_ncols=True)
-    decoder.reset()
-    kept, written = [], 0
+        total = video_frames_for(frames_total) if decoder is not None else frames_total
+        bar = tqdm(total=total, unit="frame" if decoder is not None else "latent frame", desc="generating",
+                   dynamic_ncols=True)
+    if decoder is not None:
+        decoder.reset()
+    written = 0
     start = time.perf_counter()
     try:
         for block in pipeline.blocks(prompt_embeds, noise, num_blocks):
-            x0 = block.x0
-            frames = decoder.decode(x0)[0]  # [T, H, W, 3] uint8, batch 0
-            writer.write(frames)
-            if on_frames is not None:
-                on_frames(frames, written)
-            written += frames.shape[0]
-            if keep_latents:
-                kept.append(x0.float().cpu())
+            frames = None
+            if decoder is not None:
+                frames = decoder.decode(block.x0)[0]  # [T, H, W, 3] uint8 on the host, batch 0
+            host_latents = block.x0.float().cpu() if latents_writer is not None else None
+            if not allow_nonfinite:
+                block.check_finite()  # the flag is ready: the copies above synchronised
+            if latents_writer is not None:
+                latents_writer.write(block.index * pipeline.layout.block_frames, host_latents)
+            if frames is not None:
+                if writer is not None:
+                    writer.write(frames)
+                if on_frames is not None:
+                    on_frames(frames, written)
+                written += frames.shape[0]
             if bar is not None:
-                bar.update(frames.shape[0])
+                bar.update(frames.shape[0] if frames is not None else pipeline.layout.block_frames)
     finally:
         if bar is not None:
             bar.close()
-    latents = torch.cat(kept, dim=1) if kept else None
-    return StreamResult(num_blocks * pipeline.layout.block_frames, written, time.perf_counter() - start, latents)
+    return StreamResult(frames_total, written, time.perf_counter() - start)
 
 
 def demo_dir() -> Path:
@@ -116,6 +129,7 @@ def ensure_demo_model(directory: Path | None = None) -> Path:
 
     from memrope.checkpoint import save_dit_state_dict_safetensors
     from memrope.config import model_preset
+    from memrope.io import clean_leftovers, partial_path
     from memrope.model import random_state_dict
     from runtime.text import build_tiny_text_model
     from runtime.vae import build_tiny_vae
@@ -124,8 +138,10 @@ def ensure_demo_model(directory: Path | None = None) -> Path:
     if (directory / "config.json").is_file():
         return directory
     cfg = model_preset("tiny")
-    tmp = directory.parent / f".{directory.name}.partial-{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    clean_leftovers(directory.parent)
+    tmp = partial_path(directory)
+    tmp.mkdir()
     try:
         build_tiny_text_model(tmp, layout="diffusers", d_model=cfg.text_dim, text_len=cfg.text_len, seed=0)
         build_tiny_vae(tmp, layout="diffusers", seed=0, z_dim=cfg.in_dim)

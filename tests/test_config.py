@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -41,8 +42,34 @@ def test_memrope_longlive_and_self_forcing_files():
     assert longlive.cache.recent_frames == 3
     assert longlive.lora is not None and longlive.lora.scaling == 1.0 and not longlive.use_ema
     assert longlive.lora_ckpt.endswith("lora.pt")
+    # Self-Forcing's file has no num_output_frames: its inference generates the 21 frames of
+    # image_or_video_shape [1, 21, 16, 60, 104], not our default of 120.
+    sf_raw = (CONFIGS / "self_forcing_dmd.yaml").read_text()
+    assert "num_output_frames" not in sf_raw
     sf = load_run_config(CONFIGS / "self_forcing_dmd.yaml")
     assert sf.cache.policy == "global" and sf.num_output_frames == 21
+    assert (sf.latent_channels, sf.latent_height, sf.latent_width) == (16, 60, 104)
+
+
+def test_another_models_config_is_refused_by_name():
+    """LongLive 2.0 (Wan2.2-TI2V-5B: blocks of 8, sink 8, 48 channels, options nested under
+    model_kwargs/inference/data) is not read as block 1, sink 0, 16 channels: it is refused."""
+    with pytest.raises(ValueError, match=r"model_name 'Wan2.2-TI2V-5B' is not supported.*Wan2.1-T2V-1.3B"):
+        load_run_config(CONFIGS / "longlive2_inference.yaml")
+
+
+def test_nested_options_are_read_not_defaulted():
+    raw = {"model_name": "Wan2.1-T2V-1.3B", "num_output_frames": 48,
+           "model_kwargs": {"local_attn_size": 12, "compression_method": "ema", "num_frame_per_block": 3},
+           "inference": {"sink_size": 3}, "data": {"image_or_video_shape": [1, 48, 16, 8, 12]}}
+    run = run_config_from_yaml_dict(raw)
+    assert (run.cache.block_frames, run.cache.sink_frames) == (3, 3)
+    assert (run.latent_channels, run.latent_height, run.latent_width) == (16, 8, 12)
+    with pytest.raises(ValueError, match=r"num_frame_per_block is given twice.*model_kwargs.num_frame_per_block=6"):
+        run_config_from_yaml_dict({**raw, "num_frame_per_block": 3,
+                                   "model_kwargs": {**raw["model_kwargs"], "num_frame_per_block": 6}})
+    with pytest.raises(ValueError, match="image_or_video_shape must be 5 positive integers"):
+        run_config_from_yaml_dict({**raw, "data": {"image_or_video_shape": [1, 21, 16]}})
 
 
 def test_warped_schedule_matches_the_reference():
@@ -110,5 +137,15 @@ def test_engine_options_and_hash():
                                      "model_kwargs": {"local_attn_size": 12, "sink_size": 3,
                                                       "compression_method": "ema", "ema_adaptive": True}})
     assert run.cache.policy == "ema_adaptive" and run.cache.memory_dtype == "float32"
-    assert config_hash(run) == config_hash(run)
-    assert config_hash(run) != config_hash(RunConfig())
+    # Equal configs built separately hash alike; each field that shapes the graph moves the hash.
+    again = run_config_from_yaml_dict({"num_frame_per_block": 3, "engine": {"memory_dtype": "float32"},
+                                       "model_kwargs": {"local_attn_size": 12, "sink_size": 3,
+                                                        "compression_method": "ema", "ema_adaptive": True}})
+    assert again is not run and config_hash(again) == config_hash(run)
+    assert len(config_hash(run)) == 64 and int(config_hash(run), 16) >= 0
+    variants = [replace(run, cache=replace(run.cache, alpha_long=0.02)),
+                replace(run, cache=replace(run.cache, memory_dtype="cache")),
+                replace(run, sampler=replace(run.sampler, shift=5.0)),
+                replace(run, latent_height=62), RunConfig()]
+    hashes = {config_hash(v) for v in variants} | {config_hash(run)}
+    assert len(hashes) == len(variants) + 1

@@ -5,7 +5,9 @@ audit of every variant, and clear errors for bad input or stale artifacts."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import onnxruntime as ort
@@ -174,8 +176,34 @@ def test_stale_or_edited_artifacts_are_refused(artifacts, tmp_path):
     shutil.rmtree(art)
     shutil.copytree(artifacts["memrope_ema"], art)
     shutil.copy(artifacts["memrope_eviction"] / "step.onnx", art / "step.onnx")
-    with pytest.raises(ArtifactMismatchError, match="do not match contract.json"):
+    with pytest.raises(ArtifactMismatchError, match="step.onnx has .* bytes, the export wrote"):
         load_artifact(art)
+
+
+def test_a_graph_from_another_export_is_refused_by_name(artifacts, golden_dit, golden_dir, tmp_path, capsys):
+    """Same architecture, another alpha: step.onnx has the same size and names, only constants
+    differ. The contract's SHA-256 of every graph file catches it."""
+    run = golden_run("memrope_ema")
+    other = export_artifact(golden_dit, replace(run, cache=replace(run.cache, alpha_long=0.02)), tmp_path / "other",
+                            validate=False, **GOLDEN_PIXELS).path
+    art = tmp_path / "art"
+    shutil.copytree(artifacts["memrope_ema"], art)
+    pinned = art / "step.onnx"
+    assert pinned.stat().st_size == (other / "step.onnx").stat().st_size
+    assert pinned.read_bytes() != (other / "step.onnx").read_bytes()
+    original = pinned.stat()
+    shutil.copy(other / "step.onnx", pinned)  # a copy: new mtime, so the quick check hashes it
+    with pytest.raises(ArtifactMismatchError, match=r"step.onnx differs .*SHA-256"):
+        load_artifact(art)
+    # Even with the mtime put back, the full check sees it; the quick check by design does not.
+    os.utime(pinned, ns=(original.st_atime_ns, original.st_mtime_ns))
+    load_artifact(art)
+    with pytest.raises(ArtifactMismatchError, match=r"step.onnx differs"):
+        load_artifact(art, verify=True)
+    assert _generate(art, golden_dir, tmp_path, **{"--verify-artifact": ""}) == 2
+    err = capsys.readouterr().err
+    assert "step.onnx differs" in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "out.safetensors").exists()
 
 
 def _generate(artifact, golden_dir, tmp_path, **override):
@@ -185,7 +213,9 @@ def _generate(artifact, golden_dir, tmp_path, **override):
     values.update(override)
     args = ["generate", "--no-decode"]
     for key, value in values.items():
-        if value is not None:
+        if value == "":
+            args.append(key)
+        elif value is not None:
             args += [key, str(value)]
     return main(args)
 

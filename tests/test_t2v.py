@@ -11,13 +11,7 @@ import pytest
 import torch
 
 from runtime.cli import main
-from runtime.t2v import (
-    DEMO_LATENT,
-    DEMO_PROMPT,
-    ensure_demo_model,
-    latent_frames_for,
-    video_frames_for,
-)
+from runtime.t2v import DEMO_LATENT, DEMO_PROMPT, ensure_demo_model, latent_frames_for, video_frames_for
 
 
 @pytest.fixture(scope="module")
@@ -102,6 +96,7 @@ def test_unwritable_output_and_corrupt_model_folder(cache_dir, tmp_path, capsys)
     assert not (tmp_path / "v.mp4").exists()
 
 
+@pytest.mark.slow
 def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_path):
     """DiT with the MemRoPE cache -> streaming VAE -> MP4 for 334 blocks: the peak RSS after
     block 300 is no higher than after block 60 (+32 MB), and every frame reaches the file."""
@@ -112,6 +107,9 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
     from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
     from memrope.sampler import StreamingSeededNoise
+    from safetensors.torch import load_file
+
+    from memrope.io import SafetensorsStreamWriter
     from runtime.t2v import stream_video
     from runtime.vae import StreamingVAEDecoder, build_tiny_vae
     from runtime.video import Mp4Writer
@@ -131,9 +129,13 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
             rss[block] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
     out = tmp_path / "long.mp4"
-    with Mp4Writer(out, fps=16, width=48, height=32, preset="ultrafast") as writer:
+    latents_out = tmp_path / "long.safetensors"
+    with Mp4Writer(out, fps=16, width=48, height=32, preset="ultrafast") as writer, \
+            SafetensorsStreamWriter(latents_out, "latents", [1, 3 * blocks, 16, 4, 6]) as latents_writer:
         result = stream_video(pipeline, embeds, StreamingSeededNoise(0, 1, (16, 4, 6), 3), blocks, decoder, writer,
-                              progress=False, on_frames=sample)
+                              latents_writer=latents_writer, progress=False, on_frames=sample)
     assert result.latent_frames == 1002 and result.video_frames == video_frames_for(1002)
-    assert rss[300] - rss[60] < 32 * 1024  # KiB
+    assert rss[300] - rss[60] < 32 * 1024  # KiB: neither the video nor the latents accumulate
     assert _probe(out)[0] == result.video_frames
+    latents = load_file(str(latents_out))["latents"]
+    assert latents.shape == (1, 1002, 16, 4, 6) and torch.isfinite(latents).all() and latents.abs().sum() > 0

@@ -304,6 +304,7 @@ def _rss_mb() -> tuple[float, float]:
     return peak, peak
 
 
+@pytest.mark.slow
 def test_memory_flat_over_1000_latent_frames(tmp_path):
     build_tiny_vae(tmp_path, layout="diffusers", seed=0, base_dim=4)  # smallest: this is about memory
     decoder = StreamingVAEDecoder.from_model_dir(tmp_path)
