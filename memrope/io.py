@@ -221,6 +221,18 @@ def _nearest_existing(path: Path) -> Path:
     return Path(".")
 
 
+def _probe_writable(folder: Path, what: str) -> None:
+    """Create and remove a file in ``folder``: the only test that also holds for root, read-only
+    mounts and pseudo-filesystems such as /proc."""
+    probe = folder / f".memrope-probe-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        fd = os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+    except OSError as exc:
+        raise ValueError(f"{what}: {folder} is not writable ({exc.strerror})") from None
+    os.close(fd)
+    probe.unlink(missing_ok=True)
+
+
 def check_output_path(path: str | os.PathLike[str], what: str, *, suffixes: tuple[str, ...] = (),
                       directory: bool = False, estimate_bytes: int | None = None) -> Path:
     """Check, before any work, that ``path`` can be written; clean leftovers of killed runs there.
@@ -243,8 +255,7 @@ def check_output_path(path: str | os.PathLike[str], what: str, *, suffixes: tupl
     base = _nearest_existing(folder)
     if not base.is_dir():
         raise ValueError(f"{what} {path}: {base} is not a directory")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise ValueError(f"{what} {path}: {base} is not writable")
+    _probe_writable(base, f"{what} {path}")
     if estimate_bytes is not None:
         free = shutil.disk_usage(base).free
         if free < estimate_bytes:

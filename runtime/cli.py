@@ -34,8 +34,14 @@ REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
 
 
-class _Formatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
-    """Show every option's default, keep descriptions as written."""
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Show each option's default (when it has a value to show); keep descriptions as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
 
 
 def _version() -> str:
@@ -87,7 +93,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
     src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
                      help="load generator_ema (default: the YAML's use_ema)")
-    src.add_argument("--no-use-ema", dest="use_ema", action="store_false")
+    src.add_argument("--no-use-ema", dest="use_ema", action="store_false", help="load generator (not the EMA)")
 
 
 def _demo_run_config(preset: str, video: bool = False):
@@ -234,7 +240,8 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                      help="keep going when a block holds NaN/Inf (default: stop, naming the block, and write "
                           "nothing)")
     ex = p.add_argument_group("execution")
-    ex.add_argument("--backend", choices=BACKENDS, default="eager")
+    ex.add_argument("--backend", choices=BACKENDS, default="eager",
+                    help="what runs the DiT: PyTorch eager or compiled, or an exported --engine")
     ex.add_argument("--engine", type=Path,
                     help="artifact directory from `memrope export` (onnxruntime; tensorrt after `memrope build`)")
     ex.add_argument("--verify-artifact", action="store_true",
@@ -471,9 +478,11 @@ def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--config", type=Path, help="run YAML (cache policy, sampler); default: the preset's demo run")
     p.add_argument("--height", type=int, required=True, help="video height in pixels (multiple of 16)")
     p.add_argument("--width", type=int, required=True, help="video width in pixels (multiple of 16)")
-    p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
-    p.add_argument("--memory-dtype", choices=("cache", "float32"))
+    p.add_argument("--batch", type=int, default=1, help="videos per call (num_samples)")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
+                   help="graph dtype (bf16/fp16 are strongly typed, with fp32 islands)")
+    p.add_argument("--memory-dtype", choices=("cache", "float32"),
+                   help="EMA memory accumulator (default: the cache dtype, as the authors)")
     p.add_argument("--out", type=Path, required=True, help="artifact directory to create")
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--no-validate", dest="validate", action="store_false",
@@ -531,7 +540,8 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                        description="Profile eager, compiled, ONNX Runtime and TensorRT on the same loop and "
                                    "inputs (random weights). Prints a table, then one JSON line. Exits 1 if no "
                                    "backend could be measured.")
-    p.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"), default="tiny")
+    p.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"), default="tiny",
+                   help="model size and resolution: tiny 32x48, mid 96x128, wan-1.3b 832x480")
     p.add_argument("--height", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--width", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--backends", default="eager,compiled,onnxruntime,tensorrt",
@@ -539,7 +549,7 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--blocks", type=int, default=30, help="timed blocks (after the warm-up)")
     p.add_argument("--warmup-blocks", type=int, default=3, help="untimed blocks first (compilation, caches)")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
-    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32")
+    p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype")
     p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
     p.add_argument("--json-out", type=Path, help="write the results document here (JSON)")
     p.add_argument("--plot", type=Path, help="PNG: per-block latency and per-stage breakdown")

@@ -21,6 +21,9 @@ import numpy as np
 
 logger = logging.getLogger(__name__)
 
+# x264 frame threads: a fixed count keeps the bitstream identical run to run and machine to machine.
+ENCODER_THREADS = 2
+
 
 def _require_av():
     try:
@@ -94,12 +97,18 @@ class Mp4Writer:
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         try:
-            self._container = av.open(str(self._tmp), mode="w", format="mp4")
+            # Byte-for-byte reproducible files: a fixed encoder thread count (x264's output depends
+            # on its thread count, which "auto" derives from the machine's load-independent core
+            # count but also from the slice/frame threading mode), and no version or time stamps.
+            self._container = av.open(str(self._tmp), mode="w", format="mp4", options={"fflags": "+bitexact"})
             rate = Fraction(fps).limit_denominator(1001)
             self._stream = self._container.add_stream("libx264", rate=rate)
             self._stream.width, self._stream.height = self.width, self.height
             self._stream.pix_fmt = "yuv420p"
             self._stream.codec_context.time_base = 1 / rate
+            self._stream.codec_context.thread_count = ENCODER_THREADS
+            self._stream.codec_context.thread_type = "FRAME"
+            self._stream.codec_context.flags |= av.codec.context.Flags.bitexact
             self._stream.options = {"crf": str(self.crf), "preset": preset}
         except BaseException as exc:
             self._discard(exc)

@@ -4,6 +4,7 @@ input give clear errors and write nothing."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import av
@@ -38,17 +39,26 @@ def test_duration_arithmetic():
             latent_frames_for(bad, 3)
 
 
-def test_embedded_demo_writes_an_mp4(cache_dir, tmp_path):
+def test_embedded_demo_writes_an_mp4(cache_dir, tmp_path, caplog):
     out = tmp_path / "videos" / "demo.mp4"
-    assert main(["generate", "--preset", "tiny", "--prompt", DEMO_PROMPT, "--seconds", "2", "--out", str(out),
-                 "--no-progress", "--latents-out", str(tmp_path / "latents.safetensors")]) == 0
+    argv = ["generate", "--preset", "tiny", "--prompt", DEMO_PROMPT, "--seconds", "2", "--out", str(out),
+            "--no-progress", "--latents-out", str(tmp_path / "latents.safetensors")]
+    with caplog.at_level(logging.INFO, logger="runtime.text"):
+        assert main(argv) == 0
+    assert "cache misses" in caplog.text  # the first run encodes the prompt
     latents = latent_frames_for(2, 3)
     frames, width, height, fps = _probe(out)
     assert frames == video_frames_for(latents)
     assert (height, width) == (8 * DEMO_LATENT[0], 8 * DEMO_LATENT[1]) and fps == 16
     assert not list(out.parent.glob(".*.tmp"))
-    # The prompt was encoded once and cached: a second run reads the cache.
-    assert len(list((cache_dir / "text").glob("*.safetensors"))) == 1
+    first = out.read_bytes()
+    # A second identical run reads the prompt from the cache (no encoder load) and writes the
+    # same MP4, byte for byte.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="runtime.text"):
+        assert main(argv) == 0
+    assert "cache misses" not in caplog.text and "loading umT5" not in caplog.text
+    assert out.read_bytes() == first
 
 
 def test_demo_model_is_a_real_wan_folder(cache_dir):

@@ -1,0 +1,188 @@
+"""Faults a user can hit, through the real CLI: each is one line on stderr naming what is wrong,
+the documented exit code (2: bad input, found before the work; 1: the run failed), no traceback
+without -v, and nothing half-written left behind."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from runtime.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture()
+def golden(golden_dir):
+    return {name: golden_dir / name for name in ("tiny_selfforcing.pt", "config.json", "memrope_ema.yaml",
+                                                 "inputs.safetensors")}
+
+
+def _args(golden, out, **override):
+    values = {"--checkpoint": golden["tiny_selfforcing.pt"], "--model-config": golden["config.json"],
+              "--config": golden["memrope_ema.yaml"], "--text-embeds": golden["inputs.safetensors"],
+              "--noise": golden["inputs.safetensors"], "--latents-out": out}
+    values.update(override)
+    args = ["generate", "--no-decode", "--no-progress"]
+    for key, value in values.items():
+        if value == "":
+            args.append(key)
+        elif value is not None:
+            args += [key, str(value)]
+    return args
+
+
+def _one_line_error(capsys, *needles):
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("memrope generate: error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+# --- non-finite values ---------------------------------------------------------------------------
+
+def test_noise_overflow_stops_at_the_block_and_writes_nothing(golden, tmp_path, capsys):
+    """Noise of 1e30 in one frame of block 2 poisons the block; the run stops there (exit 1)
+    naming it, instead of writing 29 NaN blocks; --allow-nonfinite is the escape hatch."""
+    tensors = load_file(str(golden["inputs.safetensors"]))
+    tensors["noise"] = tensors["noise"].clone()
+    tensors["noise"][:, 7] = 1e30
+    noisy = tmp_path / "noisy.safetensors"
+    save_file(tensors, str(noisy))
+    out = tmp_path / "out" / "latents.safetensors"
+    assert main(_args(golden, out, **{"--noise": noisy})) == 1
+    _one_line_error(capsys, "block 2", "NaN or Inf", "likely cause")
+    assert _leftovers(out.parent) == []
+    assert main(_args(golden, out, **{"--noise": noisy, "--allow-nonfinite": ""})) == 0
+    latents = load_file(str(out))["latents"]
+    assert torch.isfinite(latents[:, :6]).all() and not torch.isfinite(latents[:, 6:9]).all()
+
+
+def test_nan_weights_are_refused_at_load(golden, tmp_path, capsys):
+    checkpoint = torch.load(golden["tiny_selfforcing.pt"], weights_only=True)
+    state = checkpoint["generator_ema"]
+    name = next(k for k in state if k.endswith("ffn.0.weight"))
+    state[name] = state[name].clone()
+    state[name][0, 0] = float("nan")
+    bad = tmp_path / "nan.pt"
+    torch.save(checkpoint, bad)
+    out = tmp_path / "latents.safetensors"
+    assert main(_args(golden, out, **{"--checkpoint": bad})) == 2
+    _one_line_error(capsys, "nan.pt", "NaN or Inf", name.removeprefix("model."))
+    assert not out.exists()
+
+
+# --- outputs checked before the work -----------------------------------------------------------------
+
+@pytest.mark.parametrize("target, needle", [
+    ("dir", "is a directory"),
+    ("/proc/memrope.safetensors", "is not writable"),
+    ("latents.pt", "must end in .safetensors"),
+    ("file/latents.safetensors", "is not a directory"),
+])
+def test_bad_output_paths_fail_in_milliseconds(golden, tmp_path, capsys, target, needle):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "file").write_text("x")
+    path = Path(target) if target.startswith("/") else tmp_path / target
+    # The checkpoint does not exist: reaching it would be a different error, so the output check
+    # provably ran first.
+    assert main(_args(golden, path, **{"--checkpoint": tmp_path / "later.pt"})) == 2
+    _one_line_error(capsys, needle)
+
+
+def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing(golden, tmp_path):
+    """The file-size limit stands in for a full disk: the latents stream fails on a late block
+    with an OSError; exit 1, one line, no temp file, no output."""
+    out = tmp_path / "out" / "latents.safetensors"
+    out.parent.mkdir()
+    code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+            "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000)); "
+            "from runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+    proc = subprocess.run([sys.executable, "-c", code, *_args(golden, out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    assert len(lines) == 1 and "File too large" in lines[0] and "Traceback" not in proc.stderr, proc.stderr
+    assert _leftovers(out.parent) == []
+
+
+def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(golden, tmp_path, caplog):
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale_file = out_dir / f".latents.safetensors.{dead.pid}.{uuid.uuid4().hex}.tmp"
+    stale_dir = out_dir / f".art.partial-{dead.pid}-0123abcd"
+    live_file = out_dir / f".other.safetensors.{os.getpid()}.{uuid.uuid4().hex}.tmp"
+    stale_file.write_bytes(b"half a file")
+    stale_dir.mkdir()
+    live_file.write_bytes(b"being written by a live process")
+    assert main(_args(golden, out_dir / "latents.safetensors")) == 0
+    assert not stale_file.exists() and not stale_dir.exists() and live_file.exists()
+    assert caplog.text.count("left by a killed run") == 2
+
+
+# --- bad options ----------------------------------------------------------------------------------------
+
+def test_unknown_device_and_truncated_graph_are_one_line(golden, artifacts, tmp_path, capsys):
+    out = tmp_path / "latents.safetensors"
+    assert main(_args(golden, out, **{"--device": "tpu"})) == 2
+    _one_line_error(capsys, "--device must be cpu or cuda[:N]", "'tpu'")
+    art = tmp_path / "art"
+    import shutil
+
+    shutil.copytree(artifacts["memrope_ema"], art)
+    data = (art / "step.onnx").read_bytes()
+    (art / "step.onnx").write_bytes(data[: len(data) // 3])
+    args = _args(golden, out, **{"--checkpoint": None, "--model-config": None, "--engine": art,
+                                 "--backend": "onnxruntime"})
+    assert main(args) == 2
+    _one_line_error(capsys, "step.onnx")
+    assert not out.exists()
+
+
+def test_verbose_works_anywhere_and_help_shows_defaults(golden, tmp_path, capsys):
+    out = tmp_path / "latents.safetensors"
+    for argv in (["-v", *_args(golden, out, **{"--device": "tpu"})],
+                 [*_args(golden, out, **{"--device": "tpu"}), "-v"]):
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert "Traceback" in err and "--device must be cpu" in err
+    help_text = " ".join(build_parser()._subparsers._group_actions[0].choices["generate"].format_help().split())
+    assert "(default: eager)" in help_text and "(default: reference)" in help_text
+    assert "float16" in help_text and "(default: None)" not in help_text
+
+
+def test_version_and_bench_arguments_that_would_measure_nothing(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0
+    assert capsys.readouterr().out.startswith("memrope 0.")
+    assert main(["bench", "--backends", ","]) == 2
+    assert "names no backend" in capsys.readouterr().err
+    assert main(["bench", "--warmup-blocks", "-1"]) == 2
+    assert "--warmup-blocks must be >= 0" in capsys.readouterr().err
+
+
+def test_no_third_party_noise_on_a_clean_run(golden, tmp_path):
+    out = tmp_path / "latents.safetensors"
+    proc = subprocess.run([sys.executable, "-m", "runtime", *_args(golden, out)], capture_output=True, text=True,
+                          cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr
+    assert proc.stdout.startswith("wrote ")
+
