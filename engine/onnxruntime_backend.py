@@ -33,7 +33,7 @@ def _require_onnxruntime():
         import onnxruntime
     except ImportError as exc:
         raise ImportError("the onnxruntime backend needs ONNX Runtime: pip install -e '.[onnx]' "
-                          "(or '.[gpu]' for onnxruntime-gpu)") from exc
+                          "(onnxruntime-gpu on Linux x86_64, the CPU build elsewhere)") from exc
     return onnxruntime
 
 
@@ -102,7 +102,8 @@ class OnnxRuntimeBackend(Backend):
             provider = "cuda" if gpu else "cpu"
         if provider in ("cuda", "tensorrt") and not gpu:
             raise ValueError(f"provider {provider!r} needs onnxruntime-gpu and a CUDA GPU "
-                             f"(available providers: {available}); pip install -e '.[gpu]'")
+                             f"(available providers: {available}); on Linux x86_64 pip install -e '.[onnx]' "
+                             "installs onnxruntime-gpu")
         if provider == "cpu" and contract.dtype != "float32":
             raise ValueError(f"artifact {self.artifact.path} is {contract.dtype}; ONNX Runtime's CPU "
                              "execution provider has no bf16/fp16 kernels: export float32 for CPU")

@@ -103,14 +103,13 @@ def _register_attention() -> None:
 # --------------------------------------------------------------------------------------------
 
 def clean_prompt(text: str) -> str:
-    """Wan's 'whitespace' cleaning: ftfy fix (only if ftfy is installed), HTML-unescape twice,
-    strip, collapse every whitespace run to one space, strip."""
+    """Wan's 'whitespace' cleaning: ftfy fix, HTML-unescape twice, strip, collapse every
+    whitespace run to one space, strip."""
     try:
         import ftfy
-    except ImportError:  # optional: the authors' environment has it, ours may not
-        pass
-    else:
-        text = ftfy.fix_text(text)
+    except ImportError as exc:
+        raise ImportError("prompt cleaning needs ftfy, as Wan's: pip install -e '.[video]'") from exc
+    text = ftfy.fix_text(text)
     text = html.unescape(html.unescape(text)).strip()
     return re.sub(r"\s+", " ", text).strip()
 

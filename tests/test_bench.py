@@ -38,16 +38,32 @@ def test_schema_and_consistency(doc):
         scalars = [r[k] for k in REQUIRED if k != "block_ms"] + r["block_ms"]
         assert all(math.isfinite(v) and v >= 0 for v in scalars)
         assert len(r["block_ms"]) == 8 and all(len(c) == 5 for c in r["call_ms"])
-        assert r["first_block_ms"] == r["block_ms"][0]
-        assert r["latent_fps"] == pytest.approx(3 / (r["block_ms_median"] / 1e3))
-        assert r["video_fps"] == pytest.approx(VAE_TEMPORAL_STRIDE * r["latent_fps"])
-        assert r["call_ms_p90"] >= r["call_ms_median"] > 0
-        # Calls happen inside blocks: five calls can never take longer than their block.
+        # Measured, not derived: the calls run inside their block, so they cannot outlast it.
         for block, calls in zip(r["block_ms"], r["call_ms"]):
-            assert sum(calls) <= block
-        assert r["host_overhead_pct"] == pytest.approx(100 * r["host_overhead_ms_per_call"] / r["call_ms_median"])
+            assert 0 < sum(calls) <= block
         assert set(r["stage_ms_median"]) == {"step0", "step1", "step2", "step3", "context"}
-        assert r["achieved_tflops"] == pytest.approx(r["work_per_call"]["flops"] / (r["call_ms_median"] / 1e3) / 1e12)
+
+
+def test_summary_statistics_on_hand_checked_timings():
+    """summarise() on timings whose answers are known by hand: block 0 (first frames) 50 ms, then
+    20 steady blocks of 10 ms holding five 1.5 ms calls (2.5 ms of host work per block)."""
+    from runtime.bench import summarise
+
+    block_ms = [50.0] + [10.0] * 20
+    call_ms = [[9.0, 9.0, 9.0, 9.0, 9.0]] + [[1.5] * 5 for _ in range(20)]
+    work = {"flops": 3e9, "bytes": 1e6}
+    r = summarise("x", block_ms, call_ms, calls_per_block=5, block_frames=3, work=work, peak_host_mb=1.0,
+                  peak_device_mb=0.0)
+    assert r["first_block_ms"] == 50.0 and r["block_ms_median"] == 10.0 and r["block_ms_p90"] == 10.0
+    assert r["call_ms_median"] == 1.5 and r["call_ms_p90"] == 1.5
+    assert r["latent_fps"] == pytest.approx(300.0) and r["video_fps"] == pytest.approx(1200.0)
+    assert r["host_overhead_ms_per_call"] == pytest.approx(0.5) and r["host_overhead_pct"] == pytest.approx(100 / 3)
+    assert r["flatness"] == pytest.approx(1.0)
+    assert r["achieved_tflops"] == pytest.approx(3e9 / 1.5e-3 / 1e12)
+    assert r["stage_ms_median"] == {"step0": 1.5, "step1": 1.5, "step2": 1.5, "step3": 1.5, "context": 1.5}
+    # Latency that doubles late in the run shows up as flatness 2.
+    grown = summarise("x", [50.0] + [10.0] * 12 + [20.0] * 8, call_ms, 5, 3, work, 1.0, 0.0)
+    assert grown["flatness"] == pytest.approx(2.0)
 
 
 def test_work_model_counts_the_real_linear_layers():

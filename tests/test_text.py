@@ -127,6 +127,7 @@ def test_bf16_load_casts(tiny_dirs):
 def test_whitespace_cleaning(encoders):
     assert clean_prompt("  a  &amp;amp; b ") == "a & b"
     assert clean_prompt("x\n\t y") == "x y"
+    assert clean_prompt("sch\u00c3\u00b6ner Fuchs") == "sch\u00f6ner Fuchs"  # ftfy repairs mojibake, as Wan's cleaning
     enc = encoders["diffusers"]
     assert torch.equal(enc.encode(["  a  &amp;amp; b "]), enc.encode(["a & b"]))
     assert not torch.equal(enc.encode(["a &amp; b"])[0], enc.encode(["a &amp;amp; c"])[0])
