@@ -632,6 +632,9 @@ def _quiet_third_party() -> None:
         os.environ.setdefault(name, "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import torch
+
+    torch._logging.set_logs(onnx=logging.ERROR)  # "torchvision is not installed" at every export
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")

@@ -186,3 +186,24 @@ def test_no_third_party_noise_on_a_clean_run(golden, tmp_path):
     assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr
     assert proc.stdout.startswith("wrote ")
 
+
+
+def test_engine_with_another_resolutions_config_runs_at_the_artifacts_size(golden, artifacts, tmp_path, capsys):
+    """--engine ART --config memrope_60s.yaml (832x480 latents, 240 frames): the artifact fixes the
+    resolution before any shape is derived, so the run happens at its 4x6 latent size."""
+    out = tmp_path / "latents.safetensors"
+    args = _args(golden, out, **{"--checkpoint": None, "--model-config": None, "--noise": None,
+                                 "--engine": artifacts["memrope_ema"], "--backend": "onnxruntime",
+                                 "--config": ROOT / "tests" / "data" / "configs" / "memrope_60s.yaml",
+                                 "--num-frames": 6})
+    assert main(args) == 0, capsys.readouterr().err
+    assert load_file(str(out))["latents"].shape == (1, 6, 16, 4, 6)
+
+
+def test_export_and_bench_outputs_are_checked_first(golden, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(golden["tiny_selfforcing.pt"]), "--model-config",
+                 str(golden["config.json"]), "--config", str(golden["memrope_ema.yaml"]), "--height", "32",
+                 "--width", "48", "--out", "/proc/memrope-artifact"]) == 2
+    assert "/proc is not writable" in capsys.readouterr().err
+    assert main(["bench", "--backends", "eager", "--json-out", "/proc/bench.json"]) == 2
+    assert "/proc is not writable" in capsys.readouterr().err
