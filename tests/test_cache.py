@@ -153,6 +153,7 @@ def test_global_cache_refuses_a_block_past_its_end():
         policy.next_block()
 
 
+@pytest.mark.slow  # 300 blocks: the long-horizon step of CI
 @pytest.mark.parametrize("policy", ["ema", "ema_adaptive", "eviction"])
 def test_300_blocks_constant_size_addresses_and_finite(policy):
     """A long run on the tiny model: the cache never reallocates or grows, the sink never changes

@@ -1,0 +1,100 @@
+"""Every command the README shows runs as written.
+
+The README's ```bash blocks are extracted in order and run, from a scratch folder that sees the
+repository's files (``tests/``, ``docs/``) by relative path, with a fresh ``$MEMROPE_CACHE``:
+`pip install` steps (CI runs those, in a new virtual environment) and the test command itself
+are left out, and a block preceded by ``<!-- readme-test: slow -->`` (full-size or minutes-long
+commands) runs only with ``pytest -m slow`` (which runs every block, in order). A command that fails names itself and its output.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+SLOW_MARK = "<!-- readme-test: slow -->"
+# Each README command gets this long; the slowest demo-sized one (an export) takes about a minute.
+COMMAND_TIMEOUT_S = 600
+
+
+def readme_blocks(text: str) -> list[tuple[bool, list[str]]]:
+    """``(slow, commands)`` for each ```bash block: continuation lines joined, comments and
+    blank lines dropped."""
+    blocks = []
+    for match in re.finditer(r"(?P<before>[^\n]*\n)?```bash\n(?P<body>.*?)```", text, re.S):
+        slow = SLOW_MARK in (match.group("before") or "")
+        joined = match.group("body").replace("\\\n", " ")
+        commands = []
+        for line in joined.splitlines():
+            line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
+            if line:
+                commands.append(line)
+        blocks.append((slow, commands))
+    return blocks
+
+
+def runnable(command: str) -> list[str]:
+    """The parts of ``command`` this test runs (``a && b`` split; installs and the test command
+    itself dropped)."""
+    parts = [p.strip() for p in command.split("&&")]
+    keep = []
+    for part in parts:
+        words = shlex.split(part)
+        if words[:2] == ["pip", "install"] or words[:3] == ["python", "-m", "pytest"] or words[:2] == ["bash", ".ci/run"]:
+            continue
+        keep.append(part)
+    return keep
+
+
+def test_the_readme_has_commands_and_every_one_is_reachable():
+    blocks = readme_blocks(README.read_text())
+    commands = [c for _, cs in blocks for c in cs]
+    assert len(commands) >= 8, "the README shows almost no commands: the extraction broke"
+    assert commands[0].startswith("pip install torch==2.13.0 && pip install -e") and "memrope generate" in commands[0]
+    assert commands[1] == "python -m pytest -q"
+
+
+def _scratch(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("readme")
+    for name in ("tests", "docs", "bench"):
+        (work / name).symlink_to(ROOT / name)
+    return work
+
+
+def _run_blocks(slow_wanted: bool, tmp_path_factory) -> int:
+    work = _scratch(tmp_path_factory)
+    env = dict(os.environ, MEMROPE_CACHE=str(tmp_path_factory.mktemp("cache")), PYTHONPATH=str(ROOT))
+    bin_dir = Path(sys.executable).parent
+    env["PATH"] = f"{bin_dir}{os.pathsep}{env.get('PATH', '')}"
+    if shutil.which("memrope", path=env["PATH"]) is None:
+        pytest.skip("the memrope console script is not installed in this environment (pip install -e .)")
+    ran = 0
+    for slow, commands in readme_blocks(README.read_text()):
+        for command in commands:
+            for part in runnable(command):
+                if slow and not slow_wanted:
+                    continue
+                proc = subprocess.run(part, shell=True, cwd=work, env=env, capture_output=True, text=True,
+                                      timeout=COMMAND_TIMEOUT_S)
+                assert proc.returncode == 0, f"README command failed ({proc.returncode}): {part}\n" \
+                                             f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
+                ran += 1
+    return ran
+
+
+def test_every_demo_sized_readme_command_runs_as_written(tmp_path_factory):
+    assert _run_blocks(False, tmp_path_factory) >= 5
+
+
+@pytest.mark.slow
+def test_all_readme_commands_run_as_written_including_the_slow_ones(tmp_path_factory):
+    _run_blocks(True, tmp_path_factory)
