@@ -54,6 +54,11 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
     out.add_argument("--latents-out", type=Path, help="write latents [B, F, C, H, W] to this safetensors file")
     out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_execution_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_execution_args(p: argparse.ArgumentParser) -> None:
     ex = p.add_argument_group("execution")
     ex.add_argument("--backend", choices=BACKENDS, default="eager")
     ex.add_argument("--engine", type=Path,
@@ -62,7 +67,6 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                     help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
-    p.set_defaults(func=cmd_generate)
 
 
 def _demo_run_config(preset: str, video: bool = False):
@@ -322,8 +326,47 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None) -> torch.Tens
     raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
 
 
-def cmd_generate(args: argparse.Namespace) -> int:
+def _resolve_engine(args: argparse.Namespace, model_dir: Path | None):
+    """``(artifact or None, model config, run config)`` of a generate or serve call: an exported
+    backend takes both configs from its ``--engine`` artifact, the others from the checkpoint."""
+    artifact = None
+    if args.backend in EXPORTED_BACKENDS:
+        from memrope.artifact import load_artifact
+
+        if args.engine is None:
+            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
+        artifact = load_artifact(args.engine)
+        model_cfg = artifact.model
+    elif args.engine is not None:
+        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
+    else:
+        model_cfg = _resolve_model(args, model_dir)
+    run = _run_config(args, artifact.run if artifact is not None else None,
+                      video_demo=model_dir is not None and args.model_dir is None)
+    return artifact, model_cfg, run
+
+
+def _make_backend(args: argparse.Namespace, artifact, model_cfg, run, dtype: torch.dtype, device: torch.device,
+                  model_dir: Path | None):
+    """The ``--backend`` the loop drives: an exported artifact's runtime, or the DiT in PyTorch."""
+    if args.backend == "onnxruntime":
+        from engine.onnxruntime_backend import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(artifact, provider=args.ort_provider)
+    if args.backend == "tensorrt":
+        from engine.tensorrt_backend import TensorRTBackend
+
+        return TensorRTBackend(artifact)
+    if args.backend == "compiled":
+        from engine.compiled_backend import CompiledBackend
+
+        return CompiledBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
     from engine.eager_backend import EagerBackend
+
+    return EagerBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.io import read_noise, save_safetensors_atomic
     from memrope.pipeline import MemRoPEPipeline
     from memrope.sampler import (
@@ -350,21 +393,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
     dtype = DTYPES[args.dtype]
 
-    artifact = None
     model_dir = _model_dir(args)
-    if args.backend in EXPORTED_BACKENDS:
-        from memrope.artifact import load_artifact
-
-        if args.engine is None:
-            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
-        artifact = load_artifact(args.engine)
-        model_cfg = artifact.model
-    elif args.engine is not None:
-        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
-    else:
-        model_cfg = _resolve_model(args, model_dir)
-    run = _run_config(args, artifact.run if artifact is not None else None,
-                      video_demo=model_dir is not None and args.model_dir is None)
+    artifact, model_cfg, run = _resolve_engine(args, model_dir)
     if args.seed is not None:
         run = replace(run, seed=args.seed)
     schedule = build_schedule(run.sampler)
@@ -406,20 +436,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
         decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
 
-    if args.backend == "onnxruntime":
-        from engine.onnxruntime_backend import OnnxRuntimeBackend
-
-        backend = OnnxRuntimeBackend(artifact, provider=args.ort_provider)
-    elif args.backend == "tensorrt":
-        from engine.tensorrt_backend import TensorRTBackend
-
-        backend = TensorRTBackend(artifact)
-    elif args.backend == "compiled":
-        from engine.compiled_backend import CompiledBackend
-
-        backend = CompiledBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
-    else:
-        backend = EagerBackend(_load_dit(args, model_cfg, run, dtype, device, model_dir), run)
+    backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir)
     # Exported backends run in their artifact's dtype on their own device.
     dtype = backend.dtype
     pipeline = MemRoPEPipeline(backend, run)
@@ -474,6 +491,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub)
     _add_build(sub)
     _add_bench(sub)
+    from runtime.serve import add_parser as _add_serve
+
+    _add_serve(sub)
     return parser
 
 
