@@ -135,9 +135,12 @@ def test_killed_viewer_is_freed(server):
     finally:
         viewer.kill()
         viewer.wait()
-    m = _wait_metrics(server, _idle, HEARTBEAT_S + 5, "the killed viewer's session to be freed")
-    freed_after_s = time.monotonic() - killed_at
-    assert freed_after_s < HEARTBEAT_S + 5
+    # The slot frees when the heartbeat times out; the cache once the worker has finished the
+    # block in flight (seconds on a loaded 2-core machine).
+    _wait_metrics(server, lambda m: m["memrope_serve_sessions"] == 0, HEARTBEAT_S + 3, "the session to end")
+    ended_after_s = time.monotonic() - killed_at
+    m = _wait_metrics(server, _idle, 30, "the killed viewer's stream and cache to be freed")
+    assert ended_after_s <= HEARTBEAT_S + 3
     # The one session's cache, decoder, queue and connection are gone: resident memory is back.
     assert m["process_resident_memory_bytes"] <= baseline_rss * 1.05, (m["process_resident_memory_bytes"], baseline_rss)
     ended = [s for s in server.get("/sessions")[2]["sessions"]]

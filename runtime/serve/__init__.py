@@ -56,6 +56,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     srv.add_argument("--heartbeat-timeout", type=float, default=5.0,
                      help="seconds without a heartbeat before a session and its cache are freed")
     srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
+    srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                     help="accept clients at once instead of running two blocks first")
     p.set_defaults(func=cmd_serve, no_decode=False)
 
 
@@ -64,7 +66,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
-                            retry_after_s=args.retry_after)
+                            retry_after_s=args.retry_after, warm_up=args.warm_up)
     require_serve_packages()
     from runtime.serve.app import run_server
     from runtime.serve.model import load_serve_model

@@ -103,8 +103,8 @@ def _validation_error(exc: RequestValidationError) -> tuple[int, str]:
 class Server:
     """The live sessions and everything that happens to them on the event loop."""
 
-    def __init__(self, model: ServeModel, options: ServerOptions):
-        self.model, self.options = model, options
+    def __init__(self, model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None):
+        self.model, self.options, self.on_started = model, options, on_started
         self.stats = ServeStats()
         self.sessions: dict[str, Session] = {}
         self.ended: OrderedDict[str, dict] = OrderedDict()
@@ -120,6 +120,11 @@ class Server:
         self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="memrope-serve-text")
         self.worker = ModelWorker(self.model, self.stats, on_failure=self._failed_in_worker)
         self.worker.start()
+        if self.options.warm_up:
+            seconds = await asyncio.wrap_future(self.worker.submit(self.worker.warm_up))
+            logger.info("warmed up in %.2f s", seconds)
+        if self.on_started is not None:
+            self.on_started()
         reaper = asyncio.create_task(self._reap())
         try:
             yield
@@ -330,11 +335,12 @@ def _page() -> str:
     return resources.files("runtime.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
-def create_app(model: ServeModel, options: ServerOptions) -> FastAPI:
-    """The FastAPI app serving ``model``. The model worker starts with the app's lifespan."""
+def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app serving ``model``. The model worker starts (and warms up) with the app's
+    lifespan; ``on_started()`` is called once it is ready for clients."""
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-    server = Server(model, options)
+    server = Server(model, options, on_started)
     app = FastAPI(title="memrope serve", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
 
@@ -410,7 +416,8 @@ def create_app(model: ServeModel, options: ServerOptions) -> FastAPI:
 
 
 def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM end every session and stop the worker)."""
+    """Serve until interrupted (SIGINT/SIGTERM end every session and stop the worker).
+    ``on_ready(url)`` is called once clients are served (after the warm-up)."""
     import uvicorn
 
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
@@ -419,8 +426,7 @@ def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[
     except OSError as exc:
         raise ValueError(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}") from None
     host, port = sock.getsockname()[:2]
-    app = create_app(model, options)
+    url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{port}/"
+    app = create_app(model, options, on_started=None if on_ready is None else lambda: on_ready(url))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
-    if on_ready is not None:
-        on_ready(f"http://{host if family == socket.AF_INET else f'[{host}]'}:{port}/")
     server.run(sockets=[sock])

@@ -105,9 +105,9 @@ class Viewer:
 
     async def connect(self) -> None:
         """Offer a recvonly video transceiver and an event channel; start reading and heartbeats."""
-        from aiortc import RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 
-        pc = self.pc = RTCPeerConnection()
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only
         pc.addTransceiver("video", direction="recvonly")
         self.channel = pc.createDataChannel("events")
         self.channel.on("message", self._on_message)

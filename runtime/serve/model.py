@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import logging
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -145,6 +146,21 @@ class ServeModel:
 
         decoder = StreamingVAEDecoder(self.vae)
         return lambda x0: decoder.decode(x0)[0].numpy()
+
+    def warm_up(self, blocks: int = 2) -> float:
+        """Run ``blocks`` blocks and their decode once (zero text, seed 0) and free them: kernel
+        selection, allocator pools and lazily built state happen before the first client, not
+        during its first block. Returns the seconds it took."""
+        start = time.perf_counter()
+        p = self.pipeline
+        stream = self.open_stream(torch.zeros(p.run.batch_size, 1, self.pipeline.backend.model.text_dim), seed=0)
+        decode = self.open_decoder()
+        try:
+            for _ in range(blocks):
+                decode(stream.next_block().x0)
+        finally:
+            stream.close()
+        return time.perf_counter() - start
 
     def close(self) -> None:
         self.text.close()

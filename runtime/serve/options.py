@@ -39,6 +39,8 @@ class ServerOptions:
       viewer never grows memory; lag is at most about this many blocks of video.
     heartbeat_timeout_s: a session that has not been heard from for this long is freed.
     retry_after_s: the ``Retry-After`` a refused client is given.
+    warm_up: run two blocks and their decode before accepting clients, so the first session
+      does not pay for kernel selection and allocator warm-up.
     """
 
     host: str = "127.0.0.1"
@@ -47,6 +49,7 @@ class ServerOptions:
     queue_blocks: int = 2
     heartbeat_timeout_s: float = 5.0
     retry_after_s: int = 5
+    warm_up: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:

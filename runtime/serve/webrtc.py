@@ -16,7 +16,7 @@ import time
 from fractions import Fraction
 from typing import Callable
 
-from aiortc import MediaStreamTrack, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 
 from runtime.serve.session import Frame, Session, SessionEnded
@@ -64,7 +64,9 @@ async def answer_offer(session: Session, sdp: str, fps: int, *, on_frame: Callab
                        on_closed: Callable[[Session, str], None]) -> RTCSessionDescription:
     """Accept the client's offer for ``session``; returns the answer (ICE candidates included, so
     the client needs no trickle). Raises ValueError for an offer this server cannot answer."""
-    pc = RTCPeerConnection()
+    # No STUN/TURN: the server answers with its host addresses (aiortc would otherwise ask a
+    # public STUN server for every session); clients find it there.
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
     except Exception as exc:  # noqa: BLE001 - aiortc raises several types for bad SDP

@@ -113,6 +113,12 @@ class ModelWorker:
         with self._cv:
             self._cv.notify()
 
+    def warm_up(self) -> float:
+        """Worker thread (submit it): the model's warm-up, then its memory back to the OS."""
+        seconds = self.model.warm_up()
+        _trim_heap()
+        return seconds
+
     def open(self, session: Session, prompt_embeds: torch.Tensor) -> Future:
         """Open the session's stream (its cache) and decoder; the session starts running."""
         def run() -> bool:
