@@ -24,10 +24,11 @@ import secrets
 import socket
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Callable, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -167,10 +168,14 @@ class Server:
         try:
             embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
             opened = await asyncio.wrap_future(self.worker.open(session, embeds))
+        except asyncio.CancelledError:  # the request went away: so does its session
+            asyncio.ensure_future(self.end(session, "the creating request was cancelled"))
+            raise
         except Exception as exc:  # noqa: BLE001 - reported to the client, the server keeps serving
             message = f"could not start the session: {type(exc).__name__}: {exc}"
             await self.end(session, message)
             raise ApiError(500, message) from None
+        session.touch()  # the heartbeat clock starts when the session runs
         if not opened:
             raise ApiError(409, f"session {session.id} ended while starting ({session.reason})")
         self.stats.add("sessions_created")

@@ -23,7 +23,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from typing import Callable
+from collections.abc import Callable
 
 
 class ServeError(Exception):
@@ -193,7 +193,7 @@ class Viewer:
             await self.pc.close()
         await self.http.close()
 
-    async def __aenter__(self) -> "Viewer":
+    async def __aenter__(self) -> Viewer:
         return self
 
     async def __aexit__(self, *exc) -> None:
@@ -236,7 +236,7 @@ class ServerProcess:
         self._ready = threading.Event()
         self.process: subprocess.Popen | None = None
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         self.process = subprocess.Popen([sys.executable, "-m", "runtime", "serve", *self.args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=self.env if self.env is not None else dict(os.environ))

@@ -50,7 +50,7 @@ class ServeStats:
         # Every stream the worker opened and that is still alive anywhere: a weak set, so the
         # count drops only when the last reference to the session's cache is gone.
         self.live_streams: weakref.WeakSet = weakref.WeakSet()
-        self.sessions = lambda: []  # set by the app: the live sessions
+        self.sessions = list  # set by the app: the live sessions
 
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:

@@ -22,9 +22,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch
@@ -59,7 +59,7 @@ class PromptEncoder:
         self._lock = threading.Lock()  # encode() may be called from more than one thread
 
     @classmethod
-    def from_model_dir(cls, model_dir: Path, *, text_len: int, text_dim: int, batch: int = 1) -> "PromptEncoder":
+    def from_model_dir(cls, model_dir: Path, *, text_len: int, text_dim: int, batch: int = 1) -> PromptEncoder:
         from runtime.text import (
             DIFFUSERS_ENCODER_DIR,
             DIFFUSERS_TOKENIZER_DIR,
@@ -76,11 +76,12 @@ class PromptEncoder:
         return cls(encoder, _load_tokenizer(model_dir / layout), text_len=text_len, batch=batch)
 
     def check(self, prompt: str) -> str:
-        """The cleaned prompt, or ValueError if it is empty or longer than ``text_len`` tokens."""
+        """The cleaned prompt; TypeError if it is not a string, ValueError if it is empty or longer
+        than ``text_len`` tokens."""
         from runtime.text import validate_prompts
 
         if not isinstance(prompt, str):
-            raise ValueError(f"prompt must be a string, got {type(prompt).__name__}")
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         cleaned = validate_prompts([prompt])[0]
         tokens = len(self._tokenizer(cleaned, add_special_tokens=True)["input_ids"])
         if tokens > self.text_len:

@@ -21,8 +21,8 @@ import logging
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
-from typing import Callable
 
 import torch
 
@@ -224,7 +224,7 @@ class ModelWorker:
                 session = self._pick()
                 if session is not None:
                     self._run_block(session)
-        except BaseException as exc:  # noqa: BLE001 - recorded for /healthz
+        except BaseException as exc:
             self.error = exc
             logger.exception("the model worker stopped")
         finally:
