@@ -172,7 +172,8 @@ async def run_preset(preset: str, levels: list[int], min_window_s: float, rounds
             await warm.wait_event(lambda e: e.get("type") == "block" and e["block"] >= 2, 300, "warm-up")
             await warm.stop()
         warmed = await _wait_idle(server)
-        out = {"model": health["model"], "frame_size": [health["width"], health["height"]], "generate": reference,
+        out = {"model": health["model"], "frame_size": [health["width"], health["height"]],
+               "generate_runs": [reference],
                "rss_start_mb": round(start["process_resident_memory_bytes"] / MB, 1),
                "rss_after_warmup_mb": round(warmed["process_resident_memory_bytes"] / MB, 1), "levels": []}
         block_s = reference["block_ms"] / 1e3
@@ -187,6 +188,10 @@ async def run_preset(preset: str, levels: list[int], min_window_s: float, rounds
         end = await _wait_idle(server)
         out["rss_end_mb"] = round(end["process_resident_memory_bytes"] / MB, 1)
         out["cache_bytes_per_session"] = out["levels"][0]["cache_bytes_during"]
+    # generate again: the machine is shared, so its load drifts; the reference brackets the levels.
+    again = await asyncio.to_thread(generate_reference, preset, args, 9.0)
+    print(f"[{preset}] memrope generate again: {again['block_ms']:.0f} ms/block", flush=True)
+    out["generate_runs"].append(again)
     out["targets"] = targets(out)
     return out
 
@@ -195,26 +200,42 @@ def targets(doc: dict) -> dict:
     by_n = {level["sessions"]: level for level in doc["levels"]}
     host_bytes = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     result = {}
+    # Where one session generates faster than it plays, the worker idles between its blocks
+    # (paced to playout) and blocks/s measures the video clock, not the server: compare the
+    # worker's own per-block time (denoise + decode), which is what generate's per-block time is.
+    generate_ms = statistics.fmean(run["block_ms"] for run in doc["generate_runs"])
     if 1 in by_n:
         one = by_n[1]
-        ratio = one["server_block_wall_ms"] / doc["generate"]["block_ms"]
-        result["block_wall_vs_generate"] = {"server_ms": one["server_block_wall_ms"],
-                                            "generate_ms": round(doc["generate"]["block_ms"], 1),
-                                            "ratio": round(ratio, 3), "target": "<= 1.10", "met": ratio <= 1.10}
+        paced = one["server_block_wall_ms"] > 1.2 * one["generation_ms_mean"]
+        server_ms = one["generation_ms_mean"] if paced else one["server_block_wall_ms"]
+        ratio = server_ms / generate_ms
+        result["block_wall_vs_generate"] = {
+            "server_ms": server_ms, "server_measure": "worker ms/block (paced to playout)" if paced else
+            "wall ms/block (worker never idle)", "generate_ms_runs": [round(r["block_ms"], 1) for r in
+                                                                     doc["generate_runs"]],
+            "generate_ms": round(generate_ms, 1), "ratio": round(ratio, 3), "target": "<= 1.10", "met": ratio <= 1.10}
         slack = one["ttff_ms"][0] - one["first_block_ms"][0]
         result["ttff_vs_first_block"] = {"ttff_ms": one["ttff_ms"][0], "first_block_ms": one["first_block_ms"][0],
                                          "overhead_ms": round(slack, 1), "target": "<= 250", "met": slack <= 250}
+        # One session's throughput if it were not paced: 1 / its worker time per block.
+        one_rate = 1e3 / one["generation_ms_mean"] if paced else one["total_blocks_per_s"]
     if 1 in by_n and 4 in by_n:
-        ratio = by_n[4]["total_blocks_per_s"] / by_n[1]["total_blocks_per_s"]
-        result["throughput_4_vs_1"] = {"ratio": round(ratio, 3), "target": ">= 0.9", "met": ratio >= 0.9}
+        ratio = by_n[4]["total_blocks_per_s"] / one_rate
+        result["throughput_4_vs_1"] = {"blocks_per_s_1": round(one_rate, 3),
+                                       "blocks_per_s_4": by_n[4]["total_blocks_per_s"], "ratio": round(ratio, 3),
+                                       "target": ">= 0.9", "met": ratio >= 0.9}
     per_session = {}
     for n, level in by_n.items():
         extra_mb = (level["rss_during_mb"] - doc["rss_after_warmup_mb"]) / n
         per_session[str(n)] = round(extra_mb, 1)
-    limit_mb = (doc["cache_bytes_per_session"] + 0.1 * host_bytes) / MB
-    result["extra_session_memory_mb"] = {"per_session_mb": per_session, "limit_mb": round(limit_mb, 1),
-                                         "cache_mb": round(doc["cache_bytes_per_session"] / MB, 3),
-                                         "met": all(v <= limit_mb for v in per_session.values())}
+    # "Its cache size + 10 % of host memory", read both ways: cache + 0.1 x RAM, and 1.1 x cache.
+    cache_mb = doc["cache_bytes_per_session"] / MB
+    limit_mb = cache_mb + 0.1 * host_bytes / MB
+    result["extra_session_memory_mb"] = {"per_session_mb": per_session, "cache_mb": round(cache_mb, 3),
+                                         "limit_cache_plus_10pct_host_mb": round(limit_mb, 1),
+                                         "met": all(v <= limit_mb for v in per_session.values()),
+                                         "limit_1.1x_cache_mb": round(1.1 * cache_mb, 3),
+                                         "met_1.1x_cache": all(v <= 1.1 * cache_mb for v in per_session.values())}
     for name, base in (("vs_start", doc["rss_start_mb"]), ("vs_after_warmup", doc["rss_after_warmup_mb"])):
         change = doc["rss_end_mb"] / base - 1
         result[f"memory_back_{name}"] = {"start_mb": base, "end_mb": doc["rss_end_mb"],
