@@ -94,12 +94,17 @@ class StreamBindings:
                 raise TypeError("a backend binds a stream's Feeds once; got a plain dict (wrap it in "
                                 "memrope.backend.Feeds and keep passing the same object)")
             key = id(feeds)
-            entry = (weakref.ref(feeds, lambda _ref, key=key: self._by_id.pop(key, None)),
-                     self._make(feeds, self._count))
+            entry = (weakref.ref(feeds, lambda _ref, key=key: self._forget(key)), self._make(feeds, self._count))
             self._count += 1
             self._by_id[key] = entry
         self._last = (entry[0], entry[1])
         return entry[1]
+
+    def _forget(self, key: int) -> None:
+        """A stream's feeds died: drop its binding (which may hold its tensors) everywhere."""
+        entry = self._by_id.pop(key, None)
+        if entry is not None and self._last is not None and self._last[0] is entry[0]:
+            self._last = None
 
     def __len__(self) -> int:
         return len(self._by_id)

@@ -39,7 +39,8 @@ class _Formatter(argparse.RawDescriptionHelpFormatter):
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
-        if "%(default)" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+        flag = isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._StoreConstAction))
+        if "%(default)" in text or flag or action.default in (None, argparse.SUPPRESS) or not action.option_strings:
             return text
         return f"{text} (default: %(default)s)"
 
@@ -189,7 +190,8 @@ def _model_dir(args: argparse.Namespace) -> Path | None:
         if not args.model_dir.is_dir():
             raise FileNotFoundError(f"--model-dir not found: {args.model_dir}")
         return args.model_dir
-    wants_demo = not args.no_decode or args.prompt is not None or getattr(args, "prompts", None) is not None
+    wants_demo = (not getattr(args, "no_decode", False) or getattr(args, "prompt", None) is not None
+                  or getattr(args, "prompts", None) is not None)
     if args.preset == "tiny" and args.checkpoint is None and wants_demo:
         from runtime.t2v import ensure_demo_model
 
@@ -239,6 +241,12 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     out.add_argument("--allow-nonfinite", action="store_true",
                      help="keep going when a block holds NaN/Inf (default: stop, naming the block, and write "
                           "nothing)")
+    _add_execution_args(p)
+    p.set_defaults(func=cmd_generate)
+
+
+def _add_execution_args(p: argparse.ArgumentParser) -> None:
+    """Options that choose what runs the DiT (shared by ``generate`` and ``serve``)."""
     ex = p.add_argument_group("execution")
     ex.add_argument("--backend", choices=BACKENDS, default="eager",
                     help="what runs the DiT: PyTorch eager or compiled, or an exported --engine")
@@ -252,7 +260,6 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ex.add_argument("--dtype", choices=DTYPE_NAMES, default="float32",
                     help="model dtype (exported backends run in their artifact's dtype)")
-    p.set_defaults(func=cmd_generate)
 
 
 def _text_embeddings(args, model_cfg, run, model_dir: Path | None):
@@ -282,6 +289,34 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None):
         logger.warning("no --prompt or --text-embeds: using random text embeddings (demo)")
         return torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
     raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
+
+
+def _resolve_engine(args: argparse.Namespace, model_dir: Path | None):
+    """``(artifact or None, model config, run config)`` of a ``generate`` or ``serve`` call, from
+    files alone (no weights): an exported backend takes both configs from its ``--engine``
+    artifact (checked: contract, file hashes, engines), whose resolution applies to the run at
+    once; the other backends take them from the checkpoint, the preset or ``--config``."""
+    artifact = None
+    if args.backend in EXPORTED_BACKENDS:
+        from memrope.artifact import load_artifact
+
+        if args.engine is None:
+            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
+        artifact = load_artifact(args.engine, verify=getattr(args, "verify_artifact", False))
+        _check_engine_files(artifact, args.backend)
+    elif args.engine is not None:
+        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
+    model_cfg = artifact.model if artifact is not None else _resolve_model(args, model_dir)
+    run = _run_config(args, artifact.run if artifact is not None else None,
+                      video_demo=model_dir is not None and args.model_dir is None)
+    if getattr(args, "seed", None) is not None:
+        run = replace(run, seed=args.seed)
+    if artifact is not None:
+        run = artifact.check_run(run)
+    if run.latent_channels != model_cfg.in_dim:
+        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
+                         f"model's in_dim={model_cfg.in_dim}")
+    return artifact, model_cfg, run
 
 
 def _check_engine_files(artifact, backend: str) -> None:
@@ -349,27 +384,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     # 2. The artifact (if any) and the run it fixes: its resolution applies before any shape is
     #    derived, and its graphs (and engines) are checked before the text encoder or VAE load.
-    artifact = None
-    if args.backend in EXPORTED_BACKENDS:
-        from memrope.artifact import load_artifact
-
-        if args.engine is None:
-            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
-        artifact = load_artifact(args.engine, verify=args.verify_artifact)
-        _check_engine_files(artifact, args.backend)
-    elif args.engine is not None:
-        raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
     model_dir = _model_dir(args)
-    model_cfg = artifact.model if artifact is not None else _resolve_model(args, model_dir)
-    run = _run_config(args, artifact.run if artifact is not None else None,
-                      video_demo=model_dir is not None and args.model_dir is None)
-    if args.seed is not None:
-        run = replace(run, seed=args.seed)
-    if artifact is not None:
-        run = artifact.check_run(run)
-    if run.latent_channels != model_cfg.in_dim:
-        raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
-                         f"model's in_dim={model_cfg.in_dim}")
+    artifact, model_cfg, run = _resolve_engine(args, model_dir)
     schedule = build_schedule(run.sampler)
     latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
 
@@ -608,7 +624,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging and full tracebacks")
     parser = argparse.ArgumentParser(prog="memrope", formatter_class=_Formatter,
-                                     description="MemRoPE video generation engine: generate, export, build, bench.")
+                                     description="MemRoPE video generation engine: generate, export, build, "
+                                                 "bench, serve.")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging and full tracebacks")
     parser.add_argument("--version", action="version", version=f"memrope {_version()}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -616,6 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub, common)
     _add_build(sub, common)
     _add_bench(sub, common)
+    from runtime.serve import add_parser as _add_serve
+
+    _add_serve(sub, common)
     return parser
 
 

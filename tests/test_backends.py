@@ -131,3 +131,21 @@ def test_onnxruntime_cuda_io_binding_matches_eager(golden_dit, artifacts, golden
         _, results[label] = _run(backend, run, golden_inputs["prompt_embeds"], noise, 8)
     torch.testing.assert_close(results["cuda"].cpu(), results["eager"], atol=1e-4, rtol=0)
     torch.testing.assert_close(results["cuda-graph"].cpu(), results["cuda"].cpu(), atol=0, rtol=0)
+
+
+def test_a_closed_stream_leaves_no_buffer_alive_in_the_backend(golden_dit, artifacts, golden_inputs):
+    """Backends bind a stream's buffers once; when the stream is closed and dropped, its cache is
+    freed (a server's finished sessions must give their memory back)."""
+    import gc
+    import weakref
+
+    run = golden_run("memrope_ema")
+    for backend in (EagerBackend(golden_dit, run), OnnxRuntimeBackend(artifacts["memrope_ema"])):
+        pipeline = MemRoPEPipeline(backend, run)
+        stream = pipeline.stream(golden_inputs["prompt_embeds"], StreamingSeededNoise(0, 1, (16, 4, 6), 3))
+        stream.next_block()
+        cache = weakref.ref(stream.cache.keys)
+        stream.close()
+        del stream
+        gc.collect()
+        assert cache() is None, f"{backend.name} keeps a closed stream's cache alive"

@@ -1,0 +1,87 @@
+"""``memrope serve``: live video to browsers over WebRTC, many sessions on one model worker.
+
+Owns: the ``serve`` subcommand (its arguments and :func:`cmd_serve`). The parts:
+
+* :mod:`runtime.serve.model`: what the worker owns (the block loop over one backend, the text
+  encoder, the VAE), loaded with the same resolution as ``memrope generate``;
+* :mod:`runtime.serve.worker`: the one model thread, round-robin over sessions, block by block;
+* :mod:`runtime.serve.session`: one session's state and bounded playout queue;
+* :mod:`runtime.serve.app`: HTTP (FastAPI), admission, events, health, metrics, the page;
+* :mod:`runtime.serve.webrtc`: the video track and the offer/answer (aiortc);
+* :mod:`runtime.serve.client`: a Python viewer (tests, the benchmark, scripts).
+
+Importing this package imports no web or WebRTC library; they load when the server starts, and
+a missing one names the ``serve`` extra.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+from pathlib import Path
+
+SERVE_PACKAGES = {"fastapi": "fastapi", "uvicorn": "uvicorn", "aiortc": "aiortc", "prometheus_client":
+                  "prometheus-client", "aiohttp": "aiohttp", "av": "av"}
+
+
+def require_serve_packages() -> None:
+    """ImportError naming the extra if a package the server needs is missing."""
+    missing = [pip for module, pip in SERVE_PACKAGES.items() if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ImportError(f"memrope serve needs {', '.join(missing)}: pip install 'memrope-engine[serve]'")
+
+
+def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    """Register ``memrope serve`` (model and execution options shared with ``memrope generate``;
+    ``common`` carries the options every subcommand takes, such as ``-v``)."""
+    from runtime.cli import _add_execution_args, _add_model_args, _Formatter
+
+    p = sub.add_parser("serve", parents=[common], formatter_class=_Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
+                       description="Serve text-to-video live: each browser session gets its own cache and a "
+                                   "WebRTC video track; one model worker runs every session block by block. "
+                                   "Without model options it serves the embedded tiny demo (RANDOM weights).")
+    _add_model_args(p)
+    run = p.add_argument_group("run")
+    run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
+    run.add_argument("--model-dir", type=Path,
+                     help="Wan2.1 folder: text encoder + tokenizer and VAE (and the DiT unless --checkpoint/--engine)")
+    run.add_argument("--memory-dtype", choices=("cache", "float32"),
+                     help="EMA memory accumulator (default cache dtype, as the authors)")
+    _add_execution_args(p)
+    srv = p.add_argument_group("server")
+    srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
+    srv.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; the URL is printed)")
+    srv.add_argument("--max-sessions", type=int, default=4, help="sessions at once; past that HTTP 503")
+    srv.add_argument("--queue-blocks", type=int, default=2,
+                     help="decoded blocks a session may hold ahead of playout (paces generation; bounds lag)")
+    srv.add_argument("--heartbeat-timeout", type=float, default=5.0,
+                     help="seconds without a heartbeat before a session and its cache are freed")
+    srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
+    srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
+                     help="accept clients at once instead of running two blocks first")
+    p.set_defaults(func=cmd_serve, no_decode=False)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from runtime.serve.options import ServerOptions
+
+    options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
+                            queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
+                            retry_after_s=args.retry_after, warm_up=args.warm_up)
+    require_serve_packages()
+    from runtime.serve.app import run_server
+    from runtime.serve.model import load_serve_model
+
+    model = load_serve_model(args)
+
+    def ready(url: str) -> None:
+        d = model.description
+        width, height = model.frame_size
+        print(f"memrope serve: {url} ({d['backend']} on {d['device']}, {width}x{height} at {model.fps} fps, "
+              f"up to {options.max_sessions} sessions)", flush=True)
+
+    try:
+        run_server(model, options, on_ready=ready)
+    finally:
+        model.close()
+    return 0

@@ -1,0 +1,437 @@
+"""The HTTP side of ``memrope serve``: REST control, WebRTC signalling, events, health, metrics,
+the page, admission and the sessions' lifecycle.
+
+Owns: :class:`Server` (the registry of live sessions, admission up to ``max_sessions`` with a
+503 and ``Retry-After`` past it, ending a session for every reason: stopped by its client,
+disconnected, missed heartbeats, failed in the worker, server shutdown; the per-block events;
+the heartbeat reaper), :func:`create_app` (the FastAPI routes) and :func:`run_server` (uvicorn on
+a socket bound before it starts, so the printed URL is already accepting connections).
+
+Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status. Everything here runs on
+the event loop except prompt encoding (a one-thread pool, so the DiT worker keeps generating
+while a prompt is encoded) and the model (``runtime.serve.worker``).
+
+Does not own the model, scheduling, a session's queue (``runtime.serve.session``) or WebRTC
+media (``runtime.serve.webrtc``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import secrets
+import socket
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Literal
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, ConfigDict, Field
+
+from runtime.serve.metrics import ServeStats, make_registry
+from runtime.serve.model import ServeModel
+from runtime.serve.options import MAX_QUEUE_BLOCKS, MAX_TRANSITION_BLOCKS, ServerOptions, SessionOptions
+from runtime.serve.session import ENDED, PAUSED, RUNNING, STARTING, Frame, Session
+from runtime.serve.webrtc import answer_offer
+from runtime.serve.worker import ModelWorker, SessionGone
+
+logger = logging.getLogger(__name__)
+
+# An event channel holding more than this many unsent bytes is backed up: events are dropped
+# (and counted) rather than buffered without bound.
+EVENT_BUFFER_LIMIT_BYTES = 64 * 1024
+ENDED_SESSIONS_REMEMBERED = 1024
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
+        super().__init__(message)
+        self.status, self.message, self.headers = status, message, headers
+
+
+class CreateSession(BaseModel):
+    """``POST /sessions``."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    seed: int = Field(0, ge=0, le=2**63 - 1)
+    queue_blocks: int | None = Field(None, ge=1, le=MAX_QUEUE_BLOCKS)
+    flush_on_prompt_change: bool = True
+    memory_on_prompt_change: Literal["keep", "reset"] = "keep"
+    transition_blocks: int = Field(0, ge=0, le=MAX_TRANSITION_BLOCKS)
+
+
+class PromptChange(BaseModel):
+    """``POST /sessions/{id}/prompt``; unset options take the session's."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str
+    flush: bool | None = None
+    memory: Literal["keep", "reset"] | None = None
+    transition_blocks: int | None = Field(None, ge=0, le=MAX_TRANSITION_BLOCKS)
+    recache: bool | None = None
+
+
+class Offer(BaseModel):
+    """``POST /sessions/{id}/offer``: the client's SDP offer (ICE candidates gathered)."""
+
+    model_config = ConfigDict(extra="forbid")
+    sdp: str = Field(min_length=1)
+    type: Literal["offer"]
+
+
+def _validation_error(exc: RequestValidationError) -> tuple[int, str]:
+    """FastAPI's validation errors as one line: 400 for a body that is not JSON, else 422."""
+    problems = []
+    for error in exc.errors():
+        if error.get("type") == "json_invalid":
+            detail = (error.get("ctx") or {}).get("error", "not JSON")
+            return 400, f"malformed JSON body ({detail}); expected a JSON object"
+        where = ".".join(str(part) for part in error.get("loc", ())[1:]) or "body"
+        if where == "body" and error.get("type") == "missing":
+            return 422, "missing request body; expected a JSON object"
+        problems.append(f"{where}: {error.get('msg', 'invalid')}")
+    return 422, "; ".join(problems)
+
+
+class Server:
+    """The live sessions and everything that happens to them on the event loop."""
+
+    def __init__(self, model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None):
+        self.model, self.options, self.on_started = model, options, on_started
+        self.stats = ServeStats()
+        self.sessions: dict[str, Session] = {}
+        self.ended: OrderedDict[str, dict] = OrderedDict()
+        self.registry = make_registry(self.stats, options.max_sessions)
+        self.stats.sessions = lambda: list(self.sessions.values())
+        self.worker: ModelWorker | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self._text_pool: ThreadPoolExecutor | None = None
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        self.loop = asyncio.get_running_loop()
+        self._text_pool = ThreadPoolExecutor(1, thread_name_prefix="memrope-serve-text")
+        self.worker = ModelWorker(self.model, self.stats, on_failure=self._failed_in_worker)
+        self.worker.start()
+        if self.options.warm_up:
+            seconds = await asyncio.wrap_future(self.worker.submit(self.worker.warm_up))
+            logger.info("warmed up in %.2f s", seconds)
+        if self.on_started is not None:
+            self.on_started()
+        reaper = asyncio.create_task(self._reap())
+        try:
+            yield
+        finally:
+            reaper.cancel()
+            for session in list(self.sessions.values()):
+                await self.end(session, "the server is shutting down")
+            await asyncio.to_thread(self.worker.close)
+            self._text_pool.shutdown(wait=True)
+
+    # -- sessions ----------------------------------------------------------------------------------
+
+    def live(self, session_id: str) -> Session:
+        """The live session ``session_id`` (and it was just heard from), or 404 / 409."""
+        session = self.sessions.get(session_id)
+        if session is None:
+            if session_id in self.ended:
+                reason = self.ended[session_id]["reason"]
+                raise ApiError(409, f"session {session_id} has ended ({reason}); create a new one with POST /sessions")
+            raise ApiError(404, f"unknown session {session_id!r}; create one with POST /sessions")
+        session.touch()
+        return session
+
+    async def create(self, body: CreateSession) -> Session:
+        prompt = self._check_prompt(body.prompt)
+        try:
+            options = SessionOptions(seed=body.seed, queue_blocks=body.queue_blocks or self.options.queue_blocks,
+                                     flush_on_prompt_change=body.flush_on_prompt_change,
+                                     memory_on_prompt_change=body.memory_on_prompt_change,
+                                     transition_blocks=body.transition_blocks)
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        if len(self.sessions) >= self.options.max_sessions:
+            self.stats.add("sessions_rejected")
+            retry = self.options.retry_after_s
+            raise ApiError(503, f"server full: {len(self.sessions)} of {self.options.max_sessions} sessions in use; "
+                                f"retry in {retry} s", headers={"Retry-After": str(retry)})
+        session = Session(secrets.token_urlsafe(9), prompt, options, self.loop)
+        self.sessions[session.id] = session  # holds the slot while the prompt encodes
+        try:
+            embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
+            opened = await asyncio.wrap_future(self.worker.open(session, embeds))
+        except asyncio.CancelledError:  # the request went away: so does its session
+            asyncio.ensure_future(self.end(session, "the creating request was cancelled"))
+            raise
+        except Exception as exc:  # noqa: BLE001 - reported to the client, the server keeps serving
+            message = f"could not start the session: {type(exc).__name__}: {exc}"
+            await self.end(session, message)
+            raise ApiError(500, message) from None
+        session.touch()  # the heartbeat clock starts when the session runs
+        if not opened:
+            raise ApiError(409, f"session {session.id} ended while starting ({session.reason})")
+        self.stats.add("sessions_created")
+        return session
+
+    def _check_prompt(self, prompt: str) -> str:
+        try:
+            return self.model.text.check(prompt)
+        except (TypeError, ValueError) as exc:
+            raise ApiError(422, str(exc)) from None
+
+    async def change_prompt(self, session: Session, body: PromptChange) -> dict:
+        prompt = self._check_prompt(body.prompt)
+        embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
+        opts = session.options
+        future = self.worker.change_prompt(
+            session, prompt, embeds, flush=opts.flush_on_prompt_change if body.flush is None else body.flush,
+            memory=body.memory or opts.memory_on_prompt_change,
+            transition_blocks=opts.transition_blocks if body.transition_blocks is None else body.transition_blocks,
+            recache=body.recache)
+        try:
+            at_block, version, dropped = await asyncio.wrap_future(future)
+        except SessionGone:
+            raise ApiError(409, f"session {session.id} has ended ({session.reason}); its prompt cannot change") from None
+        except TypeError as exc:
+            if body.recache is not None and "recache" in str(exc):
+                raise ApiError(422, "recache is not supported by this engine's BlockStream.set_prompt") from None
+            raise
+        except ValueError as exc:
+            raise ApiError(422, str(exc)) from None
+        event = {"type": "prompt", "prompt": prompt, "prompt_version": version, "applies_at_block": at_block,
+                 "frames_dropped": dropped}
+        self.send(session, event)
+        return event
+
+    def set_paused(self, session: Session, paused: bool) -> dict:
+        current, wanted = session.state, PAUSED if paused else RUNNING
+        if current == STARTING:
+            raise ApiError(409, f"session {session.id} is still starting; pause or resume it once it runs")
+        if session.set_state(wanted):
+            self.send(session, {"type": "state", "state": wanted})
+            if not paused:
+                self.worker.wake()
+        return session.snapshot()
+
+    async def end(self, session: Session, reason: str) -> None:
+        """End ``session`` for ``reason``: its slot is free at once, its cache once the worker
+        has closed its stream (within a block); the client hears why."""
+        if not session.set_state(ENDED, reason):
+            return
+        self.sessions.pop(session.id, None)
+        self.ended[session.id] = session.snapshot()
+        while len(self.ended) > ENDED_SESSIONS_REMEMBERED:
+            self.ended.popitem(last=False)
+        self.worker.release(session)
+        delivered = self.send(session, {"type": "ended", "reason": reason})
+        pc, session.pc, session.channel = session.pc, None, None
+        if pc is not None:
+            if delivered:
+                await asyncio.sleep(0.1)  # let the last event leave before the connection closes
+            await pc.close()
+        logger.info("session %s ended: %s", session.id, reason)
+
+    def _failed_in_worker(self, session: Session, message: str) -> None:
+        """Worker thread: a session's block failed and its stream is released."""
+        def end() -> None:
+            asyncio.ensure_future(self.end(session, f"error: {message}"))
+        try:
+            self.loop.call_soon_threadsafe(end)
+        except RuntimeError:  # the loop is gone: the server is stopping anyway
+            pass
+
+    async def _reap(self) -> None:
+        timeout = self.options.heartbeat_timeout_s
+        while True:
+            await asyncio.sleep(min(0.5, timeout / 4))
+            now = time.monotonic()
+            for session in list(self.sessions.values()):
+                if session.state != STARTING and now - session.last_seen > timeout:
+                    await self.end(session, f"no heartbeat for {timeout:g} s")
+
+    # -- events ------------------------------------------------------------------------------------
+
+    def send(self, session: Session, event: dict) -> bool:
+        """Send an event on the session's channel. Until the channel opens (video can start a
+        moment earlier), the last few events wait in the session. False if not sent now."""
+        channel = session.channel
+        if channel is None or channel.readyState != "open":
+            if len(session.early_events) == session.early_events.maxlen:
+                self.stats.add("events_dropped")
+            session.early_events.append(event)
+            return False
+        if channel.bufferedAmount > EVENT_BUFFER_LIMIT_BYTES:
+            self.stats.add("events_dropped")
+            return False
+        channel.send(json.dumps(event))
+        return True
+
+    def on_channel(self, session: Session) -> None:
+        """The client's event channel opened: send what waited for it."""
+        while session.early_events:
+            self.send(session, session.early_events.popleft())
+
+    def on_frame(self, session: Session, frame: Frame, sent_at: float) -> None:
+        self.stats.add("frames_sent")
+        chunk = frame.chunk
+        if frame.index == 0:
+            lag_s = sent_at - chunk.ready_at
+            self.stats.record_lag(lag_s)
+            event = {"type": "block", "block": chunk.block, "prompt_version": chunk.prompt_version,
+                     "generation_ms": round(chunk.generation_ms, 2), "queue_depth": frame.queue_depth,
+                     "lag_ms": round(1e3 * lag_s, 2), "frames": int(chunk.frames.shape[0])}
+            if session.first_frame_at is not None and session.frames_sent == 1:
+                event["ttff_ms"] = round(1e3 * (session.first_frame_at - session.created_at), 2)
+            self.send(session, event)
+        if chunk.frames_left == 0:
+            self.worker.wake()  # the chunk left the queue: room for the next block
+
+    def on_message(self, session: Session, message) -> None:
+        try:
+            kind = json.loads(message).get("type") if isinstance(message, str) else None
+        except (ValueError, AttributeError):
+            kind = None
+        if kind == "heartbeat":
+            session.touch()
+        else:
+            self.send(session, {"type": "error", "message": f"unknown message {str(message)[:80]!r}; the channel "
+                                                            "takes {\"type\": \"heartbeat\"}; control is REST"})
+
+    def on_closed(self, session: Session, reason: str) -> None:
+        if not session.ended:
+            asyncio.ensure_future(self.end(session, reason))
+
+    async def answer(self, session: Session, offer: Offer) -> dict:
+        if session.pc is not None:
+            raise ApiError(409, f"session {session.id} already has a connection; one viewer per session")
+        try:
+            answer = await answer_offer(session, offer.sdp, self.model.fps, on_frame=self.on_frame,
+                                        on_channel=self.on_channel, on_message=self.on_message,
+                                        on_closed=self.on_closed)
+        except ValueError as exc:
+            raise ApiError(400, str(exc)) from None
+        if session.ended:  # ended while the answer was being made
+            pc, session.pc = session.pc, None
+            if pc is not None:
+                await pc.close()
+            raise ApiError(409, f"session {session.id} has ended ({session.reason})")
+        return {"sdp": answer.sdp, "type": answer.type}
+
+    def health(self) -> tuple[int, dict]:
+        alive = self.worker is not None and self.worker.alive
+        width, height = self.model.frame_size
+        doc = {"status": "ok" if alive else "model worker stopped", "sessions": len(self.sessions),
+               "max_sessions": self.options.max_sessions, "fps": self.model.fps, "width": width, "height": height,
+               "heartbeat_timeout_s": self.options.heartbeat_timeout_s, "model": self.model.description}
+        if self.worker is not None and self.worker.error is not None:
+            doc["error"] = f"{type(self.worker.error).__name__}: {self.worker.error}"
+        return (200 if alive else 503), doc
+
+
+def _page() -> str:
+    return resources.files("runtime.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
+
+
+def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None) -> FastAPI:
+    """The FastAPI app serving ``model``. The model worker starts (and warms up) with the app's
+    lifespan; ``on_started()`` is called once it is ready for clients."""
+    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+    server = Server(model, options, on_started)
+    app = FastAPI(title="memrope serve", lifespan=server.lifespan, docs_url=None, redoc_url=None)
+    app.state.server = server
+
+    @app.exception_handler(ApiError)
+    async def _api_error(request: Request, exc: ApiError):
+        return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError):
+        status, message = _validation_error(exc)
+        return JSONResponse({"error": message}, status_code=status)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page():
+        return HTMLResponse(_page())
+
+    @app.get("/healthz")
+    async def healthz():
+        status, doc = server.health()
+        return JSONResponse(doc, status_code=status)
+
+    @app.get("/metrics")
+    async def metrics():
+        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.post("/sessions", status_code=201)
+    async def create_session(body: CreateSession):
+        session = await server.create(body)
+        width, height = model.frame_size
+        return {**session.snapshot(), "fps": model.fps, "width": width, "height": height,
+                "heartbeat_timeout_s": options.heartbeat_timeout_s}
+
+    @app.get("/sessions")
+    async def list_sessions():
+        return {"sessions": [s.snapshot() for s in server.sessions.values()],
+                "max_sessions": options.max_sessions}
+
+    @app.get("/sessions/{session_id}")
+    async def get_session(session_id: str):
+        if session_id in server.ended and session_id not in server.sessions:
+            return server.ended[session_id]
+        return server.live(session_id).snapshot()
+
+    @app.post("/sessions/{session_id}/offer")
+    async def offer(session_id: str, body: Offer):
+        return await server.answer(server.live(session_id), body)
+
+    @app.post("/sessions/{session_id}/prompt")
+    async def prompt(session_id: str, body: PromptChange):
+        return await server.change_prompt(server.live(session_id), body)
+
+    @app.post("/sessions/{session_id}/pause")
+    async def pause(session_id: str):
+        return server.set_paused(server.live(session_id), True)
+
+    @app.post("/sessions/{session_id}/resume")
+    async def resume(session_id: str):
+        return server.set_paused(server.live(session_id), False)
+
+    @app.post("/sessions/{session_id}/heartbeat", status_code=204)
+    async def heartbeat(session_id: str):
+        server.live(session_id)
+        return Response(status_code=204)
+
+    async def stop(session_id: str):
+        session = server.live(session_id)
+        await server.end(session, "stopped by the client")
+        return server.ended[session_id]
+
+    app.post("/sessions/{session_id}/stop")(stop)
+    app.delete("/sessions/{session_id}")(stop)
+    return app
+
+
+def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[[str], None] | None = None) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM end every session and stop the worker).
+    ``on_ready(url)`` is called once clients are served (after the warm-up)."""
+    import uvicorn
+
+    family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
+    try:
+        sock = socket.create_server((options.host, options.port), family=family, backlog=128)
+    except OSError as exc:
+        raise ValueError(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}") from None
+    host, port = sock.getsockname()[:2]
+    url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{port}/"
+    app = create_app(model, options, on_started=None if on_ready is None else lambda: on_ready(url))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    server.run(sockets=[sock])

@@ -1,0 +1,313 @@
+"""A Python viewer for ``memrope serve``: what the page does, in aiortc, for scripts, the tests
+and the benchmark.
+
+Owns: :class:`Viewer` (create a session over REST, receive its video over WebRTC, count and time
+the frames, record the events, send heartbeats on the data channel, change the prompt, pause,
+resume, stop), :class:`ServeError` (an HTTP error answer: status, message, ``Retry-After``),
+:class:`ServerProcess` (``memrope serve`` in a child process: start, wait for its URL, read its
+metrics, stop) and :func:`http_json` (one blocking request). ``python -m runtime.serve.client URL``
+watches one session and prints a JSON line per second.
+
+Does not own the server. Every wait takes a timeout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+
+
+class ServeError(Exception):
+    """The server answered with an error status."""
+
+    def __init__(self, status: int, message: str, retry_after: str | None = None):
+        super().__init__(f"HTTP {status}: {message}")
+        self.status, self.message, self.retry_after = status, message, retry_after
+
+
+class Viewer:
+    """One client of one session.
+
+    Args:
+        base_url: the server, e.g. ``http://127.0.0.1:8000``.
+        read: pull the received video (False: connect but never read a frame).
+        heartbeat_s: heartbeat period on the data channel (REST before the channel opens).
+    """
+
+    def __init__(self, base_url: str, *, read: bool = True, heartbeat_s: float = 1.0):
+        import aiohttp
+
+        self.base_url = base_url.rstrip("/")
+        self.read = read
+        self.heartbeat_s = heartbeat_s
+        self.http = aiohttp.ClientSession()
+        self.session: dict | None = None
+        self.pc = None
+        self.channel = None
+        self.events: list[dict] = []
+        self.frame_times: list[float] = []   # time.monotonic() of every frame received
+        self.created_at: float | None = None  # just before POST /sessions
+        self._tasks: list[asyncio.Task] = []
+        self._changed = asyncio.Event()
+
+    @property
+    def id(self) -> str:
+        if self.session is None:
+            raise RuntimeError("no session yet: call create() or start()")
+        return self.session["id"]
+
+    @property
+    def frames(self) -> int:
+        return len(self.frame_times)
+
+    # -- REST --------------------------------------------------------------------------------------
+
+    async def request(self, method: str, path: str, body=None, *, raw: bytes | None = None) -> dict:
+        """``method path`` with a JSON ``body`` (or ``raw`` bytes); the JSON answer, or ServeError."""
+        kwargs = {"data": raw, "headers": {"Content-Type": "application/json"}} if raw is not None else {"json": body}
+        async with self.http.request(method, self.base_url + path, **kwargs) as response:
+            text = await response.text()
+            data = json.loads(text) if text else {}
+            if response.status >= 400:
+                raise ServeError(response.status, data.get("error", text), response.headers.get("Retry-After"))
+            return data
+
+    async def create(self, prompt: str, **options) -> dict:
+        self.created_at = time.monotonic()
+        self.session = await self.request("POST", "/sessions", {"prompt": prompt, **options})
+        return self.session
+
+    async def change_prompt(self, prompt: str, **options) -> dict:
+        return await self.request("POST", f"/sessions/{self.id}/prompt", {"prompt": prompt, **options})
+
+    async def pause(self) -> dict:
+        return await self.request("POST", f"/sessions/{self.id}/pause")
+
+    async def resume(self) -> dict:
+        return await self.request("POST", f"/sessions/{self.id}/resume")
+
+    async def status(self) -> dict:
+        return await self.request("GET", f"/sessions/{self.id}")
+
+    async def stop(self) -> dict:
+        return await self.request("POST", f"/sessions/{self.id}/stop")
+
+    # -- WebRTC ------------------------------------------------------------------------------------
+
+    async def connect(self) -> None:
+        """Offer a recvonly video transceiver and an event channel; start reading and heartbeats."""
+        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only
+        pc.addTransceiver("video", direction="recvonly")
+        self.channel = pc.createDataChannel("events")
+        self.channel.on("message", self._on_message)
+
+        @pc.on("track")
+        def _track(track) -> None:
+            if self.read:
+                self._tasks.append(asyncio.ensure_future(self._read(track)))
+
+        await pc.setLocalDescription(await pc.createOffer())  # aiortc gathers every candidate here
+        answer = await self.request("POST", f"/sessions/{self.id}/offer",
+                                    {"sdp": pc.localDescription.sdp, "type": "offer"})
+        await pc.setRemoteDescription(RTCSessionDescription(**answer))
+        self._tasks.append(asyncio.ensure_future(self._heartbeat()))
+
+    async def start(self, prompt: str, **options) -> dict:
+        await self.create(prompt, **options)
+        await self.connect()
+        return self.session
+
+    async def _read(self, track) -> None:
+        from aiortc.mediastreams import MediaStreamError
+
+        try:
+            while True:
+                await track.recv()
+                self.frame_times.append(time.monotonic())
+                self._changed.set()
+        except MediaStreamError:
+            pass
+
+    async def _heartbeat(self) -> None:
+        while True:
+            if self.channel is not None and self.channel.readyState == "open":
+                self.channel.send('{"type": "heartbeat"}')
+            elif self.session is not None:
+                try:
+                    await self.request("POST", f"/sessions/{self.id}/heartbeat")
+                except ServeError:
+                    return
+            await asyncio.sleep(self.heartbeat_s)
+
+    def _on_message(self, message) -> None:
+        self.events.append(json.loads(message))
+        self._changed.set()
+
+    # -- waiting -----------------------------------------------------------------------------------
+
+    async def wait_for(self, condition: Callable[[], object], timeout_s: float, what: str):
+        """Wait until ``condition()`` is truthy (checked on every frame and event); TimeoutError
+        naming ``what`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = condition()
+            if value:
+                return value
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"waited {timeout_s:g} s for {what}; got {self.frames} frames, "
+                                   f"{len(self.events)} events (last: {self.events[-1:]})")
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), min(left, 0.25))
+            except asyncio.TimeoutError:
+                pass
+
+    async def wait_frames(self, count: int, timeout_s: float) -> int:
+        return await self.wait_for(lambda: self.frames >= count and self.frames, timeout_s, f"{count} frames")
+
+    async def wait_event(self, predicate: Callable[[dict], bool], timeout_s: float, what: str) -> dict:
+        return await self.wait_for(lambda: next((e for e in self.events if predicate(e)), None), timeout_s, what)
+
+    def block_events(self) -> list[dict]:
+        return [e for e in self.events if e.get("type") == "block"]
+
+    async def close(self) -> None:
+        """Close the connection (the server ends the session when it notices) and the HTTP client."""
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks.clear()
+        if self.pc is not None:
+            await self.pc.close()
+        await self.http.close()
+
+    async def __aenter__(self) -> Viewer:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def http_json(method: str, url: str, body=None, *, raw: bytes | None = None,
+              timeout_s: float = 30.0) -> tuple[int, dict, dict]:
+    """One blocking request: ``(status, headers, JSON answer)``; error statuses are returned, not raised."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    request = urllib.request.Request(url, data=data, method=method,
+                                     headers={"Content-Type": "application/json"} if data is not None else {})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            status, headers, text = response.status, dict(response.headers), response.read().decode()
+    except urllib.error.HTTPError as error:
+        status, headers, text = error.code, dict(error.headers), error.read().decode()
+    try:
+        doc = json.loads(text) if text else {}
+    except ValueError:
+        doc = {"text": text}
+    return status, headers, doc
+
+
+class ServerProcess:
+    """``memrope serve --port 0 ARGS`` in a child process, as a context manager.
+
+    ``url`` is the server's address once it printed it; ``output`` every line it wrote;
+    :meth:`metrics` its ``/metrics`` as ``{name or name{labels}: value}``. Stopping sends SIGTERM
+    (the server ends its sessions and its worker), then SIGKILL after ``stop_timeout_s``.
+    """
+
+    def __init__(self, *args: str, start_timeout_s: float = 180.0, stop_timeout_s: float = 20.0,
+                 env: dict[str, str] | None = None):
+        self.args = ["--port", "0", *args]
+        self.start_timeout_s, self.stop_timeout_s = start_timeout_s, stop_timeout_s
+        self.env = env
+        self.output: list[str] = []
+        self.url: str | None = None
+        self._ready = threading.Event()
+        self.process: subprocess.Popen | None = None
+
+    def __enter__(self) -> ServerProcess:
+        self.process = subprocess.Popen([sys.executable, "-m", "runtime", "serve", *self.args],
+                                        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                        env=self.env if self.env is not None else dict(os.environ))
+        threading.Thread(target=self._pump, daemon=True).start()
+        if not self._ready.wait(self.start_timeout_s) or self.url is None:
+            self.__exit__(None, None, None)
+            raise RuntimeError(f"memrope serve did not start within {self.start_timeout_s:g} s:\n"
+                               + "".join(self.output[-40:]))
+        return self
+
+    def _pump(self) -> None:
+        for line in self.process.stdout:
+            self.output.append(line)
+            if self.url is None and line.startswith("memrope serve: http"):
+                self.url = line.split()[2].rstrip("/")
+                self._ready.set()
+        self._ready.set()  # exited
+
+    def get(self, path: str) -> tuple[int, dict, dict]:
+        return http_json("GET", self.url + path)
+
+    def metrics(self) -> dict[str, float]:
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(self.url + "/metrics", timeout=30) as response:
+            text = response.read().decode()
+        out = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(sample.labels.items()))
+                out[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+        return out
+
+    def __exit__(self, *exc) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(self.stop_timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+async def _watch(url: str, prompt: str, seconds: float) -> int:
+    async with Viewer(url) as viewer:
+        await viewer.start(prompt)
+        print(json.dumps({"session": viewer.id}), flush=True)
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            await asyncio.sleep(min(1.0, max(deadline - time.monotonic(), 0)))
+            blocks = viewer.block_events()
+            print(json.dumps({"frames": viewer.frames, "blocks": len(blocks),
+                              "last": blocks[-1] if blocks else None}), flush=True)
+        await viewer.stop()
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m runtime.serve.client",
+                                     description="Watch one memrope serve session and print progress as JSON lines.")
+    parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--prompt", default="a small red boat on the blue sea at night")
+    parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch")
+    args = parser.parse_args(argv)
+    try:
+        return asyncio.run(_watch(args.url, args.prompt, args.seconds))
+    except (ServeError, TimeoutError, OSError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Server counters and their Prometheus exposition.
+
+Owns: :class:`ServeStats`, the counters and sliding windows the worker and the event loop update
+(thread-safe), and :func:`make_registry`, a prometheus-client registry whose collector reads them
+at scrape time (so the numbers are computed once per scrape, not once per block), plus the
+process collector (resident memory, CPU). Does not own what is counted (the worker, the app).
+
+Names: ``memrope_serve_*``; times in seconds, sizes in bytes, queues in blocks.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import weakref
+from collections import deque
+
+# Blocks/s is averaged over this window; latency quantiles over the last LATENCY_WINDOW blocks.
+RATE_WINDOW_S = 10.0
+LATENCY_WINDOW = 512
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """Linear-interpolated ``q``-quantile (0..1) of ``values``; None if empty."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    pos = q * (len(ordered) - 1)
+    low = int(pos)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (pos - low)
+
+
+class ServeStats:
+    """What ``/metrics`` reports. Every method may be called from any thread."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.started_at = time.monotonic()
+        self.sessions_created = 0
+        self.sessions_rejected = 0
+        self.sessions_failed = 0
+        self.blocks = 0
+        self.frames_sent = 0
+        self.frames_dropped = 0
+        self.events_dropped = 0
+        self.cache_bytes = 0  # KV cache bytes of the streams the worker has open
+        self._block_times: deque[tuple[float, float]] = deque(maxlen=LATENCY_WINDOW)  # (done_at, seconds)
+        self._lags: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        # Every stream the worker opened and that is still alive anywhere: a weak set, so the
+        # count drops only when the last reference to the session's cache is gone.
+        self.live_streams: weakref.WeakSet = weakref.WeakSet()
+        self.sessions = list  # set by the app: the live sessions
+
+    def add(self, name: str, amount: int = 1) -> None:
+        with self._lock:
+            setattr(self, name, getattr(self, name) + amount)
+
+    def record_block(self, seconds: float) -> None:
+        with self._lock:
+            self.blocks += 1
+            self._block_times.append((time.monotonic(), seconds))
+
+    def record_lag(self, seconds: float) -> None:
+        with self._lock:
+            self._lags.append(seconds)
+
+    def block_seconds(self) -> list[float]:
+        with self._lock:
+            return [s for _, s in self._block_times]
+
+    def lags(self) -> list[float]:
+        with self._lock:
+            return list(self._lags)
+
+    def blocks_per_second(self) -> float:
+        now = time.monotonic()
+        window = min(RATE_WINDOW_S, max(now - self.started_at, 1e-3))
+        with self._lock:
+            recent = sum(1 for done, _ in self._block_times if done >= now - window)
+        return recent / window
+
+
+def make_registry(stats: ServeStats, max_sessions: int):
+    """A prometheus-client registry exposing ``stats`` (and this process's memory and CPU)."""
+    from prometheus_client import CollectorRegistry, ProcessCollector
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+    class _Collector:
+        def collect(self):
+            sessions = stats.sessions()
+            depths = [s.queue_depth() for s in sessions]
+            yield GaugeMetricFamily("memrope_serve_sessions", "Sessions admitted and not yet ended",
+                                    value=len(sessions))
+            yield GaugeMetricFamily("memrope_serve_max_sessions", "Admission limit (--max-sessions)",
+                                    value=max_sessions)
+            for name, doc, value in (
+                    ("sessions_created", "Sessions admitted", stats.sessions_created),
+                    ("sessions_rejected", "Session requests refused with 503 (server full)", stats.sessions_rejected),
+                    ("sessions_failed", "Sessions ended by an error in their generation", stats.sessions_failed),
+                    ("blocks", "Blocks generated and decoded", stats.blocks),
+                    ("frames_sent", "Video frames handed to viewers", stats.frames_sent),
+                    ("frames_dropped", "Queued frames dropped (prompt-change flushes)", stats.frames_dropped),
+                    ("events_dropped", "Events not sent because a client's channel was backed up",
+                     stats.events_dropped)):
+                yield CounterMetricFamily(f"memrope_serve_{name}", doc, value=value)
+            yield GaugeMetricFamily("memrope_serve_blocks_per_second",
+                                    f"Blocks generated per second over the last {RATE_WINDOW_S:.0f} s",
+                                    value=stats.blocks_per_second())
+            for name, doc, values in (
+                    ("block_latency_seconds", "Per-block generation + decode time", stats.block_seconds()),
+                    ("lag_seconds", "Time from a block's decode to its first frame's playout", stats.lags())):
+                family = GaugeMetricFamily(f"memrope_serve_{name}", f"{doc} (quantiles of the last "
+                                           f"{LATENCY_WINDOW})", labels=["quantile"])
+                for q in (0.5, 0.9):
+                    value = percentile(values, q)
+                    family.add_metric([str(q)], float("nan") if value is None else value)
+                yield family
+            yield GaugeMetricFamily("memrope_serve_queue_depth_blocks", "Decoded blocks queued, all sessions",
+                                    value=sum(depths))
+            yield GaugeMetricFamily("memrope_serve_queue_depth_max_blocks", "Longest session queue",
+                                    value=max(depths, default=0))
+            yield GaugeMetricFamily("memrope_serve_live_streams",
+                                    "Block streams (session caches) still referenced anywhere",
+                                    value=len(stats.live_streams))
+            yield GaugeMetricFamily("memrope_serve_cache_bytes", "KV cache bytes of open sessions",
+                                    value=stats.cache_bytes)
+
+    registry = CollectorRegistry()
+    registry.register(_Collector())
+    ProcessCollector(registry=registry)
+    return registry

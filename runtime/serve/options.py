@@ -1,0 +1,90 @@
+"""Options of the server and of one session, validated where they are made.
+
+Owns: :class:`ServerOptions` (the ``memrope serve`` flags that are not about the model) and
+:class:`SessionOptions` (what a client may choose per session). Both are frozen dataclasses that
+raise ``ValueError`` naming the field, the value and the rule. Does not own the HTTP request
+schema (``runtime.serve.app`` maps request bodies onto these) or the model's run config (one
+per server: every session shares the worker's pipeline, so the cache layout, latent size and
+sampler are the server's, not the session's).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+MEMORY_ON_PROMPT_CHANGE = ("keep", "reset")
+MAX_QUEUE_BLOCKS = 16
+MAX_TRANSITION_BLOCKS = 64
+
+
+def _int_in(name: str, value, low: int, high: int | None = None) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low or (high is not None and value > high):
+        rule = f">= {low}" if high is None else f"in [{low}, {high}]"
+        raise ValueError(f"{name} must be an integer {rule}, got {value!r}")
+
+
+def _positive_number(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ValueError(f"{name} must be a positive number, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerOptions:
+    """How the server admits, paces and frees sessions.
+
+    host/port: where HTTP listens (port 0: a free port, printed at start).
+    max_sessions: sessions admitted at once; past that, HTTP 503 with ``Retry-After``.
+    queue_blocks: decoded blocks a session may hold ahead of playout (default for sessions that
+      do not choose): generation pauses for a session whose queue is full, so a slow or absent
+      viewer never grows memory; lag is at most about this many blocks of video.
+    heartbeat_timeout_s: a session that has not been heard from for this long is freed.
+    retry_after_s: the ``Retry-After`` a refused client is given.
+    warm_up: run two blocks and their decode before accepting clients, so the first session
+      does not pay for kernel selection and allocator warm-up.
+    """
+
+    host: str = "127.0.0.1"
+    port: int = 8000
+    max_sessions: int = 4
+    queue_blocks: int = 2
+    heartbeat_timeout_s: float = 5.0
+    retry_after_s: int = 5
+    warm_up: bool = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError(f"--host must be a host name or address, got {self.host!r}")
+        _int_in("--port", self.port, 0, 65535)
+        _int_in("--max-sessions", self.max_sessions, 1)
+        _int_in("--queue-blocks", self.queue_blocks, 1, MAX_QUEUE_BLOCKS)
+        _positive_number("--heartbeat-timeout", self.heartbeat_timeout_s)
+        _int_in("--retry-after", self.retry_after_s, 1)
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    """What one client chose for its session.
+
+    seed: the session's noise seed (block-by-block seeded noise, constant memory).
+    queue_blocks: this session's playout queue, in blocks (see :class:`ServerOptions`).
+    flush_on_prompt_change: drop the old prompt's queued frames when a new prompt takes effect,
+      so the viewer sees the new prompt one block later instead of a queue later.
+    memory_on_prompt_change: ``keep`` or ``reset`` the EMA memory when the prompt changes.
+    transition_blocks: blend old and new prompt over this many blocks (0: switch at once).
+    """
+
+    seed: int = 0
+    queue_blocks: int = 2
+    flush_on_prompt_change: bool = True
+    memory_on_prompt_change: str = "keep"
+    transition_blocks: int = 0
+
+    def __post_init__(self) -> None:
+        _int_in("seed", self.seed, 0, 2**63 - 1)
+        _int_in("queue_blocks", self.queue_blocks, 1, MAX_QUEUE_BLOCKS)
+        if not isinstance(self.flush_on_prompt_change, bool):
+            raise ValueError(f"flush_on_prompt_change must be true or false, got {self.flush_on_prompt_change!r}")
+        if self.memory_on_prompt_change not in MEMORY_ON_PROMPT_CHANGE:
+            raise ValueError(f"memory_on_prompt_change must be one of {MEMORY_ON_PROMPT_CHANGE}, "
+                             f"got {self.memory_on_prompt_change!r}")
+        _int_in("transition_blocks", self.transition_blocks, 0, MAX_TRANSITION_BLOCKS)

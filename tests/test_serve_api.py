@@ -1,0 +1,214 @@
+"""``memrope serve`` as deployed: the real command in a child process on 127.0.0.1, the embedded
+tiny model, Python aiortc viewers. Concurrent sessions all receive frames; the session past
+``--max-sessions`` gets a 503 with Retry-After and disturbs nobody; a prompt change flushes and
+shows up in the events; pause holds generation; a viewer killed mid-stream is freed within the
+heartbeat timeout (session count, open caches, live streams and resident memory back to where
+they were); a viewer that never reads does not grow memory; bad requests get a clear 4xx and the
+server keeps serving."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+pytest.importorskip("aiortc", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
+pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
+
+from runtime.serve.client import ServeError, ServerProcess, Viewer, http_json  # noqa: E402
+
+MAX_SESSIONS = 2
+HEARTBEAT_S = 2.0
+QUEUE_BLOCKS = 2
+PROMPT = "a small red boat on the blue sea at night"
+NEW_PROMPT = "a white horse runs by the river at night"
+TOO_LONG = " ".join(["a red boat on the sea"] * 10)  # > text_len = 16 tokens of the tiny model
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess("--max-sessions", str(MAX_SESSIONS), "--heartbeat-timeout", str(HEARTBEAT_S),
+                       "--queue-blocks", str(QUEUE_BLOCKS), "--retry-after", "3") as proc:
+        yield proc
+
+
+def _wait_metrics(server, condition, timeout_s: float, what: str) -> dict:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        m = server.metrics()
+        if condition(m):
+            return m
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout_s:g} s for {what}; metrics: "
+                                 f"{ {k: v for k, v in m.items() if k.startswith('memrope_serve')} }")
+        time.sleep(0.2)
+
+
+def _idle(m: dict) -> bool:
+    return m["memrope_serve_sessions"] == 0 and m["memrope_serve_live_streams"] == 0 and m["memrope_serve_cache_bytes"] == 0
+
+
+def test_page_health_and_metrics(server):
+    status, _, health = server.get("/healthz")
+    assert status == 200 and health["status"] == "ok" and health["max_sessions"] == MAX_SESSIONS
+    assert (health["width"], health["height"], health["fps"]) == (96, 64, 16)
+    with __import__("urllib.request").request.urlopen(server.url + "/") as response:
+        page = response.read().decode()
+    assert "<video" in page and "RTCPeerConnection" in page and "window.memrope" in page
+    m = server.metrics()
+    for name in ("memrope_serve_sessions", "memrope_serve_blocks_per_second", "memrope_serve_frames_dropped_total",
+                 'memrope_serve_block_latency_seconds{quantile="0.5"}',
+                 'memrope_serve_block_latency_seconds{quantile="0.9"}', "memrope_serve_queue_depth_blocks",
+                 "process_resident_memory_bytes"):
+        assert name in m, name
+
+
+def test_sessions_admission_prompt_change_pause(server):
+    async def scenario():
+        a, b, c = Viewer(server.url), Viewer(server.url), Viewer(server.url)
+        try:
+            await asyncio.gather(a.start(PROMPT, seed=1), b.start(PROMPT, seed=2))
+            # Both sessions play: a block and a half of frames each.
+            await asyncio.gather(a.wait_frames(15, 90), b.wait_frames(15, 90))
+            first = await a.wait_event(lambda e: e.get("type") == "block" and "ttff_ms" in e, 10, "ttff")
+            # Past --max-sessions: 503 with Retry-After; the running sessions keep playing.
+            with pytest.raises(ServeError) as refused:
+                await c.create(PROMPT)
+            frames_b = b.frames
+            await b.wait_frames(frames_b + 12, 60)
+            # A prompt change applies at the next block boundary; the old prompt's queue is flushed.
+            change = await a.change_prompt(NEW_PROMPT)
+            new_block = await a.wait_event(lambda e: e.get("type") == "block"
+                                           and e["prompt_version"] == change["prompt_version"], 60, "new prompt")
+            status_a = await a.status()
+            # Pause holds generation for that session only.
+            paused = await b.pause()
+            held = (await b.status())["blocks_generated"]
+            await a.wait_frames(a.frames + 12, 60)
+            still = (await b.status())["blocks_generated"]
+            await b.resume()
+            await b.wait_for(lambda: b.block_events() and b.block_events()[-1]["block"] >= still, 60, "resumed")
+            await asyncio.gather(a.stop(), b.stop())
+            return dict(first=first, refused=refused.value, change=change, new_block=new_block, status_a=status_a,
+                        paused=paused, held=held, still=still, a_blocks=a.block_events())
+        finally:
+            await asyncio.gather(a.close(), b.close(), c.close())
+
+    seen = asyncio.run(asyncio.wait_for(scenario(), 300))
+    assert seen["first"]["block"] == 0 and seen["first"]["ttff_ms"] > 0
+    assert seen["refused"].status == 503 and seen["refused"].retry_after == "3"
+    assert "server full" in seen["refused"].message
+    assert seen["change"]["prompt"] == NEW_PROMPT and seen["change"]["prompt_version"] == 1
+    assert seen["new_block"]["block"] == seen["change"]["applies_at_block"]
+    assert seen["status_a"]["prompt"] == NEW_PROMPT
+    # Events come in block order with the fields the page shows.
+    blocks = [e["block"] for e in seen["a_blocks"]]
+    assert blocks == sorted(blocks)
+    for event in seen["a_blocks"]:
+        assert event["generation_ms"] > 0 and event["lag_ms"] >= 0 and 0 <= event["queue_depth"] <= QUEUE_BLOCKS
+    assert seen["paused"]["state"] == "paused"
+    assert seen["still"] <= seen["held"] + 1  # at most the block in flight when the pause arrived
+    m = _wait_metrics(server, _idle, 10, "every session freed")
+    assert m["memrope_serve_sessions_rejected_total"] >= 1
+
+
+def test_killed_viewer_is_freed(server):
+    _wait_metrics(server, _idle, 10, "an idle server")
+    baseline_rss = server.metrics()["process_resident_memory_bytes"]
+    viewer = subprocess.Popen([sys.executable, "-m", "runtime.serve.client", server.url, "--seconds", "120"],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+    try:
+        deadline = time.monotonic() + 90
+        for line in viewer.stdout:
+            if json.loads(line).get("frames", 0) >= 12 or time.monotonic() > deadline:
+                break
+        assert json.loads(line).get("frames", 0) >= 12, line
+        assert server.metrics()["memrope_serve_sessions"] == 1
+        viewer.send_signal(signal.SIGKILL)  # no goodbye: only the missing heartbeats tell
+        killed_at = time.monotonic()
+    finally:
+        viewer.kill()
+        viewer.wait()
+    # The slot frees when the heartbeat times out; the cache once the worker has finished the
+    # block in flight (seconds on a loaded 2-core machine).
+    _wait_metrics(server, lambda m: m["memrope_serve_sessions"] == 0, HEARTBEAT_S + 3, "the session to end")
+    ended_after_s = time.monotonic() - killed_at
+    m = _wait_metrics(server, _idle, 30, "the killed viewer's stream and cache to be freed")
+    assert ended_after_s <= HEARTBEAT_S + 3
+    # The one session's cache, decoder, queue and connection are gone: resident memory is back.
+    assert m["process_resident_memory_bytes"] <= baseline_rss * 1.05, (m["process_resident_memory_bytes"], baseline_rss)
+    ended = [s for s in server.get("/sessions")[2]["sessions"]]
+    assert ended == []
+
+
+def test_viewer_that_never_reads_does_not_grow_memory(server):
+    """A session nobody pulls frames from (created, kept alive by heartbeats, never connected):
+    generation stops at a full queue and memory stays flat."""
+    _wait_metrics(server, _idle, 10, "an idle server")
+    status, _, session = http_json("POST", server.url + "/sessions", {"prompt": PROMPT})
+    assert status == 201
+    sid = session["id"]
+    samples = []
+    deadline = time.monotonic() + 8
+    while time.monotonic() < deadline:
+        assert http_json("POST", f"{server.url}/sessions/{sid}/heartbeat")[0] == 204
+        m = server.metrics()
+        samples.append((m["process_resident_memory_bytes"], server.get(f"/sessions/{sid}")[2]))
+        time.sleep(0.5)
+    snapshot = samples[-1][1]
+    assert snapshot["state"] == "running" and snapshot["frames_sent"] == 0
+    assert snapshot["blocks_generated"] == QUEUE_BLOCKS == snapshot["queue_depth"]
+    # Flat once the queue is full: the second half of the samples grows by less than 8 MB.
+    late = [rss for rss, s in samples if s["blocks_generated"] == QUEUE_BLOCKS]
+    assert len(late) >= 4 and max(late) - late[0] < 8 * 2**20, [r / 2**20 for r in late]
+    assert http_json("DELETE", f"{server.url}/sessions/{sid}")[0] == 200
+    _wait_metrics(server, _idle, 10, "the session freed")
+
+
+def _error(status: int, doc: dict) -> tuple[int, str]:
+    assert set(doc) == {"error"} and "\n" not in doc["error"], doc
+    return status, doc["error"]
+
+
+def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
+    url = server.url
+    status, _, live = http_json("POST", url + "/sessions", {"prompt": PROMPT})
+    assert status == 201
+    stopped_id = http_json("POST", url + "/sessions", {"prompt": PROMPT})[2]["id"]
+    assert http_json("POST", f"{url}/sessions/{stopped_id}/stop")[0] == 200
+    cases = [
+        (("GET", "/sessions/nope"), 404, "unknown session 'nope'"),
+        (("POST", "/sessions/nope/prompt", {"prompt": PROMPT}), 404, "unknown session"),
+        (("POST", "/sessions", None, b'{"prompt": '), 400, "malformed JSON body"),
+        (("POST", "/sessions", None, b"[1, 2]"), 422, "body"),
+        (("POST", "/sessions", {}), 422, "prompt: Field required"),
+        (("POST", "/sessions", {"prompt": 7}), 422, "prompt: Input should be a valid string"),
+        (("POST", "/sessions", {"prompt": PROMPT, "seed": -1}), 422, "seed: Input should be greater than or equal"),
+        (("POST", "/sessions", {"prompt": PROMPT, "colour": "red"}), 422, "colour: Extra inputs are not permitted"),
+        (("POST", "/sessions", {"prompt": "   "}), 422, "prompt is empty"),
+        (("POST", "/sessions", {"prompt": TOO_LONG}), 422, "text_len=16 tokens"),
+        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": TOO_LONG}), 422, "text_len=16 tokens"),
+        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": PROMPT, "memory": "forget"}), 422, "memory"),
+        (("POST", f"/sessions/{live['id']}/offer", {"sdp": "v=0 garbage", "type": "offer"}), 400, "SDP offer"),
+        (("POST", f"/sessions/{live['id']}/offer", {"sdp": "x", "type": "answer"}), 422, "type"),
+        (("POST", f"/sessions/{stopped_id}/prompt", {"prompt": PROMPT}), 409, f"session {stopped_id} has ended"),
+        (("POST", f"/sessions/{stopped_id}/pause"), 409, "has ended (stopped by the client)"),
+    ]
+    for request, want_status, want_text in cases:
+        method, path, body, raw = (*request, None, None)[:4]
+        status, message = _error(*http_json(method, url + path, body, raw=raw)[::2])
+        assert status == want_status and want_text in message, (request, status, message)
+    # Still serving: the live session is untouched and a new one starts.
+    assert server.get(f"/sessions/{live['id']}")[2]["state"] == "running"
+    status, _, other = http_json("POST", url + "/sessions", {"prompt": NEW_PROMPT})
+    assert status == 201 and other["state"] == "running"
+    for sid in (live["id"], other["id"]):
+        assert http_json("DELETE", f"{url}/sessions/{sid}")[0] == 200
+    _wait_metrics(server, _idle, 10, "the sessions freed")
+    assert server.get("/healthz")[0] == 200

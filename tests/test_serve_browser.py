@@ -1,0 +1,160 @@
+"""A real browser against a real server: headless Chromium (the Debian package, driven over the
+Chrome DevTools Protocol with aiohttp's websocket client, so no browser download) opens the page
+of ``memrope serve`` on 127.0.0.1, starts a session, decodes the WebRTC video (``getStats``
+``framesDecoded``), changes the prompt and sees the new prompt's per-block events."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("aiortc", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
+aiohttp = pytest.importorskip("aiohttp", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
+
+from runtime.serve.client import ServerProcess, http_json  # noqa: E402
+
+CHROMIUM_FLAGS = (
+    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+    "--disable-background-networking", "--disable-component-update", "--disable-sync",
+    "--remote-debugging-address=127.0.0.1", "--remote-debugging-port=0",
+    # Raw host candidates instead of mDNS names aiortc would have to resolve; the video plays
+    # without a user gesture.
+    "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
+)
+NEW_PROMPT = "a white horse runs by the river at night"
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser"):
+        path = shutil.which(name)
+        if path:
+            return path
+    pytest.skip("Chromium is not installed (Debian: apt-get install -y chromium); the browser test needs it")
+
+
+class DevTools:
+    """The smallest CDP client this test needs: one page, Runtime.evaluate, Page.navigate."""
+
+    def __init__(self, ws):
+        self.ws = ws
+        self._id = 0
+
+    async def call(self, method: str, timeout_s: float = 30.0, **params) -> dict:
+        self._id += 1
+        await self.ws.send_json({"id": self._id, "method": method, "params": params})
+        deadline = time.monotonic() + timeout_s
+        while True:
+            message = await self.ws.receive(timeout=max(deadline - time.monotonic(), 0.01))
+            if message.type != aiohttp.WSMsgType.TEXT:
+                raise RuntimeError(f"DevTools connection closed during {method}: {message}")
+            reply = json.loads(message.data)
+            if reply.get("id") == self._id:
+                if "error" in reply:
+                    raise RuntimeError(f"{method}: {reply['error']}")
+                return reply["result"]
+
+    async def evaluate(self, expression: str, timeout_s: float = 30.0):
+        result = await self.call("Runtime.evaluate", timeout_s, expression=expression, awaitPromise=True,
+                                 returnByValue=True)
+        if "exceptionDetails" in result:
+            details = result["exceptionDetails"]
+            raise RuntimeError(f"{expression}: {details.get('exception', {}).get('description') or details}")
+        return result["result"].get("value")
+
+    async def until(self, expression: str, timeout_s: float, what: str):
+        """Evaluate every 0.2 s until truthy; fail naming ``what`` after ``timeout_s``."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            value = await self.evaluate(expression)
+            if value:
+                return value
+            if time.monotonic() > deadline:
+                state = await self.evaluate("JSON.stringify({events: window.memrope.events.slice(-3), "
+                                            "message: document.getElementById('message').textContent})")
+                raise AssertionError(f"waited {timeout_s:g} s for {what}; page: {state}")
+            await asyncio.sleep(0.2)
+
+
+async def _devtools_url(profile: Path, browser: subprocess.Popen, timeout_s: float = 30.0) -> str:
+    port_file = profile / "DevToolsActivePort"
+    deadline = time.monotonic() + timeout_s
+    while not port_file.is_file() or not port_file.read_text().strip():
+        if browser.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"Chromium did not open its DevTools port (exit code {browser.poll()})")
+        await asyncio.sleep(0.1)
+    port = int(port_file.read_text().split()[0])
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            async with http.get(f"http://127.0.0.1:{port}/json/list") as response:
+                pages = [t for t in await response.json() if t.get("type") == "page"]
+            if pages:
+                return pages[0]["webSocketDebuggerUrl"]
+            await asyncio.sleep(0.1)
+    raise RuntimeError("Chromium has no page target")
+
+
+@pytest.fixture(scope="module")
+def server():
+    with ServerProcess("--max-sessions", "2", "--heartbeat-timeout", "4") as proc:
+        yield proc
+
+
+def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
+    chromium = _chromium()
+    profile = tmp_path / "profile"
+    browser = subprocess.Popen([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    async def drive() -> dict:
+        ws_url = await _devtools_url(profile, browser)
+        async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
+            page = DevTools(ws)
+            await page.call("Page.navigate", url=server.url + "/")
+            await page.until("typeof window.memrope === 'object' && "
+                             "document.getElementById('model').textContent.includes('fps')", 30, "the page to load")
+            session_id = await page.evaluate("window.memrope.start()", timeout_s=60)
+            first = await page.until("window.memrope.stats().then(s => s.framesDecoded > 10 && s)", 90,
+                                     "more than 10 decoded frames")
+            await page.until("window.memrope.events.some(e => e.type === 'block' && e.ttff_ms !== undefined)", 30,
+                             "the first block's event")
+            change = await page.evaluate(f"window.memrope.changePrompt({json.dumps(NEW_PROMPT)})", timeout_s=60)
+            new_block = await page.until(
+                f"window.memrope.events.find(e => e.type === 'block' && e.prompt_version === "
+                f"{change['prompt_version']})", 90, "a block event of the new prompt")
+            later = await page.until(f"window.memrope.stats().then(s => s.framesDecoded > {first['framesDecoded']}"
+                                     " && s)", 30, "frames after the prompt change")
+            readout = await page.evaluate("document.getElementById('r-lag').textContent")
+            status = http_json("GET", f"{server.url}/sessions/{session_id}")[2]
+            await page.evaluate("window.memrope.stop()")
+            return dict(session_id=session_id, first=first, change=change, new_block=new_block, later=later,
+                        readout=readout, status=status)
+
+    try:
+        seen = asyncio.run(asyncio.wait_for(drive(), 240))
+    finally:
+        browser.terminate()
+        try:
+            browser.wait(10)
+        except subprocess.TimeoutExpired:
+            browser.kill()
+
+    assert seen["first"]["framesDecoded"] > 10
+    width, height = server.get("/healthz")[2]["width"], server.get("/healthz")[2]["height"]
+    assert (seen["first"]["frameWidth"], seen["first"]["frameHeight"]) == (width, height)
+    assert seen["change"]["prompt_version"] == 1 and seen["change"]["prompt"] == NEW_PROMPT
+    assert seen["new_block"]["block"] >= seen["change"]["applies_at_block"]
+    assert seen["later"]["framesDecoded"] > seen["first"]["framesDecoded"]
+    assert seen["readout"].endswith(" ms"), seen["readout"]
+    assert seen["status"]["prompt"] == NEW_PROMPT and seen["status"]["frames_sent"] > 10
+    # Stopping from the page frees the session.
+    deadline = time.monotonic() + 10
+    while server.get("/healthz")[2]["sessions"] != 0 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert server.get("/healthz")[2]["sessions"] == 0
+    assert server.get(f"/sessions/{seen['session_id']}")[2]["reason"] == "stopped by the client"
