@@ -177,7 +177,9 @@ def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version:
         EngineMismatchError: naming every field that differs and the exact command to rebuild.
     """
     here_target = target or sidecar.target
-    here_caps = [compute_capability] if here_target == "rtx" and compute_capability else []
+    # Rebuild as the plan was built (its explicit targets), plus this GPU when it was not among them.
+    rebuilds_rtx = here_target == sidecar.target == "rtx"
+    here_caps = list(sidecar.compute_capabilities) if rebuilds_rtx and not sidecar.default_compute_capabilities else []
     diffs = []
     if sidecar.target != here_target:
         diffs.append(f"target: engine {sidecar.target!r}, asked for {here_target!r}")
@@ -191,6 +193,7 @@ def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version:
         diffs.append(f"contract_hash: engine {sidecar.contract_hash!r}, artifact {contract_hash!r}")
     if compute_capability is not None and sidecar.target == here_target:
         if sidecar.target == "rtx" and not sidecar.runs_on(compute_capability):
+            here_caps = sorted(set(here_caps) | {compute_capability}, key=_cc_key)
             diffs.append(f"compute_capability: engine built for {', '.join(sidecar.compute_capabilities)}, "
                          f"this GPU is {compute_capability}")
         if sidecar.target == "server" and sidecar.compute_capabilities != [compute_capability]:
