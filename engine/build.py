@@ -16,9 +16,9 @@ differences are declared once in :data:`TARGETS` and applied once in :func:`_con
 
 The ONNX is parsed by path (external weights) into a strongly typed network, so the precision is
 the exported graph's own (bf16/fp16/fp32 with its deliberate fp32 islands). Shapes are static.
-Attention: an fp32 ``Attention`` is marked decomposable (neither builder has a fused fp32 kernel
-for it; the builder then runs MatMul/Softmax/MatMul); bf16/fp16 attention stays non-decomposable,
-so a build either puts it on a fused kernel or fails loudly. Each sidecar carries a build report
+Attention: an fp32 ``Attention`` is marked decomposable (TensorRT-RTX 1.7 has no fused fp32 kernel
+for it and fails the build otherwise; the builder then runs MatMul/Softmax/MatMul); bf16/fp16
+attention stays non-decomposable, so a build either puts it on a fused kernel or fails loudly. Each sidecar carries a build report
 (layer counts and which attention kernels the builder chose) that shows this.
 
 All or nothing: every requested graph is built into a temp file first; only when all of them
@@ -39,10 +39,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 from engine.sidecar import (
     RTX_DEFAULT_COMPUTE_CAPABILITIES,
@@ -359,7 +360,7 @@ def _attention_summary(attention_layers: int, decomposable: int, fused: list[str
             f"kernels{' (' + ', '.join(kernels) + ')' if kernels else ''}")
 
 
-def _attention_signature(trt: Any, attention: Any) -> tuple:
+def _attention_signature(attention: Any) -> tuple:
     mask = attention.mask
     return (tuple(tuple(attention.get_input(i).shape) for i in range(3)), attention.get_input(0).dtype,
             None if mask is None else (tuple(mask.shape), mask.dtype), attention.causal, attention.norm_op,
@@ -374,14 +375,14 @@ def _rejected_attention(trt: Any, attentions: list[Any], options: BuildOptions) 
     """
     groups: dict[tuple, list[str]] = {}
     for attention in attentions:
-        groups.setdefault(_attention_signature(trt, attention), []).append(attention.name)
+        groups.setdefault(_attention_signature(attention), []).append(attention.name)
     rejected = []
     for signature, names in groups.items():
         shapes, dtype, mask, causal, norm_op, decomposable = signature
         log = collecting_logger(trt)
         builder = trt.Builder(log)
         network = builder.create_network(_strongly_typed(trt))
-        q, k, v = (network.add_input(role, dtype, shape) for role, shape in zip("qkv", shapes))
+        q, k, v = (network.add_input(role, dtype, shape) for role, shape in zip("qkv", shapes, strict=True))
         probe = network.add_attention(q, k, v, norm_op, causal)
         if mask is not None:
             probe.mask = network.add_input("mask", mask[1], mask[0])
@@ -460,7 +461,8 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
     if layers is None and options.target.builds_on_gpu:
         layers = _inspector_layers(trt, serialized, log)
     fused = [name for name, _ in layers or [] if _FUSED_ATTENTION_KERNEL.search(name)]
-    report = {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(seconds, 3), "plan_bytes": serialized.nbytes,
+    report = {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(seconds, 3),
+              "plan_bytes": serialized.nbytes,
               "network_layers": network.num_layers, "attention_layers": len(attentions),
               "decomposable_attention_layers": decomposable,
               "engine_layers": None if layers is None else len(layers),
@@ -606,4 +608,5 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
 
 __all__ = ["BUILD_DTYPES", "DEFAULT_TIMING_CACHE", "TARGETS", "BuildOptions", "BuiltPlan", "EngineBuildError",
            "Target", "build_engines", "collecting_logger", "current_gpu", "engine_io", "io_differences",
-           "module_version", "native_stderr", "network_io", "parse_compute_capabilities", "require_tensorrt", "target_of"]
+           "module_version", "native_stderr", "network_io", "parse_compute_capabilities", "require_tensorrt",
+           "target_of"]

@@ -66,7 +66,8 @@ SERVER = EngineSidecar(target="server", module="tensorrt", module_version="10.15
 
 def test_sidecar_round_trip_records_when_it_was_built(tmp_path):
     path = sidecar_path(plan_path(tmp_path, "step"))
-    assert path.name == "step.plan.json" and runtime_cache_path(plan_path(tmp_path, "step")).name == "step.plan.rtxcache"
+    assert path.name == "step.plan.json"
+    assert runtime_cache_path(plan_path(tmp_path, "step")).name == "step.plan.rtxcache"
     write_sidecar(path, SIDECAR)
     assert read_sidecar(path) == SIDECAR
     created = datetime.fromisoformat(read_sidecar(path).created)
@@ -298,7 +299,8 @@ def test_a_rejected_graph_is_one_error_naming_the_layer_and_nothing_is_written(r
 @needs_rtx
 def test_build_options_are_checked_before_building(built, tmp_path, capsys):
     path = built["memrope_ema", "bfloat16"][0]
-    cases = [(["--target", "rtx", "--timing-cache", str(tmp_path / "t.cache")], "--timing-cache is for --target server"),
+    cases = [(["--target", "rtx", "--timing-cache", str(tmp_path / "t.cache")],
+              "--timing-cache is for --target server"),
              (["--target", "rtx", "--compute-capability", "8.9,90"], "MAJOR.MINOR"),
              (["--target", "rtx", "--compute-capability", "9.0"], "is not a tensorrt_rtx"),
              (["--target", "rtx", "--graph", "vae"], "--graph must name distinct graphs"),
@@ -343,7 +345,8 @@ def test_loading_an_rtx_plan_without_a_gpu_says_so_in_one_line(built, tmp_path, 
 def test_backend_refuses_a_plan_for_another_target_or_version_before_loading_it(built, tmp_path):
     path = tmp_path / "art"
     shutil.copytree(built["memrope_ema", "float16"][0], path)
-    with pytest.raises(EngineMismatchError, match=rf"asked for 'server'.*`memrope build {path} --target server --force`$"):
+    command = f"`memrope build {path} --target server --force`"
+    with pytest.raises(EngineMismatchError, match=rf"asked for 'server'.*{command}$"):
         TensorRTBackend(path, target="server")
     sidecar = sidecar_path(plan_path(path, "step"))
     raw = json.loads(sidecar.read_text())
@@ -464,8 +467,8 @@ def test_cuda_graph_replay_matches_plain_execution_per_feeds_set(gpu_built):
             fill(feeds)
             a = {k: v.clone() for k, v in plain.step(feeds).items()}
             b = {k: v.clone() for k, v in graphed.step(feeds).items()}
-            for name in a:
-                assert torch.equal(a[name], b[name]), f"call {call}: {name} differs under CUDA-graph replay"
+            for name, expected in a.items():
+                assert torch.equal(expected, b[name]), f"call {call}: {name} differs under CUDA-graph replay"
         assert graphed.captured_graphs == 2, "each bound feeds set gets one captured graph, kept across switches"
     sidecar = read_sidecar(sidecar_path(plan_path(gpu_built, "step")))
     assert runtime_cache_path(plan_path(gpu_built, "step")).is_file() == (sidecar.target == "rtx")
