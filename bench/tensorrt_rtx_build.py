@@ -134,9 +134,15 @@ def write_markdown(doc: dict, path: Path) -> None:
                       f"{TARGET_PEAK_GB} GB peak RSS on the 2-core, 24 GB machine): **{verdict}** "
                       f"({seconds:.1f} s parse + build, {peak} GB peak RSS for the whole `memrope build`, "
                       "step and text)."]
+    if meta.get("notes"):
+        lines += ["", "Notes:"] + [f"- {note}" for note in meta["notes"]]
     lines += ["", "Reading:",
               "- Load avg: the machine's 1-minute load average before and after the build (2 cores; other "
-              "jobs share them). CPU: user + system seconds of the process, which sharing does not inflate.",
+              "jobs share them, and the wall time grows with the load). CPU: user + system seconds of the "
+              "process, which sharing inflates much less.",
+              "- Export columns: measured when the export was made; an export kept with `--keep-exports` is "
+              "built again by later runs without re-exporting (`\"reused\": true` in the JSON, with the "
+              "export's own load average).",
               "- `memrope build` wall time includes starting Python, importing torch and TensorRT-RTX, "
               "loading and checking the artifact, both graphs, and writing the plans; the parse + build "
               "columns are the builder's own time for each graph.",
@@ -145,7 +151,9 @@ def write_markdown(doc: dict, path: Path) -> None:
               "8.0, 8.6, 8.9 and 12.0 and later (the builder's defaults); a GPU specialises them at load "
               "(JIT) and caches the result next to the plan (`<graph>.plan.rtxcache`).",
               "- Attention: bf16 attention stays non-decomposable and lands on TensorRT-RTX's fused kernel "
-              "(`_gemm_mha_v2`), one per attention layer, as the build log's layer listing shows.",
+              "(`_gemm_mha_v2`), one per attention layer, as the build log's layer listing shows. fp32 "
+              "exports (not measured here) mark attention decomposable at build time, because TensorRT-RTX has "
+              "no fused fp32 kernel for it; see the README's `memrope build` section.",
               ""]
     path.write_text("\n".join(lines))
 
@@ -154,6 +162,7 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", default="tiny,mid,wan-1.3b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/memrope_rtx_build"))
+    parser.add_argument("--note", action="append", default=[], help="a remark to record with the results")
     parser.add_argument("--keep-exports", action="store_true",
                         help="keep the exports (and their measurements) in --workdir; a later run builds them again "
                              "without re-exporting")
@@ -168,7 +177,7 @@ def main() -> int:
             "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                                if line.startswith("model name")), platform.processor()),
             "tensorrt_rtx": f"tensorrt_rtx {tensorrt_rtx.__version__}", "torch": torch.__version__,
-            "platform": platform.platform()}
+            "platform": platform.platform(), "notes": args.note}
     results = [measure(name, args.workdir, args.keep_exports) for name in args.presets.split(",")]
     doc = {"meta": meta, "results": results}
     (ROOT / "bench" / "results" / "tensorrt_rtx_build.json").write_text(json.dumps(doc, indent=1) + "\n")
