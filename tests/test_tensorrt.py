@@ -139,12 +139,13 @@ def test_read_sidecar_errors(tmp_path):
 # --- real TensorRT-RTX builds of every export (no GPU needed) ----------------------------------------
 
 @pytest.fixture(scope="module")
-def exports(artifacts, golden_dit, tiny_config, tmp_path_factory):
+def exports(request, golden_dit, tiny_config, tmp_path_factory):
     """(policy, dtype) -> the golden model exported for that policy in that dtype (fp32 shared, validated)."""
     if not HAS_RTX:
         pytest.skip("tensorrt_rtx is not installed (pip install -e '.[rtx]')")
     from export.onnx_export import export_artifact
 
+    artifacts = request.getfixturevalue("artifacts")  # only once we know the builds can run
     root = tmp_path_factory.mktemp("low_precision")
     out = {(policy, "float32"): artifacts[policy] for policy in POLICIES}
     for dtype in ("bfloat16", "float16"):
