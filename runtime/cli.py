@@ -225,7 +225,7 @@ def cmd_build(args: argparse.Namespace) -> int:
             print(f"{built.plan}: up to date ({sidecar.module} {sidecar.module_version}, {where}); --force rebuilds")
             continue
         print(f"{built.plan}: {report['plan_bytes'] / 1e6:.1f} MB in {report['build_seconds']:.1f} s "
-              f"({sidecar.module} {sidecar.module_version}, {where}; {report['engine_layers']} engine layers; "
+              f"({sidecar.module} {sidecar.module_version}, {where}; {report['engine_layers'] or '?'} engine layers; "
               f"attention: {report['attention']})")
     return 0
 
