@@ -1,19 +1,26 @@
-"""TensorRT engine sidecars: what a serialized plan was built for, and refusing a stale one.
+"""TensorRT engine sidecars: what a serialized plan was built for, and refusing a plan built for something else.
 
-Owns: the ``<graph>.plan.json`` file written next to each ``<graph>.plan`` in an artifact
-directory (TensorRT version, GPU name and compute capability, the artifact's config hash, the
-graph, its dtype and the build flags), where plans and sidecars live, and the check a runtime
-makes before deserializing a plan. A TensorRT plan only runs on the TensorRT version and GPU
-architecture it was built with, and only matches the artifact it was built from; a mismatch
-is an :class:`EngineMismatchError` that names every differing field and says how to rebuild.
+Owns: the ``<graph>.plan.json`` file written next to each ``<graph>.plan`` in an artifact directory
+(the build target, the TensorRT module and its version, the compute capabilities the plan runs on,
+the build GPU for server plans, the artifact's config hash, the graph and its dtype, the build
+flags and the build report), where plans, sidecars and TensorRT-RTX runtime caches live, the
+exact ``memrope build`` command that rebuilds a plan, and the check a runtime makes before it
+deserializes a plan. A mismatch is an :class:`EngineMismatchError` naming every differing field
+and the command to run.
 
-Pure Python: nothing here imports ``tensorrt`` or touches a GPU.
+Targets (see :mod:`engine.build`): ``rtx`` plans are built ahead of time by TensorRT-RTX (module
+``tensorrt_rtx``) for a list of compute capabilities and run on any RTX GPU among them; ``server``
+plans are built by datacenter TensorRT (module ``tensorrt``) on the GPU they run on.
+
+Pure Python: nothing here imports TensorRT or touches a GPU.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
@@ -21,23 +28,33 @@ from typing import Any
 
 from memrope.io import atomic_write
 
-GRAPHS = ("step", "text")
+SIDECAR_VERSION = 2
 PLAN_SUFFIX = ".plan"
+RUNTIME_CACHE_SUFFIX = ".rtxcache"
+TARGET_MODULES = {"rtx": "tensorrt_rtx", "server": "tensorrt"}
+# TensorRT-RTX's documented default targets when no compute capability is set: "8.0, 8.6, 8.9,
+# 12.0, and later" (docs.nvidia.com/deeplearning/tensorrt-rtx, CPU-only AOT and TensorRT-RTX engines).
+RTX_DEFAULT_COMPUTE_CAPABILITIES = ("8.0", "8.6", "8.9", "12.0")
+_GRAPH_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]*$")
 
 
 class EngineMismatchError(ValueError):
-    """A TensorRT plan was built for another TensorRT version, GPU or artifact, or its I/O differs."""
+    """A TensorRT plan was built for another target, TensorRT version, GPU or artifact, or its I/O differs."""
 
 
-def rebuild_hint(artifact_dir: str | os.PathLike[str] | None = None) -> str:
-    target = str(artifact_dir) if artifact_dir is not None else "<artifact dir>"
-    return f"rebuild the engines with `memrope build {target}`"
+def rebuild_command(artifact_dir: str | os.PathLike[str] | None, target: str,
+                    compute_capabilities: Sequence[str] = ()) -> str:
+    """The exact ``memrope build`` command that rebuilds an artifact's plans for ``target``."""
+    command = f"memrope build {artifact_dir if artifact_dir is not None else '<artifact dir>'} --target {target}"
+    if compute_capabilities:
+        command += f" --compute-capability {','.join(compute_capabilities)}"
+    return command + " --force"
 
 
 def plan_path(artifact_dir: str | os.PathLike[str], graph: str) -> Path:
-    """``<artifact>/<graph>.plan`` (``graph`` is ``step`` or ``text``)."""
-    if graph not in GRAPHS:
-        raise ValueError(f"graph must be one of {GRAPHS}, got {graph!r}")
+    """``<artifact>/<graph>.plan`` for one of the artifact contract's graphs."""
+    if not isinstance(graph, str) or not _GRAPH_NAME.match(graph):
+        raise ValueError(f"graph must be a contract graph name such as 'step', got {graph!r}")
     return Path(artifact_dir) / f"{graph}{PLAN_SUFFIX}"
 
 
@@ -47,70 +64,145 @@ def sidecar_path(plan: str | os.PathLike[str]) -> Path:
     return plan.with_name(plan.name + ".json")
 
 
+def runtime_cache_path(plan: str | os.PathLike[str]) -> Path:
+    """``<graph>.plan`` -> ``<graph>.plan.rtxcache``: TensorRT-RTX's JIT kernel cache for this plan."""
+    plan = Path(plan)
+    return plan.with_name(plan.name + RUNTIME_CACHE_SUFFIX)
+
+
+def _cc_key(cc: str) -> tuple[int, int]:
+    major, minor = cc.split(".")
+    return int(major), int(minor)
+
+
 @dataclass(frozen=True)
 class EngineSidecar:
     """What one serialized TensorRT plan was built for.
 
-    ``build_flags``: ``strongly_typed`` (always True), ``timing_cache`` (path used, or None),
-    ``builder_optimization_level`` and ``workspace_bytes`` (None = TensorRT's default).
-    ``created``: ISO 8601 UTC timestamp of the build.
+    ``target``: ``rtx`` or ``server``. ``module`` / ``module_version``: the TensorRT Python module
+    that built it (``tensorrt_rtx`` 1.7.1.116, ``tensorrt`` 10.15.1.29). ``compute_capabilities``:
+    the GPUs it runs on (``["8.9", "12.0"]``); ``default_compute_capabilities`` is True when the
+    builder's own default targets were used (TensorRT-RTX: 8.0, 8.6, 8.9, 12.0 and later).
+    ``gpu_name``: the GPU a server plan was built (and tuned) on; None for rtx plans, built with
+    no GPU. ``build_flags``: the options that shaped the plan. ``report``: what the builder did
+    (layer counts, attention kernels, seconds, bytes). ``created``: ISO 8601 UTC time of the build.
     """
 
-    tensorrt_version: str
-    gpu_name: str
-    compute_capability: str
+    target: str
+    module: str
+    module_version: str
+    compute_capabilities: list[str]
     contract_hash: str
     graph: str
     dtype: str
+    gpu_name: str | None = None
+    default_compute_capabilities: bool = False
     build_flags: dict[str, Any] = field(default_factory=dict)
+    report: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    sidecar_version: int = SIDECAR_VERSION
+
+    def __post_init__(self) -> None:
+        if self.target not in TARGET_MODULES:
+            raise ValueError(f"sidecar target must be one of {sorted(TARGET_MODULES)}, got {self.target!r}")
+        if self.module != TARGET_MODULES[self.target]:
+            raise ValueError(f"a {self.target} plan is built by {TARGET_MODULES[self.target]}, not {self.module!r}")
+
+    def runs_on(self, compute_capability: str) -> bool:
+        """True when this plan was built for a GPU of ``compute_capability`` (``"8.9"``)."""
+        if compute_capability in self.compute_capabilities:
+            return True
+        # "12.0 and later": TensorRT-RTX's default targets reach forward from the newest one.
+        return (self.default_compute_capabilities and bool(self.compute_capabilities)
+                and _cc_key(compute_capability) >= max(map(_cc_key, self.compute_capabilities)))
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, raw: Any, source: str = "sidecar") -> "EngineSidecar":
-        names = {f.name for f in fields(cls)}
+    def from_json(cls, raw: Any, source: str = "sidecar", artifact_dir: str | os.PathLike[str] | None = None
+                  ) -> "EngineSidecar":
+        hint = f"rebuild with `{rebuild_command(artifact_dir, '<rtx|server>')}`"
         if not isinstance(raw, dict):
-            raise EngineMismatchError(f"{source} is not a JSON object; {rebuild_hint()}")
-        missing = sorted(n for n in names if n not in raw and n not in ("build_flags", "created"))
+            raise EngineMismatchError(f"{source} is not a JSON object; {hint}")
+        if raw.get("sidecar_version") != SIDECAR_VERSION:
+            raise EngineMismatchError(f"{source} has sidecar version {raw.get('sidecar_version')!r}; this engine "
+                                      f"reads version {SIDECAR_VERSION}; {hint}")
+        names = {f.name for f in fields(cls)}
+        required = {"target", "module", "module_version", "compute_capabilities", "contract_hash", "graph", "dtype"}
+        missing = sorted(required - set(raw))
         unknown = sorted(set(raw) - names)
         if missing or unknown:
             raise EngineMismatchError(f"{source} is not an engine sidecar this version reads (missing "
-                                      f"{missing or 'nothing'}, unknown {unknown or 'nothing'}); {rebuild_hint()}")
-        return cls(**raw)
+                                      f"{missing or 'nothing'}, unknown {unknown or 'nothing'}); {hint}")
+        try:
+            return cls(**raw)
+        except ValueError as exc:
+            raise EngineMismatchError(f"{source}: {exc}; {hint}") from None
 
 
 def write_sidecar(path: str | os.PathLike[str], sidecar: EngineSidecar) -> None:
     """Write ``sidecar`` as JSON atomically (temp file in the same directory, then ``os.replace``)."""
-    atomic_write(path, json.dumps(sidecar.to_json(), indent=1, sort_keys=True) + "\n")
+    atomic_write(path, sidecar_json(sidecar))
+
+
+def sidecar_json(sidecar: EngineSidecar) -> str:
+    return json.dumps(sidecar.to_json(), indent=1, sort_keys=True) + "\n"
 
 
 def read_sidecar(path: str | os.PathLike[str]) -> EngineSidecar:
     """Read a sidecar; a missing file is FileNotFoundError, a malformed one EngineMismatchError."""
     path = Path(path)
+    hint = f"rebuild with `{rebuild_command(path.parent, '<rtx|server>')}`"
     try:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"engine sidecar not found: {path}; "
-                                f"{rebuild_hint(path.parent)}") from None
+        raise FileNotFoundError(f"engine sidecar not found: {path}; {hint}") from None
     except json.JSONDecodeError as exc:
-        raise EngineMismatchError(f"engine sidecar {path} is not valid JSON ({exc}); "
-                                  f"{rebuild_hint(path.parent)}") from None
-    return EngineSidecar.from_json(raw, source=f"engine sidecar {path}")
+        raise EngineMismatchError(f"engine sidecar {path} is not valid JSON ({exc}); {hint}") from None
+    return EngineSidecar.from_json(raw, source=f"engine sidecar {path}", artifact_dir=path.parent)
 
 
-def check_sidecar(sidecar: EngineSidecar, *, tensorrt_version: str, gpu_name: str, compute_capability: str,
-                  contract_hash: str, artifact_dir: str | os.PathLike[str] | None = None) -> None:
-    """Refuse a plan built for anything other than this TensorRT, this GPU and this artifact.
+def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version: str | None,
+                  compute_capability: str | None = None, gpu_name: str | None = None,
+                  target: str | None = None, artifact_dir: str | os.PathLike[str] | None = None) -> None:
+    """Refuse a plan built for another target, TensorRT version, GPU or artifact.
+
+    Args:
+        contract_hash: the artifact's config hash.
+        module_version: the installed version of ``sidecar.module`` (None: not installed).
+        compute_capability / gpu_name: the GPU here (None: not known yet, not checked).
+        target: the target the caller asks for (None: whichever the plan was built for).
 
     Raises:
-        EngineMismatchError: naming every field that differs and how to rebuild.
+        EngineMismatchError: naming every field that differs and the exact command to rebuild.
     """
-    wanted = {"tensorrt_version": tensorrt_version, "gpu_name": gpu_name,
-              "compute_capability": compute_capability, "contract_hash": contract_hash}
-    diffs = [f"{name}: engine {getattr(sidecar, name)!r}, here {value!r}"
-             for name, value in wanted.items() if getattr(sidecar, name) != value]
+    here_target = target or sidecar.target
+    # Rebuild as the plan was built (its explicit targets), plus this GPU when it was not among them.
+    rebuilds_rtx = here_target == sidecar.target == "rtx"
+    here_caps = list(sidecar.compute_capabilities) if rebuilds_rtx and not sidecar.default_compute_capabilities else []
+    diffs = []
+    if sidecar.target != here_target:
+        diffs.append(f"target: engine {sidecar.target!r}, asked for {here_target!r}")
+    elif module_version is None:
+        diffs.append(f"module: the engine needs {sidecar.module} {sidecar.module_version}, which is not installed "
+                     f"here (pip install -e '.[{'rtx' if sidecar.target == 'rtx' else 'tensorrt'}]')")
+    elif sidecar.module_version != module_version:
+        diffs.append(f"module_version: engine {sidecar.module} {sidecar.module_version!r}, "
+                     f"here {module_version!r}")
+    if sidecar.contract_hash != contract_hash:
+        diffs.append(f"contract_hash: engine {sidecar.contract_hash!r}, artifact {contract_hash!r}")
+    if compute_capability is not None and sidecar.target == here_target:
+        if sidecar.target == "rtx" and not sidecar.runs_on(compute_capability):
+            here_caps = sorted(set(here_caps) | {compute_capability}, key=_cc_key)
+            diffs.append(f"compute_capability: engine built for {', '.join(sidecar.compute_capabilities)}, "
+                         f"this GPU is {compute_capability}")
+        if sidecar.target == "server" and sidecar.compute_capabilities != [compute_capability]:
+            diffs.append(f"compute_capability: engine {', '.join(sidecar.compute_capabilities)}, "
+                         f"this GPU {compute_capability}")
+    if gpu_name is not None and sidecar.target == here_target == "server" and sidecar.gpu_name != gpu_name:
+        diffs.append(f"gpu_name: engine {sidecar.gpu_name!r}, here {gpu_name!r}")
     if diffs:
-        raise EngineMismatchError(f"the TensorRT {sidecar.graph} engine was built for something else "
-                                  f"({'; '.join(diffs)}); {rebuild_hint(artifact_dir)}")
+        raise EngineMismatchError(
+            f"the TensorRT {sidecar.graph} plan was built for something else ({'; '.join(diffs)}); rebuild it with "
+            f"`{rebuild_command(artifact_dir, here_target, here_caps)}`")

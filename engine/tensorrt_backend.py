@@ -1,198 +1,320 @@
-"""TensorRT backend: an artifact's built ``step.plan`` and ``text.plan`` behind the loop's interface.
+"""TensorRT backend: an artifact's ``step.plan`` and ``text.plan`` behind the loop's interface.
 
-Owns: refusing a stale plan before deserializing it (the sidecar must match this TensorRT
-version, this GPU and the artifact's config hash; see :mod:`engine.sidecar`), checking that each
-engine's I/O tensors are exactly the contract's, one execution context per engine, the output
-buffers (torch CUDA tensors allocated once from the contract), binding the loop's fixed-address
-input buffers by pointer (``set_tensor_address``, redone only when an address changes), and
-running ``execute_async_v3`` on a dedicated stream ordered against the caller's current stream.
-With ``cuda_graph=True`` the step call is captured into a CUDA graph right after its first
-(warm-up) execution and replayed while the addresses stay the same (the demoDiffusion pattern).
-Building plans is :mod:`engine.build`'s job (``memrope build <artifact dir>``).
+Owns: loading both kinds of plan ``memrope build`` makes (``rtx``: TensorRT-RTX, ``server``:
+datacenter TensorRT; the sidecar says which, see :mod:`engine.sidecar`), refusing a plan built
+for another target, TensorRT version, GPU or artifact before deserializing it, turning a failed
+deserialization into one plain sentence (:class:`EngineLoadError`: no usable GPU or driver, a
+corrupt plan ...), checking each engine's I/O against the contract, one execution context per
+engine, TensorRT-RTX's runtime cache (its JIT kernels, kept in ``<graph>.plan.rtxcache`` next
+to the plan), the output buffers (torch CUDA tensors allocated once from the contract), and
+running ``execute_async_v3`` on a side stream ordered against the caller's current stream.
+
+Binding: the loop passes the same feeds dict, whose tensors never move, on every call of a
+stream; addresses are bound once per feeds-dict identity (per-call host work does not grow with
+the layer count). A different dict (another session) rebinds. With ``cuda_graph=True`` the step
+is captured into a CUDA graph right after the first (warm-up) execution for an address set, and
+replayed after; a graph is kept per address set (the few most recent), so alternating sessions
+do not recapture every call. Building plans is :mod:`engine.build`'s job.
 """
 
 from __future__ import annotations
 
 import logging
+import re
+import weakref
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from engine.build import (
+    TARGETS,
+    Target,
+    collecting_logger,
+    current_gpu,
+    engine_io,
+    io_differences,
+    module_version,
+    native_stderr,
+)
 from engine.sidecar import (
     EngineMismatchError,
+    EngineSidecar,
     check_sidecar,
     plan_path,
     read_sidecar,
-    rebuild_hint,
+    rebuild_command,
+    runtime_cache_path,
     sidecar_path,
 )
 from memrope.artifact import Artifact, load_artifact
 from memrope.backend import Backend
 from memrope.contract import GraphContract
+from memrope.errors import StageError
+from memrope.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-
-def plan_buffers(contract: GraphContract) -> dict[str, int]:
-    """Bytes of each output buffer the backend allocates for ``contract``, plus ``"total"``."""
-    sizes = {spec.name: spec.nbytes for spec in contract.outputs}
-    sizes["total"] = sum(sizes.values())
-    return sizes
-
-
-def _trt_dtype_names(trt: Any) -> dict[Any, str]:
-    names = {}
-    for attr, name in (("float32", "float32"), ("float16", "float16"), ("bfloat16", "bfloat16"),
-                       ("int64", "int64"), ("bool", "bool"), ("int32", "int32"), ("int8", "int8")):
-        if hasattr(trt, attr):
-            names[getattr(trt, attr)] = name
-    return names
+GRAPHS_RUN = ("step", "text")  # the graphs this backend executes (the loop's step and the prompt encoder)
+MAX_CUDA_GRAPHS = 4  # captured step graphs kept, one per bound address set (least recently used dropped)
+_NO_GPU = re.compile(r"driver version is insufficient|no CUDA-capable device|CUDA driver|cudaError (35|100)\b",
+                     re.IGNORECASE)
+_CUDA_ERROR = re.compile(r"cudaError \d+: ([^)]*)\)")
 
 
-def check_engine_io(trt: Any, engine: Any, contract: GraphContract, plan: Path, artifact_dir: Path) -> None:
-    """The engine's I/O tensors (name, direction, shape, dtype) must be exactly the contract's."""
-    dtype_names = _trt_dtype_names(trt)
-    got: dict[str, tuple[str, tuple[int, ...], str]] = {}
-    for i in range(engine.num_io_tensors):
-        name = engine.get_tensor_name(i)
-        mode = "input" if engine.get_tensor_mode(name) == trt.TensorIOMode.INPUT else "output"
-        dtype = engine.get_tensor_dtype(name)
-        got[name] = (mode, tuple(engine.get_tensor_shape(name)), dtype_names.get(dtype, str(dtype)))
-    want = {spec.name: ("input", spec.shape, spec.dtype) for spec in contract.inputs}
-    want.update({spec.name: ("output", spec.shape, spec.dtype) for spec in contract.outputs})
-    if got != want:
-        diffs = [f"{name}: engine {got.get(name, 'absent')}, contract {want.get(name, 'absent')}"
-                 for name in list(want) + [n for n in got if n not in want] if got.get(name) != want.get(name)]
-        shown = "; ".join(diffs[:6]) + (f"; and {len(diffs) - 6} more" if len(diffs) > 6 else "")
-        raise EngineMismatchError(f"{plan}: the engine's I/O tensors differ from the artifact's contract "
-                                  f"({shown}); {rebuild_hint(artifact_dir)}")
+class EngineLoadError(StageError):
+    """A TensorRT plan could not be loaded here (no usable GPU or driver, corrupt plan ...)."""
+
+
+def _validity_problems(trt: Any, runtime: Any, data: bytes) -> list[str]:
+    """TensorRT-RTX's own verdict on a plan for this machine, as phrases (empty when it has none)."""
+    check = getattr(runtime, "get_engine_validity", None)
+    diagnostics = getattr(trt, "EngineInvalidityDiagnostics", None)
+    if check is None or diagnostics is None:
+        return []
+    try:
+        _, flags = check(data)
+    except Exception:  # a verdict is a bonus for the message; its absence is not an error
+        return []
+    phrases = {"VERSION_MISMATCH": "built by another TensorRT version", "UNSUPPORTED_CC":
+               "not built for this GPU's compute capability", "OLD_CUDA_DRIVER": "the CUDA driver is too old",
+               "OLD_CUDA_RUNTIME": "the CUDA runtime is too old", "INSUFFICIENT_GPU_MEMORY": "not enough GPU memory",
+               "MALFORMED_ENGINE": "the file is not a valid plan (corrupt or truncated)"}
+    return [text for name, text in phrases.items()
+            if hasattr(diagnostics, name) and int(flags) & int(getattr(diagnostics, name))]
+
+
+def load_plan(trt: Any, runtime: Any, log: Any, plan: Path, sidecar: EngineSidecar, artifact_dir: Path) -> Any:
+    """Deserialize ``plan``, or raise one plain :class:`EngineLoadError` saying why it cannot run here."""
+    data = plan.read_bytes()
+    log.errors.clear()
+    with native_stderr() as native:
+        engine = runtime.deserialize_cuda_engine(data)
+    if engine is not None:
+        return engine
+    text = " ".join(log.errors + native)
+    problems = _validity_problems(trt, runtime, data)
+    title = f"{TARGETS[sidecar.target].title} {trt.__version__}"
+    targets = ", ".join(sidecar.compute_capabilities) + (" and later" if sidecar.default_compute_capabilities else "")
+    if _NO_GPU.search(text):
+        cause = _CUDA_ERROR.search(text)
+        raise EngineLoadError(
+            f"cannot load {plan}: no usable NVIDIA GPU on this machine ({title}: "
+            f"{cause.group(1) if cause else 'CUDA is unavailable'}). This {sidecar.target} plan runs on NVIDIA "
+            f"GPUs of compute capability {targets}"
+            f"{'; building it needed no GPU' if sidecar.target == 'rtx' else ''}")
+    reason = "; ".join(problems) or re.sub(r"\s+", " ", text).strip()[:300] or "no reason given"
+    raise EngineLoadError(f"cannot load {plan} with {title}: {reason}; rebuild it with "
+                          f"`{rebuild_command(artifact_dir, sidecar.target)}`")
 
 
 class _Engine:
-    """One deserialized engine, its execution context, and its bound buffers."""
+    """One deserialized engine, its execution context, its output buffers and (rtx) its runtime cache."""
 
-    def __init__(self, trt: Any, runtime: Any, plan: Path, contract: GraphContract, device: torch.device,
-                 artifact_dir: Path):
+    def __init__(self, engine: Any, plan: Path, contract: GraphContract, target: Target):
+        self.engine = engine
         self.plan = plan
         self.contract = contract
-        self.device = device
-        self.engine = runtime.deserialize_cuda_engine(plan.read_bytes())
-        if self.engine is None:
-            raise EngineMismatchError(f"TensorRT could not deserialize {plan} (corrupt, or built by another "
-                                      f"TensorRT); {rebuild_hint(artifact_dir)}")
-        check_engine_io(trt, self.engine, contract, plan, artifact_dir)
-        self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise RuntimeError(f"TensorRT could not create an execution context for {plan} (out of GPU memory?)")
-        self.outputs = {spec.name: spec.zeros(device) for spec in contract.outputs}
-        self.bound: tuple[int, ...] | None = None
+        self.runtime_cache = None
+        self.context = None
+        self.outputs: dict[str, torch.Tensor] = {}
+        self.executed = False
+        self.target = target
 
-    def bind(self, inputs: dict[str, torch.Tensor]) -> bool:
-        """Point the context at ``inputs`` and the output buffers; True when (re)bound."""
-        try:
-            ptrs = tuple(inputs[spec.name].data_ptr() for spec in self.contract.inputs)
-        except KeyError:
-            missing = [s.name for s in self.contract.inputs if s.name not in inputs]
+    def activate(self, device: torch.device) -> None:
+        """Create the execution context (with the runtime cache for rtx) and the output buffers."""
+        if self.target.runtime_cache:
+            config = self.engine.create_runtime_config()
+            self.runtime_cache = config.create_runtime_cache()
+            cache_file = runtime_cache_path(self.plan)
+            if cache_file.is_file() and not self.runtime_cache.deserialize(cache_file.read_bytes()):
+                logger.info("%s is from another GPU, driver or TensorRT-RTX; starting an empty runtime cache",
+                            cache_file.name)
+            config.set_runtime_cache(self.runtime_cache)
+            self.context = self.engine.create_execution_context(config)
+        else:
+            self.context = self.engine.create_execution_context()
+        if self.context is None:
+            raise EngineLoadError(f"TensorRT could not create an execution context for {self.plan} "
+                                  "(out of GPU memory?)")
+        self.outputs = {spec.name: spec.zeros(device) for spec in self.contract.outputs}
+        for name, tensor in self.outputs.items():
+            if not self.context.set_tensor_address(name, tensor.data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {name} for {self.plan.name}")
+
+    def bind(self, inputs: dict[str, torch.Tensor], device: torch.device) -> tuple[int, ...]:
+        """Check ``inputs`` against the contract and point the context at them; returns their addresses."""
+        missing = [s.name for s in self.contract.inputs if s.name not in inputs]
+        if missing:
             raise ValueError(f"{self.contract.graph} call is missing inputs {missing[:4]}"
-                             f"{' ...' if len(missing) > 4 else ''}") from None
-        if ptrs == self.bound:
-            return False
+                             f"{' ...' if len(missing) > 4 else ''}")
         for spec in self.contract.inputs:
             t = inputs[spec.name]
             if tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
                 raise ValueError(f"input {spec.name} is {t.dtype} {list(t.shape)}; the engine takes "
                                  f"{spec.dtype} {list(spec.shape)}")
-            if t.device != self.device or not t.is_contiguous():
-                raise ValueError(f"input {spec.name} must be a contiguous tensor on {self.device}, "
+            if t.device != device or not t.is_contiguous():
+                raise ValueError(f"input {spec.name} must be a contiguous tensor on {device}, "
                                  f"got {'non-contiguous ' if not t.is_contiguous() else ''}{t.device}")
-        named = [(s.name, inputs[s.name]) for s in self.contract.inputs] + list(self.outputs.items())
-        for name, t in named:
-            if not self.context.set_tensor_address(name, t.data_ptr()):
-                raise RuntimeError(f"TensorRT refused the address of {name} for {self.plan.name}")
-        self.bound = ptrs
-        return True
+        for spec in self.contract.inputs:
+            if not self.context.set_tensor_address(spec.name, inputs[spec.name].data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {spec.name} for {self.plan.name}")
+        return tuple(inputs[spec.name].data_ptr() for spec in self.contract.inputs)
 
     def execute(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for {self.plan.name}")
 
+    def save_runtime_cache(self) -> None:
+        """Persist TensorRT-RTX's JIT kernels next to the plan, so the next launch skips compiling them."""
+        if self.runtime_cache is None:
+            return
+        try:
+            atomic_write(runtime_cache_path(self.plan), memoryview(self.runtime_cache.serialize()))
+        except OSError as exc:  # a read-only artifact still runs, just without the warm start
+            logger.warning("could not save the runtime cache of %s: %s", self.plan.name, exc)
+
     def close(self) -> None:
+        self.save_runtime_cache()
         self.context = None
+        self.runtime_cache = None
         self.engine = None
         self.outputs = {}
-        self.bound = None
 
 
 class TensorRTBackend(Backend):
-    """Runs an artifact's TensorRT plans (built by ``memrope build``) on the current CUDA device.
+    """Runs an artifact's TensorRT plans (``memrope build --target rtx|server``) on the current CUDA device.
 
     Args:
         artifact: an exported artifact directory (or :class:`Artifact`) holding ``step.plan`` and
             ``text.plan`` with their sidecars.
         cuda_graph: capture the step call into a CUDA graph after its warm-up and replay it.
+        target: refuse plans not built for this target (``rtx``/``server``); None takes either.
+
+    Raises:
+        FileNotFoundError: no plans (says which ``memrope build`` to run).
+        EngineMismatchError: a plan built for another target, TensorRT version, GPU or artifact.
+        ImportError: the plan's TensorRT module is not installed.
+        EngineLoadError: the plan cannot be loaded here (no usable GPU or driver, corrupt plan).
     """
 
     name = "tensorrt"
 
-    def __init__(self, artifact: Artifact | str | Path, *, cuda_graph: bool = True):
+    def __init__(self, artifact: Artifact | str | Path, *, cuda_graph: bool = True, target: str | None = None):
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-        self._step = self._text = None
-        self._graph: torch.cuda.CUDAGraph | None = None
+        self._engines: dict[str, _Engine] = {}
+        self._graphs: OrderedDict[tuple[int, ...], torch.cuda.CUDAGraph] = OrderedDict()
+        self._bound_feeds: weakref.ref | None = None
+        self._bound_ptrs: tuple[int, ...] | None = None
+        self._runtime = None
         path = self.artifact.path
-        plans = {graph: plan_path(path, graph) for graph in ("step", "text")}
+        contract = self.artifact.contract
+        if target is not None and target not in TARGETS:
+            raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
+        plans = {graph: plan_path(path, graph) for graph in GRAPHS_RUN}
         for plan in plans.values():
             for file in (plan, sidecar_path(plan)):
                 if not file.is_file():
-                    raise FileNotFoundError(f"artifact {path} has no TensorRT engine ({file.name} missing); "
-                                            f"build it on this GPU with `memrope build {path}`")
-        from engine.build import require_tensorrt, runtime_environment
-
-        trt = require_tensorrt()
-        env = runtime_environment(trt)
-        contract = self.artifact.contract
+                    raise FileNotFoundError(f"artifact {path} has no TensorRT engine ({file.name} missing); build "
+                                            f"it with `memrope build {path} --target rtx` (TensorRT-RTX, any machine) "
+                                            f"or `--target server` (TensorRT, on this GPU)")
+        sidecars = {graph: read_sidecar(sidecar_path(plan)) for graph, plan in plans.items()}
+        kinds = {(s.target, s.module_version) for s in sidecars.values()}
+        if len(kinds) > 1:
+            raise EngineMismatchError(f"{path}: the plans were built by different builds ({sorted(kinds)}); rebuild "
+                                      f"them with `{rebuild_command(path, target or sidecars['step'].target)}`")
+        gpu = current_gpu()
         # Refuse stale plans before deserializing them: a plan from another TensorRT or GPU can crash.
-        for graph, plan in plans.items():
-            sidecar = read_sidecar(sidecar_path(plan))
-            check_sidecar(sidecar, contract_hash=contract.config_hash, artifact_dir=path, **env)
+        for graph, sidecar in sidecars.items():
+            check_sidecar(sidecar, contract_hash=contract.config_hash, module_version=module_version(sidecar.module),
+                          compute_capability=gpu[1] if gpu else None, gpu_name=gpu[0] if gpu else None,
+                          target=target, artifact_dir=path)
             if sidecar.graph != graph or sidecar.dtype != contract.dtype:
-                raise EngineMismatchError(f"{sidecar_path(plan)} describes the {sidecar.dtype} {sidecar.graph} "
-                                          f"graph, not the {contract.dtype} {graph} graph; {rebuild_hint(path)}")
+                raise EngineMismatchError(f"{sidecar_path(plans[graph])} describes the {sidecar.dtype} {sidecar.graph} "
+                                          f"graph, not the {contract.dtype} {graph} graph; rebuild it with "
+                                          f"`{rebuild_command(path, sidecar.target)}`")
+        spec = TARGETS[sidecars["step"].target]
+        trt = spec.require_module()
 
         self.model = self.artifact.model
         self.layout = self.artifact.layout()
         self.dtype = contract.step.input("latents").torch_dtype
-        self.device = torch.device("cuda", torch.cuda.current_device())
         self.cuda_graph = cuda_graph
-        self._trt_logger = trt.Logger(trt.Logger.WARNING)
-        self._runtime = trt.Runtime(self._trt_logger)
+        self._log = collecting_logger(trt)
+        self._runtime = trt.Runtime(self._log)
         try:
-            self._step = _Engine(trt, self._runtime, plans["step"], contract.step, self.device, path)
-            self._text = _Engine(trt, self._runtime, plans["text"], contract.text, self.device, path)
+            for graph, plan in plans.items():
+                engine = load_plan(trt, self._runtime, self._log, plan, sidecars[graph], path)
+                differences = io_differences(engine_io(trt, engine), contract.graphs[graph])
+                if differences:
+                    raise EngineMismatchError(f"{plan}: the engine's I/O tensors differ from the artifact's contract "
+                                              f"({'; '.join(differences[:6])}); rebuild it with "
+                                              f"`{rebuild_command(path, spec.name)}`")
+                self._engines[graph] = _Engine(engine, plan, contract.graphs[graph], spec)
+            if gpu is None:
+                raise EngineLoadError(f"cannot run {path}'s TensorRT plans: torch sees no CUDA device "
+                                      "(torch.cuda.is_available() is False)")
+            self.device = torch.device("cuda", torch.cuda.current_device())
+            for engine in self._engines.values():
+                engine.activate(self.device)
         except BaseException:
             self.close()
             raise
         self._text_input = contract.text.inputs[0].zeros(self.device)
-        self._text.bind({contract.text.inputs[0].name: self._text_input})
+        self._engines["text"].bind({contract.text.inputs[0].name: self._text_input}, self.device)
         self.stream = torch.cuda.Stream(self.device)
-        logger.info("TensorRT %s engines for %s on %s (cuda_graph=%s)", env["tensorrt_version"], path,
-                    env["gpu_name"], cuda_graph)
+        logger.info("%s %s engines for %s on %s (cuda_graph=%s)", spec.title, trt.__version__, path, gpu[0],
+                    cuda_graph)
 
-    def _run(self, engine: _Engine, capture: bool) -> None:
-        """Execute ``engine`` on the side stream, ordered after and before the current stream."""
+    def _first_run_done(self, engine: _Engine) -> None:
+        if not engine.executed:
+            engine.executed = True
+            engine.save_runtime_cache()  # the warm-up compiled the JIT kernels: keep them even if we crash later
+
+    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
+        engine = self._engines["text"]
+        spec = engine.contract.inputs[0]
+        if tuple(prompt_embeds.shape) != spec.shape:
+            raise ValueError(f"prompt_embeds {list(prompt_embeds.shape)} do not match the artifact's "
+                             f"{list(spec.shape)}")
+        self._text_input.copy_(prompt_embeds)
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
-            if self._graph is not None and engine is self._step:
-                self._graph.replay()
+            engine.execute(self.stream)
+        current.wait_stream(self.stream)
+        self._first_run_done(engine)
+        return engine.outputs
+
+    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        engine = self._engines["step"]
+        if self._bound_feeds is None or self._bound_feeds() is not feeds:
+            self._bound_ptrs = engine.bind(feeds, self.device)
+            # Weakly: the backend must not keep a finished stream's cache alive.
+            self._bound_feeds = weakref.ref(feeds)
+        graph = self._graphs.get(self._bound_ptrs) if self.cuda_graph else None
+        current = torch.cuda.current_stream(self.device)
+        self.stream.wait_stream(current)
+        with torch.cuda.stream(self.stream):
+            if graph is not None:
+                self._graphs.move_to_end(self._bound_ptrs)
+                graph.replay()
             else:
                 engine.execute(self.stream)
-                if capture:
+                if self.cuda_graph:
                     self._capture(engine)
         current.wait_stream(self.stream)
+        self._first_run_done(engine)
+        return engine.outputs
 
     def _capture(self, engine: _Engine) -> None:
-        # The warm-up execution above computed this call's outputs; the capture only records.
+        # The warm-up execution just before computed this call's outputs; the capture only records.
+        capturable = getattr(engine.context, "is_stream_capturable", None)
+        if capturable is not None and not capturable(self.stream.cuda_stream):
+            logger.warning("the TensorRT step cannot run under stream capture here; running without CUDA graphs")
+            self.cuda_graph = False
+            return
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, stream=self.stream):
@@ -201,27 +323,19 @@ class TensorRTBackend(Backend):
             logger.warning("CUDA graph capture of the TensorRT step failed (%s); running without graphs", exc)
             self.cuda_graph = False
             return
-        self._graph = graph
+        self._graphs[self._bound_ptrs] = graph
+        while len(self._graphs) > MAX_CUDA_GRAPHS:
+            self._graphs.popitem(last=False)
 
-    def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        spec = self.artifact.contract.text.inputs[0]
-        if tuple(prompt_embeds.shape) != spec.shape:
-            raise ValueError(f"prompt_embeds {list(prompt_embeds.shape)} do not match the artifact's "
-                             f"{list(spec.shape)}")
-        self._text_input.copy_(prompt_embeds)
-        self._run(self._text, capture=False)
-        return self._text.outputs
-
-    def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if self._step.bind(feeds):
-            self._graph = None  # captured with the old addresses
-        self._run(self._step, capture=self.cuda_graph and self._graph is None)
-        return self._step.outputs
+    @property
+    def captured_graphs(self) -> int:
+        """How many step CUDA graphs are held (one per recently bound address set)."""
+        return len(self._graphs)
 
     def close(self) -> None:
-        self._graph = None
-        for engine in (self._step, self._text):
-            if engine is not None:
-                engine.close()
-        self._step = self._text = None
+        self._graphs.clear()
+        self._bound_feeds = self._bound_ptrs = None
+        for engine in self._engines.values():
+            engine.close()
+        self._engines = {}
         self._runtime = None

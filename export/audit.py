@@ -1,15 +1,18 @@
-"""TensorRT readiness by proxy: audit exported ONNX graphs against TensorRT 10.15's parser table.
+"""The fast pre-check at export: audit ONNX graphs against TensorRT 10.15's parser table.
 
 Owns: the transcribed support table (``export/data/tensorrt_10_15_onnx_ops.tsv``, from the
 TensorRT 10.15 revision of onnx/onnx-tensorrt ``docs/operators.md``), its loader
-:func:`load_trt_support_table`, and :func:`audit_onnx`, the static checks that a graph must pass
-before it is worth handing to ``trtexec``/Polygraphy on a GPU box: opset range, no custom domains
-or local functions, supported ops, per-op dtypes, no complex tensors, fully static shapes, the
-restrictions that can be checked without running anything, and (for a strongly typed bf16/fp16
-export) that the heavy compute and the weights are in the low-precision dtype.
+:func:`load_trt_support_table`, and :func:`audit_onnx`, the static checks every export runs in
+milliseconds before it writes anything: opset range, no custom domains or local functions,
+supported ops, per-op dtypes, no complex tensors, fully static shapes, the restrictions that can
+be checked without running anything, and (for a strongly typed bf16/fp16 export) that the heavy
+compute and the weights are in the low-precision dtype.
 
-The audit works by path and never loads external weights, so it is safe on > 2 GB models.
-TensorRT itself cannot be installed here; passing this audit is necessary, not sufficient.
+The audit works by path and never loads external weights, so it is safe on > 2 GB models. It is
+necessary, not sufficient: a table cannot know which kernels a builder has (it passed fp32
+attention that no fused kernel covers). The authoritative check is a real parse and build of
+every exported graph by TensorRT-RTX's builder (``memrope build --target rtx``, no GPU needed),
+which the test suite runs on every CI pass; running the plans needs a GPU.
 """
 
 from __future__ import annotations

@@ -323,14 +323,21 @@ def _check_engine_files(artifact, backend: str) -> None:
     """A TensorRT run needs a built plan for every graph: say so before any model loads."""
     if backend != "tensorrt":
         return
-    from engine.sidecar import plan_path, sidecar_path
+    import torch
 
-    for graph in artifact.contract.graphs:
+    from engine.sidecar import plan_path, sidecar_path
+    from engine.tensorrt_backend import GRAPHS_RUN
+
+    if not torch.cuda.is_available():
+        raise ValueError("--backend tensorrt runs TensorRT plans on an NVIDIA GPU and this machine has none "
+                         "(torch.cuda.is_available() is False); run the artifact with --backend onnxruntime")
+    for graph in GRAPHS_RUN:
         plan = plan_path(artifact.path, graph)
         for file in (plan, sidecar_path(plan)):
             if not file.is_file():
                 raise FileNotFoundError(f"artifact {artifact.path} has no TensorRT engine ({file.name} missing); "
-                                        f"build it with `memrope build {artifact.path}`")
+                                        f"build it with `memrope build {artifact.path} --target rtx` (RTX GPUs) "
+                                        "or `--target server`")
 
 
 def _noise_source(args, run, schedule, dtype, device, latent_shape):
@@ -532,21 +539,42 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _add_build(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("build", parents=[common], formatter_class=_Formatter,
-                       help="build TensorRT engines for an exported artifact",
-                       description="Build strongly typed TensorRT engines (step.plan, text.plan) with "
-                                   "Polygraphy, next to the artifact's graphs, with a sidecar each.")
+                       help="build TensorRT engines (rtx: TensorRT-RTX, no GPU needed; server: TensorRT)",
+                       description="Build a strongly typed TensorRT plan for every graph of an exported artifact, "
+                                   "next to its graphs, with a sidecar each (target, TensorRT version, compute "
+                                   "capabilities, build report). All or nothing: a graph the builder rejects "
+                                   "leaves the directory as it was.")
     p.add_argument("artifact", type=Path, help="artifact directory from `memrope export`")
-    p.add_argument("--timing-cache", type=Path, help="timing cache to reuse across builds")
+    p.add_argument("--target", choices=("rtx", "server"), required=True,
+                   help="rtx: TensorRT-RTX (pip install -e '.[rtx]'), ahead of time on any machine, runs on RTX "
+                        "GPUs; server: datacenter TensorRT (pip install -e '.[tensorrt]'), built on the GPU it runs on")
+    p.add_argument("--compute-capability", action="append", metavar="X.Y[,X.Y]",
+                   help="rtx: GPUs to build for, e.g. 8.9 (RTX 4090) or 8.9,12.0 (and RTX 5090); "
+                        "default TensorRT-RTX's own targets (8.0, 8.6, 8.9, 12.0 and later)")
+    p.add_argument("--graph", action="append", metavar="NAME",
+                   help="build only this graph (repeat for several, built in this order); default every graph")
+    p.add_argument("--timing-cache", type=Path, help="server: tactic timing cache reused across builds")
     p.add_argument("--opt-level", type=int, default=3, help="builder optimization level (0-5)")
-    p.add_argument("--force", action="store_true", help="rebuild existing plans")
+    p.add_argument("--workspace-gb", type=float, help="workspace memory pool limit")
+    p.add_argument("--force", action="store_true", help="rebuild plans that are up to date")
     p.set_defaults(func=cmd_build)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
     from engine.build import build_engines
 
-    plans = build_engines(args.artifact, timing_cache=args.timing_cache, opt_level=args.opt_level, force=args.force)
-    print("built " + ", ".join(str(p) for p in plans))
+    plans = build_engines(args.artifact, target=args.target, compute_capabilities=args.compute_capability,
+                          timing_cache=args.timing_cache, opt_level=args.opt_level, workspace_gb=args.workspace_gb,
+                          force=args.force, graphs=args.graph)
+    for built in plans:
+        sidecar, report = built.sidecar, built.sidecar.report
+        where = sidecar.gpu_name or "compute capability " + ", ".join(sidecar.compute_capabilities)
+        if not built.rebuilt:
+            print(f"{built.plan}: up to date ({sidecar.module} {sidecar.module_version}, {where}); --force rebuilds")
+            continue
+        print(f"{built.plan}: {report['plan_bytes'] / 1e6:.1f} MB in {report['build_seconds']:.1f} s "
+              f"({sidecar.module} {sidecar.module_version}, {where}; {report['engine_layers'] or '?'} engine layers; "
+              f"attention: {report['attention']})")
     return 0
 
 
