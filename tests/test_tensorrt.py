@@ -68,10 +68,12 @@ def test_sidecar_round_trip_records_when_it_was_built(tmp_path):
     path = sidecar_path(plan_path(tmp_path, "step"))
     assert path.name == "step.plan.json"
     assert runtime_cache_path(plan_path(tmp_path, "step")).name == "step.plan.rtxcache"
-    write_sidecar(path, SIDECAR)
-    assert read_sidecar(path) == SIDECAR
+    before = datetime.now(timezone.utc).replace(microsecond=0)
+    built = EngineSidecar(**{k: v for k, v in vars(SIDECAR).items() if k != "created"})  # stamped now
+    write_sidecar(path, built)
+    assert read_sidecar(path) == built
     created = datetime.fromisoformat(read_sidecar(path).created)
-    assert created.tzinfo is not None and abs((datetime.now(timezone.utc) - created).total_seconds()) < 120
+    assert created.tzinfo is not None and before <= created <= datetime.now(timezone.utc)
     check_sidecar(read_sidecar(path), contract_hash="abc123", module_version="1.7.1.116", compute_capability="8.9")
 
 
