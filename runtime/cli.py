@@ -62,6 +62,9 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                     help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    from runtime.prompts import add_timeline_args
+
+    add_timeline_args(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -303,23 +306,28 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None) -> torch.Tens
             raise ValueError("pass either --prompt or --text-embeds, not both")
         return read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
     if args.prompt is not None:
-        if model_dir is None:
-            raise ValueError("--prompt needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
-        from runtime.text import TextEncoder, encode_cached
-
-        cache_dir = args.text_cache or Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope")) / "text"
-        key = f"{model_dir.resolve()}|{model_cfg.text_len}"
-        embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
-                               [args.prompt] * run.batch_size, cache_dir, key=key)
-        if embeds.shape[-1] != model_cfg.text_dim:
-            raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
-                             f"takes text_dim={model_cfg.text_dim}")
-        return embeds
+        return _encode_prompts(args, model_cfg, run, model_dir, [args.prompt], "--prompt")[0]
     if args.checkpoint is None and args.engine is None and model_dir is None:
         g = torch.Generator("cpu").manual_seed(run.seed + 4321)
         logger.warning("no --prompt or --text-embeds: using random text embeddings (demo)")
         return torch.randn(run.batch_size, model_cfg.text_len, model_cfg.text_dim, generator=g)
     raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
+
+
+def _encode_prompts(args, model_cfg, run, model_dir: Path | None, prompts: list[str], flag: str) -> list[torch.Tensor]:
+    """Each prompt -> ``[B, text_len, text_dim]`` with the umT5 in ``model_dir`` (cached on disk)."""
+    if model_dir is None:
+        raise ValueError(f"{flag} needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
+    from runtime.text import TextEncoder, encode_cached
+
+    cache_dir = args.text_cache or Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope")) / "text"
+    key = f"{model_dir.resolve()}|{model_cfg.text_len}"
+    embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
+                           [p for p in prompts for _ in range(run.batch_size)], cache_dir, key=key)
+    if embeds.shape[-1] != model_cfg.text_dim:
+        raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
+                         f"takes text_dim={model_cfg.text_dim}")
+    return list(embeds.split(run.batch_size))
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
@@ -333,6 +341,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         build_schedule,
     )
 
+    from runtime.prompts import recache_mode, timeline_from_args
+
+    timeline = timeline_from_args(args)  # a bad timeline fails here, before anything is written or loaded
     decode = not args.no_decode
     if decode and args.out is None:
         raise ValueError("pass --out VIDEO.mp4 (or --no-decode with --latents-out for latents only)")
@@ -393,7 +404,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if artifact is not None:
         run = artifact.check_run(run)
 
-    embeds = _text_embeddings(args, model_cfg, run, model_dir)
+    prompt_changes = []
+    if timeline is not None:
+        timeline.check_length(run.num_output_frames, run.cache.block_frames)
+        all_embeds = _encode_prompts(args, model_cfg, run, model_dir, timeline.prompts, "--prompts")
+        embeds = all_embeds[0]
+        prompt_changes = timeline.prompt_changes(all_embeds, run.cache.block_frames, recache=recache_mode(args, timeline),
+                                                 memory=args.memory_on_switch,
+                                                 transition_blocks=args.transition_blocks)
+    else:
+        embeds = _text_embeddings(args, model_cfg, run, model_dir)
     if embeds.shape[0] != run.batch_size:
         raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
                          f"num_samples is {run.batch_size}")
@@ -450,13 +470,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with backend, Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height) as writer:
             result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
                                   keep_latents=args.latents_out is not None, progress=not args.no_progress,
-                                  on_frames=on_frames)
+                                  on_frames=on_frames, prompt_changes=prompt_changes)
         latents = result.latents
         summary = f"wrote {args.out}: {result.video_frames} frames at {VIDEO_FPS} fps " \
                   f"({result.video_frames / VIDEO_FPS:.1f} s, {width}x{height})"
     else:
         with backend:
-            latents = pipeline.generate(embeds, noise, run.num_output_frames)
+            latents = pipeline.generate(embeds, noise, run.num_output_frames, prompt_changes=prompt_changes)
         summary = f"wrote {args.latents_out}: latents {list(latents.shape)}"
     elapsed = time.perf_counter() - start
     if args.latents_out is not None:

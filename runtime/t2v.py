@@ -18,12 +18,12 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
 from memrope.config import VAE_TEMPORAL_STRIDE
-from memrope.pipeline import MemRoPEPipeline
+from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import NoiseSource
 
 logger = logging.getLogger(__name__)
@@ -62,8 +62,10 @@ class StreamResult:
 
 def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
                  decoder, writer, *, keep_latents: bool = False, progress: bool = True,
-                 on_frames: Callable[[torch.Tensor, int], None] | None = None) -> StreamResult:
+                 on_frames: Callable[[torch.Tensor, int], None] | None = None,
+                 prompt_changes: Sequence[PromptChange] = ()) -> StreamResult:
     """Denoise ``num_blocks`` blocks; decode and write each block's frames as soon as it is done.
+    ``prompt_changes`` switch the prompt at block boundaries (``memrope.pipeline.PromptChange``).
 
     Memory stays constant: nothing accumulates unless ``keep_latents``. ``writer`` is an open
     :class:`runtime.video.Mp4Writer` (or anything with ``write(frames [T, H, W, 3] uint8)``);
@@ -79,7 +81,7 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     kept, written = [], 0
     start = time.perf_counter()
     try:
-        for block in pipeline.blocks(prompt_embeds, noise, num_blocks):
+        for block in pipeline.blocks(prompt_embeds, noise, num_blocks, prompt_changes=prompt_changes):
             x0 = block.x0
             frames = decoder.decode(x0)[0]  # [T, H, W, 3] uint8, batch 0
             writer.write(frames)
