@@ -201,20 +201,20 @@ def _resolve_data_path(data_path: str, config: Path) -> Path:
 
 def add_timeline_args(parser: argparse.ArgumentParser) -> None:
     """The ``generate`` options for prompt changes."""
-    group = parser.add_argument_group("prompt changes", f"A switch rule: {INDEX_RULE}.")
-    group.add_argument("--prompts", type=Path,
+    group = parser.add_argument_group("prompt changes", f"The index rule: {INDEX_RULE}.")
+    group.add_argument("--prompts", type=Path, metavar="FILE",
                        help="prompt timeline: a YAML list of {frame: F, prompt: TEXT} (F = latent frame where the "
                             "prompt starts, the first at 0), or LongLive's interactive .jsonl ({\"prompts\": [...]} "
                             "per line) with switch_frame_indices from --config. Without --prompts, a --config "
                             "holding switch_frame_indices and data_path (LongLive's interactive config) is used")
-    group.add_argument("--prompts-line", type=int, default=0, help="which line (video) of a jsonl, from 0")
+    group.add_argument("--prompts-line", type=int, default=0, metavar="N", help="which line (video) of a jsonl, from 0")
     group.add_argument("--recache", choices=RECACHE_CHOICES,
                        help="at a switch, re-encode the window's frames under the new prompt: none; recent (the "
                             "recent frames and the last block); all (the sink too). The EMA memory is never "
                             "re-encoded. Default: recent (all for a LongLive config with global_sink: false)")
     group.add_argument("--memory-on-switch", choices=MEMORY_CHOICES, default="keep",
                        help="keep the EMA memory at a switch, or reset it (re-initialised at the next eviction)")
-    group.add_argument("--transition-blocks", type=int, default=0,
+    group.add_argument("--transition-blocks", type=int, default=0, metavar="N",
                        help="blend the old and new prompt linearly over N blocks (0: switch at once)")
 
 
