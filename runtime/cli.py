@@ -340,7 +340,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
         TensorNoise,
         build_schedule,
     )
-
     from runtime.prompts import recache_mode, timeline_from_args
 
     timeline = timeline_from_args(args)  # a bad timeline fails here, before anything is written or loaded

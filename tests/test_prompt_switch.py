@@ -16,7 +16,7 @@ from engine.eager_backend import EagerBackend
 from engine.onnxruntime_backend import OnnxRuntimeBackend
 from memrope.backend import Backend
 from memrope.cache import CacheControls, CacheLayout
-from memrope.contract import cross_key, cross_value, memory_key, past_key, past_value, recached_key
+from memrope.contract import cross_key, cross_value, memory_key, past_key, recached_key, recached_value
 from memrope.model import MemRoPEStep
 from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import StreamingSeededNoise
@@ -172,7 +172,7 @@ def test_recached_kv_equal_independent_recomputation(golden_dit, prompts, policy
             if mode != "all":
                 assert torch.equal(got_k[:, :start], before[0][i, :, :start])
         torch.testing.assert_close(call["outputs"][recached_key(i)], keys[i, :, start:], atol=1e-5, rtol=0)
-        torch.testing.assert_close(call["outputs"][f"recached.{i}.value"], values[i, :, start:], atol=1e-5, rtol=0)
+        torch.testing.assert_close(call["outputs"][recached_value(i)], values[i, :, start:], atol=1e-5, rtol=0)
     if lay.has_memory:
         assert torch.equal(call["feeds"][memory_key(0)], before[2][0])
         assert bool(call["feeds"]["memory_ready"]) == memory_ready
@@ -197,10 +197,10 @@ def test_onnxruntime_matches_eager_per_call_across_switches(golden_dit, artifact
         pairs += list(zip(a.outputs.block_keys + a.outputs.block_values + a.outputs.memory_keys,
                           b.outputs.block_keys + b.outputs.block_values + b.outputs.memory_keys))
         for x, y in pairs:
-            torch.testing.assert_close(y, x, atol=1e-5, rtol=0, msg=lambda m: f"block {a.block} call {a.call}: {m}")
+            torch.testing.assert_close(y, x, atol=1e-5, rtol=0, msg=lambda m, a=a: f"block {a.block} call {a.call}: {m}")
     for a, b in zip(eager_recaches, ort_recaches):
         for name, tensor in a["outputs"].items():
-            torch.testing.assert_close(b["outputs"][name], tensor, atol=1e-5, rtol=0, msg=lambda m: f"{name}: {m}")
+            torch.testing.assert_close(b["outputs"][name], tensor, atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(ort_latents, eager_latents, atol=1e-5, rtol=0)
 
 
