@@ -72,10 +72,10 @@ class Backend:
         """A prompt switch's re-cache: every input of the recache contract by name
         (:func:`memrope.contract.recache_contract`) -> each output written into ``outputs[name]``.
 
-        ``outputs`` are the loop's own destination tensors (views of its cache's tail), so an
-        exported backend can bind them as the graph's outputs and the switch allocates nothing
-        that outlives it. Like ``feeds``, a stream passes the same pair of objects every time;
-        the inputs never overlap the outputs in memory.
+        ``outputs`` (a :class:`Feeds`) are the loop's own destination tensors (views of its
+        cache's tail), so an exported backend can bind them as the graph's outputs and the switch
+        allocates nothing that outlives it. Like ``feeds``, a stream passes the same pair of
+        objects every time; the graph reads no byte of the cache it writes.
         """
         raise NotImplementedError(f"backend {self.name} cannot re-cache the window at a prompt switch")
 
