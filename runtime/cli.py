@@ -428,7 +428,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.backend == "onnxruntime":
         from engine.onnxruntime_backend import OnnxRuntimeBackend
 
-        backend = OnnxRuntimeBackend(artifact, provider=args.ort_provider)
+        # The recache graph holds a second copy of the weights: open it only if a switch re-caches.
+        backend = OnnxRuntimeBackend(artifact, provider=args.ort_provider,
+                                     recache=any(c.recache != "none" for c in prompt_changes))
     elif args.backend == "tensorrt":
         from engine.tensorrt_backend import TensorRTBackend
 
