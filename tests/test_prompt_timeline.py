@@ -160,3 +160,16 @@ def test_timeline_video_with_the_demo_model(tmp_path, monkeypatch):
                  "--no-progress", "--recache", "all", "--memory-on-switch", "reset", "--transition-blocks", "1"]) == 0
     with av.open(str(out)) as container:
         assert sum(1 for _ in container.decode(video=0)) == 1 + 4 * (9 - 1)
+
+
+def test_onnxruntime_generate_with_a_timeline_matches_eager(artifacts, demo_dir, golden_dir, tmp_path):
+    timeline = _write_timeline(tmp_path / "t.yaml", [{"frame": f, "prompt": p} for f, p in zip((0, 7, 13), PROMPTS)])
+    common = ["--config", str(golden_dir / "memrope_ema.yaml"), "--model-dir", str(demo_dir), "--prompts",
+              str(timeline), "--num-frames", "18", "--recache", "all", "--text-cache", str(tmp_path / "text"),
+              "--no-decode"]
+    eager, ort = tmp_path / "eager.safetensors", tmp_path / "ort.safetensors"
+    assert main(["generate", "--checkpoint", str(golden_dir / "tiny_selfforcing.pt"), "--model-config",
+                 str(golden_dir / "config.json"), *common, "--latents-out", str(eager)]) == 0
+    assert main(["generate", "--engine", str(artifacts["memrope_ema"]), "--backend", "onnxruntime", *common,
+                 "--latents-out", str(ort)]) == 0
+    torch.testing.assert_close(load_file(str(ort))["latents"], load_file(str(eager))["latents"], atol=1e-4, rtol=0)
