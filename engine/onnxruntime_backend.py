@@ -6,7 +6,8 @@ stream (:class:`memrope.backend.Feeds`), and the outputs are preallocated torch 
 backend owns, bound once and shared by every stream; a call is one ``run_with_iobinding`` with
 no per-call Python work that grows with the layer count and no allocation. The recache graph
 (a prompt switch) writes its outputs straight into the loop's cache: its outputs are bound to
-the views the loop passes, once per stream. On CUDA
+the views the loop passes, once per stream; so is the text graph when a stream changes its
+prompt (``encode_text_into``: its outputs are the stream's cross-attention buffers). On CUDA
 (``onnxruntime-gpu``) bf16 is bound by ONNX element type 16, ``enable_cuda_graph`` replays the
 whole call (one captured graph per stream, by ``gpu_graph_id``), and the TensorRT execution
 provider is an option. The loop's cache stays the only copy of the cache.
@@ -160,6 +161,9 @@ class OnnxRuntimeBackend(Backend):
         self._step = _Graph(self.step_session, contract.step, self.device, ort, graph_ids)
         self._text = _Graph(self.text_session, contract.text, self.device, ort, graph_ids=False)
         self._text_input = Feeds({contract.text.inputs[0].name: contract.text.inputs[0].zeros(self.device)})
+        # The same session, bound per stream to the stream's prompt and cross-attention buffers.
+        self._text_into = _Graph(self.text_session, contract.text, self.device, ort, graph_ids=False,
+                                 own_outputs=False)
         self._recache = None
         self.recache_session = None
         if recache:
@@ -189,6 +193,9 @@ class OnnxRuntimeBackend(Backend):
         self._text_input[spec.name].copy_(prompt_embeds)
         return self._text.run(self._text_input)
 
+    def encode_text_into(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        self._text_into.run(feeds, outputs)
+
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._step.run(feeds)
 
@@ -198,5 +205,5 @@ class OnnxRuntimeBackend(Backend):
         self._recache.run(feeds, outputs)
 
     def close(self) -> None:
-        self._step = self._text = self._recache = None
+        self._step = self._text = self._text_into = self._recache = None
         self.step_session = self.text_session = self.recache_session = None

@@ -60,6 +60,17 @@ class Backend:
         """``prompt_embeds [B, text_len, text_dim]`` (zero-padded) -> ``cross_key_values.*``."""
         raise NotImplementedError
 
+    def encode_text_into(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """The text call writing into the caller's buffers: ``feeds["prompt_embeds"]`` ->
+        ``outputs[cross_key_values.*]``.
+
+        A stream passes the same :class:`Feeds` pair every time (its padded prompt buffer and its
+        cross-attention buffers), so an exported backend may bind them once and a prompt switch
+        costs one text call and no copy. By default: :meth:`encode_text`, then a copy.
+        """
+        for name, tensor in self.encode_text(feeds["prompt_embeds"]).items():
+            outputs[name].copy_(tensor)
+
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One call: every input of the step contract by name -> every output by name.
 

@@ -233,8 +233,9 @@ class BlockStream:
             if spec.name not in feeds:
                 feeds[spec.name] = spec.zeros(device)
         self.feeds = feeds
-        self.cross = {name: feeds[name] for i in range(cfg.num_layers) for name in (cross_key(i), cross_value(i))}
+        self.cross = Feeds({name: feeds[name] for i in range(cfg.num_layers) for name in (cross_key(i), cross_value(i))})
         self._padded = torch.zeros(batch, cfg.text_len, cfg.text_dim, dtype=dtype, device=device)
+        self._text_feeds = Feeds({"prompt_embeds": self._padded})
         self._load_cross(prompt_embeds)
 
         self._latents, self._timestep, self._sigma = feeds["latents"], feeds["timestep"], feeds["sigma"]
@@ -316,16 +317,11 @@ class BlockStream:
         if not torch.isfinite(prompt_embeds).all():
             raise ValueError("prompt_embeds contain NaN or Inf")
 
-    def _encode(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-attention K/V of a prompt, in the backend's own output buffers (valid until its
-        next ``encode_text``)."""
+    def _load_cross(self, prompt_embeds: torch.Tensor) -> None:
+        """The prompt's cross-attention K/V, written by the text call into the stream's buffers."""
         self._padded.zero_()
         self._padded[:, :prompt_embeds.shape[1]] = prompt_embeds
-        return self.backend.encode_text(self._padded)
-
-    def _load_cross(self, prompt_embeds: torch.Tensor) -> None:
-        for name, tensor in self._encode(prompt_embeds).items():
-            self.cross[name].copy_(tensor)
+        self.backend.encode_text_into(self._text_feeds, self.cross)
 
     def set_prompt(self, prompt_embeds: torch.Tensor, *, at_block: int | None = None, recache: str = "none",
                    memory: str = "keep", transition_blocks: int = 0) -> None:
@@ -396,10 +392,11 @@ class BlockStream:
         if not self._blend:
             # 2 x the cross K/V, for the transition's length only (freed by _end_transition).
             self._blend = {name: (torch.empty_like(t), torch.empty_like(t)) for name, t in self.cross.items()}
-        new = self._encode(change.prompt_embeds)
-        for name, (old_buf, new_buf) in self._blend.items():
+        for name, (old_buf, _) in self._blend.items():
             old_buf.copy_(self.cross[name])
-            new_buf.copy_(new[name])
+        self._load_cross(change.prompt_embeds)
+        for name, (_, new_buf) in self._blend.items():
+            new_buf.copy_(self.cross[name])
         self._blend_total = change.transition_blocks
         self._blend_left = change.transition_blocks + 1
 
@@ -553,6 +550,6 @@ class BlockStream:
         """Release the stream's buffers (its cache first: the largest)."""
         self.closed = True
         self.cache = self.feeds = self.cross = None
-        self._recache_feeds = self._recache_outputs = self._clean = self._clean_scratch = None
+        self._recache_feeds = self._recache_outputs = self._clean = self._clean_scratch = self._text_feeds = None
         self._x0 = self._noise = self._staging = []
         self._blend = {}
