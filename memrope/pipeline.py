@@ -351,7 +351,8 @@ class BlockStream:
         if recache not in RECACHE_MODES:
             raise ValueError(f"recache must be one of {RECACHE_MODES}, got {recache!r}")
         if recache != "none" and not self.backend.can_recache:
-            raise ValueError(f"backend {self.backend.name} cannot re-cache at a prompt switch; use recache='none'")
+            raise ValueError(f"backend {self.backend.name} cannot re-cache at a prompt switch; switch with "
+                             "recache='none' (memrope generate --recache none)")
         lay = self.layout
         if recache == "all" and lay.sink_frames % lay.block_frames:
             raise ValueError(f"recache='all' re-encodes the sink block by block: sink_frames ({lay.sink_frames}) "
