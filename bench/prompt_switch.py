@@ -127,16 +127,6 @@ def bench_backend(name: str, repeats: int, workdir: str, threads: int) -> dict:
     torch.manual_seed(0)
     torch.set_num_threads(threads)
     result: dict = {"backend": name, "threads": threads}
-    if name == "onnxruntime":
-        # What the recache session costs: RSS of a backend opened with and without it.
-        for with_recache in (False, True):
-            gc.collect()
-            before = _rss_mb()
-            backend, _ = _make_backend(name, Path(workdir), threads, recache=with_recache)
-            result[f"backend_rss_mb_recache_{str(with_recache).lower()}"] = _rss_mb() - before
-            backend.close()
-            del backend
-            gc.collect()
     backend, run = _make_backend(name, Path(workdir), threads)
     model = backend.model
     g = torch.Generator().manual_seed(1)
@@ -208,11 +198,20 @@ def bench_backend(name: str, repeats: int, workdir: str, threads: int) -> dict:
     return result
 
 
-def _worker(queue, *args) -> None:
+def open_rss(name: str, workdir: str, threads: int, recache: bool) -> dict:
+    """RSS of a fresh process once the backend is open (with or without the recache session)."""
+    backend, _ = _make_backend(name, Path(workdir), threads, recache=recache)
+    gc.collect()
+    rss = _rss_mb()
+    backend.close()
+    return {"rss_mb": rss}
+
+
+def _worker(queue, fn, *args) -> None:
     import traceback
 
     try:
-        queue.put(bench_backend(*args))
+        queue.put(fn(*args))
     except BaseException as exc:  # noqa: BLE001 -- report, do not hang the parent
         queue.put({"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
 
@@ -255,14 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="memrope-switch-") as tmp:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        for name in args.backends.split(","):
+        def child(fn, *fn_args) -> dict:
             queue = ctx.Queue()
-            proc = ctx.Process(target=_worker, args=(queue, name, args.repeats, str(work), args.threads))
+            proc = ctx.Process(target=_worker, args=(queue, fn, *fn_args))
             proc.start()
-            results.append(queue.get())
+            out = queue.get()
             proc.join()
-            if "error" in results[-1]:
-                print(results[-1]["traceback"], file=sys.stderr)
+            if "error" in out:
+                print(out["traceback"], file=sys.stderr)
+            return out
+
+        for name in args.backends.split(","):
+            results.append(child(bench_backend, name, args.repeats, str(work), args.threads))
+            if name == "onnxruntime" and "error" not in results[-1]:
+                # What the recache session costs: a fresh process's RSS with the backend open.
+                results[-1]["open_rss_mb"] = {f"recache_{flag}".lower(): child(open_rss, name, str(work), args.threads,
+                                                                                flag)["rss_mb"]
+                                              for flag in (False, True)}
+                results[-1]["artifact_file_mb"] = {p.name: p.stat().st_size / 2 ** 20
+                                                   for p in sorted((work / "mid_float32").glob("*.onnx*"))}
     start_meta["machine"]["load_average_at_end"] = list(os.getloadavg())
     from memrope.io import atomic_write
 
@@ -279,6 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(CPU); heap bytes held after (max) {max(m['heap_bytes_held_after_switch_block'])}")
         print(f"  plain blocks: heap bytes held after (max) {max(r['heap_bytes_held_after_plain_block'])}; "
               f"RSS growth over the switches {r['rss_growth_mb']:.2f} MB")
+        if "open_rss_mb" in r:
+            print(f"  RSS with the backend open: {r['open_rss_mb']}")
         summary.append({"backend": r["backend"], "text_cpu_ms": r["text"]["cpu_ms"], "block_cpu_ms": r["block"]["cpu_ms"],
                         **{f"switch_{m}_cpu_ms": r["modes"][m]["switch"]["cpu_ms"] for m in MODES}})
     print(json.dumps(summary))
