@@ -364,6 +364,8 @@ class BlockStream:
         at = self.block_index if at_block is None else at_block
         if isinstance(at, bool) or not isinstance(at, int) or at < self.block_index:
             raise ValueError(f"at_block must be an integer >= the next block ({self.block_index}), got {at_block!r}")
+        if self.max_blocks is not None and at >= self.max_blocks:
+            raise ValueError(f"at_block {at} is past the end: this stream was opened for {self.max_blocks} blocks")
         self._pending.append(PromptChange(at, prompt_embeds.detach().clone(), recache, memory, transition_blocks))
         self._pending.sort(key=lambda c: c.at_block)  # stable: changes at one boundary keep their order
 

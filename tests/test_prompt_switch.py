@@ -275,6 +275,9 @@ def test_set_prompt_refuses_bad_options(golden_dit, prompts):
     with pytest.raises(ValueError, match="prompt_embeds must be"):
         stream.set_prompt(second[0])
     assert not stream._pending
+    bounded = MemRoPEPipeline(EagerBackend(golden_dit, run), run).stream(first, _noise(), max_blocks=4)
+    with pytest.raises(ValueError, match="past the end: this stream was opened for 4 blocks"):
+        bounded.set_prompt(second, at_block=4)
 
     backend = Recorder(EagerBackend(golden_dit, run))
     backend.can_recache = False
