@@ -33,6 +33,7 @@ from memrope.pipeline import MemRoPEPipeline  # noqa: E402
 from memrope.sampler import SeededNoise  # noqa: E402
 from runtime.bench import BENCH_PRESETS, _make_backend, bench_run_config  # noqa: E402
 
+
 class Ranged(Backend):
     """Marks each backend call with a profiler range, so its ops can be told from the loop's."""
 

@@ -1,10 +1,13 @@
-"""ONNX Runtime backend: an artifact's step and text graphs behind the loop's interface.
+"""ONNX Runtime backend: an artifact's step, text and recache graphs behind the loop's interface.
 
-Owns: the two inference sessions (opened by path) and how tensors cross into them: IO binding
+Owns: the inference sessions (opened by path) and how tensors cross into them: IO binding
 by pointer, on the CPU and on CUDA alike. The loop's fixed buffers are bound as inputs once per
 stream (:class:`memrope.backend.Feeds`), and the outputs are preallocated torch tensors the
 backend owns, bound once and shared by every stream; a call is one ``run_with_iobinding`` with
-no per-call Python work that grows with the layer count and no allocation. On CUDA
+no per-call Python work that grows with the layer count and no allocation. The recache graph
+(a prompt switch) writes its outputs straight into the loop's cache: its outputs are bound to
+the views the loop passes, once per stream; so is the text graph when a stream changes its
+prompt (``encode_text_into``: its outputs are the stream's cross-attention buffers). On CUDA
 (``onnxruntime-gpu``) bf16 is bound by ONNX element type 16, ``enable_cuda_graph`` replays the
 whole call (one captured graph per stream, by ``gpu_graph_id``), and the TensorRT execution
 provider is an option. The loop's cache stays the only copy of the cache.
@@ -13,6 +16,7 @@ provider is an option. The loop's cache stays the only copy of the cache.
 from __future__ import annotations
 
 import logging
+import weakref
 from pathlib import Path
 
 import torch
@@ -44,36 +48,69 @@ def _bind(bind, name: str, tensor: torch.Tensor) -> None:
          tensor.data_ptr())
 
 
-class _Graph:
-    """One session, its preallocated outputs, and an IO binding per stream of inputs."""
+def _check_spec(kind: str, spec, tensor: torch.Tensor) -> None:
+    if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.torch_dtype:
+        raise ValueError(f"{kind} {spec.name} is {tensor.dtype} {list(tensor.shape)}; the graph has "
+                         f"{spec.dtype} {list(spec.shape)}")
 
-    def __init__(self, session, contract: GraphContract, device: torch.device, ort, graph_ids: bool):
-        self.session, self.contract, self.ort = session, contract, ort
-        self.outputs = {spec.name: spec.zeros(device) for spec in contract.outputs}
+
+class _Graph:
+    """One session, its outputs, and an IO binding per stream of inputs.
+
+    With ``own_outputs`` the outputs are preallocated here and shared by every stream; without,
+    each stream passes its own destinations with its feeds (``run(feeds, outputs)``) and they
+    are bound directly (a non-contiguous destination gets a buffer of its own and a copy).
+    """
+
+    def __init__(self, session, contract: GraphContract, device: torch.device, ort, graph_ids: bool,
+                 own_outputs: bool = True):
+        self.session, self.contract, self.ort, self.device = session, contract, ort, device
+        self.outputs = {spec.name: spec.zeros(device) for spec in contract.outputs} if own_outputs else None
         self.bindings = StreamBindings(self._bind_stream)
         self.graph_ids = graph_ids
+        self._destinations: dict[str, torch.Tensor] | None = None
 
     def _bind_stream(self, feeds: dict[str, torch.Tensor], index: int):
         binding = self.session.io_binding()
         for spec in self.contract.inputs:
             tensor = feeds[spec.name]
-            if tuple(tensor.shape) != spec.shape or tensor.dtype != spec.torch_dtype:
-                raise ValueError(f"input {spec.name} is {tensor.dtype} {list(tensor.shape)}; the graph takes "
-                                 f"{spec.dtype} {list(spec.shape)}")
+            _check_spec("input", spec, tensor)
             _bind(binding.bind_input, spec.name, tensor)
-        for name, tensor in self.outputs.items():
-            _bind(binding.bind_output, name, tensor)
+        copies = []
+        destinations = self._destinations
+        for spec in self.contract.outputs:
+            if destinations is None:
+                tensor = self.outputs[spec.name]
+            else:
+                tensor = destinations[spec.name]
+                _check_spec("output", spec, tensor)
+                if not tensor.is_contiguous():
+                    tensor = spec.zeros(self.device)
+                    copies.append((tensor, spec.name))
+            _bind(binding.bind_output, spec.name, tensor)
         options = None
         if self.graph_ids:
             # One captured CUDA graph per stream: graph 0 is ORT's default.
             options = self.ort.RunOptions()
             options.add_run_config_entry("gpu_graph_id", str(index))
-        return binding, options
+        # Weakly: a binding must not keep a finished stream's cache alive (its views would).
+        bound = None if destinations is None else weakref.ref(destinations)
+        return binding, options, copies, bound
 
-    def run(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        binding, options = self.bindings.get(feeds)
+    def run(self, feeds: dict[str, torch.Tensor],
+            outputs: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        if (outputs is None) != (self.outputs is not None):
+            raise ValueError(f"the {self.contract.graph} graph takes its outputs "
+                             f"{'from the caller' if self.outputs is None else 'from the backend'}")
+        self._destinations = outputs
+        binding, options, copies, bound = self.bindings.get(feeds)
+        if (None if bound is None else bound()) is not outputs:
+            raise ValueError(f"the {self.contract.graph} graph was bound for this stream with other output "
+                             "tensors; a stream passes the same outputs every time")
         self.session.run_with_iobinding(binding, options)
-        return self.outputs
+        for staged, name in copies:
+            outputs[name].copy_(staged)
+        return self.outputs if outputs is None else outputs
 
 
 class OnnxRuntimeBackend(Backend):
@@ -85,12 +122,14 @@ class OnnxRuntimeBackend(Backend):
             (CUDA when ``onnxruntime-gpu`` and a GPU are present, else CPU).
         cuda_graph: replay the step with ``enable_cuda_graph`` (CUDA provider only).
         threads: intra-op threads (CPU).
+        recache: open the recache graph (prompt switches with a re-cache); False saves its
+            weights' memory when no stream will re-cache.
     """
 
     name = "onnxruntime"
 
     def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", cuda_graph: bool = True,
-                 threads: int | None = None):
+                 threads: int | None = None, recache: bool = True):
         ort = _require_onnxruntime()
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -123,6 +162,17 @@ class OnnxRuntimeBackend(Backend):
         self._step = _Graph(self.step_session, contract.step, self.device, ort, graph_ids)
         self._text = _Graph(self.text_session, contract.text, self.device, ort, graph_ids=False)
         self._text_input = Feeds({contract.text.inputs[0].name: contract.text.inputs[0].zeros(self.device)})
+        # The same session, bound per stream to the stream's prompt and cross-attention buffers.
+        self._text_into = _Graph(self.text_session, contract.text, self.device, ort, graph_ids=False,
+                                 own_outputs=False)
+        self._recache = None
+        self.recache_session = None
+        if recache:
+            self.recache_session = ort.InferenceSession(str(self.artifact.graph_path("recache")), options,
+                                                        providers=text_providers)
+            self._recache = _Graph(self.recache_session, contract.recache, self.device, ort, graph_ids=False,
+                                   own_outputs=False)
+        self.can_recache = recache
 
     def _providers(self, provider: str, cuda_graph: bool) -> list:
         if provider == "cpu":
@@ -144,9 +194,17 @@ class OnnxRuntimeBackend(Backend):
         self._text_input[spec.name].copy_(prompt_embeds)
         return self._text.run(self._text_input)
 
+    def encode_text_into(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        self._text_into.run(feeds, outputs)
+
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return self._step.run(feeds)
 
+    def recache(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        if self._recache is None:
+            raise ValueError("this backend was opened with recache=False")
+        self._recache.run(feeds, outputs)
+
     def close(self) -> None:
-        self._step = self._text = None
-        self.step_session = self.text_session = None
+        self._step = self._text = self._text_into = self._recache = None
+        self.step_session = self.text_session = self.recache_session = None

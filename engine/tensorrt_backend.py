@@ -1,4 +1,4 @@
-"""TensorRT backend: an artifact's ``step.plan`` and ``text.plan`` behind the loop's interface.
+"""TensorRT backend: an artifact's ``step``, ``text`` and ``recache`` plans behind the loop's interface.
 
 Owns: loading both kinds of plan ``memrope build`` makes (``rtx``: TensorRT-RTX, ``server``:
 datacenter TensorRT; the sidecar says which, see :mod:`engine.sidecar`), refusing a plan built
@@ -14,7 +14,9 @@ stream; addresses are bound once per feeds-dict identity (per-call host work doe
 the layer count). A different dict (another session) rebinds. With ``cuda_graph=True`` the step
 is captured into a CUDA graph right after the first (warm-up) execution for an address set, and
 replayed after; a graph is kept per address set (the few most recent), so alternating sessions
-do not recapture every call. Building plans is :mod:`engine.build`'s job.
+do not recapture every call. The text and recache engines (prompt switches: rare) bind their
+addresses at each call, inputs and outputs alike, so ``encode_text_into`` and ``recache`` write
+straight into the stream's buffers. Building plans is :mod:`engine.build`'s job.
 """
 
 from __future__ import annotations
@@ -56,7 +58,8 @@ from memrope.io import atomic_write
 
 logger = logging.getLogger(__name__)
 
-GRAPHS_RUN = ("step", "text")  # the graphs this backend executes (the loop's step and the prompt encoder)
+GRAPHS_RUN = ("step", "text")  # the graphs every run executes (the loop's step and the prompt encoder)
+GRAPH_RECACHE = "recache"  # a prompt switch's re-cache: loaded when asked for (another copy of the weights)
 MAX_CUDA_GRAPHS = 4  # captured step graphs kept, one per bound address set (least recently used dropped)
 _NO_GPU = re.compile(r"driver version is insufficient|no CUDA-capable device|CUDA driver|cudaError (35|100)\b",
                      re.IGNORECASE)
@@ -122,8 +125,9 @@ class _Engine:
         self.executed = False
         self.target = target
 
-    def activate(self, device: torch.device) -> None:
-        """Create the execution context (with the runtime cache for rtx) and the output buffers."""
+    def activate(self, device: torch.device, own_outputs: bool = True) -> None:
+        """Create the execution context (with the runtime cache for rtx) and, with ``own_outputs``,
+        output buffers bound once (else the caller binds its own with :meth:`bind_outputs`)."""
         if self.target.runtime_cache:
             config = self.engine.create_runtime_config()
             self.runtime_cache = config.create_runtime_cache()
@@ -138,29 +142,35 @@ class _Engine:
         if self.context is None:
             raise EngineLoadError(f"TensorRT could not create an execution context for {self.plan} "
                                   "(out of GPU memory?)")
-        self.outputs = {spec.name: spec.zeros(device) for spec in self.contract.outputs}
-        for name, tensor in self.outputs.items():
-            if not self.context.set_tensor_address(name, tensor.data_ptr()):
-                raise RuntimeError(f"TensorRT refused the address of {name} for {self.plan.name}")
+        if own_outputs:
+            self.outputs = {spec.name: spec.zeros(device) for spec in self.contract.outputs}
+            self.bind_outputs(self.outputs, device)
+
+    def _set_addresses(self, kind: str, specs, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+        missing = [s.name for s in specs if s.name not in tensors]
+        if missing:
+            raise ValueError(f"{self.contract.graph} call is missing {kind}s {missing[:4]}"
+                             f"{' ...' if len(missing) > 4 else ''}")
+        for spec in specs:
+            t = tensors[spec.name]
+            if tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
+                raise ValueError(f"{kind} {spec.name} is {t.dtype} {list(t.shape)}; the engine takes "
+                                 f"{spec.dtype} {list(spec.shape)}")
+            if t.device != device or not t.is_contiguous():
+                raise ValueError(f"{kind} {spec.name} must be a contiguous tensor on {device}, "
+                                 f"got {'non-contiguous ' if not t.is_contiguous() else ''}{t.device}")
+        for spec in specs:
+            if not self.context.set_tensor_address(spec.name, tensors[spec.name].data_ptr()):
+                raise RuntimeError(f"TensorRT refused the address of {spec.name} for {self.plan.name}")
 
     def bind(self, inputs: dict[str, torch.Tensor], device: torch.device) -> tuple[int, ...]:
         """Check ``inputs`` against the contract and point the context at them; returns their addresses."""
-        missing = [s.name for s in self.contract.inputs if s.name not in inputs]
-        if missing:
-            raise ValueError(f"{self.contract.graph} call is missing inputs {missing[:4]}"
-                             f"{' ...' if len(missing) > 4 else ''}")
-        for spec in self.contract.inputs:
-            t = inputs[spec.name]
-            if tuple(t.shape) != spec.shape or t.dtype != spec.torch_dtype:
-                raise ValueError(f"input {spec.name} is {t.dtype} {list(t.shape)}; the engine takes "
-                                 f"{spec.dtype} {list(spec.shape)}")
-            if t.device != device or not t.is_contiguous():
-                raise ValueError(f"input {spec.name} must be a contiguous tensor on {device}, "
-                                 f"got {'non-contiguous ' if not t.is_contiguous() else ''}{t.device}")
-        for spec in self.contract.inputs:
-            if not self.context.set_tensor_address(spec.name, inputs[spec.name].data_ptr()):
-                raise RuntimeError(f"TensorRT refused the address of {spec.name} for {self.plan.name}")
+        self._set_addresses("input", self.contract.inputs, inputs, device)
         return tuple(inputs[spec.name].data_ptr() for spec in self.contract.inputs)
+
+    def bind_outputs(self, outputs: dict[str, torch.Tensor], device: torch.device) -> None:
+        """Check ``outputs`` against the contract and make the engine write into them."""
+        self._set_addresses("output", self.contract.outputs, outputs, device)
 
     def execute(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
@@ -188,8 +198,10 @@ class TensorRTBackend(Backend):
 
     Args:
         artifact: an exported artifact directory (or :class:`Artifact`) holding ``step.plan`` and
-            ``text.plan`` with their sidecars.
+            ``text.plan`` with their sidecars (and ``recache.plan`` for ``recache=True``).
         cuda_graph: capture the step call into a CUDA graph after its warm-up and replay it.
+        recache: load the recache plan, so prompt switches can re-cache the window (it holds a
+            second copy of the weights on the GPU; False saves that memory).
         target: refuse plans not built for this target (``rtx``/``server``); None takes either.
 
     Raises:
@@ -201,7 +213,8 @@ class TensorRTBackend(Backend):
 
     name = "tensorrt"
 
-    def __init__(self, artifact: Artifact | str | Path, *, cuda_graph: bool = True, target: str | None = None):
+    def __init__(self, artifact: Artifact | str | Path, *, cuda_graph: bool = True, target: str | None = None,
+                 recache: bool = True):
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         self._engines: dict[str, _Engine] = {}
         self._graphs: OrderedDict[tuple[int, ...], torch.cuda.CUDAGraph] = OrderedDict()
@@ -212,13 +225,15 @@ class TensorRTBackend(Backend):
         contract = self.artifact.contract
         if target is not None and target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
-        plans = {graph: plan_path(path, graph) for graph in GRAPHS_RUN}
-        for plan in plans.values():
+        graphs = (*GRAPHS_RUN, GRAPH_RECACHE) if recache else GRAPHS_RUN
+        plans = {graph: plan_path(path, graph) for graph in graphs}
+        for graph, plan in plans.items():
             for file in (plan, sidecar_path(plan)):
                 if not file.is_file():
+                    also = " (or open the backend with recache=False)" if graph == GRAPH_RECACHE else ""
                     raise FileNotFoundError(f"artifact {path} has no TensorRT engine ({file.name} missing); build "
                                             f"it with `memrope build {path} --target rtx` (TensorRT-RTX, any machine) "
-                                            f"or `--target server` (TensorRT, on this GPU)")
+                                            f"or `--target server` (TensorRT, on this GPU){also}")
         sidecars = {graph: read_sidecar(sidecar_path(plan)) for graph, plan in plans.items()}
         kinds = {(s.target, s.module_version) for s in sidecars.values()}
         if len(kinds) > 1:
@@ -256,13 +271,13 @@ class TensorRTBackend(Backend):
                 raise EngineLoadError(f"cannot run {path}'s TensorRT plans: torch sees no CUDA device "
                                       "(torch.cuda.is_available() is False)")
             self.device = torch.device("cuda", torch.cuda.current_device())
-            for engine in self._engines.values():
-                engine.activate(self.device)
+            for graph, engine in self._engines.items():
+                engine.activate(self.device, own_outputs=graph != GRAPH_RECACHE)
         except BaseException:
             self.close()
             raise
+        self.can_recache = recache
         self._text_input = contract.text.inputs[0].zeros(self.device)
-        self._engines["text"].bind({contract.text.inputs[0].name: self._text_input}, self.device)
         self.stream = torch.cuda.Stream(self.device)
         logger.info("%s %s engines for %s on %s (cuda_graph=%s)", spec.title, trt.__version__, path, gpu[0],
                     cuda_graph)
@@ -279,13 +294,34 @@ class TensorRTBackend(Backend):
             raise ValueError(f"prompt_embeds {list(prompt_embeds.shape)} do not match the artifact's "
                              f"{list(spec.shape)}")
         self._text_input.copy_(prompt_embeds)
+        engine.bind({spec.name: self._text_input}, self.device)
+        engine.bind_outputs(engine.outputs, self.device)
+        self._run_once(engine)
+        return engine.outputs
+
+    def encode_text_into(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        engine = self._engines["text"]
+        engine.bind(feeds, self.device)
+        engine.bind_outputs(outputs, self.device)
+        self._run_once(engine)
+
+    def recache(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        engine = self._engines.get(GRAPH_RECACHE)
+        if engine is None:
+            raise ValueError("this TensorRT backend was opened with recache=False; open it with recache=True "
+                             "to re-cache the window at a prompt switch")
+        engine.bind(feeds, self.device)
+        engine.bind_outputs(outputs, self.device)
+        self._run_once(engine)
+
+    def _run_once(self, engine: _Engine) -> None:
+        """One uncaptured execution on the side stream, ordered against the caller's stream."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
         with torch.cuda.stream(self.stream):
             engine.execute(self.stream)
         current.wait_stream(self.stream)
         self._first_run_done(engine)
-        return engine.outputs
 
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         engine = self._engines["step"]

@@ -1,9 +1,10 @@
-"""Export an artifact directory: the step and text graphs, their contract, config and checks.
+"""Export an artifact directory: the step, text and recache graphs, their contract, config and checks.
 
 Owns: ``export_artifact`` and the directory it writes:
 
     step.onnx [+ step.onnx.data]   one DiT call, explicit cache I/O (opset 23, static shapes)
     text.onnx [+ text.onnx.data]   prompt embeddings -> per-layer cross-attention keys/values
+    recache.onnx [+ .data]         a prompt switch: the cache's tail re-encoded from clean latents
     contract.json                  every input/output name, shape, dtype; cache layout; hash
     config.json                    model, cache, sampler configs and their hash
     versions.json                  the packages that produced it
@@ -27,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from export.graph import StepGraph, TextGraph
-from memrope.artifact import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, TEXT_FILE, pin_files, specialise_run
+from export.graph import RecacheGraph, StepGraph, TextGraph
+from memrope.artifact import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, graph_file, pin_files, specialise_run
 from memrope.cache import CacheControls, CacheLayout
 from memrope.config import RunConfig
-from memrope.contract import ArtifactContract, build_contract
+from memrope.contract import ArtifactContract, GraphContract, build_contract
 from memrope.errors import StageError
 from memrope.io import clean_leftovers, partial_path
 from memrope.model import MemRoPEStep, WanCausalDiT
@@ -57,19 +58,24 @@ class ExportResult:
     validation: dict
 
 
-def example_step_inputs(contract: ArtifactContract, layout: CacheLayout) -> tuple[torch.Tensor, ...]:
-    """Valid-looking inputs in contract order, for tracing (values do not shape the graph).
+def example_inputs(graph: GraphContract, layout: CacheLayout) -> tuple[torch.Tensor, ...]:
+    """Valid-looking inputs of ``graph`` in contract order, for tracing (values do not shape the
+    graph).
 
     Float tensors are stride-0 expanded zeros: at 1.3B / 832x480 the cache alone would
     otherwise allocate 6.9 GB (fp32) just to be traced."""
     named = CacheControls.allocate(layout).as_dict()
 
     def example(spec):
-        if spec.name in named:
+        if spec.name in named and tuple(named[spec.name].shape) == spec.shape:
             return named[spec.name]
         return torch.zeros((1,) * len(spec.shape), dtype=spec.torch_dtype).expand(spec.shape)
 
-    return tuple(example(t) for t in contract.step.inputs)
+    return tuple(example(t) for t in graph.inputs)
+
+
+def example_step_inputs(contract: ArtifactContract, layout: CacheLayout) -> tuple[torch.Tensor, ...]:
+    return example_inputs(contract.step, layout)
 
 
 def _versions() -> dict[str, str]:
@@ -138,6 +144,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
     step_graph = StepGraph(step, contract.step).eval()
     text_graph = TextGraph(dit).eval()
+    recache_graph = RecacheGraph(step, contract.recache).eval()
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out_dir.parent)
@@ -149,11 +156,15 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             _export_graph(step_graph, example_step_inputs(contract, layout), tmp / STEP_FILE,
                           contract.step.input_names, contract.step.output_names, _param_bytes(dit))
             logger.info("exporting the text graph")
-            _export_graph(text_graph, (contract.text.inputs[0].zeros(),), tmp / TEXT_FILE,
+            _export_graph(text_graph, (contract.text.inputs[0].zeros(),), tmp / graph_file("text"),
                           contract.text.input_names, contract.text.output_names, _param_bytes(dit))
+            logger.info("exporting the recache graph (%d tail frames)", layout.tail_frames)
+            _export_graph(recache_graph, example_inputs(contract.recache, layout), tmp / graph_file("recache"),
+                          contract.recache.input_names, contract.recache.output_names, _param_bytes(dit))
 
         audits = {}
-        for name in (STEP_FILE, TEXT_FILE):
+        for graph in contract.graphs:
+            name = graph_file(graph)
             report = audit_onnx(tmp / name, expect_dtype=dtype_name)
             audits[name] = report.to_json()
             report.raise_if_failed()

@@ -1,7 +1,9 @@
 """Check an exported artifact against eager PyTorch with ONNX Runtime on CPU (fp32).
 
 Owns: the validation rollout (the loop's real per-call inputs through fill, the first eviction
-and the steady state), a Polygraphy runner for the eager graph, and the comparison report.
+and the steady state), the re-cache rollout (the inputs of prompt switches with a re-cache in the
+fill phase, with the window just full, and after the first eviction), a Polygraphy runner for the
+eager graph, and the comparison report.
 A mismatch raises :class:`ExportMismatchError` listing every call and output over tolerance.
 """
 
@@ -15,13 +17,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graph import StepGraph, TextGraph
+from export.graph import RecacheGraph, StepGraph, TextGraph
 from memrope.backend import Backend, StepModuleBackend
 from memrope.config import RunConfig
 from memrope.contract import ArtifactContract, GraphContract
 from memrope.errors import StageError
 from memrope.model import MemRoPEStep
-from memrope.pipeline import MemRoPEPipeline
+from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import StreamingSeededNoise
 
 logger = logging.getLogger(__name__)
@@ -98,6 +100,52 @@ def rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int) -> tuple[list[
     return feeds, labels
 
 
+def recache_rollout_feeds(step: MemRoPEStep, run: RunConfig, blocks: int) -> tuple[list[dict], list[str]]:
+    """The recache graph's named inputs (NumPy) at the prompt switches of a seeded eager rollout
+    of ``blocks`` blocks, and a label per switch.
+
+    Switches (to a second prompt) before block 2 (``all``: the sink too, while the window fills),
+    before the first eviction (``recent``, the window exactly full, the memory slots holding
+    frames) and after it (``recent``, the memory ready), where ``blocks`` reaches them."""
+    cfg, lay = step.config, step.layout
+    feeds: list[dict] = []
+    eager = StepModuleBackend(step)
+
+    class Recording(Backend):
+        """The eager step and re-cache, recording each re-cache's inputs on the way through."""
+
+        name, model, layout, dtype, device = "recording", cfg, eager.layout, eager.dtype, eager.device
+        can_recache = True
+
+        def encode_text(self, embeds):
+            return eager.encode_text(embeds)
+
+        def step(self, named):
+            return eager.step(named)
+
+        def recache(self, named, outputs):
+            feeds.append({k: v.detach().clone().numpy() for k, v in named.items()})
+            eager.recache(named, outputs)
+
+    pipeline = MemRoPEPipeline(Recording(), run)
+    noise = StreamingSeededNoise(run.seed, run.batch_size, pipeline.latent_frame_shape(), lay.block_frames)
+    g = torch.Generator().manual_seed(run.seed + 4321)
+    first, second = (torch.randn(run.batch_size, cfg.text_len, cfg.text_dim, generator=g) for _ in range(2))
+    fill_blocks = lay.cache_frames // lay.block_frames
+    points = {2: ("all", "fill"), fill_blocks: ("recent", "window full"),
+              fill_blocks + 1: ("recent", "after the first eviction")}
+    changes, labels = [], []
+    for at, (mode, phase) in sorted(points.items()):
+        if 0 < at < blocks and (mode == "recent" or lay.sink_frames % lay.block_frames == 0):
+            changes.append(PromptChange(at, second if len(changes) % 2 == 0 else first, recache=mode))
+            labels.append(f"switch before block {at} ({phase}, re-cache {mode})")
+    for _ in pipeline.blocks(first, noise, blocks, prompt_changes=changes):
+        pass
+    if len(feeds) != len(labels):
+        raise ExportMismatchError(f"the re-cache rollout made {len(feeds)} recache calls for {len(labels)} switches")
+    return feeds, labels
+
+
 def validation_blocks(step: MemRoPEStep) -> int:
     """Blocks that cover fill, the first eviction and two steady-state blocks."""
     lay = step.layout
@@ -133,7 +181,8 @@ def _compare(runners, feeds: list[dict], labels: list[str], atol: float) -> tupl
 def validate_artifact_graphs(directory: Path, step: MemRoPEStep, text_graph: TextGraph,
                              contract: ArtifactContract, run: RunConfig, blocks: int | None = None,
                              atol: float = PER_CALL_ATOL) -> dict:
-    """Compare ``step.onnx`` and ``text.onnx`` in ``directory`` against eager, call by call."""
+    """Compare ``step.onnx``, ``text.onnx`` and ``recache.onnx`` in ``directory`` against eager, call by
+    call (the recache graph at the re-cache rollout's switches)."""
     from polygraphy.backend.onnxrt import OnnxrtRunner, SessionFromOnnx
 
     blocks = validation_blocks(step) if blocks is None else blocks
@@ -149,11 +198,20 @@ def validate_artifact_graphs(directory: Path, step: MemRoPEStep, text_graph: Tex
         [_eager_runner(text_graph, contract.text, "eager-text"),
          OnnxrtRunner(SessionFromOnnx(str(directory / "text.onnx"), providers=["cpu"]), name="onnxruntime-text")],
         text_feed, ["text"], atol)
-    report = {"atol": atol, "blocks": blocks, "calls": len(feeds),
-              "max_abs_error": max(r["max_abs_error"] for r in step_rows + text_rows),
-              "step": step_rows, "text": text_rows}
-    if failures or text_failures:
-        listing = "\n  ".join(failures + text_failures)
-        raise ExportMismatchError(f"ONNX Runtime disagrees with eager PyTorch on {len(failures + text_failures)} "
+    recache_feed, recache_labels = recache_rollout_feeds(step, run, blocks)
+    recache_rows, recache_failures = [], []
+    if recache_feed:
+        recache_rows, recache_failures = _compare(
+            [_eager_runner(RecacheGraph(step, contract.recache), contract.recache, "eager-recache"),
+             OnnxrtRunner(SessionFromOnnx(str(directory / "recache.onnx"), providers=["cpu"]),
+                          name="onnxruntime-recache")],
+            recache_feed, recache_labels, atol)
+    rows = step_rows + text_rows + recache_rows
+    report = {"atol": atol, "blocks": blocks, "calls": len(feeds), "max_abs_error": max(r["max_abs_error"] for r in rows),
+              "step": step_rows, "text": text_rows, "recache": recache_rows}
+    failures += text_failures + recache_failures
+    if failures:
+        listing = "\n  ".join(failures)
+        raise ExportMismatchError(f"ONNX Runtime disagrees with eager PyTorch on {len(failures)} "
                                   f"output(s):\n  {listing}")
     return report

@@ -1,6 +1,7 @@
 """The backend interface: one DiT call with explicit cache I/O, by name.
 
-Owns: :class:`Backend`, the only thing the block loop (``memrope.pipeline``) drives;
+Owns: :class:`Backend`, the only thing the block loop (``memrope.pipeline``) drives (a step
+call, a text call, and a prompt switch's re-cache call);
 :class:`StepModuleBackend`, the interface over this package's own :class:`MemRoPEStep` in this
 process (what the eager backend and the export's validation run); and :func:`cross_named`, the
 contract names of per-layer cross-attention keys/values. The runtimes (eager PyTorch,
@@ -15,7 +16,14 @@ import torch
 
 from memrope.cache import CacheLayout
 from memrope.config import WanConfig
-from memrope.contract import cross_key, cross_value, named_step_outputs, step_arguments
+from memrope.contract import (
+    cross_key,
+    cross_value,
+    named_recache_outputs,
+    named_step_outputs,
+    recache_arguments,
+    step_arguments,
+)
 from memrope.model import MemRoPEStep
 
 
@@ -29,10 +37,11 @@ class Backend:
     next call. Backends are context managers; ``close`` releases sessions, engines and buffers.
 
     Attributes: ``name``; ``model`` (WanConfig); ``layout`` (CacheLayout); ``dtype`` and
-    ``device`` of the tensors it takes and returns.
+    ``device`` of the tensors it takes and returns; ``can_recache``: :meth:`recache` works.
     """
 
     name = "backend"
+    can_recache = False
     model: WanConfig
     layout: CacheLayout
     dtype: torch.dtype
@@ -51,6 +60,17 @@ class Backend:
         """``prompt_embeds [B, text_len, text_dim]`` (zero-padded) -> ``cross_key_values.*``."""
         raise NotImplementedError
 
+    def encode_text_into(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """The text call writing into the caller's buffers: ``feeds["prompt_embeds"]`` ->
+        ``outputs[cross_key_values.*]``.
+
+        A stream passes the same :class:`Feeds` pair every time (its padded prompt buffer and its
+        cross-attention buffers), so an exported backend may bind them once and a prompt switch
+        costs one text call and no copy. By default: :meth:`encode_text`, then a copy.
+        """
+        for name, tensor in self.encode_text(feeds["prompt_embeds"]).items():
+            outputs[name].copy_(tensor)
+
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """One call: every input of the step contract by name -> every output by name.
 
@@ -58,6 +78,17 @@ class Backend:
         every call of that stream, so a backend may bind it once (:class:`StreamBindings`).
         """
         raise NotImplementedError
+
+    def recache(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """A prompt switch's re-cache: every input of the recache contract by name
+        (:func:`memrope.contract.recache_contract`) -> each output written into ``outputs[name]``.
+
+        ``outputs`` (a :class:`Feeds`) are the loop's own destination tensors (views of its
+        cache's tail), so an exported backend can bind them as the graph's outputs and the switch
+        allocates nothing that outlives it. Like ``feeds``, a stream passes the same pair of
+        objects every time; the graph reads no byte of the cache it writes.
+        """
+        raise NotImplementedError(f"backend {self.name} cannot re-cache the window at a prompt switch")
 
 
 class Feeds(dict):
@@ -125,6 +156,7 @@ class StepModuleBackend(Backend):
     """
 
     name = "step-module"
+    can_recache = True
 
     def __init__(self, step: MemRoPEStep):
         self.module = step
@@ -135,6 +167,8 @@ class StepModuleBackend(Backend):
         self.dtype = self.dit.dtype
         self._arguments = StreamBindings(
             lambda feeds, _: step_arguments(feeds, self.model.num_layers, self.layout.has_memory))
+        self._recache_arguments = StreamBindings(
+            lambda feeds, _: recache_arguments(feeds, self.model.num_layers, self.layout.has_memory))
 
     def encode_text(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
         keys, values = self.dit.encode_text(prompt_embeds.to(self.device))
@@ -142,3 +176,9 @@ class StepModuleBackend(Backend):
 
     def step(self, feeds: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return named_step_outputs(self.module(*self._arguments.get(feeds)))
+
+    def recache(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        # The module returns new tensors (transient, freed on return); the loop's cache gets a copy.
+        keys, values = self.module.recache(*self._recache_arguments.get(feeds))
+        for name, tensor in named_recache_outputs(keys, values).items():
+            outputs[name].copy_(tensor)

@@ -99,6 +99,12 @@ class CacheLayout:
         return self.sink_frames + self.memory_frames
 
     @property
+    def tail_frames(self) -> int:
+        """Slots of the FIFO (recent frames and the newest block): what a prompt-switch re-cache
+        recomputes (``memrope.model.MemRoPEStep.recache``)."""
+        return self.cache_frames - self.tail_start_frame
+
+    @property
     def context_frames(self) -> int:
         """Slots a call may attend to; the remaining ``block_frames`` hold parked/stale frames."""
         return self.cache_frames - self.block_frames

@@ -1,13 +1,14 @@
 """The IO contract: one description of the exported graphs' named inputs and outputs.
 
 Owns: tensor names, shapes and dtypes of the ``step`` call (one DiT call with explicit cache
-I/O) and the ``text`` call (per-prompt cross-attention keys/values), the cache layout they
-assume, and the hash that binds an exported artifact to its configuration. The generation
+I/O), the ``text`` call (per-prompt cross-attention keys/values) and the ``recache`` call (a
+prompt switch re-encoding the cache's tail), the cache layout they assume, and the hash that
+binds an exported artifact to its configuration. The generation
 loop's buffers, every backend, the export wrappers and the tests read names from here; nothing
 else spells ``past_key_values.{i}.key``.
 
 Legend: B batch, F frames per block, C latent channels, H/W latent height/width, Hd heads,
-D head_dim, T text_len, M memory tokens per slot.
+D head_dim, T text_len, M memory tokens per slot, Q tail frames (``CacheLayout.tail_frames``).
 """
 
 from __future__ import annotations
@@ -71,6 +72,14 @@ def present_memory_key(i: int) -> str:
 
 def present_memory_value(i: int) -> str:
     return f"present_memory.{i}.value"
+
+
+def recached_key(i: int) -> str:
+    return f"recached.{i}.key"
+
+
+def recached_value(i: int) -> str:
+    return f"recached.{i}.value"
 
 
 @dataclass(frozen=True)
@@ -137,6 +146,10 @@ class ArtifactContract:
     @property
     def text(self) -> GraphContract:
         return self.graphs["text"]
+
+    @property
+    def recache(self) -> GraphContract:
+        return self.graphs["recache"]
 
     @property
     def config_hash(self) -> str:
@@ -223,10 +236,34 @@ def text_contract(model: WanConfig, dtype: str, batch: int) -> GraphContract:
     )
 
 
+def recache_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int) -> GraphContract:
+    """Inputs and outputs of a prompt switch's re-cache (the ``recache`` graph), in positional
+    order: the tail's clean latents and the cache in, the tail's keys/values out (see
+    :meth:`memrope.model.MemRoPEStep.recache`). The last layer's cache, memory and cross
+    keys/values are not inputs: only its keys/values are computed, nothing attends there."""
+    step = step_contract(model, run, layout, dtype, batch)
+    hd, d, L = model.num_heads, model.head_dim, model.num_layers
+    q = layout.tail_frames
+    read = {f(i) for i in range(L - 1) for f in (past_key, past_value, cross_key, cross_value, memory_key, memory_value)}
+    cache_inputs = [t for t in step.inputs if t.name in read and not t.name.startswith("memory.")]
+    memory_inputs = [t for t in step.inputs if t.name in read and t.name.startswith("memory.")]
+    inputs = [TensorSpec("latents", (batch, q, run.latent_channels, run.latent_height, run.latent_width), dtype),
+              TensorSpec("timestep", (batch, q), "float32"),
+              *cache_inputs,
+              TensorSpec("slot_valid", (layout.cache_frames,), "bool")]
+    if layout.has_memory:
+        inputs += [TensorSpec("memory_ready", (1,), "bool"), *memory_inputs]
+    shape = (batch, q * layout.frame_tokens, hd, d)
+    outputs = [TensorSpec(recached_key(i), shape, dtype) for i in range(L)]
+    outputs += [TensorSpec(recached_value(i), shape, dtype) for i in range(L)]
+    return GraphContract("recache", tuple(inputs), tuple(outputs))
+
+
 def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
                    height: int, width: int) -> ArtifactContract:
     """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8)."""
-    graphs = {"step": step_contract(model, run, layout, dtype, batch), "text": text_contract(model, dtype, batch)}
+    graphs = {"step": step_contract(model, run, layout, dtype, batch), "text": text_contract(model, dtype, batch),
+              "recache": recache_contract(model, run, layout, dtype, batch)}
     return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), graphs)
 
 
@@ -249,6 +286,24 @@ def step_arguments(feeds: Mapping[str, torch.Tensor], num_layers: int, has_memor
     return (feeds["latents"], feeds["timestep"], feeds["sigma"], [feeds[past_key(i)] for i in L],
             [feeds[past_value(i)] for i in L], [feeds[cross_key(i)] for i in L],
             [feeds[cross_value(i)] for i in L], controls, memory_keys, memory_values)
+
+
+def recache_arguments(feeds: Mapping[str, torch.Tensor], num_layers: int, has_memory: bool) -> tuple:
+    """Named recache inputs -> the positional arguments of ``MemRoPEStep.recache`` (per-layer
+    lists of every layer but the last, see :func:`recache_contract`)."""
+    L = range(num_layers - 1)
+    memory_keys = [feeds[memory_key(i)] for i in L] if has_memory else None
+    memory_values = [feeds[memory_value(i)] for i in L] if has_memory else None
+    return (feeds["latents"], feeds["timestep"], [feeds[past_key(i)] for i in L], [feeds[past_value(i)] for i in L],
+            [feeds[cross_key(i)] for i in L], [feeds[cross_value(i)] for i in L], feeds["slot_valid"],
+            feeds["memory_ready"] if has_memory else None, memory_keys, memory_values)
+
+
+def named_recache_outputs(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``MemRoPEStep.recache``'s per-layer keys and values -> the contract's output names."""
+    named = {recached_key(i): k for i, k in enumerate(keys)}
+    named.update({recached_value(i): v for i, v in enumerate(values)})
+    return named
 
 
 def named_step_outputs(out: StepOutputs) -> dict[str, torch.Tensor]:

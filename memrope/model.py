@@ -2,11 +2,13 @@
 
 Owns: the transformer (parameter names equal the Wan2.1 ``CausalWanModel`` state dict),
 the cross-attention projection done once per prompt, and :class:`MemRoPEStep`, one DiT call
-with the cache as explicit fixed-shape tensors in and what changed out. Does not own: which
-slot holds which frame (``memrope.cache.CachePolicy``), the sampler, or the loop.
+with the cache as explicit fixed-shape tensors in and what changed out (and, for a prompt
+switch, :meth:`MemRoPEStep.recache`: the cache's tail re-encoded under a new prompt). Does not
+own: which slot holds which frame (``memrope.cache.CachePolicy``), the sampler, or the loop.
 
 Legend: B batch, F frames in a block, C latent channels, H/W latent height/width, S tokens per
-frame, N = F * S block tokens, K context tokens, T text tokens, Hd heads, D head_dim.
+frame, N = F * S block tokens, K context tokens, T text tokens, Hd heads, D head_dim, Q tail
+frames re-cached at a prompt switch.
 Wrapper I/O is ``[B, F, C, H, W]``.
 
 Nothing in :meth:`MemRoPEStep.forward` reads a tensor value on the host: shapes are fixed by
@@ -248,6 +250,13 @@ class MemRoPEStep(nn.Module):
             self.register_buffer(f"rope_{name}", getattr(tables, name), persistent=False)
         for name, value in sinusoid_constants(cfg.freq_dim).items():
             self.register_buffer(f"time_{name}", value, persistent=False)
+        # Re-cache (prompt switch): keys sit at their slot index, and a tail slot may see every
+        # slot whose block (slot // block_frames) is not later than its own.
+        slots = torch.arange(layout.cache_frames)
+        slot_block = slots // layout.block_frames
+        self.register_buffer("recache_positions", slots, persistent=False)
+        self.register_buffer("recache_causal", slot_block[None, :] <= slot_block[layout.tail_start_frame:, None],
+                             persistent=False)
 
     @property
     def config(self) -> WanConfig:
@@ -285,17 +294,21 @@ class MemRoPEStep(nn.Module):
         return e.reshape(b, f, 1, cfg.dim), e0
 
     def _context_kv(self, past: torch.Tensor, memory: torch.Tensor | None,
-                    ready: torch.Tensor) -> torch.Tensor:
-        """The attended context ``[B, K, Hd, D]`` of one layer: the first ``context_frames``
-        slots, with the memory slots replaced by the broadcast memory once it is ready."""
+                    ready: torch.Tensor, frames: int | None = None) -> torch.Tensor:
+        """The attended context ``[B, K, Hd, D]`` of one layer: the first ``frames`` slots
+        (default ``context_frames``), with the memory slots replaced by the broadcast memory once
+        it is ready."""
         lay = self.layout
-        ctx = past[:, : lay.context_tokens]
+        tokens = lay.context_tokens if frames is None else frames * lay.frame_tokens
+        ctx = past[:, :tokens]
         if memory is None:
             return ctx
         start = lay.memory_start_frame * lay.frame_tokens
         end = start + lay.memory_frames * lay.frame_tokens
         slots = memory_slots_view(memory, lay.frame_tokens, past.dtype)
         shown = torch.where(ready, slots, ctx[:, start:end])
+        if end == tokens:  # no zero-length pieces in an exported graph
+            return torch.cat([ctx[:, :start], shown], dim=1)
         return torch.cat([ctx[:, :start], shown, ctx[:, end:]], dim=1)
 
     def forward(
@@ -384,6 +397,97 @@ class MemRoPEStep(nn.Module):
         # 5. x0 = x_t - sigma * v: an fp32 island (the reference uses float64), cast back.
         x0 = (latents.float() - sigma.float() * flow.float()).to(flow.dtype)
         return StepOutputs(flow, x0, block_keys, block_values, new_mem_k, new_mem_v)
+
+    def recache(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        past_keys: list[torch.Tensor],
+        past_values: list[torch.Tensor],
+        cross_keys: list[torch.Tensor],
+        cross_values: list[torch.Tensor],
+        slot_valid: torch.Tensor,
+        memory_ready: torch.Tensor | None = None,
+        memory_keys: list[torch.Tensor] | None = None,
+        memory_values: list[torch.Tensor] | None = None,
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Recompute the keys/values of the cache's tail slots from their clean latents, in one
+        pass conditioned on ``cross_keys/values`` (a prompt switch's re-cache, LongLive style).
+
+        The tail is every slot from ``tail_start_frame`` on (recent frames and the newest block;
+        Q = ``tail_frames``). Each tail slot attends, block-causally by slot
+        (``slot // block_frames``), to the slots before the tail as the cache holds them (sink,
+        and the memory once ready) and to the tail's fresh keys/values. Positions are slot
+        indices, as in :meth:`forward`, so nothing depends on where in the video the window is.
+        The last layer's attention, FFN and the head are skipped: nothing reads them.
+
+        Args:
+            latents: ``[B, Q, C, H, W]`` clean latents of the tail slots, in slot order.
+            timestep: ``[B, Q]`` float32 (the context timestep).
+            past_keys/values: per layer ``[B, cache_tokens, Hd, D]``; only the slots before the
+                tail are read, so the outputs may be written straight into the tail.
+            cross_keys/values: per layer ``[B, T, Hd, D]`` of the prompt to re-cache under.
+            (These per-layer lists, and the memory's, may leave out the last layer: it is not read.)
+            slot_valid: ``[cache_frames]`` bool, the slot holds a frame (or the ready memory).
+                An invalid tail slot is neither attended nor computed: its output is zero.
+            memory_ready: ``[1]`` bool, the memory slots show the memory (policies with memory only).
+            memory_keys/values: per layer ``[B, 2, M, Hd, D]`` (policies with memory only).
+        Returns:
+            Per layer keys and values ``[B, Q * S, Hd, D]`` (keys un-rotated).
+        """
+        dit, cfg, lay = self.dit, self.config, self.layout
+        b, frames = latents.shape[:2]
+        tokens_per_frame = lay.frame_tokens
+        start = lay.tail_start_frame
+        if frames != lay.tail_frames:
+            raise ValueError(f"expected the {lay.tail_frames} tail frames, got {frames}")
+        queries = frames * tokens_per_frame
+
+        # 1. Embeddings.
+        x = self._patchify(latents.to(dit.dtype))
+        _, e0 = self._time_embedding(timestep)
+
+        # 2. RoPE by slot, the block-causal mask over valid slots, the valid query tokens.
+        cos, sin = rope_cos_sin(self.recache_positions, self.rope_temporal_cos, self.rope_temporal_sin,
+                                self.rope_spatial_cos, self.rope_spatial_sin)
+        q_cos, q_sin = cos[start * tokens_per_frame:], sin[start * tokens_per_frame:]
+        allowed = self.recache_causal & slot_valid[None, :]
+        mask = allowed[:, None, :, None].expand(frames, tokens_per_frame, lay.cache_frames, tokens_per_frame)
+        mask = mask.reshape(1, 1, queries, lay.cache_tokens)
+        query_valid = slot_valid[start:, None].expand(frames, tokens_per_frame).reshape(1, queries, 1, 1)
+
+        # 3. Transformer blocks, up to the last layer's keys/values.
+        keys_out, values_out = [], []
+        last = len(dit.blocks) - 1
+        for i, block in enumerate(dit.blocks):
+            m = (block.modulation[:, None] + e0).chunk(6, dim=2)  # each [B, Q, 1, dim]
+            h = block.norm1(x).view(b, frames, tokens_per_frame, cfg.dim) * (1 + m[1]) + m[0]
+            q, k, v = block.self_attn.project(h.view(b, queries, cfg.dim))
+            keys_out.append(torch.where(query_valid, k, 0.0))
+            values_out.append(torch.where(query_valid, v, 0.0))
+            if i == last:
+                break
+
+            if start == 0:
+                keys, values = k, v
+            else:
+                mem_k = memory_keys[i] if lay.has_memory else None
+                mem_v = memory_values[i] if lay.has_memory else None
+                keys = torch.cat([self._context_kv(past_keys[i], mem_k, memory_ready, start), k], dim=1)
+                values = torch.cat([self._context_kv(past_values[i], mem_v, memory_ready, start), v], dim=1)
+            q = apply_rope(q, q_cos, q_sin)
+            keys = apply_rope(keys, cos, sin)
+            attn = F.scaled_dot_product_attention(q.transpose(1, 2), keys.transpose(1, 2),
+                                                  values.transpose(1, 2), attn_mask=mask)
+            y = block.self_attn.o(attn.transpose(1, 2).reshape(b, queries, cfg.dim))
+            x = x + (y.view(b, frames, tokens_per_frame, cfg.dim) * m[2]).view_as(x)
+
+            x = x + block.cross_attn(block.norm3(x), cross_keys[i], cross_values[i])
+
+            h = block.norm2(x).view(b, frames, tokens_per_frame, cfg.dim) * (1 + m[4]) + m[3]
+            y = block.ffn(h.view_as(x))
+            x = x + (y.view(b, frames, tokens_per_frame, cfg.dim) * m[5]).view_as(x)
+        return keys_out, values_out
 
 
 def build_dit(cfg: WanConfig, state_dict: dict[str, torch.Tensor], dtype: torch.dtype = torch.float32,

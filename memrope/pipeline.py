@@ -7,7 +7,10 @@ the latent / timestep / sigma / noise buffers and a ring of two output buffers, 
 once at fixed addresses. Per block the host does integer bookkeeping (:class:`CachePolicy`),
 one tail roll once the window is full, and buffer writes of what the calls returned; per call it
 does a fixed number of in-place tensor ops, whatever the layer count, and no host <-> device
-synchronisation. Also owns prompt changes at a block boundary (:meth:`BlockStream.set_prompt`).
+synchronisation. Also owns prompt changes at a block boundary (:meth:`BlockStream.set_prompt`,
+:class:`PromptChange`): new cross-attention keys/values, an optional blend, the EMA memory kept or
+reset, and an optional LongLive-style re-cache of the window from the clean latents the stream
+keeps in a fixed buffer that mirrors the cache's slots.
 
 Does not own the model math (``memrope.model``), where noise comes from (``memrope.sampler``), or
 what a backend runs (``engine/``).
@@ -19,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -38,6 +41,9 @@ from memrope.contract import (
     present_memory_key,
     present_memory_value,
     present_value,
+    recache_contract,
+    recached_key,
+    recached_value,
     step_contract,
     step_outputs_from_named,
 )
@@ -48,6 +54,7 @@ from memrope.sampler import NoiseSource, Schedule, build_schedule
 logger = logging.getLogger(__name__)
 
 MEMORY_ON_SWITCH = ("keep", "reset")
+RECACHE_MODES = ("none", "recent", "all")  # in increasing order of work
 _ALL_DIMS = (0, 1, 2, 3, 4)
 
 
@@ -99,13 +106,15 @@ class BlockResult:
 
 
 @dataclass(frozen=True)
-class _PromptSwitch:
-    """A prompt change waiting for its block boundary (see :meth:`BlockStream.set_prompt`)."""
+class PromptChange:
+    """A prompt change at a block boundary: from block ``at_block`` on, ``prompt_embeds``
+    ``[B, L <= text_len, text_dim]``; see :meth:`BlockStream.set_prompt` for the options."""
 
     at_block: int
     prompt_embeds: torch.Tensor
-    memory: str
-    transition_blocks: int
+    recache: str = "none"
+    memory: str = "keep"
+    transition_blocks: int = 0
 
 
 class MemRoPEPipeline:
@@ -139,15 +148,27 @@ class MemRoPEPipeline:
         return (self.run.batch_size, self.layout.block_frames, *self.latent_frame_shape())
 
     def stream(self, prompt_embeds: torch.Tensor, noise: NoiseSource, *, max_blocks: int | None = None,
-               on_call: Callable[[CallRecord], None] | None = None) -> "BlockStream":
-        """A new stream of blocks for ``prompt_embeds [B, L <= text_len, text_dim]``; see :class:`BlockStream`."""
-        return BlockStream(self, prompt_embeds, noise, max_blocks=max_blocks, on_call=on_call)
+               on_call: Callable[[CallRecord], None] | None = None,
+               prompt_changes: Sequence[PromptChange] = ()) -> "BlockStream":
+        """A new stream of blocks for ``prompt_embeds [B, L <= text_len, text_dim]``, with
+        ``prompt_changes`` scheduled on it (:meth:`BlockStream.set_prompt`); see :class:`BlockStream`."""
+        stream = BlockStream(self, prompt_embeds, noise, max_blocks=max_blocks, on_call=on_call)
+        try:
+            for change in prompt_changes:
+                stream.set_prompt(change.prompt_embeds, at_block=change.at_block, recache=change.recache,
+                                  memory=change.memory, transition_blocks=change.transition_blocks)
+        except BaseException:
+            stream.close()
+            raise
+        return stream
 
     @torch.no_grad()
     def blocks(self, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
-               on_call: Callable[[CallRecord], None] | None = None) -> Iterator[BlockResult]:
+               on_call: Callable[[CallRecord], None] | None = None,
+               prompt_changes: Sequence[PromptChange] = ()) -> Iterator[BlockResult]:
         """Yield each of ``num_blocks`` blocks as a :class:`BlockResult` once its context pass is done."""
-        stream = self.stream(prompt_embeds, noise, max_blocks=num_blocks, on_call=on_call)
+        stream = self.stream(prompt_embeds, noise, max_blocks=num_blocks, on_call=on_call,
+                             prompt_changes=prompt_changes)
         try:
             for _ in range(num_blocks):
                 yield stream.next_block()
@@ -155,7 +176,8 @@ class MemRoPEPipeline:
             stream.close()
 
     def generate(self, prompt_embeds: torch.Tensor, noise: NoiseSource, num_frames: int | None = None,
-                 on_call: Callable[[CallRecord], None] | None = None) -> torch.Tensor:
+                 on_call: Callable[[CallRecord], None] | None = None,
+                 prompt_changes: Sequence[PromptChange] = ()) -> torch.Tensor:
         """All frames at once: ``[B, num_frames, C, H, W]`` in the model dtype (held in memory; a
         long video should consume :meth:`blocks` instead)."""
         num_frames = self.run.num_output_frames if num_frames is None else num_frames
@@ -163,7 +185,7 @@ class MemRoPEPipeline:
             raise ValueError(f"num_frames ({num_frames}) must be a multiple of the block size "
                              f"({self.layout.block_frames})")
         out = [r.x0.clone() for r in self.blocks(prompt_embeds, noise, num_frames // self.layout.block_frames,
-                                                  on_call)]
+                                                  on_call, prompt_changes)]
         return torch.cat(out, dim=1)
 
 
@@ -211,8 +233,9 @@ class BlockStream:
             if spec.name not in feeds:
                 feeds[spec.name] = spec.zeros(device)
         self.feeds = feeds
-        self.cross = {name: feeds[name] for i in range(cfg.num_layers) for name in (cross_key(i), cross_value(i))}
+        self.cross = Feeds({name: feeds[name] for i in range(cfg.num_layers) for name in (cross_key(i), cross_value(i))})
         self._padded = torch.zeros(batch, cfg.text_len, cfg.text_dim, dtype=dtype, device=device)
+        self._text_feeds = Feeds({"prompt_embeds": self._padded})
         self._load_cross(prompt_embeds)
 
         self._latents, self._timestep, self._sigma = feeds["latents"], feeds["timestep"], feeds["sigma"]
@@ -253,10 +276,29 @@ class BlockStream:
 
         self._memory_names = [(present_memory_key(i), present_memory_value(i)) for i in range(cfg.num_layers)]
         self._block_names = [(present_key(i), present_value(i)) for i in range(cfg.num_layers)]
-        self._pending: list[_PromptSwitch] = []
-        self._transition: tuple[torch.Tensor, ...] | None = None
+        self._pending: list[PromptChange] = []
         self._blend: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._blend_left = 0
+        self._blend_left = self._blend_total = 0
+        self._rolled = False  # the tail has rolled at least once (the memory slots hold no frames)
+
+        # Re-cache state (a prompt switch's), fixed like the rest. ``_clean [B, cache_frames, C, H,
+        # W]`` mirrors the cache's slots: the context pass's latents are written where its keys/values
+        # go, and the tail rolls with the cache's. The recache call reads the cache's head and writes
+        # the tail's keys/values straight into views of the cache (``_recache_outputs``).
+        self._clean = torch.zeros((batch, lay.cache_frames, *shape[2:]), dtype=dtype, device=device)
+        tail = lay.tail_start_frame
+        self._clean_scratch = torch.empty_like(self._clean[:, tail:]) if lay.rolls else None
+        recache_feeds = Feeds()
+        for spec in recache_contract(cfg, run, lay, DTYPE_NAMES[dtype], batch).inputs:
+            recache_feeds[spec.name] = feeds[spec.name] if spec.name in self.cross or spec.name.startswith(
+                ("past_key_values.", "memory.")) else spec.zeros(device)
+        recache_feeds["timestep"].fill_(sched.context_timestep)
+        self._recache_feeds = recache_feeds
+        start = tail * lay.frame_tokens
+        self._recache_outputs = Feeds()
+        for i in range(cfg.num_layers):
+            self._recache_outputs[recached_key(i)] = self.cache.keys[i][:, start:]
+            self._recache_outputs[recached_value(i)] = self.cache.values[i][:, start:]
         self.block_index = 0
         self.closed = False
 
@@ -275,35 +317,46 @@ class BlockStream:
         if not torch.isfinite(prompt_embeds).all():
             raise ValueError("prompt_embeds contain NaN or Inf")
 
-    def _encode(self, prompt_embeds: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Cross-attention K/V of a prompt, in the backend's own output buffers (valid until its
-        next ``encode_text``)."""
+    def _load_cross(self, prompt_embeds: torch.Tensor) -> None:
+        """The prompt's cross-attention K/V, written by the text call into the stream's buffers."""
         self._padded.zero_()
         self._padded[:, :prompt_embeds.shape[1]] = prompt_embeds
-        return self.backend.encode_text(self._padded)
+        self.backend.encode_text_into(self._text_feeds, self.cross)
 
-    def _load_cross(self, prompt_embeds: torch.Tensor) -> None:
-        for name, tensor in self._encode(prompt_embeds).items():
-            self.cross[name].copy_(tensor)
-
-    def set_prompt(self, prompt_embeds: torch.Tensor, *, at_block: int | None = None, memory: str = "keep",
-                   transition_blocks: int = 0) -> None:
+    def set_prompt(self, prompt_embeds: torch.Tensor, *, at_block: int | None = None, recache: str = "none",
+                   memory: str = "keep", transition_blocks: int = 0) -> None:
         """Change the prompt at a block boundary: from block ``at_block`` on (default: the next
-        block), the calls attend to the new prompt's cross-attention keys/values.
+        block), the calls attend to the new prompt's cross-attention keys/values. Callable between
+        any two blocks of a running stream; the work happens when the switch takes effect, at the
+        start of that block's :meth:`next_block`.
 
         Args:
             prompt_embeds: ``[B, L <= text_len, text_dim]`` of the new prompt.
-            memory: ``keep`` the EMA memory (it summarises frames that are gone and cannot be
-                recomputed), or ``reset`` it: the next roll initialises it afresh.
+            recache: re-encode the window's frames under the new prompt, from their clean latents,
+                before the block runs (LongLive's re-cache): ``none``; ``recent``, the cache's tail
+                (recent frames and the newest block, one ``recache`` call); ``all``, the sink too
+                (first re-encoded as block 0 was, one step call per sink block, then the tail). The
+                EMA memory summarises frames that are gone: it is never re-cached (see ``memory``).
+            memory: ``keep`` the EMA memory, or ``reset`` it: it is zeroed and not attended
+                until the next eviction initialises it afresh.
             transition_blocks: blend the old and new cross keys/values linearly over this many
                 blocks (block k of the transition uses weight ``(k + 1) / (N + 1)`` for the new
-                prompt); 0 switches at once.
+                prompt); 0 switches at once. A re-cache uses the first block's blend.
 
-        The text is encoded when the switch takes effect, between blocks. Raises ValueError for a
-        bad prompt or option before anything changes.
+        Several changes at one boundary apply in order; the largest re-cache among them runs
+        once, after the last. Raises ValueError for a bad prompt or option before anything changes.
         """
         self._check_open()
         self._check_embeds(prompt_embeds)
+        if recache not in RECACHE_MODES:
+            raise ValueError(f"recache must be one of {RECACHE_MODES}, got {recache!r}")
+        if recache != "none" and not self.backend.can_recache:
+            raise ValueError(f"backend {self.backend.name} cannot re-cache at a prompt switch; switch with "
+                             "recache='none' (memrope generate --recache none)")
+        lay = self.layout
+        if recache == "all" and lay.sink_frames % lay.block_frames:
+            raise ValueError(f"recache='all' re-encodes the sink block by block: sink_frames ({lay.sink_frames}) "
+                             f"must be a multiple of the block size ({lay.block_frames}); use 'recent'")
         if memory not in MEMORY_ON_SWITCH:
             raise ValueError(f"memory must be one of {MEMORY_ON_SWITCH}, got {memory!r}")
         if isinstance(transition_blocks, bool) or not isinstance(transition_blocks, int) or transition_blocks < 0:
@@ -311,37 +364,44 @@ class BlockStream:
         at = self.block_index if at_block is None else at_block
         if isinstance(at, bool) or not isinstance(at, int) or at < self.block_index:
             raise ValueError(f"at_block must be an integer >= the next block ({self.block_index}), got {at_block!r}")
-        self._pending.append(_PromptSwitch(at, prompt_embeds.detach().clone(), memory, transition_blocks))
-        self._pending.sort(key=lambda s: s.at_block)
+        if self.max_blocks is not None and at >= self.max_blocks:
+            raise ValueError(f"at_block {at} is past the end: this stream was opened for {self.max_blocks} blocks")
+        self._pending.append(PromptChange(at, prompt_embeds.detach().clone(), recache, memory, transition_blocks))
+        self._pending.sort(key=lambda c: c.at_block)  # stable: changes at one boundary keep their order
 
     def _apply_switches(self) -> None:
+        recache = "none"
         while self._pending and self._pending[0].at_block <= self.block_index:
-            switch = self._pending.pop(0)
-            if switch.memory == "reset":
+            change = self._pending.pop(0)
+            if change.memory == "reset":
                 self.policy.memory_initialized = False
                 if self.cache.memory_keys is not None:
                     self.cache.memory_keys.zero_()
                     self.cache.memory_values.zero_()
-            if switch.transition_blocks == 0:
-                self._blend_left = 0
-                self._load_cross(switch.prompt_embeds)
+            if change.transition_blocks == 0:
+                self._end_transition()
+                self._load_cross(change.prompt_embeds)
             else:
-                self._start_transition(switch)
-            logger.info("prompt switched at block %d (memory %s, transition %d blocks)", self.block_index,
-                        switch.memory, switch.transition_blocks)
+                self._start_transition(change)
+            recache = max(recache, change.recache, key=RECACHE_MODES.index)
+            logger.info("prompt switched at block %d (re-cache %s, memory %s, transition %d blocks)",
+                        self.block_index, change.recache, change.memory, change.transition_blocks)
         if self._blend_left:
             self._blend_step()
+        if recache != "none":
+            self._recache(recache)
 
-    def _start_transition(self, switch: _PromptSwitch) -> None:
+    def _start_transition(self, change: PromptChange) -> None:
         if not self._blend:
-            # Allocated on the first transition and reused by later ones (2 x the cross K/V).
+            # 2 x the cross K/V, for the transition's length only (freed by _end_transition).
             self._blend = {name: (torch.empty_like(t), torch.empty_like(t)) for name, t in self.cross.items()}
-        new = self._encode(switch.prompt_embeds)
-        for name, (old_buf, new_buf) in self._blend.items():
+        for name, (old_buf, _) in self._blend.items():
             old_buf.copy_(self.cross[name])
-            new_buf.copy_(new[name])
-        self._blend_total = switch.transition_blocks
-        self._blend_left = switch.transition_blocks + 1
+        self._load_cross(change.prompt_embeds)
+        for name, (_, new_buf) in self._blend.items():
+            new_buf.copy_(self.cross[name])
+        self._blend_total = change.transition_blocks
+        self._blend_left = change.transition_blocks + 1
 
     def _blend_step(self) -> None:
         k = self._blend_total + 1 - self._blend_left
@@ -349,6 +409,56 @@ class BlockStream:
         for name, (old_buf, new_buf) in self._blend.items():
             torch.lerp(old_buf, new_buf, weight, out=self.cross[name])
         self._blend_left -= 1
+        if not self._blend_left:
+            self._end_transition()
+
+    def _end_transition(self) -> None:
+        self._blend_left = 0
+        self._blend = {}
+
+    # -- re-cache -----------------------------------------------------------------------------------
+
+    def _recache(self, mode: str) -> None:
+        """Re-encode the frames in the window under the current cross keys/values, block-causally
+        by slot, before the next block's roll: the sink (``all`` only) as block 0 was encoded, one
+        step call per block, then the tail in one recache call that sees the fresh sink."""
+        lay, filled = self.layout, self.policy.filled_frames
+        if mode == "all":
+            for first in range(0, min(lay.sink_frames, filled), lay.block_frames):
+                self._recache_sink_block(first)
+        if filled > lay.tail_start_frame:
+            self._recache_tail(filled)
+
+    def _recache_sink_block(self, first: int) -> None:
+        lay = self.layout
+        plan = BlockPlan(self.block_index, first, first, first, False, MEMORY_NONE, False)
+        self.controls.set(lay, plan, first_call=True)  # the next block's set uploads its own again
+        self._latents.copy_(self._clean[:, first:first + lay.block_frames])
+        self._timestep.copy_(self._context_t)
+        self._sigma.copy_(self._context_sigma)
+        out = self.backend.step(self.feeds)
+        self.cache.write_block(first, [out[k] for k, _ in self._block_names], [out[v] for _, v in self._block_names])
+
+    def _recache_tail(self, filled: int) -> None:
+        lay, feeds = self.layout, self._recache_feeds
+        valid = feeds["slot_valid"]
+        valid[:filled].fill_(True)
+        valid[filled:].fill_(False)
+        if lay.has_memory and self._rolled:
+            # Once the tail has rolled, the memory slots show the memory or nothing (after a reset).
+            valid[lay.memory_start_frame:lay.tail_start_frame].fill_(self.policy.memory_initialized)
+        if lay.has_memory:
+            feeds["memory_ready"].fill_(self.policy.memory_initialized)
+        feeds["latents"].copy_(self._clean[:, lay.tail_start_frame:])
+        self.backend.recache(feeds, self._recache_outputs)
+
+    def _roll_clean(self) -> None:
+        """Rotate the clean latents' tail left by one block, as :meth:`KVCache.roll` does the cache's."""
+        tail = self._clean[:, self.layout.tail_start_frame:]
+        shift = self.layout.block_frames
+        self._clean_scratch.copy_(tail)
+        tail[:, :-shift].copy_(self._clean_scratch[:, shift:])
+        tail[:, -shift:].copy_(self._clean_scratch[:, :shift])
 
     # -- noise --------------------------------------------------------------------------------------
 
@@ -398,6 +508,8 @@ class BlockStream:
         plan = self.policy.next_block()
         if plan.roll:
             cache.roll()
+            self._roll_clean()
+            self._rolled = True
         controls.set(lay, plan, first_call=True)
         x0 = self._x0[b % 2]
         latents = self._latents
@@ -423,6 +535,7 @@ class BlockStream:
         out = self._call(b, sched.num_steps, plan, self._context_t, self._context_sigma)
         cache.write_block(plan.write_frame, [out[k] for k, _ in self._block_names],
                           [out[v] for _, v in self._block_names])
+        self._clean[:, plan.write_frame:plan.write_frame + lay.block_frames].copy_(x0)
         # Every call that reads this block's noise is queued: draw the next block's meanwhile.
         self._queue_noise(b + 1)
         # x * 0 is 0 for a finite x and NaN for NaN or +-Inf: the sum is 0 iff the block is finite.
@@ -440,5 +553,6 @@ class BlockStream:
         """Release the stream's buffers (its cache first: the largest)."""
         self.closed = True
         self.cache = self.feeds = self.cross = None
+        self._recache_feeds = self._recache_outputs = self._clean = self._clean_scratch = self._text_feeds = None
         self._x0 = self._noise = self._staging = []
         self._blend = {}

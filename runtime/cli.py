@@ -22,6 +22,8 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from runtime.prompts import add_timeline_args, recache_mode, timeline_from_args
+
 logger = logging.getLogger("memrope")
 
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
@@ -242,6 +244,7 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                      help="keep going when a block holds NaN/Inf (default: stop, naming the block, and write "
                           "nothing)")
     _add_execution_args(p)
+    add_timeline_args(p)
     p.set_defaults(func=cmd_generate)
 
 
@@ -272,18 +275,7 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None):
             raise ValueError("pass either --prompt or --text-embeds, not both")
         return read_text_embeds(args.text_embeds, model_cfg.text_dim, model_cfg.text_len)
     if args.prompt is not None:
-        if model_dir is None:
-            raise ValueError("--prompt needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
-        from runtime.text import TextEncoder, encode_cached
-
-        cache_dir = args.text_cache or _cache_root() / "text"
-        key = f"{model_dir.resolve()}|{model_cfg.text_len}"
-        embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
-                               [args.prompt] * run.batch_size, cache_dir, key=key)
-        if embeds.shape[-1] != model_cfg.text_dim:
-            raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
-                             f"takes text_dim={model_cfg.text_dim}")
-        return embeds
+        return _encode_prompts(args, model_cfg, run, model_dir, [args.prompt], "--prompt")[0]
     if args.checkpoint is None and args.engine is None and model_dir is None:
         g = torch.Generator("cpu").manual_seed(run.seed + 4321)
         logger.warning("no --prompt or --text-embeds: using random text embeddings (demo)")
@@ -291,11 +283,28 @@ def _text_embeddings(args, model_cfg, run, model_dir: Path | None):
     raise ValueError("pass --prompt TEXT (with --model-dir) or --text-embeds FILE.safetensors")
 
 
-def _resolve_engine(args: argparse.Namespace, model_dir: Path | None):
+def _encode_prompts(args, model_cfg, run, model_dir: Path | None, prompts: list[str], flag: str) -> list:
+    """Each prompt -> ``[B, text_len, text_dim]`` with the umT5 in ``model_dir`` (cached on disk)."""
+    if model_dir is None:
+        raise ValueError(f"{flag} needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
+    from runtime.text import TextEncoder, encode_cached
+
+    cache_dir = args.text_cache or _cache_root() / "text"
+    key = f"{model_dir.resolve()}|{model_cfg.text_len}"
+    embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),
+                           [p for p in prompts for _ in range(run.batch_size)], cache_dir, key=key)
+    if embeds.shape[-1] != model_cfg.text_dim:
+        raise ValueError(f"the text encoder in {model_dir} gives {embeds.shape[-1]}-wide embeddings; the DiT "
+                         f"takes text_dim={model_cfg.text_dim}")
+    return list(embeds.split(run.batch_size))
+
+
+def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: bool = False):
     """``(artifact or None, model config, run config)`` of a ``generate`` or ``serve`` call, from
     files alone (no weights): an exported backend takes both configs from its ``--engine``
     artifact (checked: contract, file hashes, engines), whose resolution applies to the run at
-    once; the other backends take them from the checkpoint, the preset or ``--config``."""
+    once; the other backends take them from the checkpoint, the preset or ``--config``.
+    ``recache``: prompt switches will re-cache, so a TensorRT run needs the recache plan too."""
     artifact = None
     if args.backend in EXPORTED_BACKENDS:
         from memrope.artifact import load_artifact
@@ -303,7 +312,7 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None):
         if args.engine is None:
             raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
         artifact = load_artifact(args.engine, verify=getattr(args, "verify_artifact", False))
-        _check_engine_files(artifact, args.backend)
+        _check_engine_files(artifact, args.backend, recache)
     elif args.engine is not None:
         raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
     model_cfg = artifact.model if artifact is not None else _resolve_model(args, model_dir)
@@ -319,19 +328,19 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None):
     return artifact, model_cfg, run
 
 
-def _check_engine_files(artifact, backend: str) -> None:
+def _check_engine_files(artifact, backend: str, recache: bool = False) -> None:
     """A TensorRT run needs a built plan for every graph: say so before any model loads."""
     if backend != "tensorrt":
         return
     import torch
 
     from engine.sidecar import plan_path, sidecar_path
-    from engine.tensorrt_backend import GRAPHS_RUN
+    from engine.tensorrt_backend import GRAPH_RECACHE, GRAPHS_RUN
 
     if not torch.cuda.is_available():
         raise ValueError("--backend tensorrt runs TensorRT plans on an NVIDIA GPU and this machine has none "
                          "(torch.cuda.is_available() is False); run the artifact with --backend onnxruntime")
-    for graph in GRAPHS_RUN:
+    for graph in (*GRAPHS_RUN, GRAPH_RECACHE) if recache else GRAPHS_RUN:
         plan = plan_path(artifact.path, graph)
         for file in (plan, sidecar_path(plan)):
             if not file.is_file():
@@ -367,7 +376,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.sampler import build_schedule
     from runtime.t2v import VIDEO_FPS, latent_frames_for, stream_video, video_frames_for
 
-    # 1. Options and output paths: milliseconds, before anything loads.
+    # 1. Options, prompt timeline and output paths: milliseconds, before anything loads.
+    timeline = timeline_from_args(args)
     decode = not args.no_decode
     if decode and args.out is None:
         raise ValueError("pass --out VIDEO.mp4 (or --no-decode with --latents-out for latents only)")
@@ -392,7 +402,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 2. The artifact (if any) and the run it fixes: its resolution applies before any shape is
     #    derived, and its graphs (and engines) are checked before the text encoder or VAE load.
     model_dir = _model_dir(args)
-    artifact, model_cfg, run = _resolve_engine(args, model_dir)
+    switches = timeline is not None and len(timeline.segments) > 1
+    artifact, model_cfg, run = _resolve_engine(args, model_dir,
+                                               recache=switches and recache_mode(args, timeline) != "none")
     schedule = build_schedule(run.sampler)
     latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
 
@@ -419,7 +431,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # H.264 at CRF 18: well under 1 byte per pixel; a generous bound still catches a full disk.
         check_output_path(args.out, "--out", suffixes=(".mp4",),
                           estimate_bytes=video_frames_for(run.num_output_frames) * width * height // 4 + 65536)
-    embeds = _text_embeddings(args, model_cfg, run, model_dir)
+    prompt_changes = []
+    if timeline is not None:
+        timeline.check_length(run.num_output_frames, run.cache.block_frames)
+        all_embeds = _encode_prompts(args, model_cfg, run, model_dir, timeline.prompts, "--prompts")
+        embeds = all_embeds[0]
+        prompt_changes = timeline.prompt_changes(all_embeds, run.cache.block_frames,
+                                                 recache=recache_mode(args, timeline),
+                                                 memory=args.memory_on_switch,
+                                                 transition_blocks=args.transition_blocks)
+    else:
+        embeds = _text_embeddings(args, model_cfg, run, model_dir)
     if embeds.shape[0] != run.batch_size:
         raise ValueError(f"text embeddings have batch {embeds.shape[0]}, the run config's "
                          f"num_samples is {run.batch_size}")
@@ -432,7 +454,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from runtime.vae import StreamingVAEDecoder
 
         decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
-    backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir)
+    backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir,
+                            recache=any(c.recache != "none" for c in prompt_changes))
     pipeline = MemRoPEPipeline(backend, run)
     noise = _noise_source(args, run, schedule, backend.dtype, backend.device, latent_shape)
 
@@ -456,7 +479,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
                 on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
         result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
                               latents_writer=latents_writer, progress=not args.no_progress,
-                              on_frames=on_frames, allow_nonfinite=args.allow_nonfinite)
+                              on_frames=on_frames, allow_nonfinite=args.allow_nonfinite,
+                              prompt_changes=prompt_changes)
     elapsed = time.perf_counter() - start
     written = []
     if decode:
@@ -469,15 +493,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir):
+def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir, recache: bool = False):
+    """The DiT backend ``args`` ask for. ``recache``: a prompt switch will re-cache the window, so
+    an exported backend opens its recache graph too (a second copy of the weights: only then)."""
     if args.backend == "onnxruntime":
         from engine.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(artifact, provider=args.ort_provider)
+        return OnnxRuntimeBackend(artifact, provider=args.ort_provider, recache=recache)
     if args.backend == "tensorrt":
         from engine.tensorrt_backend import TensorRTBackend
 
-        return TensorRTBackend(artifact)
+        return TensorRTBackend(artifact, recache=recache)
     dit = _load_dit(args, model_cfg, run, dtype, device, model_dir)
     if args.backend == "compiled":
         from engine.compiled_backend import CompiledBackend

@@ -15,14 +15,14 @@ import math
 import os
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from memrope.config import VAE_TEMPORAL_STRIDE
-from memrope.pipeline import MemRoPEPipeline
+from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import NoiseSource
 
 logger = logging.getLogger(__name__)
@@ -61,8 +61,9 @@ class StreamResult:
 def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
                  decoder=None, writer=None, *, latents_writer=None, progress: bool = True,
                  on_frames: Callable[[torch.Tensor, int], None] | None = None,
-                 allow_nonfinite: bool = False) -> StreamResult:
+                 allow_nonfinite: bool = False, prompt_changes: Sequence[PromptChange] = ()) -> StreamResult:
     """Denoise ``num_blocks`` blocks; hand each block's output on as soon as it is done.
+    ``prompt_changes`` switch the prompt at block boundaries (:class:`memrope.pipeline.PromptChange`).
 
     Per block: ``decoder.decode(x0)`` (frames leave the device there) -> ``writer.write(frames
     [T, H, W, 3] uint8)`` (e.g. an open :class:`runtime.video.Mp4Writer`) and
@@ -87,7 +88,7 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     written = 0
     start = time.perf_counter()
     try:
-        for block in pipeline.blocks(prompt_embeds, noise, num_blocks):
+        for block in pipeline.blocks(prompt_embeds, noise, num_blocks, prompt_changes=prompt_changes):
             frames = None
             if decoder is not None:
                 frames = decoder.decode(block.x0)[0]  # [T, H, W, 3] uint8 on the host, batch 0

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from memrope.cache import CacheLayout
-from memrope.config import VAE_TEMPORAL_STRIDE, CacheConfig, model_preset
+from memrope.config import CacheConfig, model_preset
 from memrope.model import WanCausalDiT
 from runtime.bench import BENCH_PRESETS, run_bench, work_per_call
 from runtime.cli import main

@@ -82,8 +82,9 @@ def test_sessions_admission_prompt_change_pause(server):
                 await c.create(PROMPT)
             frames_b = b.frames
             await b.wait_frames(frames_b + 12, 60)
-            # A prompt change applies at the next block boundary; the old prompt's queue is flushed.
-            change = await a.change_prompt(NEW_PROMPT)
+            # A prompt change applies at the next block boundary; the old prompt's queue is flushed;
+            # the window is re-encoded under the new prompt first (the eager backend can re-cache).
+            change = await a.change_prompt(NEW_PROMPT, recache="recent")
             new_block = await a.wait_event(lambda e: e.get("type") == "block"
                                            and e["prompt_version"] == change["prompt_version"], 60, "new prompt")
             status_a = await a.status()
@@ -195,6 +196,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
         (("POST", "/sessions", {"prompt": TOO_LONG}), 422, "text_len=16 tokens"),
         (("POST", f"/sessions/{live['id']}/prompt", {"prompt": TOO_LONG}), 422, "text_len=16 tokens"),
         (("POST", f"/sessions/{live['id']}/prompt", {"prompt": PROMPT, "memory": "forget"}), 422, "memory"),
+        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": PROMPT, "recache": "sometimes"}), 422, "recache"),
+        (("POST", "/sessions", {"prompt": PROMPT, "recache_on_prompt_change": True}), 422, "recache_on_prompt_change"),
         (("POST", f"/sessions/{live['id']}/offer", {"sdp": "v=0 garbage", "type": "offer"}), 400, "SDP offer"),
         (("POST", f"/sessions/{live['id']}/offer", {"sdp": "x", "type": "answer"}), 422, "type"),
         (("POST", f"/sessions/{stopped_id}/prompt", {"prompt": PROMPT}), 409, f"session {stopped_id} has ended"),

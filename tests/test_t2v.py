@@ -112,14 +112,14 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
     block 300 is no higher than after block 60 (+32 MB), and every frame reaches the file."""
     import resource
 
+    from safetensors.torch import load_file
+
     from engine.eager_backend import EagerBackend
     from memrope.config import CacheConfig, RunConfig, model_preset
+    from memrope.io import SafetensorsStreamWriter
     from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
     from memrope.sampler import StreamingSeededNoise
-    from safetensors.torch import load_file
-
-    from memrope.io import SafetensorsStreamWriter
     from runtime.t2v import stream_video
     from runtime.vae import StreamingVAEDecoder, build_tiny_vae
     from runtime.video import Mp4Writer

@@ -59,6 +59,10 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
     srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                      help="accept clients at once instead of running two blocks first")
+    srv.add_argument("--prompt-recache", choices=("none", "recent", "all"), default="none",
+                     help="what a prompt change re-caches when the session does not say: 'recent' re-encodes "
+                          "the window's tail under the new prompt (LongLive's re-cache, one extra call); "
+                          "anything but 'none' keeps the backend's recache graph loaded")
     p.set_defaults(func=cmd_serve, no_decode=False)
 
 
@@ -67,7 +71,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
-                            retry_after_s=args.retry_after, warm_up=args.warm_up)
+                            retry_after_s=args.retry_after, warm_up=args.warm_up,
+                            prompt_recache=args.prompt_recache)
     require_serve_packages()
     from runtime.serve.app import run_server
     from runtime.serve.model import load_serve_model

@@ -65,6 +65,7 @@ class CreateSession(BaseModel):
     queue_blocks: int | None = Field(None, ge=1, le=MAX_QUEUE_BLOCKS)
     flush_on_prompt_change: bool = True
     memory_on_prompt_change: Literal["keep", "reset"] = "keep"
+    recache_on_prompt_change: Literal["none", "recent", "all"] | None = None  # None: the server's --prompt-recache
     transition_blocks: int = Field(0, ge=0, le=MAX_TRANSITION_BLOCKS)
 
 
@@ -76,7 +77,7 @@ class PromptChange(BaseModel):
     flush: bool | None = None
     memory: Literal["keep", "reset"] | None = None
     transition_blocks: int | None = Field(None, ge=0, le=MAX_TRANSITION_BLOCKS)
-    recache: bool | None = None
+    recache: Literal["none", "recent", "all"] | None = None
 
 
 class Offer(BaseModel):
@@ -155,6 +156,8 @@ class Server:
             options = SessionOptions(seed=body.seed, queue_blocks=body.queue_blocks or self.options.queue_blocks,
                                      flush_on_prompt_change=body.flush_on_prompt_change,
                                      memory_on_prompt_change=body.memory_on_prompt_change,
+                                     recache_on_prompt_change=body.recache_on_prompt_change
+                                     or self.options.prompt_recache,
                                      transition_blocks=body.transition_blocks)
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
@@ -195,15 +198,11 @@ class Server:
             session, prompt, embeds, flush=opts.flush_on_prompt_change if body.flush is None else body.flush,
             memory=body.memory or opts.memory_on_prompt_change,
             transition_blocks=opts.transition_blocks if body.transition_blocks is None else body.transition_blocks,
-            recache=body.recache)
+            recache=body.recache or opts.recache_on_prompt_change)
         try:
             at_block, version, dropped = await asyncio.wrap_future(future)
         except SessionGone:
             raise ApiError(409, f"session {session.id} has ended ({session.reason}); its prompt cannot change") from None
-        except TypeError as exc:
-            if body.recache is not None and "recache" in str(exc):
-                raise ApiError(422, "recache is not supported by this engine's BlockStream.set_prompt") from None
-            raise
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
         event = {"type": "prompt", "prompt": prompt, "prompt_version": version, "applies_at_block": at_block,

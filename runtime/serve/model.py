@@ -184,7 +184,7 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
     if model_dir is None:
         raise ValueError("serving encodes prompts and decodes video: pass --model-dir WAN_DIR (the folder with "
                          "the text encoder and the VAE), or no model options for the embedded tiny demo")
-    artifact, model_cfg, run = _resolve_engine(args, model_dir)
+    artifact, model_cfg, run = _resolve_engine(args, model_dir, recache=getattr(args, "prompt_recache", "none") != "none")
     if run.batch_size != 1:
         raise ValueError(f"a session streams one video: the run config's num_samples must be 1, got {run.batch_size}")
     if run.cache.policy == "global":
@@ -193,7 +193,8 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
     text = PromptEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len, text_dim=model_cfg.text_dim)
     try:
         vae = load_vae(model_dir, device=device)
-        backend = _make_backend(args, artifact, model_cfg, run, _torch_dtype(args.dtype), device, model_dir)
+        backend = _make_backend(args, artifact, model_cfg, run, _torch_dtype(args.dtype), device, model_dir,
+                                recache=getattr(args, "prompt_recache", "none") != "none")
     except BaseException:
         text.close()
         raise

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 MEMORY_ON_PROMPT_CHANGE = ("keep", "reset")
+RECACHE_ON_PROMPT_CHANGE = ("none", "recent", "all")
 MAX_QUEUE_BLOCKS = 16
 MAX_TRANSITION_BLOCKS = 64
 
@@ -41,6 +42,8 @@ class ServerOptions:
     retry_after_s: the ``Retry-After`` a refused client is given.
     warm_up: run two blocks and their decode before accepting clients, so the first session
       does not pay for kernel selection and allocator warm-up.
+    prompt_recache: what a prompt change re-caches for sessions that do not choose (``none``,
+      ``recent``, ``all``); anything but ``none`` keeps the backend's recache graph loaded.
     """
 
     host: str = "127.0.0.1"
@@ -50,12 +53,15 @@ class ServerOptions:
     heartbeat_timeout_s: float = 5.0
     retry_after_s: int = 5
     warm_up: bool = True
+    prompt_recache: str = "none"
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"--host must be a host name or address, got {self.host!r}")
         _int_in("--port", self.port, 0, 65535)
         _int_in("--max-sessions", self.max_sessions, 1)
+        if self.prompt_recache not in RECACHE_ON_PROMPT_CHANGE:
+            raise ValueError(f"--prompt-recache must be one of {RECACHE_ON_PROMPT_CHANGE}, got {self.prompt_recache!r}")
         _int_in("--queue-blocks", self.queue_blocks, 1, MAX_QUEUE_BLOCKS)
         _positive_number("--heartbeat-timeout", self.heartbeat_timeout_s)
         _int_in("--retry-after", self.retry_after_s, 1)
@@ -70,6 +76,8 @@ class SessionOptions:
     flush_on_prompt_change: drop the old prompt's queued frames when a new prompt takes effect,
       so the viewer sees the new prompt one block later instead of a queue later.
     memory_on_prompt_change: ``keep`` or ``reset`` the EMA memory when the prompt changes.
+    recache_on_prompt_change: re-encode the window under the new prompt (``recent``, ``all``) or
+      not (``none``); see :meth:`memrope.pipeline.BlockStream.set_prompt`.
     transition_blocks: blend old and new prompt over this many blocks (0: switch at once).
     """
 
@@ -78,6 +86,7 @@ class SessionOptions:
     flush_on_prompt_change: bool = True
     memory_on_prompt_change: str = "keep"
     transition_blocks: int = 0
+    recache_on_prompt_change: str = "none"
 
     def __post_init__(self) -> None:
         _int_in("seed", self.seed, 0, 2**63 - 1)
@@ -88,3 +97,6 @@ class SessionOptions:
             raise ValueError(f"memory_on_prompt_change must be one of {MEMORY_ON_PROMPT_CHANGE}, "
                              f"got {self.memory_on_prompt_change!r}")
         _int_in("transition_blocks", self.transition_blocks, 0, MAX_TRANSITION_BLOCKS)
+        if self.recache_on_prompt_change not in RECACHE_ON_PROMPT_CHANGE:
+            raise ValueError(f"recache_on_prompt_change must be one of {RECACHE_ON_PROMPT_CHANGE}, "
+                             f"got {self.recache_on_prompt_change!r}")

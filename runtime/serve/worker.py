@@ -135,17 +135,14 @@ class ModelWorker:
         return self.submit(run)
 
     def change_prompt(self, session: Session, prompt: str, prompt_embeds: torch.Tensor, *, flush: bool,
-                      memory: str, transition_blocks: int, recache: bool | None = None) -> Future:
+                      memory: str, transition_blocks: int, recache: str = "none") -> Future:
         """Switch the session's prompt at its next block boundary (``BlockStream.set_prompt``).
         The future gives ``(applies_at_block, prompt_version, frames_dropped)``."""
         def run() -> tuple[int, int, int]:
             stream = session.stream
             if stream is None or session.ended:
                 raise SessionGone(session.id)
-            options = {"memory": memory, "transition_blocks": transition_blocks}
-            if recache is not None:
-                options["recache"] = recache
-            stream.set_prompt(prompt_embeds, **options)
+            stream.set_prompt(prompt_embeds, memory=memory, transition_blocks=transition_blocks, recache=recache)
             dropped = session.switch_prompt(prompt, flush)
             self.stats.add("frames_dropped", dropped)
             return stream.block_index, session.prompt_version, dropped
