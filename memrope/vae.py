@@ -292,9 +292,10 @@ class _Step:
         if cache.shape[1] != x.shape[1] or cache.shape[3:] != x.shape[3:]:
             raise ValueError(f"feature cache {len(self.outputs)} has shape {list(cache.shape)}, expected "
                              f"[B, {x.shape[1]}, {CACHE_FRAMES}, {x.shape[3]}, {x.shape[4]}]")
-        cache = torch.where(self.first, torch.zeros_like(cache), cache)
+        # masked_fill, not where(zeros_like): a zeros_like would be folded into a full-size constant.
+        cache = cache.masked_fill(self.first, 0.0)
         if zero is not None:
-            x = torch.where(zero, torch.zeros_like(x), x)
+            x = x.masked_fill(zero, 0.0)
         full = torch.cat([cache, x], dim=2)
         self.outputs.append(full[:, :, -CACHE_FRAMES:])
         return conv(full)
@@ -372,7 +373,7 @@ class _Resample(nn.Module):
             y = step.causal(self.time_conv, x, first_latent)            # [B, 2C, T, h, w]
             y = y.reshape(b, 2, c, t, h, w)
             # ... and its own output pair is (padding, the frame itself).
-            early = torch.where(first_latent, torch.zeros_like(y[:, 0]), y[:, 0])
+            early = y[:, 0].masked_fill(first_latent, 0.0)
             late = torch.where(first_latent, x, y[:, 1])
             x = torch.stack((early, late), dim=3).reshape(b, c, 2 * t, h, w)
             step.positions_per_latent *= 2

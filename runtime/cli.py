@@ -23,6 +23,7 @@ logger = logging.getLogger("memrope")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
+VAE_BACKENDS = ("eager", "onnxruntime", "tensorrt")
 # Reference-order noise draws the whole video's initial noise up front; past this many
 # elements per run the loop draws block by block instead (constant memory).
 REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
@@ -62,6 +63,12 @@ def _add_generate(sub: argparse._SubParsersAction) -> None:
                     help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ex.add_argument("--dtype", choices=tuple(DTYPES), default="float32")
+    ex.add_argument("--vae-backend", choices=VAE_BACKENDS, default="eager",
+                    help="VAE decode: eager (PyTorch, weights from --model-dir) or the artifact's vae_decode "
+                         "graph (--engine; onnxruntime, or tensorrt after `memrope build`)")
+    ex.add_argument("--no-vae-overlap", dest="vae_overlap", action="store_false",
+                    help="decode each block before starting the next one (default: decode block b in a "
+                         "worker while the DiT computes block b+1)")
     p.set_defaults(func=cmd_generate)
 
 
@@ -169,22 +176,35 @@ def _add_export(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs eager comparison (fp32 exports)")
+    p.add_argument("--model-dir", type=Path,
+                   help="Wan2.1 folder: its VAE is exported as vae_decode.onnx (and its DiT weights are used "
+                        "when --checkpoint is not given)")
+    p.add_argument("--no-vae", dest="vae", action="store_false", help="do not export the VAE of --model-dir")
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from export.onnx_export import export_artifact
 
-    model_cfg = _resolve_model(args)
+    if args.model_dir is not None and not args.model_dir.is_dir():
+        raise FileNotFoundError(f"--model-dir not found: {args.model_dir}")
+    model_cfg = _resolve_model(args, args.model_dir)
     run = _run_config(args)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
     if args.out.exists() and not args.force:
         raise ValueError(f"{args.out} already exists; pass --force to replace it")
-    dit = _load_dit(args, model_cfg, run, dtype, torch.device("cpu"))
+    vae = None
+    if args.model_dir is not None and args.vae:
+        from runtime.vae import streaming_decoder_module
+
+        vae = streaming_decoder_module(args.model_dir, dtype=dtype)
+    dit = _load_dit(args, model_cfg, run, dtype, torch.device("cpu"), args.model_dir)
     result = export_artifact(dit, run, args.out, height=args.height, width=args.width, batch=args.batch,
-                             validate=args.validate, force=args.force)
+                             validate=args.validate, force=args.force, vae=vae)
     sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result.files.items() if name.endswith((".onnx", ".data")))
     check = result.validation.get("skipped") or f"max abs error vs eager {result.validation['max_abs_error']:.2e}"
+    if "vae_decode" in result.validation:
+        check += f"; vae_decode pixels {result.validation['vae_decode']['pixels_max_abs_error']:.2e}"
     print(f"wrote {result.path} in {result.seconds:.1f} s: step graph {result.step_nodes} nodes; {sizes}; "
           f"TensorRT audit passed; validation: {check}")
     return 0
@@ -352,6 +372,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     artifact = None
     model_dir = _model_dir(args)
+    vae_exported = decode and args.vae_backend in EXPORTED_BACKENDS
+    if vae_exported and args.engine is None:
+        raise ValueError(f"--vae-backend {args.vae_backend} needs --engine DIR (an artifact exported with a VAE)")
     if args.backend in EXPORTED_BACKENDS:
         from memrope.artifact import load_artifact
 
@@ -359,10 +382,14 @@ def cmd_generate(args: argparse.Namespace) -> int:
             raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
         artifact = load_artifact(args.engine)
         model_cfg = artifact.model
-    elif args.engine is not None:
+    elif args.engine is not None and not vae_exported:
         raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
     else:
         model_cfg = _resolve_model(args, model_dir)
+        if vae_exported:
+            from memrope.artifact import load_artifact
+
+            artifact = load_artifact(args.engine)
     run = _run_config(args, artifact.run if artifact is not None else None,
                       video_demo=model_dir is not None and args.model_dir is None)
     if args.seed is not None:
@@ -400,11 +427,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     decoder = None
     if decode:
-        if model_dir is None:
-            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode)")
-        from runtime.vae import StreamingVAEDecoder
+        if model_dir is None and args.vae_backend == "eager":
+            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode, or "
+                             "--vae-backend onnxruntime with an artifact exported with a VAE)")
+        from runtime.vae import VAEStream, make_vae_backend
 
-        decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
+        provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
+        decoder = VAEStream(make_vae_backend(args.vae_backend, run, artifact=artifact, model_dir=model_dir,
+                                             device=device, provider=provider),
+                            run.cache.block_frames, overlap=args.vae_overlap)
 
     if args.backend == "onnxruntime":
         from engine.onnxruntime_backend import OnnxRuntimeBackend
@@ -447,7 +478,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             args.png_dir.mkdir(parents=True, exist_ok=True)
             on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
         width, height = VAE_SPATIAL_STRIDE * run.latent_width, VAE_SPATIAL_STRIDE * run.latent_height
-        with backend, Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height) as writer:
+        with backend, decoder, Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height) as writer:
             result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
                                   keep_latents=args.latents_out is not None, progress=not args.no_progress,
                                   on_frames=on_frames)
@@ -461,8 +492,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     elapsed = time.perf_counter() - start
     if args.latents_out is not None:
         save_safetensors_atomic({"latents": latents.float()}, args.latents_out)
+    vae_note = f", vae {args.vae_backend}{' overlapped' if args.vae_overlap else ''}" if decode else ""
     print(f"{summary} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, {elapsed:.2f} s, "
-          f"policy {run.cache.policy}, backend {args.backend})")
+          f"policy {run.cache.policy}, backend {args.backend}{vae_note})")
     return 0
 
 

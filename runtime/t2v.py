@@ -1,5 +1,6 @@
 """Text to video, streamed: prompt -> umT5 embeddings -> DiT with the MemRoPE cache -> streaming
-Wan VAE -> MP4, block by block at constant memory.
+Wan VAE -> MP4, block by block at constant memory (decode of block b overlapping the DiT of block
+b+1 when the VAE stream has a worker).
 
 Owns: the duration arithmetic (seconds -> latent frames), the streaming driver that hands each
 block's frames to the decoder and the writer as soon as the block is denoised, the model-folder
@@ -10,6 +11,7 @@ downloads). Does not own the models themselves (``memrope.model``, ``runtime.tex
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
@@ -68,6 +70,10 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     Memory stays constant: nothing accumulates unless ``keep_latents``. ``writer`` is an open
     :class:`runtime.video.Mp4Writer` (or anything with ``write(frames [T, H, W, 3] uint8)``);
     ``on_frames(frames, first_index)`` sees every decoded chunk (e.g. PNG output).
+
+    ``decoder`` is a :class:`runtime.vae.VAEStream` (the engine's frame path: with ``overlap``,
+    block b decodes and is written from the stream's worker while the DiT computes block b+1)
+    or anything with ``reset()`` and ``decode(x0) -> [B, T, H, W, 3]`` (the diffusers reference).
     """
     bar = None
     if progress:
@@ -78,17 +84,33 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     decoder.reset()
     kept, written = [], 0
     start = time.perf_counter()
+
+    def emit(frames: torch.Tensor) -> None:
+        nonlocal written
+        frames = frames[0]  # [T, H, W, 3] uint8, batch 0
+        writer.write(frames)
+        if on_frames is not None:
+            on_frames(frames, written)
+        written += frames.shape[0]
+        if bar is not None:
+            bar.update(frames.shape[0])
+
+    streamed = hasattr(decoder, "submit")
     try:
         for _, x0, _, _ in pipeline.blocks(prompt_embeds, noise, num_blocks):
-            frames = decoder.decode(x0)[0]  # [T, H, W, 3] uint8, batch 0
-            writer.write(frames)
-            if on_frames is not None:
-                on_frames(frames, written)
-            written += frames.shape[0]
+            if streamed:
+                decoder.submit(x0, emit)
+            else:
+                emit(decoder.decode(x0))
             if keep_latents:
                 kept.append(x0.float().cpu())
-            if bar is not None:
-                bar.update(frames.shape[0])
+        if streamed:
+            decoder.flush()
+    except BaseException:
+        if streamed:  # no frame may reach the writer after this returns (it is closed next)
+            with contextlib.suppress(Exception):
+                decoder.flush()
+        raise
     finally:
         if bar is not None:
             bar.close()
