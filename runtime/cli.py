@@ -233,13 +233,16 @@ def _add_bench(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("bench", help="latency of the same loop on every available backend",
                        description="Profile eager, compiled, ONNX Runtime and TensorRT on the same loop and "
                                    "inputs (random weights). Prints a table, then one JSON line.")
-    p.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"), default="tiny")
+    p.add_argument("--preset", choices=("tiny", "demo", "mid", "wan-1.3b"), default="tiny",
+                   help="tiny 48x32, demo 96x64 (the embedded demo), mid 128x96, wan-1.3b 832x480")
     p.add_argument("--height", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--width", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--backends", default="eager,compiled,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,compiled,onnxruntime,tensorrt")
     p.add_argument("--blocks", type=int, default=30, help="timed blocks (after the warm-up)")
     p.add_argument("--warmup-blocks", type=int, default=3)
+    p.add_argument("--e2e-blocks", type=int, default=20,
+                   help="blocks of the frame path (VAE alone, DiT + VAE serial and overlapped); 0 skips it")
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
@@ -272,7 +275,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"--device {args.device}: CUDA is not available on this machine")
-    doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops)
+    if args.e2e_blocks and args.e2e_blocks < 4:
+        raise ValueError(f"--e2e-blocks must be 0 (skip the frame path) or at least 4, got {args.e2e_blocks}")
+    doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops,
+                    e2e_blocks=args.e2e_blocks)
     print_table(doc)
     if args.json_out:
         write_json(doc, args.json_out)
@@ -280,6 +286,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot(doc, args.plot)
     summary = [{k: r.get(k) for k in ("backend", "available", "call_ms_median", "block_ms_median", "latent_fps",
                                        "video_fps", "host_overhead_pct", "flatness")} for r in doc["results"]]
+    for row, r in zip(summary, doc["results"]):
+        if "frame_path" in r:
+            f = r["frame_path"]
+            row.update(vae_ms_median=f["vae_ms_median"], e2e_block_ms_median=f["overlap"]["block_ms_median"],
+                       e2e_video_fps=f["overlap"]["video_fps"], ttff_cached_ms=f["ttff"]["ttff_cached_ms"])
     print(json.dumps(summary))
     return 0
 
