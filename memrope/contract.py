@@ -241,15 +241,16 @@ def text_contract(model: WanConfig, dtype: str, batch: int) -> GraphContract:
     )
 
 
-def vae_decode_contract(vae: VAEDecoderConfig, run: RunConfig, dtype: str, batch: int) -> GraphContract:
-    """One streaming VAE decode step (``memrope.vae.WanStreamingDecoder``): ``STEP_LATENT_FRAMES``
-    latent frames, the first-frame flag and every feature cache in; uint8 frames, float32 pixels
-    (validation) and the updated caches out."""
+def vae_decode_contract(vae: VAEDecoderConfig, run: RunConfig, dtype: str, batch: int,
+                        latent_frames: int = STEP_LATENT_FRAMES) -> GraphContract:
+    """One streaming VAE decode step (``memrope.vae.WanStreamingDecoder``): ``latent_frames``
+    latent frames (artifacts: ``STEP_LATENT_FRAMES``), the first-frame flag and every feature
+    cache in; uint8 frames, float32 pixels (validation) and the updated caches out."""
     check_engine_geometry(vae)
     if vae.z_dim != run.latent_channels:
         raise ValueError(f"the VAE takes {vae.z_dim} latent channels, the run has latent_channels="
                          f"{run.latent_channels}")
-    lh, lw, t = run.latent_height, run.latent_width, STEP_LATENT_FRAMES
+    lh, lw, t = run.latent_height, run.latent_width, latent_frames
     frames, height, width = vae.temporal_stride * t, lh * vae.spatial_stride, lw * vae.spatial_stride
     slots = feature_cache_layout(vae)
     inputs = [TensorSpec("latents", (batch, t, vae.z_dim, lh, lw), dtype), TensorSpec("first_frame", (1,), "bool")]

@@ -55,7 +55,7 @@ CACHE_FRAMES = 2          # diffusers' CACHE_T: frames of context each causal co
 # either way (the causal convs see the same context), but a third of the peak activation memory
 # (the last stage of a 832x480 step is 96 x 4 x 480 x 832 per tensor), the shapes of diffusers'
 # own per-frame loop (and Self-Forcing's TensorRT decoder), and no padding waste beyond one
-# frame at the start of a video. docs/vae_engine.md has the measured 1-vs-3 comparison.
+# frame at the start of a video. docs/bench_frame_path_cpu.md has the measured 1-vs-3 comparison.
 STEP_LATENT_FRAMES = 1
 TIME_KERNEL = CACHE_FRAMES + 1
 RMS_EPS = 1e-12           # F.normalize's eps
@@ -351,7 +351,8 @@ class _MidBlock(nn.Module):
 
 
 def _upsample_nearest2x(x: torch.Tensor) -> torch.Tensor:
-    """``[B, C, T, H, W]`` -> ``[B, C, T, 2H, 2W]``, nearest (= diffusers' nearest-exact at 2x)."""
+    """``[B, C, T, H, W]`` -> ``[B, C, T, 2H, 2W]``, nearest (= diffusers' nearest-exact at 2x).
+    Expand + Reshape, not ``Resize``: ONNX Runtime's CPU Resize was slower here (demo VAE profile)."""
     b, c, t, h, w = x.shape
     return x.reshape(b, c, t, h, 1, w, 1).expand(b, c, t, h, 2, w, 2).reshape(b, c, t, 2 * h, 2 * w)
 

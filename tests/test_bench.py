@@ -69,7 +69,7 @@ def test_work_model_counts_the_real_linear_layers():
 def test_cli_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "--preset", "tiny", "--backends", "eager,tensorrt", "--blocks", "5", "--warmup-blocks", "1",
-                 "--json-out", str(out), "--plot", str(png), "--peak-tflops", "1.0"]) == 0
+                 "--json-out", str(out), "--plot", str(png), "--peak-tflops", "1.0", "--e2e-blocks", "0"]) == 0
     doc = json.loads(out.read_text())
     eager = doc["results"][0]
     assert eager["backend"] == "eager" and 0 < eager["peak_fraction"] < 1
