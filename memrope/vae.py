@@ -269,11 +269,12 @@ class _Step:
     """Trace-time state of one decode step: the cache inputs consumed in layout order, the new
     caches produced, and the first-frame masks. Python here only follows the static structure."""
 
-    def __init__(self, caches: tuple[torch.Tensor, ...], first_frame: torch.Tensor, latent_frames: int):
+    def __init__(self, caches: tuple[torch.Tensor, ...], first_frame: torch.Tensor,
+                 patterns: Mapping[tuple[int, int], torch.Tensor]):
         self.inputs: Iterator[torch.Tensor] = iter(caches)
         self.outputs: list[torch.Tensor] = []
         self.first = first_frame.reshape(1, 1, 1, 1, 1)
-        self.latent_frames = latent_frames
+        self.patterns = patterns
         self.positions_per_latent = 1   # doubles at each temporal upsampler
 
     def first_positions(self, exclude_last: bool) -> torch.Tensor | None:
@@ -283,8 +284,7 @@ class _Step:
         count = s - 1 if exclude_last else s
         if count == 0:
             return None
-        pattern = torch.tensor([p < count for p in range(s * self.latent_frames)]).reshape(1, 1, -1, 1, 1)
-        return torch.logical_and(self.first, pattern.to(self.first.device))
+        return torch.logical_and(self.first, self.patterns[(s, count)])
 
     def causal(self, conv: _Conv, x: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         """``conv`` over ``[cache | x]`` along time; records the last two frames as the new cache."""
@@ -482,6 +482,17 @@ class WanStreamingDecoder(nn.Module):
         self.decoder = _Decoder(cfg)
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).reshape(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std).reshape(1, -1, 1, 1, 1), persistent=False)
+        # The first latent frame's positions at each stage (s positions per latent frame), as
+        # buffers so a step builds no tensor on the host.
+        self._patterns: dict[tuple[int, int], str] = {}
+        s = 1
+        while s <= cfg.temporal_stride:
+            for count in sorted({s - 1, s} - {0}):
+                name = f"first_positions_{s}_{count}"
+                pattern = torch.tensor([p < count for p in range(s * latent_frames)]).reshape(1, 1, -1, 1, 1)
+                self.register_buffer(name, pattern, persistent=False)
+                self._patterns[(s, count)] = name
+            s *= 2
 
     @classmethod
     def from_diffusers(cls, vae: nn.Module, latent_frames: int = STEP_LATENT_FRAMES) -> "WanStreamingDecoder":
@@ -532,7 +543,8 @@ class WanStreamingDecoder(nn.Module):
             raise ValueError(f"latents have shape {list(latents.shape)}, expected [B, {self.latent_frames}, "
                              f"{self.config.z_dim}, h, w]")
         dtype = self.post_quant_conv.weight.dtype
-        step = _Step(caches, first_frame.to(torch.bool), self.latent_frames)
+        patterns = {key: getattr(self, name) for key, name in self._patterns.items()}
+        step = _Step(caches, first_frame.to(torch.bool), patterns)
 
         # 1. De-normalise: z / (1 / std) + mean, in the VAE's dtype, as the reference.
         std = self.latents_std.to(dtype)
