@@ -39,7 +39,7 @@ class Backend:
     dtype: torch.dtype
     device: torch.device
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -78,7 +78,7 @@ class VAEBackend:
     device: torch.device
     dtype: torch.dtype
 
-    def __enter__(self) -> "VAEBackend":
+    def __enter__(self) -> VAEBackend:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -112,7 +112,7 @@ class VAEDecoderConfig:
         _require(all(s != 0 for s in self.latents_std), "VAE latents_std must be non-zero")
 
     @classmethod
-    def from_diffusers(cls, config: Mapping) -> "VAEDecoderConfig":
+    def from_diffusers(cls, config: Mapping) -> VAEDecoderConfig:
         """From an ``AutoencoderKLWan`` config (``vae.config`` or ``vae/config.json``)."""
         get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
         z_dim = get("z_dim", 16)
@@ -130,7 +130,7 @@ class VAEDecoderConfig:
                    latents_std=tuple(float(s) for s in std))
 
     @classmethod
-    def from_dict(cls, raw: Mapping) -> "VAEDecoderConfig":
+    def from_dict(cls, raw: Mapping) -> VAEDecoderConfig:
         """Inverse of :meth:`to_dict` (artifacts' ``config.json``)."""
         known = set(cls.__dataclass_fields__)
         unknown = sorted(set(raw) - known)
@@ -495,14 +495,14 @@ class WanStreamingDecoder(nn.Module):
             s *= 2
 
     @classmethod
-    def from_diffusers(cls, vae: nn.Module, latent_frames: int = STEP_LATENT_FRAMES) -> "WanStreamingDecoder":
+    def from_diffusers(cls, vae: nn.Module, latent_frames: int = STEP_LATENT_FRAMES) -> WanStreamingDecoder:
         """The decoder of a diffusers ``AutoencoderKLWan`` (weights copied, same dtype and device)."""
         param = next(vae.parameters())
         module = cls(VAEDecoderConfig.from_diffusers(vae.config), latent_frames)
         module.load_diffusers_state_dict(vae.state_dict())
         return module.to(device=param.device, dtype=param.dtype).eval()
 
-    def load_diffusers_state_dict(self, state: Mapping[str, torch.Tensor]) -> "WanStreamingDecoder":
+    def load_diffusers_state_dict(self, state: Mapping[str, torch.Tensor]) -> WanStreamingDecoder:
         """Load ``post_quant_conv.*`` and ``decoder.*`` from an ``AutoencoderKLWan`` state dict
         (encoder keys are ignored). Raises ValueError naming missing keys and wrong shapes."""
         own = self.state_dict()

@@ -51,6 +51,7 @@ from memrope.config import (
 )
 from memrope.io import atomic_write
 from memrope.pipeline import MemRoPEPipeline
+from runtime.vae import WAN21_VAE_CONFIG, tiny_vae_config
 
 logger = logging.getLogger(__name__)
 
@@ -74,12 +75,9 @@ BENCH_PRESETS = {
 # Random-weight VAEs with Wan2.1's structure: the demo's tiny one, a third of Wan2.1's width for
 # the mid DiT, and Wan2.1's own sizes.
 BENCH_VAES = {
-    "tiny": dict(base_dim=8, z_dim=16, dim_mult=[1, 2, 2, 2], num_res_blocks=1, attn_scales=[],
-                 temperal_downsample=[False, True, True]),
-    "mid": dict(base_dim=32, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                temperal_downsample=[False, True, True]),
-    "wan2.1": dict(base_dim=96, z_dim=16, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[],
-                   temperal_downsample=[False, True, True]),
+    "tiny": tiny_vae_config(),
+    "mid": {**WAN21_VAE_CONFIG, "base_dim": 32},
+    "wan2.1": WAN21_VAE_CONFIG,
 }
 VAE_FOR_BACKEND = {"eager": "eager", "compiled": "eager", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
 BENCH_PROMPT = "a red fox trotting through fresh snow at dawn"
@@ -337,7 +335,7 @@ def _vae_backend(name: str, preset: BenchPreset, run: RunConfig, dit_backend: Ba
     return make_vae_backend(kind, run, artifact=artifact, provider=provider)
 
 
-def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: "TimedBackend", embeds: torch.Tensor,
+def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBackend, embeds: torch.Tensor,
                      blocks: int, warmup_blocks: int, workdir: Path, seed: int) -> dict:
     """VAE per block alone, then DiT + VAE end to end without and with overlap, and the time to
     first frame (see the module docstring). Milliseconds; per-block series included."""

@@ -32,13 +32,15 @@ import logging
 import os
 import re
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
+
+from memrope.contract import feat_cache, present_feat_cache
+from memrope.vae import WanStreamingDecoder, padding_frames
 
 logger = logging.getLogger(__name__)
 
@@ -145,7 +147,7 @@ class StreamingVAEDecoder:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> "StreamingVAEDecoder":
+                       dtype: torch.dtype = torch.float32) -> StreamingVAEDecoder:
         """Load the VAE from a Wan2.1 model folder; see :func:`load_vae`."""
         return cls(load_vae(model_dir, device=device, dtype=dtype))
 
@@ -216,8 +218,6 @@ def streaming_decoder_module(model_dir: str | os.PathLike[str], device: str | to
                              dtype: torch.dtype = torch.float32):
     """The exportable decoder (``memrope.vae.WanStreamingDecoder``) with the weights of the VAE
     in ``model_dir`` (either layout, see :func:`load_vae`), on ``device`` in ``dtype``."""
-    from memrope.vae import WanStreamingDecoder
-
     vae = load_vae(model_dir, device="cpu", dtype=torch.float32)
     module = WanStreamingDecoder.from_diffusers(vae)
     del vae
@@ -286,9 +286,6 @@ class VAEStream:
     """
 
     def __init__(self, backend, block_latent_frames: int, *, overlap: bool = False):
-        from memrope.contract import feat_cache, present_feat_cache
-        from memrope.vae import padding_frames
-
         contract = backend.contract
         latents_spec = contract.input("latents")
         self.step_latent_frames = latents_spec.shape[1]
@@ -333,7 +330,7 @@ class VAEStream:
         self.cache_bytes = sum(spec.nbytes for spec in specs)
         self.decode_ms: list[float] = []
 
-    def __enter__(self) -> "VAEStream":
+    def __enter__(self) -> VAEStream:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -607,7 +604,7 @@ def _load_wan_original(model_dir: Path, device, dtype):
         cfg.update(latents_mean=list(WAN21_LATENTS_MEAN), latents_std=list(WAN21_LATENTS_STD))
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+    except Exception as exc:
         raise ValueError(f"{path} is not a readable PyTorch state dict: {exc}") from None
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{path} must hold a flat state dict of tensors (encoder.*, conv1.*, conv2.*, "

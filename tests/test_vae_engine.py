@@ -281,13 +281,16 @@ def test_vae_stream_equals_reference_with_fixed_bindings(demo_artifact, demo_ref
     artifact = load_artifact(demo_artifact[1])
     latents, expected = demo_reference
     backend = make_vae_backend("onnxruntime", artifact.run, artifact=artifact, device="cpu", provider="cpu")
-    got = []
     with VAEStream(backend, 3, overlap=overlap) as stream:
         for video in range(2):  # a second video from the same buffers: first-frame flag, no reset of caches
             stream.reset()
-            got = []
+            got: list[torch.Tensor] = []
+
+            def sink(frames, got=got):
+                got.append(frames.clone())
+
             for i in range(0, 15, 3):
-                stream.submit(latents[:, i:i + 3], lambda frames: got.append(frames.clone()))
+                stream.submit(latents[:, i:i + 3], sink)
             stream.flush()
             video_frames = torch.cat(got, dim=1)
             assert [g.shape[1] for g in got] == [9, 12, 12, 12, 12]
