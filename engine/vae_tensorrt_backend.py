@@ -131,10 +131,11 @@ class TensorRTVAEBackend(VAEBackend):
         if not entry[0].execute_async_v3(stream.cuda_stream):
             raise RuntimeError(f"TensorRT execute_async_v3 failed for {PLAN_FILE}")
         if self.cuda_graph and first:
-            # The warm-up execution above computed this call; the capture only records.
+            # The warm-up execution above computed this call; the capture only records. Thread-local
+            # capture: with overlap the DiT keeps issuing CUDA work from the main thread meanwhile.
             graph = torch.cuda.CUDAGraph()
             try:
-                with torch.cuda.graph(graph, stream=stream):
+                with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
                     entry[0].execute_async_v3(stream.cuda_stream)
                 entry[1] = graph
             except Exception as exc:  # an engine with layers that cannot run under capture
