@@ -5,7 +5,9 @@ Each measured stage runs in its own child process, so its peak RSS (from ``wait4
 - ``export DTYPE``: build the random ``AutoencoderKLWan`` (Wan2.1 sizes), take its decoder as
   ``memrope.vae.WanStreamingDecoder``, export the contract's static graph (names checked,
   ``onnx.checker`` by path), then run the TensorRT op-table audit;
-- ``ort``: (float32) one ONNX Runtime CPU session, a first-frame step and a steady step;
+- ``ort``: (float32) one ONNX Runtime CPU session, a first-frame step and a steady step. At
+  832x480 this needs more than 24 GB: ONNX Runtime's CPU Conv3D builds the whole im2col matrix,
+  27 x 96 x (4 x 480 x 832) floats = 16.6 GB for one last-stage conv (measured: killed at 23.2 GB);
 - ``rtx DTYPE``: (bf16/fp16) the real TensorRT-RTX builder, AOT without a GPU, no timing cache.
 Results go to ``bench/results/vae_export_fullsize.json``; the reading is docs/vae_export_fullsize.md.
 
