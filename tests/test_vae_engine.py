@@ -373,3 +373,49 @@ def test_generate_refuses_bad_vae_options(tmp_path, capsys):
 def test_model_preset_is_what_the_demo_uses():
     # The demo model's DiT takes the VAE's 16 latent channels (the contract checks it).
     assert model_preset("tiny").in_dim == 16
+
+
+# ------------------------------------------------------------------------------------------------
+# GPU (skipped without one)
+# ------------------------------------------------------------------------------------------------
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (none on this machine)")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("overlap", [False, True], ids=["inline", "overlap"])
+def test_eager_vae_stream_on_cuda_equals_cpu(demo_artifact, demo_reference, overlap):
+    """On CUDA the stream decodes on its own stream (overlap) with pinned host frames."""
+    from memrope.artifact import load_artifact
+
+    demo, _ = demo_artifact
+    latents, expected = demo_reference
+    run = load_artifact(demo_artifact[1]).run
+    backend = make_vae_backend("eager", run, model_dir=demo, device="cuda")
+    with VAEStream(backend, 3, overlap=overlap) as stream:
+        stream.reset()
+        got = torch.cat([stream.decode(latents[:, i:i + 3].cuda()).clone() for i in range(0, 15, 3)], dim=1)
+    assert (got.int() - expected.int()).abs().max() <= 1
+
+
+@pytest.mark.gpu
+@pytest.mark.trt
+@needs_cuda
+def test_tensorrt_vae_stream_equals_reference(demo_artifact, demo_reference):
+    """``memrope build`` builds vae_decode with the other graphs; the TensorRT VAE backend decodes
+    the demo's latents like diffusers (fp32 artifact: within one level on 99% of values)."""
+    pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
+    from engine.build import build_engines
+
+    _, path = demo_artifact
+    build_engines(path)
+    latents, expected = demo_reference
+    from memrope.artifact import load_artifact
+
+    backend = make_vae_backend("tensorrt", load_artifact(path).run, artifact=path, device="cuda")
+    with VAEStream(backend, 3, overlap=True) as stream:
+        stream.reset()
+        got = torch.cat([stream.decode(latents[:, i:i + 3].cuda()).clone() for i in range(0, 15, 3)], dim=1)
+    diff = (got.int() - expected.int()).abs()
+    assert got.shape == expected.shape and (diff > 1).float().mean() < 0.01
