@@ -163,7 +163,7 @@ def test_first_frame_flag_ignores_the_caches(exported):
     zeros = {s.name: np.zeros(s.shape, np.float32) for s in contract.inputs[2:]}
     garbage = {s.name: g.standard_normal(s.shape).astype(np.float32) for s in contract.inputs[2:]}
     first = [session.run(None, {"latents": latents, "first_frame": np.array([True]), **c}) for c in (zeros, garbage)]
-    for a, b in zip(first[0], first[1]):
+    for a, b in zip(first[0], first[1], strict=True):
         np.testing.assert_array_equal(a, b)
     later = session.run(None, {"latents": latents, "first_frame": np.array([False]), **garbage})
     assert np.abs(later[1] - first[0][1]).max() > 1e-3  # without the flag the caches matter
@@ -282,7 +282,7 @@ def test_vae_stream_equals_reference_with_fixed_bindings(demo_artifact, demo_ref
     latents, expected = demo_reference
     backend = make_vae_backend("onnxruntime", artifact.run, artifact=artifact, device="cpu", provider="cpu")
     with VAEStream(backend, 3, overlap=overlap) as stream:
-        for video in range(2):  # a second video from the same buffers: first-frame flag, no reset of caches
+        for _video in range(2):  # a second video from the same buffers: first-frame flag, no reset of caches
             stream.reset()
             got: list[torch.Tensor] = []
 
