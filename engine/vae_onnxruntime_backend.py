@@ -37,11 +37,15 @@ class OnnxRuntimeVAEBackend(VAEBackend):
         artifact: an artifact directory (or :class:`Artifact`) exported with a VAE.
         provider: ``cpu``, ``cuda`` or ``auto`` (CUDA with onnxruntime-gpu and a GPU, else CPU).
         threads: intra-op threads (CPU); ``None`` lets ONNX Runtime decide.
+        spinning: let idle intra-op threads spin (ONNX Runtime's default). Off by default on the
+            CPU: the decode shares the cores with the DiT, and spinning threads of an idle session
+            steal them (docs/bench_frame_path_cpu.md).
     """
 
     name = "onnxruntime"
 
-    def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", threads: int | None = None):
+    def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", threads: int | None = None,
+                 spinning: bool | None = None):
         ort = _require_onnxruntime()
         if provider not in ("auto", "cpu", "cuda"):
             raise ValueError(f"provider must be auto, cpu or cuda, got {provider!r}")
@@ -63,6 +67,8 @@ class OnnxRuntimeVAEBackend(VAEBackend):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if not (spinning if spinning is not None else provider != "cpu"):
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         providers = (["CPUExecutionProvider"] if provider == "cpu" else
                      [("CUDAExecutionProvider", {"device_id": self.device.index or 0}), "CPUExecutionProvider"])
         self.session = ort.InferenceSession(str(self.artifact.graph_path(GRAPH)), options, providers=providers)
