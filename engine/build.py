@@ -253,7 +253,7 @@ def _strongly_typed(trt: Any) -> int:
 
 def _dtype_names(trt: Any) -> dict[Any, str]:
     names = {}
-    for attr in ("float32", "float16", "bfloat16", "int64", "int32", "int8", "bool"):
+    for attr in ("float32", "float16", "bfloat16", "int64", "int32", "int8", "uint8", "bool"):
         if hasattr(trt, attr):
             names[getattr(trt, attr)] = attr
     return names

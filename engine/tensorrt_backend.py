@@ -25,6 +25,7 @@ import logging
 import re
 import weakref
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -112,8 +113,76 @@ def load_plan(trt: Any, runtime: Any, log: Any, plan: Path, sidecar: EngineSidec
                           f"`{rebuild_command(artifact_dir, sidecar.target)}`")
 
 
-class _Engine:
-    """One deserialized engine, its execution context, its output buffers and (rtx) its runtime cache."""
+@dataclass
+class OpenedPlans:
+    """Deserialized engines of one artifact (see :func:`open_plans`); ``gpu`` is ``(name, cc)``."""
+
+    trt: Any
+    runtime: Any
+    log: Any
+    target: Target
+    engines: dict[str, Any]
+    gpu: tuple[str, str]
+
+
+def open_plans(artifact: Artifact, graphs: tuple[str, ...], *, target: str | None = None) -> OpenedPlans:
+    """Check and deserialize the plans ``memrope build`` made for ``graphs`` of ``artifact``.
+
+    Every plan and sidecar must exist; the sidecars must all come from one build, for this
+    artifact's contract hash, this TensorRT module version and this GPU, and describe the graph
+    and dtype the contract expects; all of it is checked before any plan is deserialized (a
+    plan for another TensorRT or GPU can crash). Each engine's I/O must equal the contract's.
+    """
+    path, contract = artifact.path, artifact.contract
+    plans = {graph: plan_path(path, graph) for graph in graphs}
+    for graph, plan in plans.items():
+        for file in (plan, sidecar_path(plan)):
+            if not file.is_file():
+                also = " (or open the backend with recache=False)" if graph == GRAPH_RECACHE else ""
+                raise FileNotFoundError(f"artifact {path} has no TensorRT engine ({file.name} missing); build "
+                                        f"it with `memrope build {path} --target rtx` (TensorRT-RTX, any machine) "
+                                        f"or `--target server` (TensorRT, on this GPU){also}")
+    sidecars = {graph: read_sidecar(sidecar_path(plan)) for graph, plan in plans.items()}
+    kinds = {(s.target, s.module_version) for s in sidecars.values()}
+    first = sidecars[graphs[0]]
+    if len(kinds) > 1:
+        raise EngineMismatchError(f"{path}: the plans were built by different builds ({sorted(kinds)}); rebuild "
+                                  f"them with `{rebuild_command(path, target or first.target)}`")
+    gpu = current_gpu()
+    for graph, sidecar in sidecars.items():
+        check_sidecar(sidecar, contract_hash=contract.config_hash, module_version=module_version(sidecar.module),
+                      compute_capability=gpu[1] if gpu else None, gpu_name=gpu[0] if gpu else None,
+                      target=target, artifact_dir=path)
+        if sidecar.graph != graph or sidecar.dtype != contract.dtype:
+            raise EngineMismatchError(f"{sidecar_path(plans[graph])} describes the {sidecar.dtype} {sidecar.graph} "
+                                      f"graph, not the {contract.dtype} {graph} graph; rebuild it with "
+                                      f"`{rebuild_command(path, sidecar.target)}`")
+    spec = TARGETS[first.target]
+    trt = spec.require_module()
+    log = collecting_logger(trt)
+    runtime = trt.Runtime(log)
+    engines = {}
+    for graph, plan in plans.items():
+        engine = load_plan(trt, runtime, log, plan, sidecars[graph], path)
+        differences = io_differences(engine_io(trt, engine), contract.graphs[graph])
+        if differences:
+            raise EngineMismatchError(f"{plan}: the engine's I/O tensors differ from the artifact's contract "
+                                      f"({'; '.join(differences[:6])}); rebuild it with "
+                                      f"`{rebuild_command(path, spec.name)}`")
+        engines[graph] = engine
+    if gpu is None:
+        raise EngineLoadError(f"cannot run {path}'s TensorRT plans: torch sees no CUDA device "
+                              "(torch.cuda.is_available() is False)")
+    return OpenedPlans(trt, runtime, log, spec, engines, gpu)
+
+
+class PlanEngine:
+    """One deserialized engine, its execution context, its output buffers and (rtx) its runtime cache.
+
+    ``activate`` makes the engine's own context; :meth:`new_context` makes further ones (e.g. one
+    per bound buffer pair, sharing caller-managed scratch memory). The TensorRT-RTX runtime cache
+    (its JIT kernels) is shared by every context and saved next to the plan on close.
+    """
 
     def __init__(self, engine: Any, plan: Path, contract: GraphContract, target: Target):
         self.engine = engine
@@ -125,28 +194,40 @@ class _Engine:
         self.executed = False
         self.target = target
 
+    def new_context(self, user_managed: bool = False) -> Any:
+        """A new execution context (``user_managed``: its scratch memory is set by the caller)."""
+        trt = self.target.require_module()
+        strategy = trt.ExecutionContextAllocationStrategy
+        if self.target.runtime_cache:
+            config = self.engine.create_runtime_config()
+            if self.runtime_cache is None:
+                self.runtime_cache = config.create_runtime_cache()
+                cache_file = runtime_cache_path(self.plan)
+                if cache_file.is_file() and not self.runtime_cache.deserialize(cache_file.read_bytes()):
+                    logger.info("%s is from another GPU, driver or TensorRT-RTX; starting an empty runtime cache",
+                                cache_file.name)
+            config.set_runtime_cache(self.runtime_cache)
+            if user_managed:
+                config.set_execution_context_allocation_strategy(strategy.USER_MANAGED)
+            context = self.engine.create_execution_context(config)
+        else:
+            context = self.engine.create_execution_context(strategy.USER_MANAGED if user_managed else strategy.STATIC)
+        if context is None:
+            raise EngineLoadError(f"TensorRT could not create an execution context for {self.plan} "
+                                  "(out of GPU memory?)")
+        return context
+
     def activate(self, device: torch.device, own_outputs: bool = True) -> None:
         """Create the execution context (with the runtime cache for rtx) and, with ``own_outputs``,
         output buffers bound once (else the caller binds its own with :meth:`bind_outputs`)."""
-        if self.target.runtime_cache:
-            config = self.engine.create_runtime_config()
-            self.runtime_cache = config.create_runtime_cache()
-            cache_file = runtime_cache_path(self.plan)
-            if cache_file.is_file() and not self.runtime_cache.deserialize(cache_file.read_bytes()):
-                logger.info("%s is from another GPU, driver or TensorRT-RTX; starting an empty runtime cache",
-                            cache_file.name)
-            config.set_runtime_cache(self.runtime_cache)
-            self.context = self.engine.create_execution_context(config)
-        else:
-            self.context = self.engine.create_execution_context()
-        if self.context is None:
-            raise EngineLoadError(f"TensorRT could not create an execution context for {self.plan} "
-                                  "(out of GPU memory?)")
+        self.context = self.new_context()
         if own_outputs:
             self.outputs = {spec.name: spec.zeros(device) for spec in self.contract.outputs}
             self.bind_outputs(self.outputs, device)
 
-    def _set_addresses(self, kind: str, specs, tensors: dict[str, torch.Tensor], device: torch.device) -> None:
+    def _set_addresses(self, kind: str, specs, tensors: dict[str, torch.Tensor], device: torch.device,
+                       context: Any = None) -> None:
+        context = self.context if context is None else context
         missing = [s.name for s in specs if s.name not in tensors]
         if missing:
             raise ValueError(f"{self.contract.graph} call is missing {kind}s {missing[:4]}"
@@ -160,17 +241,18 @@ class _Engine:
                 raise ValueError(f"{kind} {spec.name} must be a contiguous tensor on {device}, "
                                  f"got {'non-contiguous ' if not t.is_contiguous() else ''}{t.device}")
         for spec in specs:
-            if not self.context.set_tensor_address(spec.name, tensors[spec.name].data_ptr()):
+            if not context.set_tensor_address(spec.name, tensors[spec.name].data_ptr()):
                 raise RuntimeError(f"TensorRT refused the address of {spec.name} for {self.plan.name}")
 
-    def bind(self, inputs: dict[str, torch.Tensor], device: torch.device) -> tuple[int, ...]:
-        """Check ``inputs`` against the contract and point the context at them; returns their addresses."""
-        self._set_addresses("input", self.contract.inputs, inputs, device)
+    def bind(self, inputs: dict[str, torch.Tensor], device: torch.device, context: Any = None) -> tuple[int, ...]:
+        """Check ``inputs`` against the contract and point ``context`` (default: the engine's own)
+        at them; returns their addresses."""
+        self._set_addresses("input", self.contract.inputs, inputs, device, context)
         return tuple(inputs[spec.name].data_ptr() for spec in self.contract.inputs)
 
-    def bind_outputs(self, outputs: dict[str, torch.Tensor], device: torch.device) -> None:
-        """Check ``outputs`` against the contract and make the engine write into them."""
-        self._set_addresses("output", self.contract.outputs, outputs, device)
+    def bind_outputs(self, outputs: dict[str, torch.Tensor], device: torch.device, context: Any = None) -> None:
+        """Check ``outputs`` against the contract and make ``context`` (default: the engine's own) write into them."""
+        self._set_addresses("output", self.contract.outputs, outputs, device, context)
 
     def execute(self, stream: torch.cuda.Stream) -> None:
         if not self.context.execute_async_v3(stream.cuda_stream):
@@ -216,7 +298,7 @@ class TensorRTBackend(Backend):
     def __init__(self, artifact: Artifact | str | Path, *, cuda_graph: bool = True, target: str | None = None,
                  recache: bool = True):
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
-        self._engines: dict[str, _Engine] = {}
+        self._engines: dict[str, PlanEngine] = {}
         self._graphs: OrderedDict[tuple[int, ...], torch.cuda.CUDAGraph] = OrderedDict()
         self._bound_feeds: weakref.ref | None = None
         self._bound_ptrs: tuple[int, ...] | None = None
@@ -226,50 +308,16 @@ class TensorRTBackend(Backend):
         if target is not None and target not in TARGETS:
             raise ValueError(f"target must be one of {', '.join(TARGETS)}, got {target!r}")
         graphs = (*GRAPHS_RUN, GRAPH_RECACHE) if recache else GRAPHS_RUN
-        plans = {graph: plan_path(path, graph) for graph in graphs}
-        for graph, plan in plans.items():
-            for file in (plan, sidecar_path(plan)):
-                if not file.is_file():
-                    also = " (or open the backend with recache=False)" if graph == GRAPH_RECACHE else ""
-                    raise FileNotFoundError(f"artifact {path} has no TensorRT engine ({file.name} missing); build "
-                                            f"it with `memrope build {path} --target rtx` (TensorRT-RTX, any machine) "
-                                            f"or `--target server` (TensorRT, on this GPU){also}")
-        sidecars = {graph: read_sidecar(sidecar_path(plan)) for graph, plan in plans.items()}
-        kinds = {(s.target, s.module_version) for s in sidecars.values()}
-        if len(kinds) > 1:
-            raise EngineMismatchError(f"{path}: the plans were built by different builds ({sorted(kinds)}); rebuild "
-                                      f"them with `{rebuild_command(path, target or sidecars['step'].target)}`")
-        gpu = current_gpu()
-        # Refuse stale plans before deserializing them: a plan from another TensorRT or GPU can crash.
-        for graph, sidecar in sidecars.items():
-            check_sidecar(sidecar, contract_hash=contract.config_hash, module_version=module_version(sidecar.module),
-                          compute_capability=gpu[1] if gpu else None, gpu_name=gpu[0] if gpu else None,
-                          target=target, artifact_dir=path)
-            if sidecar.graph != graph or sidecar.dtype != contract.dtype:
-                raise EngineMismatchError(f"{sidecar_path(plans[graph])} describes the {sidecar.dtype} {sidecar.graph} "
-                                          f"graph, not the {contract.dtype} {graph} graph; rebuild it with "
-                                          f"`{rebuild_command(path, sidecar.target)}`")
-        spec = TARGETS[sidecars["step"].target]
-        trt = spec.require_module()
-
         self.model = self.artifact.model
         self.layout = self.artifact.layout()
         self.dtype = contract.step.input("latents").torch_dtype
         self.cuda_graph = cuda_graph
-        self._log = collecting_logger(trt)
-        self._runtime = trt.Runtime(self._log)
         try:
-            for graph, plan in plans.items():
-                engine = load_plan(trt, self._runtime, self._log, plan, sidecars[graph], path)
-                differences = io_differences(engine_io(trt, engine), contract.graphs[graph])
-                if differences:
-                    raise EngineMismatchError(f"{plan}: the engine's I/O tensors differ from the artifact's contract "
-                                              f"({'; '.join(differences[:6])}); rebuild it with "
-                                              f"`{rebuild_command(path, spec.name)}`")
-                self._engines[graph] = _Engine(engine, plan, contract.graphs[graph], spec)
-            if gpu is None:
-                raise EngineLoadError(f"cannot run {path}'s TensorRT plans: torch sees no CUDA device "
-                                      "(torch.cuda.is_available() is False)")
+            opened = open_plans(self.artifact, graphs, target=target)
+            self._log, self._runtime = opened.log, opened.runtime
+            spec, trt, gpu = opened.target, opened.trt, opened.gpu
+            for graph, engine in opened.engines.items():
+                self._engines[graph] = PlanEngine(engine, plan_path(path, graph), contract.graphs[graph], spec)
             self.device = torch.device("cuda", torch.cuda.current_device())
             for graph, engine in self._engines.items():
                 engine.activate(self.device, own_outputs=graph != GRAPH_RECACHE)
@@ -282,7 +330,7 @@ class TensorRTBackend(Backend):
         logger.info("%s %s engines for %s on %s (cuda_graph=%s)", spec.title, trt.__version__, path, gpu[0],
                     cuda_graph)
 
-    def _first_run_done(self, engine: _Engine) -> None:
+    def _first_run_done(self, engine: PlanEngine) -> None:
         if not engine.executed:
             engine.executed = True
             engine.save_runtime_cache()  # the warm-up compiled the JIT kernels: keep them even if we crash later
@@ -314,7 +362,7 @@ class TensorRTBackend(Backend):
         engine.bind_outputs(outputs, self.device)
         self._run_once(engine)
 
-    def _run_once(self, engine: _Engine) -> None:
+    def _run_once(self, engine: PlanEngine) -> None:
         """One uncaptured execution on the side stream, ordered against the caller's stream."""
         current = torch.cuda.current_stream(self.device)
         self.stream.wait_stream(current)
@@ -344,7 +392,7 @@ class TensorRTBackend(Backend):
         self._first_run_done(engine)
         return engine.outputs
 
-    def _capture(self, engine: _Engine) -> None:
+    def _capture(self, engine: PlanEngine) -> None:
         # The warm-up execution just before computed this call's outputs; the capture only records.
         capturable = getattr(engine.context, "is_stream_capturable", None)
         if capturable is not None and not capturable(self.stream.cuda_stream):

@@ -5,6 +5,7 @@ Owns: ``export_artifact`` and the directory it writes:
     step.onnx [+ step.onnx.data]   one DiT call, explicit cache I/O (opset 23, static shapes)
     text.onnx [+ text.onnx.data]   prompt embeddings -> per-layer cross-attention keys/values
     recache.onnx [+ .data]         a prompt switch: the cache's tail re-encoded from clean latents
+    vae_decode.onnx                (with a VAE) one streaming VAE decode step, explicit feature cache
     contract.json                  every input/output name, shape, dtype; cache layout; hash
     config.json                    model, cache, sampler configs and their hash
     versions.json                  the packages that produced it
@@ -119,8 +120,9 @@ def _param_bytes(module: torch.nn.Module) -> int:
 def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLike[str], *,
                     height: int, width: int, batch: int = 1, validate: bool = True,
                     force: bool = False, validation_blocks: int | None = None,
-                    validation_atol: float | None = None) -> ExportResult:
-    """Export ``dit`` (already in the export dtype, on CPU) for ``run`` at ``height`` x ``width``.
+                    validation_atol: float | None = None, vae=None) -> ExportResult:
+    """Export ``dit`` (already in the export dtype, on CPU) for ``run`` at ``height`` x ``width``;
+    with ``vae`` (a ``memrope.vae.WanStreamingDecoder`` in the same dtype) also ``vae_decode.onnx``.
 
     Raises:
         ValueError: bad resolution/batch, or ``out_dir`` exists and ``force`` is False.
@@ -140,7 +142,8 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         raise ValueError(f"cannot export a model in {dit.dtype}")
     run = specialise_run(run, model_cfg, height, width, batch)
     layout = CacheLayout.for_run(model_cfg, run)
-    contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width)
+    contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width,
+                              vae=None if vae is None else vae.config)
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
     step_graph = StepGraph(step, contract.step).eval()
     text_graph = TextGraph(dit).eval()
@@ -161,6 +164,10 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             logger.info("exporting the recache graph (%d tail frames)", layout.tail_frames)
             _export_graph(recache_graph, example_inputs(contract.recache, layout), tmp / graph_file("recache"),
                           contract.recache.input_names, contract.recache.output_names, _param_bytes(dit))
+        if vae is not None:
+            from export.vae_export import export_vae_graph
+
+            export_vae_graph(vae, contract.graphs["vae_decode"], tmp / graph_file("vae_decode"))
 
         audits = {}
         for graph in contract.graphs:
@@ -180,11 +187,17 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             validation = validate_artifact_graphs(
                 tmp, step, text_graph, contract, run, blocks=validation_blocks,
                 atol=PER_CALL_ATOL if validation_atol is None else validation_atol)
+            if vae is not None:
+                from export.vae_export import validate_vae_graph
+
+                validation["vae_decode"] = validate_vae_graph(tmp / graph_file("vae_decode"), vae,
+                                                              contract.graphs["vae_decode"])
         (tmp / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
 
         contract.write(tmp / CONTRACT_FILE, files=pin_files(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps(
-            {"config_hash": contract.config_hash, "model": asdict(model_cfg), "run": run.to_dict()},
+            {"config_hash": contract.config_hash, "model": asdict(model_cfg), "run": run.to_dict(),
+             **({} if vae is None else {"vae": vae.config.to_dict()})},
             indent=1, default=str) + "\n")
         (tmp / "versions.json").write_text(json.dumps(_versions(), indent=1) + "\n")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 from memrope.cache import CacheLayout
 from memrope.config import VAE_SPATIAL_STRIDE, RunConfig, WanConfig, run_config_from_dict
 from memrope.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
+from memrope.vae import VAEDecoderConfig
 
 CONTRACT_FILE, CONFIG_FILE = "contract.json", "config.json"
 
@@ -87,7 +88,8 @@ class Artifact:
         """
         c = self.contract
         wanted = specialise_run(run, self.model, c.height, c.width, run.batch_size)
-        if artifact_hash(self.model, wanted, c.dtype, wanted.batch_size, c.height, c.width) != c.config_hash:
+        if artifact_hash(self.model, wanted, c.dtype, wanted.batch_size, c.height, c.width,
+                         vae=c.vae) != c.config_hash:
             diffs = [f"{name}: artifact {a!r}, requested {b!r}"
                      for name, a, b in (("cache", self.run.cache, wanted.cache),
                                         ("sampler", self.run.sampler, wanted.sampler),
@@ -180,12 +182,13 @@ def load_artifact(path: str | Path, *, verify: bool = False) -> Artifact:
         config = json.loads((path / CONFIG_FILE).read_text())
         model = WanConfig.from_dict(config["model"])
         run = run_config_from_dict(config["run"])
+        vae = VAEDecoderConfig.from_dict(config["vae"]) if config.get("vae") is not None else None
     except FileNotFoundError:
         raise FileNotFoundError(f"artifact has no config file: {path / CONFIG_FILE}") from None
     except (KeyError, TypeError, json.JSONDecodeError) as exc:
         raise ArtifactMismatchError(f"artifact config {path / CONFIG_FILE} is unreadable: {exc}") from None
     layout = CacheLayout.for_run(model, run)
-    contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"])
+    contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"], vae=vae)
     if raw.get("config_hash") != contract.config_hash or config.get("config_hash") != contract.config_hash:
         raise ArtifactMismatchError(f"artifact {path}: the config hash in contract.json/config.json does "
                                     "not match its configuration (edited or stale); re-export it")

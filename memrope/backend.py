@@ -1,7 +1,9 @@
-"""The backend interface: one DiT call with explicit cache I/O, by name.
+"""The backend interfaces: one DiT call with explicit cache I/O, and one streaming VAE decode
+step with explicit feature-cache I/O, by name.
 
 Owns: :class:`Backend`, the only thing the block loop (``memrope.pipeline``) drives (a step
-call, a text call, and a prompt switch's re-cache call);
+call, a text call, and a prompt switch's re-cache call); :class:`VAEBackend`, the only thing
+the runtime's frame path drives;
 :class:`StepModuleBackend`, the interface over this package's own :class:`MemRoPEStep` in this
 process (what the eager backend and the export's validation run); and :func:`cross_named`, the
 contract names of per-layer cross-attention keys/values. The runtimes (eager PyTorch,
@@ -17,6 +19,7 @@ import torch
 from memrope.cache import CacheLayout
 from memrope.config import WanConfig
 from memrope.contract import (
+    GraphContract,
     cross_key,
     cross_value,
     named_recache_outputs,
@@ -25,6 +28,7 @@ from memrope.contract import (
     step_arguments,
 )
 from memrope.model import MemRoPEStep
+from memrope.vae import VAEDecoderConfig
 
 
 class Backend:
@@ -47,7 +51,7 @@ class Backend:
     dtype: torch.dtype
     device: torch.device
 
-    def __enter__(self) -> "Backend":
+    def __enter__(self) -> Backend:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -139,6 +143,40 @@ class StreamBindings:
 
     def __len__(self) -> int:
         return len(self._by_id)
+
+
+class VAEBackend:
+    """One streaming VAE decode step (the ``vae_decode`` contract), by name.
+
+    ``run(feeds, outputs)`` reads every contract input from ``feeds`` (``latents``,
+    ``first_frame``, ``feat_cache.*``) and writes every output into the caller's tensors in
+    ``outputs`` (``frames``, ``pixels``, ``present_feat_cache.*``). Both dicts hold fixed-address
+    buffers owned by the caller, who alternates two (feeds, outputs) pairs with the cache
+    buffers swapped, so no cache is ever copied. A backend may bind each pair once, keyed by
+    the identity of the two dicts; a dict whose tensors moved must be a new dict. Work is
+    enqueued on the current CUDA stream (GPU) and may still be running when ``run`` returns.
+
+    Attributes: ``name``; ``contract`` (GraphContract); ``config`` (VAEDecoderConfig);
+    ``device``; ``dtype`` of the latents and caches.
+    """
+
+    name = "vae-backend"
+    contract: GraphContract
+    config: VAEDecoderConfig
+    device: torch.device
+    dtype: torch.dtype
+
+    def __enter__(self) -> VAEBackend:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release what the backend holds (sessions, engines)."""
+
+    def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        raise NotImplementedError
 
 
 def cross_named(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -1,9 +1,10 @@
 """The IO contract: one description of the exported graphs' named inputs and outputs.
 
 Owns: tensor names, shapes and dtypes of the ``step`` call (one DiT call with explicit cache
-I/O), the ``text`` call (per-prompt cross-attention keys/values) and the ``recache`` call (a
-prompt switch re-encoding the cache's tail), the cache layout they assume, and the hash that
-binds an exported artifact to its configuration. The generation
+I/O), the ``text`` call (per-prompt cross-attention keys/values), the ``recache`` call (a
+prompt switch re-encoding the cache's tail) and the optional ``vae_decode`` call (one streaming
+VAE decode step with explicit feature-cache I/O), the cache layout they assume, and the hash
+that binds an exported artifact to its configuration. The generation
 loop's buffers, every backend, the export wrappers and the tests read names from here; nothing
 else spells ``past_key_values.{i}.key``.
 
@@ -24,10 +25,16 @@ import torch
 from memrope.cache import CacheControls, CacheLayout
 from memrope.config import RunConfig, WanConfig, config_hash
 from memrope.model import StepOutputs
+from memrope.vae import (
+    STEP_LATENT_FRAMES,
+    VAEDecoderConfig,
+    check_engine_geometry,
+    feature_cache_layout,
+)
 
 CONTRACT_VERSION = 1
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
-          "int64": torch.int64, "bool": torch.bool}
+          "int64": torch.int64, "bool": torch.bool, "uint8": torch.uint8}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 CONTROL_NAMES = ("key_positions", "key_valid", "query_positions", "memory_ready", "memory_init",
@@ -80,6 +87,15 @@ def recached_key(i: int) -> str:
 
 def recached_value(i: int) -> str:
     return f"recached.{i}.value"
+
+
+def feat_cache(i: int) -> str:
+    """The VAE decoder's causal-conv feature cache ``i`` (``memrope.vae.feature_cache_layout`` order)."""
+    return f"feat_cache.{i}"
+
+
+def present_feat_cache(i: int) -> str:
+    return f"present_feat_cache.{i}"
 
 
 @dataclass(frozen=True)
@@ -138,6 +154,7 @@ class ArtifactContract:
     width: int
     layout: dict
     graphs: dict[str, GraphContract]
+    vae: VAEDecoderConfig | None = None   # set when the artifact has a ``vae_decode`` graph
 
     @property
     def step(self) -> GraphContract:
@@ -153,7 +170,7 @@ class ArtifactContract:
 
     @property
     def config_hash(self) -> str:
-        return artifact_hash(self.model, self.run, self.dtype, self.batch, self.height, self.width)
+        return artifact_hash(self.model, self.run, self.dtype, self.batch, self.height, self.width, vae=self.vae)
 
     def to_json(self) -> dict[str, Any]:
         def graph(g: GraphContract) -> dict:
@@ -178,12 +195,17 @@ class ArtifactContract:
         path.write_text(json.dumps(doc, indent=1) + "\n")
 
 
-def artifact_hash(model: WanConfig, run: RunConfig, dtype: str, batch: int, height: int, width: int) -> str:
+def artifact_hash(model: WanConfig, run: RunConfig, dtype: str, batch: int, height: int, width: int,
+                  vae: VAEDecoderConfig | None = None) -> str:
     """Hash of what the graphs were specialised on. ``num_output_frames`` and ``seed`` only
-    matter for the ``global`` policy (its cache is sized by the video length)."""
+    matter for the ``global`` policy (its cache is sized by the video length). An artifact
+    with a VAE decoder also hashes its config (without one, the hash is unchanged)."""
     cache_frames = run.num_output_frames if run.cache.policy == "global" else None
-    return config_hash(model, run.cache, run.sampler, run.latent_channels, run.latent_height,
-                       run.latent_width, cache_frames, dtype, batch, height, width, CONTRACT_VERSION)
+    parts = [model, run.cache, run.sampler, run.latent_channels, run.latent_height,
+             run.latent_width, cache_frames, dtype, batch, height, width, CONTRACT_VERSION]
+    if vae is not None:
+        parts += ["vae_decode", vae, STEP_LATENT_FRAMES]
+    return config_hash(*parts)
 
 
 def step_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int) -> GraphContract:
@@ -259,12 +281,35 @@ def recache_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtyp
     return GraphContract("recache", tuple(inputs), tuple(outputs))
 
 
+def vae_decode_contract(vae: VAEDecoderConfig, run: RunConfig, dtype: str, batch: int,
+                        latent_frames: int = STEP_LATENT_FRAMES) -> GraphContract:
+    """One streaming VAE decode step (``memrope.vae.WanStreamingDecoder``): ``latent_frames``
+    latent frames (artifacts: ``STEP_LATENT_FRAMES``), the first-frame flag and every feature
+    cache in; uint8 frames, float32 pixels (validation) and the updated caches out."""
+    check_engine_geometry(vae)
+    if vae.z_dim != run.latent_channels:
+        raise ValueError(f"the VAE takes {vae.z_dim} latent channels, the run has latent_channels="
+                         f"{run.latent_channels}")
+    lh, lw, t = run.latent_height, run.latent_width, latent_frames
+    frames, height, width = vae.temporal_stride * t, lh * vae.spatial_stride, lw * vae.spatial_stride
+    slots = feature_cache_layout(vae)
+    inputs = [TensorSpec("latents", (batch, t, vae.z_dim, lh, lw), dtype), TensorSpec("first_frame", (1,), "bool")]
+    inputs += [TensorSpec(feat_cache(i), s.shape(batch, lh, lw), dtype) for i, s in enumerate(slots)]
+    outputs = [TensorSpec("frames", (batch, frames, height, width, vae.pixel_channels), "uint8"),
+               TensorSpec("pixels", (batch, vae.pixel_channels, frames, height, width), "float32")]
+    outputs += [TensorSpec(present_feat_cache(i), s.shape(batch, lh, lw), dtype) for i, s in enumerate(slots)]
+    return GraphContract("vae_decode", tuple(inputs), tuple(outputs))
+
+
 def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
-                   height: int, width: int) -> ArtifactContract:
-    """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8)."""
+                   height: int, width: int, vae: VAEDecoderConfig | None = None) -> ArtifactContract:
+    """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8), with a
+    ``vae_decode`` graph when ``vae`` is given."""
     graphs = {"step": step_contract(model, run, layout, dtype, batch), "text": text_contract(model, dtype, batch),
               "recache": recache_contract(model, run, layout, dtype, batch)}
-    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), graphs)
+    if vae is not None:
+        graphs["vae_decode"] = vae_decode_contract(vae, run, dtype, batch)
+    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), graphs, vae)
 
 
 def read_contract_json(path: Path) -> dict[str, Any]:

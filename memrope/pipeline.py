@@ -91,9 +91,12 @@ class BlockResult:
     plan: BlockPlan
     finite: torch.Tensor
 
-    def check_finite(self) -> None:
-        """Raise :class:`NonFiniteError` naming this block if its latents hold NaN or Inf."""
-        if self.finite.item() == 0.0:
+    def check_finite(self, flag: torch.Tensor | None = None) -> None:
+        """Raise :class:`NonFiniteError` naming this block if its latents hold NaN or Inf.
+
+        ``flag``: a copy of :attr:`finite` the caller already has on the host (read without a
+        sync); by default :attr:`finite` itself (a sync on a GPU)."""
+        if (self.finite if flag is None else flag).item() == 0.0:
             return
         if self.index == 0:
             cause = ("the inputs or the weights: check --noise / --text-embeds and the checkpoint "

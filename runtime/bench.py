@@ -5,6 +5,14 @@ wrapper around a backend, one worker process per backend (so peak host memory is
 summary statistics, the JSON document and the plot. Random weights: latency does not depend on
 weight values.
 
+The frame path (after the DiT-only rollout, same process): the VAE decode per block alone
+(``runtime.vae.VAEStream`` over the backend's VAE: eager for eager/compiled, the artifact's
+``vae_decode`` graph for onnxruntime/tensorrt; the diffusers reference decode too in the eager
+worker), then ``runtime.t2v.stream_video`` end to end into a writer that timestamps each block's
+frames, without and with overlap (block b decoding while the DiT computes block b+1), and the
+time to first frame: text encoding (a tiny umT5 of the preset's width, cold = load + encode +
+cache write, cached = the prompt cache read) plus the first block's DiT and decode.
+
 Timing: one warm-up rollout (compilation, allocator and cache warm-up) is excluded; the timed
 rollout records every call. On CPU ``perf_counter`` around each call; on a GPU CUDA events
 around each call, read after one synchronisation per block (a block's frames leave the device
@@ -43,6 +51,7 @@ from memrope.config import (
 )
 from memrope.io import atomic_write
 from memrope.pipeline import MemRoPEPipeline
+from runtime.vae import WAN21_VAE_CONFIG, tiny_vae_config
 
 logger = logging.getLogger(__name__)
 
@@ -54,13 +63,24 @@ class BenchPreset:
     model: str
     height: int
     width: int
+    vae: str = "tiny"    # a key of BENCH_VAES
 
 
 BENCH_PRESETS = {
     "tiny": BenchPreset("tiny", 32, 48),
-    "mid": BenchPreset("mid", 96, 128),
-    "wan-1.3b": BenchPreset("wan-1.3b", 480, 832),
+    "demo": BenchPreset("tiny", 64, 96),              # the embedded demo's model and video size
+    "mid": BenchPreset("mid", 96, 128, vae="mid"),
+    "wan-1.3b": BenchPreset("wan-1.3b", 480, 832, vae="wan2.1"),
 }
+# Random-weight VAEs with Wan2.1's structure: the demo's tiny one, a third of Wan2.1's width for
+# the mid DiT, and Wan2.1's own sizes.
+BENCH_VAES = {
+    "tiny": tiny_vae_config(),
+    "mid": {**WAN21_VAE_CONFIG, "base_dim": 32},
+    "wan2.1": WAN21_VAE_CONFIG,
+}
+VAE_FOR_BACKEND = {"eager": "eager", "compiled": "eager", "onnxruntime": "onnxruntime", "tensorrt": "tensorrt"}
+BENCH_PROMPT = "a red fox trotting through fresh snow at dawn"
 
 
 def bench_run_config(model: WanConfig, height: int, width: int, blocks: int) -> RunConfig:
@@ -150,6 +170,15 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def bench_vae(preset: BenchPreset, seed: int = 0):
+    """The preset's random-weight diffusers ``AutoencoderKLWan`` (float32, CPU, seeded)."""
+    from diffusers import AutoencoderKLWan
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return AutoencoderKLWan(**BENCH_VAES[preset.vae]).eval().requires_grad_(False)
+
+
 def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConfig, device: torch.device,
                   dtype: torch.dtype, workdir: Path) -> Backend:
     from memrope.model import build_dit, random_state_dict
@@ -169,9 +198,12 @@ def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConf
     export_dtype = torch.float32 if device.type == "cpu" else dtype
     artifact = workdir / f"{preset.model}_{export_dtype}".replace("torch.", "")
     if not artifact.exists():
+        from memrope.vae import WanStreamingDecoder
+
         dit = build_dit(model, random_state_dict(model), dtype=export_dtype)
-        export_artifact(dit, run, artifact, height=preset.height, width=preset.width, validate=False)
-        del dit
+        vae = WanStreamingDecoder.from_diffusers(bench_vae(preset)).to(export_dtype)
+        export_artifact(dit, run, artifact, height=preset.height, width=preset.width, validate=False, vae=vae)
+        del dit, vae
     if name == "onnxruntime":
         from engine.onnxruntime_backend import OnnxRuntimeBackend
 
@@ -206,7 +238,7 @@ def availability(name: str, device: torch.device) -> str | None:
 
 
 def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: int, device: str, dtype: str,
-                  workdir: str, seed: int = 0) -> dict:
+                  workdir: str, seed: int = 0, e2e_blocks: int = 0) -> dict:
     """Run one backend (in this process) and return its measurements."""
     from memrope.sampler import StreamingSeededNoise
 
@@ -242,13 +274,132 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
             block_ms.append((now - start) * 1e3)
             call_ms.append(calls)
             start = now
+        frame_path = None
+        if e2e_blocks:
+            frame_path = bench_frame_path(name, preset, run, backend, embeds, e2e_blocks, warmup_blocks,
+                                          Path(workdir), seed)
     peak_host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Whole-device usage above the baseline covers ONNX Runtime's and TensorRT's own allocations,
     # which torch's allocator statistics do not see.
     peak_device_mb = max(device_peak - device_baseline, 0) / 2 ** 20
     work = work_per_call(model, pipeline.layout, torch.empty((), dtype=backend.dtype).element_size())
-    return summarise(name, block_ms, call_ms, calls_per_block, pipeline.layout.block_frames, work,
-                     peak_host_mb, peak_device_mb)
+    result = summarise(name, block_ms, call_ms, calls_per_block, pipeline.layout.block_frames, work,
+                       peak_host_mb, peak_device_mb)
+    if frame_path is not None:
+        result["frame_path"] = frame_path
+    return result
+
+
+class _ArrivalWriter:
+    """A video writer that keeps nothing: it timestamps each block's frames as they arrive."""
+
+    def __init__(self):
+        self.arrivals: list[float] = []
+        self.frames = 0
+
+    def write(self, frames: torch.Tensor) -> None:
+        self.arrivals.append(time.perf_counter())
+        self.frames += frames.shape[0]
+
+
+def _text_encoding_ms(model: WanConfig, workdir: Path) -> dict[str, float]:
+    """Cold (load the encoder, encode, write the prompt cache) and cached (read it) text encoding,
+    with a tiny umT5 of the preset's width (stands in for umT5-XXL; see the module docstring)."""
+    from runtime.text import TextEncoder, build_tiny_text_model, encode_cached
+
+    folder = workdir / f"text_{model.text_dim}_{model.text_len}"
+    if not (folder / "text_encoder").is_dir():
+        build_tiny_text_model(folder, layout="diffusers", d_model=model.text_dim, text_len=model.text_len, seed=0)
+    cache = Path(tempfile.mkdtemp(prefix="memrope-bench-text-", dir=workdir))
+    out = {}
+    for label in ("text_cold_ms", "text_cached_ms"):
+        start = time.perf_counter()
+        encode_cached(lambda: TextEncoder.from_model_dir(folder, text_len=model.text_len), [BENCH_PROMPT],
+                      cache, key=str(folder))
+        out[label] = (time.perf_counter() - start) * 1e3
+    return out
+
+
+def _vae_backend(name: str, preset: BenchPreset, run: RunConfig, dit_backend: Backend):
+    from runtime.vae import make_vae_backend
+
+    kind = VAE_FOR_BACKEND[name]
+    if kind == "eager":
+        from engine.vae_eager_backend import EagerVAEBackend
+        from memrope.vae import WanStreamingDecoder
+
+        module = WanStreamingDecoder.from_diffusers(bench_vae(preset)).to(dit_backend.device)
+        return EagerVAEBackend(module, run)
+    artifact = dit_backend.inner.artifact
+    provider = "cpu" if dit_backend.device.type == "cpu" else "cuda"
+    return make_vae_backend(kind, run, artifact=artifact, provider=provider)
+
+
+def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBackend, embeds: torch.Tensor,
+                     blocks: int, warmup_blocks: int, workdir: Path, seed: int) -> dict:
+    """VAE per block alone, then DiT + VAE end to end without and with overlap, and the time to
+    first frame (see the module docstring). Milliseconds; per-block series included."""
+    from memrope.sampler import StreamingSeededNoise
+    from runtime.t2v import stream_video
+    from runtime.vae import StreamingVAEDecoder, VAEStream
+
+    lay = backend.layout
+    latent = (run.latent_channels, run.latent_height, run.latent_width)
+    block_latents = (1, lay.block_frames, *latent)
+    g = torch.Generator().manual_seed(seed + 7)
+    vae_inputs = [torch.randn(block_latents, generator=g).to(backend.device, backend.dtype)
+                  for _ in range(warmup_blocks + blocks)]
+    out: dict = {"vae_backend": VAE_FOR_BACKEND[name], "blocks": blocks}
+    video_frames_per_block = VAE_TEMPORAL_STRIDE * lay.block_frames
+
+    # 1. The VAE alone, block by block (warm-up blocks first, not timed).
+    vae_backend = _vae_backend(name, preset, run, backend)
+    out["vae_cache_bytes"] = sum(spec.nbytes for spec in vae_backend.contract.inputs[2:])
+    with VAEStream(vae_backend, lay.block_frames, overlap=False) as stream:
+        for x in vae_inputs:
+            stream.decode(x)
+        vae_ms = stream.decode_ms[warmup_blocks + 1:]  # block 0 decodes the padded first frame
+    out.update(vae_ms_median=statistics.median(vae_ms), vae_ms_p90=_percentile(vae_ms, 0.9), vae_block_ms=vae_ms)
+    if name == "eager":
+        reference = StreamingVAEDecoder(bench_vae(preset).to(backend.device))
+        ref_ms = []
+        for x in vae_inputs:
+            start = time.perf_counter()
+            reference.decode(x)
+            ref_ms.append((time.perf_counter() - start) * 1e3)
+        out["vae_reference_ms_median"] = statistics.median(ref_ms[warmup_blocks + 1:])
+
+    # 2. DiT + VAE end to end, the real streaming driver, without and with overlap.
+    pipeline = MemRoPEPipeline(backend, replace(run, num_output_frames=lay.block_frames * blocks))
+    for overlap in (False, True):
+        label = "overlap" if overlap else "serial"
+        with VAEStream(_vae_backend(name, preset, run, backend), lay.block_frames, overlap=overlap) as stream:
+            warm = _ArrivalWriter()
+            stream_video(pipeline, embeds, StreamingSeededNoise(seed, 1, latent, lay.block_frames, backend.dtype),
+                         warmup_blocks, stream, warm, progress=False)
+            backend.drain()
+            writer = _ArrivalWriter()
+            start = time.perf_counter()
+            stream_video(pipeline, embeds, StreamingSeededNoise(seed, 1, latent, lay.block_frames, backend.dtype),
+                         blocks, stream, writer, progress=False)
+            calls = backend.drain()
+        arrivals = [start, *writer.arrivals]
+        e2e = [(b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:])]
+        per_block = pipeline.schedule.num_steps + 1
+        dit = [sum(calls[i:i + per_block]) for i in range(0, len(calls), per_block)]
+        steady = e2e[1:]
+        out[label] = {"block_ms_median": statistics.median(steady), "block_ms_p90": _percentile(steady, 0.9),
+                      "first_frames_ms": e2e[0], "dit_ms_median": statistics.median(dit[1:]),
+                      "vae_ms_median": statistics.median(stream.decode_ms[-blocks + 1:]),
+                      "video_fps": video_frames_per_block / (statistics.median(steady) / 1e3),
+                      "video_frames": writer.frames, "block_ms": e2e}
+
+    # 3. Time to first frame: text encoding + the first block's DiT and decode (serial run).
+    text = _text_encoding_ms(backend.model, workdir)
+    first = out["serial"]["first_frames_ms"]
+    out["ttff"] = {**text, "first_frames_ms": first, "ttff_cold_ms": text["text_cold_ms"] + first,
+                   "ttff_cached_ms": text["text_cached_ms"] + first}
+    return out
 
 
 def summarise(name: str, block_ms: list[float], call_ms: list[list[float]], calls_per_block: int,
@@ -296,7 +447,8 @@ def _worker(queue, *args) -> None:
 
 
 def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_blocks: int = 3, device: str = "cpu",
-              dtype: str = "float32", peak_tflops: float | None = None, workdir: Path | None = None) -> dict:
+              dtype: str = "float32", peak_tflops: float | None = None, workdir: Path | None = None,
+              e2e_blocks: int = 0) -> dict:
     """Every requested backend in its own process, same loop and inputs; returns the JSON document."""
     if blocks < 4:
         raise ValueError(f"--blocks must be at least 4 (a steady state needs a few blocks), got {blocks}")
@@ -314,7 +466,8 @@ def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_bloc
                 continue
             logger.info("benchmarking %s (%d blocks after %d warm-up blocks)", name, blocks, warmup_blocks)
             queue = ctx.Queue()
-            proc = ctx.Process(target=_worker, args=(queue, name, preset, blocks, warmup_blocks, device, dtype, str(work)))
+            proc = ctx.Process(target=_worker, args=(queue, name, preset, blocks, warmup_blocks, device, dtype, str(work),
+                                                     0, e2e_blocks))
             proc.start()
             result = queue.get()
             proc.join()
@@ -326,7 +479,29 @@ def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_bloc
             if peak_tflops:
                 result["peak_fraction"] = result["achieved_tflops"] / peak_tflops
             results.append(result)
-    return {"meta": _meta(preset, device, dtype, blocks, warmup_blocks, peak_tflops), "results": results}
+    doc = {"meta": {**_meta(preset, device, dtype, blocks, warmup_blocks, peak_tflops), "e2e_blocks": e2e_blocks},
+           "results": results}
+    if e2e_blocks:
+        doc["frame_path_targets"] = frame_path_targets(results)
+    return doc
+
+
+def frame_path_targets(results: list[dict]) -> dict:
+    """The issue's two frame-path ratios, from one run: exported VAE / eager VAE per block, and
+    end-to-end block time with overlap / max(DiT alone, VAE alone), per backend."""
+    paths = {r["backend"]: r["frame_path"] for r in results if r.get("available") and "frame_path" in r}
+    dit = {r["backend"]: r["block_ms_median"] for r in results if r.get("available")}
+    out: dict = {"overlap_vs_max": {}}
+    eager = paths.get("eager", {}).get("vae_ms_median")
+    for name, path in paths.items():
+        if eager and path["vae_backend"] != "eager":
+            out[f"{path['vae_backend']}_vae_vs_eager"] = path["vae_ms_median"] / eager
+        if eager and name == "eager" and "vae_reference_ms_median" in path:
+            out["eager_vae_vs_diffusers_reference"] = eager / path["vae_reference_ms_median"]
+        bound = max(dit[name], path["vae_ms_median"])
+        out["overlap_vs_max"][name] = path["overlap"]["block_ms_median"] / bound
+        out.setdefault("serial_vs_sum", {})[name] = path["serial"]["block_ms_median"] / (dit[name] + path["vae_ms_median"])
+    return out
 
 
 def _meta(preset: BenchPreset, device: str, dtype: str, blocks: int, warmup: int, peak_tflops) -> dict:
@@ -369,7 +544,24 @@ def print_table(doc: dict) -> None:
                      f"{r['first_block_ms']:.1f}", f"{r['latent_fps']:.2f}", f"{r['video_fps']:.2f}",
                      f"{r['host_overhead_pct']:.2f}", f"{r['peak_host_mb']:.0f}", f"{r['flatness']:.3f}",
                      f"{r['achieved_tflops']:.4f}"))
-    widths = [max(len(str(row[i])) for row in rows if row[i] != "" or True) for i in range(len(rows[0]))]
+    _print_rows(rows)
+    paths = [r for r in doc["results"] if r.get("available") and "frame_path" in r]
+    if paths:
+        print()
+        rows = [("backend", "vae", "DiT ms/block", "VAE ms/block", "e2e serial ms", "e2e overlap ms",
+                 "video fps (overlap)", "TTFF cold / cached ms")]
+        for r in paths:
+            f = r["frame_path"]
+            rows.append((r["backend"], f["vae_backend"], f"{r['block_ms_median']:.1f}", f"{f['vae_ms_median']:.1f}",
+                         f"{f['serial']['block_ms_median']:.1f}", f"{f['overlap']['block_ms_median']:.1f}",
+                         f"{f['overlap']['video_fps']:.2f}",
+                         f"{f['ttff']['ttff_cold_ms']:.0f} / {f['ttff']['ttff_cached_ms']:.0f}"))
+        _print_rows(rows)
+        print("targets: " + json.dumps(doc.get("frame_path_targets", {})))
+
+
+def _print_rows(rows: list[tuple]) -> None:
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
         print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
 
@@ -390,9 +582,17 @@ def plot(doc: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     results = [r for r in doc["results"] if r.get("available")]
-    fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    paths = [r for r in results if "frame_path" in r]
+    if paths:
+        fig, (left, right, frames) = plt.subplots(1, 3, figsize=(18, 4.5), gridspec_kw={"width_ratios": [2, 1, 1.3]})
+    else:
+        fig, (left, right) = plt.subplots(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     for r in results:
-        left.plot(range(len(r["block_ms"])), r["block_ms"], label=r["backend"], linewidth=1)
+        left.plot(range(len(r["block_ms"])), r["block_ms"], label=f"{r['backend']} (DiT)", linewidth=1)
+        if "frame_path" in r:
+            series = r["frame_path"]["overlap"]["block_ms"]
+            left.plot(range(len(series)), series, label=f"{r['backend']} + VAE, overlapped", linewidth=1,
+                      linestyle="--")
     left.set_xlabel("block")
     left.set_ylabel("block latency (ms)")
     left.set_yscale("log")
@@ -408,6 +608,19 @@ def plot(doc: dict, path: Path) -> None:
     right.set_ylabel("median ms per block")
     right.set_title("per-stage breakdown")
     right.legend(fontsize=8)
+    if paths:
+        stages = ("DiT", "VAE", "e2e serial", "e2e overlap", "TTFF cached")
+        width = 0.8 / len(paths)
+        for k, r in enumerate(paths):
+            f = r["frame_path"]
+            values = [r["block_ms_median"], f["vae_ms_median"], f["serial"]["block_ms_median"],
+                      f["overlap"]["block_ms_median"], f["ttff"]["ttff_cached_ms"]]
+            frames.bar([i + k * width for i in range(len(stages))], values, width=width,
+                       label=f"{r['backend']} (vae {f['vae_backend']})")
+        frames.set_xticks([i + width * (len(paths) - 1) / 2 for i in range(len(stages))], stages, fontsize=8)
+        frames.set_ylabel("median ms per block (TTFF: ms)")
+        frames.set_title("frame path: DiT, VAE, end to end")
+        frames.legend(fontsize=8)
     meta = doc["meta"]
     fig.suptitle(f"memrope bench: {meta['preset']['model']} {meta['preset']['width']}x{meta['preset']['height']}, "
                  f"{meta['dtype']} on {meta['machine']['gpu'] or meta['machine']['cpu']}", fontsize=10)

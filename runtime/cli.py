@@ -30,6 +30,7 @@ DTYPE_NAMES = ("float32", "bfloat16", "float16")
 BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 EXPORTED_BACKENDS = ("onnxruntime", "tensorrt")
 NOISE_SOURCES = ("reference", "streamed", "device")
+VAE_BACKENDS = ("eager", "onnxruntime", "tensorrt")
 # Reference-order noise draws the whole video's initial noise up front; past this many
 # elements per run the loop draws block by block instead (constant memory).
 REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
@@ -244,6 +245,13 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                      help="keep going when a block holds NaN/Inf (default: stop, naming the block, and write "
                           "nothing)")
     _add_execution_args(p)
+    vae = p.add_argument_group("vae")
+    vae.add_argument("--vae-backend", choices=VAE_BACKENDS, default="eager",
+                     help="what decodes latents to frames: eager (PyTorch, the VAE in --model-dir) or the "
+                          "artifact's vae_decode graph (--engine; onnxruntime, or tensorrt after `memrope build`)")
+    vae.add_argument("--no-vae-overlap", dest="vae_overlap", action="store_false",
+                     help="decode each block before starting the next one (default: decode block b in a worker "
+                          "while the DiT computes block b+1)")
     add_timeline_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -303,19 +311,30 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
     """``(artifact or None, model config, run config)`` of a ``generate`` or ``serve`` call, from
     files alone (no weights): an exported backend takes both configs from its ``--engine``
     artifact (checked: contract, file hashes, engines), whose resolution applies to the run at
-    once; the other backends take them from the checkpoint, the preset or ``--config``.
+    once; the other backends take them from the checkpoint, the preset or ``--config``. An
+    exported ``--vae-backend`` needs the artifact (and its ``vae_decode`` graph) too.
     ``recache``: prompt switches will re-cache, so a TensorRT run needs the recache plan too."""
     artifact = None
-    if args.backend in EXPORTED_BACKENDS:
+    vae_backend = getattr(args, "vae_backend", "eager") if not getattr(args, "no_decode", False) else "eager"
+    dit_exported, vae_exported = args.backend in EXPORTED_BACKENDS, vae_backend in EXPORTED_BACKENDS
+    if dit_exported or vae_exported:
         from memrope.artifact import load_artifact
 
         if args.engine is None:
-            raise ValueError(f"--backend {args.backend} needs --engine DIR (an artifact from `memrope export`)")
+            flag = f"--backend {args.backend}" if dit_exported else f"--vae-backend {vae_backend}"
+            raise ValueError(f"{flag} needs --engine DIR (an artifact from `memrope export`)")
         artifact = load_artifact(args.engine, verify=getattr(args, "verify_artifact", False))
-        _check_engine_files(artifact, args.backend, recache)
+        if dit_exported:
+            _check_engine_files(artifact, args.backend, ["step", "text", *(["recache"] if recache else [])],
+                                "--backend")
+        if vae_exported:
+            if "vae_decode" not in artifact.contract.graphs:
+                raise ValueError(f"artifact {artifact.path} has no vae_decode graph: export it with --model-dir "
+                                 "WAN_DIR (the VAE is exported from there), or decode with --vae-backend eager")
+            _check_engine_files(artifact, vae_backend, ["vae_decode"], "--vae-backend")
     elif args.engine is not None:
         raise ValueError(f"--engine is for exported backends; --backend {args.backend} runs the checkpoint")
-    model_cfg = artifact.model if artifact is not None else _resolve_model(args, model_dir)
+    model_cfg = artifact.model if dit_exported else _resolve_model(args, model_dir)
     run = _run_config(args, artifact.run if artifact is not None else None,
                       video_demo=model_dir is not None and args.model_dir is None)
     if getattr(args, "seed", None) is not None:
@@ -328,19 +347,18 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
     return artifact, model_cfg, run
 
 
-def _check_engine_files(artifact, backend: str, recache: bool = False) -> None:
-    """A TensorRT run needs a built plan for every graph: say so before any model loads."""
+def _check_engine_files(artifact, backend: str, graphs: list[str], flag: str) -> None:
+    """A TensorRT run needs a built plan for each of ``graphs``: say so before any model loads."""
     if backend != "tensorrt":
         return
     import torch
 
     from engine.sidecar import plan_path, sidecar_path
-    from engine.tensorrt_backend import GRAPH_RECACHE, GRAPHS_RUN
 
     if not torch.cuda.is_available():
-        raise ValueError("--backend tensorrt runs TensorRT plans on an NVIDIA GPU and this machine has none "
-                         "(torch.cuda.is_available() is False); run the artifact with --backend onnxruntime")
-    for graph in (*GRAPHS_RUN, GRAPH_RECACHE) if recache else GRAPHS_RUN:
+        raise ValueError(f"{flag} tensorrt runs TensorRT plans on an NVIDIA GPU and this machine has none "
+                         f"(torch.cuda.is_available() is False); run the artifact with {flag} onnxruntime")
+    for graph in graphs:
         plan = plan_path(artifact.path, graph)
         for file in (plan, sidecar_path(plan)):
             if not file.is_file():
@@ -449,11 +467,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
     # 4. Models.
     decoder = None
     if decode:
-        if model_dir is None:
-            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode)")
-        from runtime.vae import StreamingVAEDecoder
+        if model_dir is None and args.vae_backend == "eager":
+            raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode, or "
+                             "--vae-backend onnxruntime with an artifact exported with a VAE)")
+        from runtime.vae import VAEStream, make_vae_backend
 
-        decoder = StreamingVAEDecoder.from_model_dir(model_dir, device=device)
+        provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
+        decoder = VAEStream(make_vae_backend(args.vae_backend, run, artifact=artifact, model_dir=model_dir,
+                                             device=device, provider=provider),
+                            run.cache.block_frames, overlap=args.vae_overlap)
     backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir,
                             recache=any(c.recache != "none" for c in prompt_changes))
     pipeline = MemRoPEPipeline(backend, run)
@@ -465,6 +487,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     with ExitStack() as outputs:
         outputs.enter_context(backend)
+        if decoder is not None:
+            outputs.enter_context(decoder)
         writer = latents_writer = on_frames = None
         if args.latents_out is not None:
             latents_writer = outputs.enter_context(SafetensorsStreamWriter(
@@ -488,8 +512,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        f"({result.video_frames / VIDEO_FPS:.1f} s, {width}x{height})")
     if args.latents_out is not None:
         written.append(f"{args.latents_out}: latents {[run.batch_size, run.num_output_frames, *latent_shape]}")
+    vae_note = f", vae {args.vae_backend}{' overlapped' if args.vae_overlap else ''}" if decode else ""
     print(f"wrote {'; '.join(written)} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, "
-          f"{elapsed:.2f} s, policy {run.cache.policy}, backend {args.backend})")
+          f"{elapsed:.2f} s, policy {run.cache.policy}, backend {args.backend}{vae_note})")
     return 0
 
 
@@ -520,7 +545,7 @@ def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir, reca
 
 def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser("export", parents=[common], formatter_class=_Formatter,
-                       help="export the step and text graphs to an ONNX artifact directory",
+                       help="export the step, text and recache graphs (and the VAE decoder) to an ONNX artifact",
                        description="Export one DiT call with explicit cache I/O (opset 23, static shapes), "
                                    "audit it against TensorRT 10.15's parser and validate it against eager.")
     _add_model_args(p)
@@ -536,6 +561,10 @@ def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     p.add_argument("--force", action="store_true", help="replace an existing artifact directory")
     p.add_argument("--no-validate", dest="validate", action="store_false",
                    help="skip the ONNX Runtime vs eager comparison (fp32 exports)")
+    p.add_argument("--model-dir", type=Path,
+                   help="Wan2.1 folder: its VAE is exported as vae_decode.onnx (and its DiT weights are used "
+                        "when --checkpoint is not given); --preset tiny without one exports the embedded demo")
+    p.add_argument("--no-vae", dest="vae", action="store_false", help="do not export the VAE of --model-dir")
     p.set_defaults(func=cmd_export)
 
 
@@ -546,18 +575,29 @@ def cmd_export(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise ValueError(f"{args.out} already exists; pass --force to replace it")
     check_output_path(args.out, "--out", directory=True)
-    _check_inputs_exist(args, "checkpoint", "model_config", "config", "lora")
-    model_cfg = _resolve_model(args)
+    _check_inputs_exist(args, "checkpoint", "model_config", "config", "lora", "model_dir")
+    if args.model_dir is not None and not args.model_dir.is_dir():
+        raise ValueError(f"--model-dir must be a Wan2.1 model folder, got {args.model_dir}")
+    model_dir = _model_dir(args)  # --preset tiny without a checkpoint: the embedded demo (DiT and VAE)
+    model_cfg = _resolve_model(args, model_dir)
     run = _run_config(args)
     specialise_run(run, model_cfg, args.height, args.width, args.batch)  # bad sizes fail before the weights load
     from export.onnx_export import export_artifact
 
-    dit = _load_dit(args, model_cfg, run, _torch_dtype(args.dtype), _device("cpu"))
+    dtype = _torch_dtype(args.dtype)
+    vae = None
+    if model_dir is not None and args.vae:
+        from runtime.vae import streaming_decoder_module
+
+        vae = streaming_decoder_module(model_dir, dtype=dtype)
+    dit = _load_dit(args, model_cfg, run, dtype, _device("cpu"), model_dir)
     result = export_artifact(dit, run, args.out, height=args.height, width=args.width, batch=args.batch,
-                             validate=args.validate, force=args.force)
+                             validate=args.validate, force=args.force, vae=vae)
     sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result.files.items()
                       if name.endswith((".onnx", ".data")))
     check = result.validation.get("skipped") or f"max abs error vs eager {result.validation['max_abs_error']:.2e}"
+    if "vae_decode" in result.validation:
+        check += f"; vae_decode pixels {result.validation['vae_decode']['pixels_max_abs_error']:.2e}"
     print(f"wrote {result.path} in {result.seconds:.1f} s: step graph {result.step_nodes} nodes; {sizes}; "
           f"TensorRT audit passed; validation: {check}")
     return 0
@@ -610,14 +650,17 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                        description="Profile eager, compiled, ONNX Runtime and TensorRT on the same loop and "
                                    "inputs (random weights). Prints a table, then one JSON line. Exits 1 if no "
                                    "backend could be measured.")
-    p.add_argument("--preset", choices=("tiny", "mid", "wan-1.3b"), default="tiny",
-                   help="model size and resolution: tiny 32x48, mid 96x128, wan-1.3b 832x480")
+    p.add_argument("--preset", choices=("tiny", "demo", "mid", "wan-1.3b"), default="tiny",
+                   help="model size and resolution: tiny 48x32, demo 96x64 (the embedded demo's), mid 128x96, "
+                        "wan-1.3b 832x480")
     p.add_argument("--height", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--width", type=int, help="pixels (multiple of 16); default: the preset's")
     p.add_argument("--backends", default="eager,compiled,onnxruntime,tensorrt",
                    help="comma-separated subset of eager,compiled,onnxruntime,tensorrt")
     p.add_argument("--blocks", type=int, default=30, help="timed blocks (after the warm-up)")
     p.add_argument("--warmup-blocks", type=int, default=3, help="untimed blocks first (compilation, caches)")
+    p.add_argument("--e2e-blocks", type=int, default=20,
+                   help="blocks of the frame path (VAE alone, DiT + VAE serial and overlapped); 0 skips it")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype")
     p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
@@ -652,7 +695,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
     preset = BENCH_PRESETS[args.preset]
     if args.height or args.width:
         preset = replace(preset, height=args.height or preset.height, width=args.width or preset.width)
-    doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops)
+    if args.e2e_blocks and args.e2e_blocks < 4:
+        raise ValueError(f"--e2e-blocks must be 0 (skip the frame path) or at least 4, got {args.e2e_blocks}")
+    doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops,
+                    e2e_blocks=args.e2e_blocks)
     print_table(doc)
     if args.json_out:
         write_json(doc, args.json_out)
@@ -660,6 +706,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         plot(doc, args.plot)
     summary = [{k: r.get(k) for k in ("backend", "available", "call_ms_median", "block_ms_median", "latent_fps",
                                        "video_fps", "host_overhead_pct", "flatness")} for r in doc["results"]]
+    for row, r in zip(summary, doc["results"]):
+        if "frame_path" in r:
+            f = r["frame_path"]
+            row.update(vae_ms_median=f["vae_ms_median"], e2e_block_ms_median=f["overlap"]["block_ms_median"],
+                       e2e_video_fps=f["overlap"]["video_fps"], ttff_cached_ms=f["ttff"]["ttff_cached_ms"])
     print(json.dumps(summary))
     if not any(r.get("available") for r in doc["results"]):
         print("memrope bench: error: no backend could be measured here (see the reasons above)", file=sys.stderr)

@@ -1,5 +1,6 @@
 """Text to video, streamed: prompt -> umT5 embeddings -> DiT with the MemRoPE cache -> streaming
-Wan VAE -> MP4, block by block at constant memory.
+Wan VAE -> MP4, block by block at constant memory (decode of block b overlapping the DiT of block
+b+1 when the VAE stream has a worker).
 
 Owns: the duration arithmetic (seconds -> latent frames), the streaming driver that hands each
 block's frames to the decoder and the writer as soon as the block is denoised, the model-folder
@@ -10,6 +11,8 @@ downloads). Does not own the models themselves (``memrope.model``, ``runtime.tex
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
@@ -65,15 +68,20 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     """Denoise ``num_blocks`` blocks; hand each block's output on as soon as it is done.
     ``prompt_changes`` switch the prompt at block boundaries (:class:`memrope.pipeline.PromptChange`).
 
-    Per block: ``decoder.decode(x0)`` (frames leave the device there) -> ``writer.write(frames
-    [T, H, W, 3] uint8)`` (e.g. an open :class:`runtime.video.Mp4Writer`) and
+    Per block: the decoder turns ``x0`` into uint8 frames ``[T, H, W, 3]``, which go to
+    ``writer.write(frames)`` (e.g. an open :class:`runtime.video.Mp4Writer`) and
     ``on_frames(frames, first_index)``; ``latents_writer.write(frame_start, x0)`` (e.g. a
-    :class:`memrope.io.SafetensorsStreamWriter`). Without a decoder only latents are written.
-    Memory stays constant: nothing accumulates.
+    :class:`memrope.io.SafetensorsStreamWriter`) gets the latents. Without a decoder only latents
+    are written. Memory stays constant: nothing accumulates.
 
-    Each block is checked for NaN/Inf where its output reaches the host (no extra sync); a
-    non-finite block raises :class:`memrope.errors.NonFiniteError` naming it, before anything of
-    it is written, unless ``allow_nonfinite``.
+    ``decoder`` is a :class:`runtime.vae.VAEStream` (the engine's frame path: with ``overlap``,
+    block b decodes and is written from the stream's worker while the DiT computes block b+1)
+    or anything with ``reset()`` and ``decode(x0) -> [B, T, H, W, 3]`` (the diffusers reference).
+
+    Each block is checked for NaN/Inf where its output reaches the host (no extra sync: the
+    block's flag travels with its frames); a non-finite block raises
+    :class:`memrope.errors.NonFiniteError` naming it, before anything of it is written, unless
+    ``allow_nonfinite``.
     """
     bar = None
     frames_total = num_blocks * pipeline.layout.block_frames
@@ -87,24 +95,50 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
         decoder.reset()
     written = 0
     start = time.perf_counter()
+
+    def emit(block, flag: torch.Tensor | None, frames: torch.Tensor) -> None:
+        nonlocal written
+        if flag is not None:
+            block.check_finite(flag)  # the frames are on the host: so is the flag
+        frames = frames[0]  # [T, H, W, 3] uint8, batch 0
+        if writer is not None:
+            writer.write(frames)
+        if on_frames is not None:
+            on_frames(frames, written)
+        written += frames.shape[0]
+        if bar is not None:
+            bar.update(frames.shape[0])
+
+    streamed = hasattr(decoder, "submit")
+    pinned = pipeline.backend.device.type == "cuda"
+    flags = [torch.zeros((), dtype=torch.float32, pin_memory=pinned) for _ in range(3)]
     try:
         for block in pipeline.blocks(prompt_embeds, noise, num_blocks, prompt_changes=prompt_changes):
-            frames = None
-            if decoder is not None:
-                frames = decoder.decode(block.x0)[0]  # [T, H, W, 3] uint8 on the host, batch 0
-            host_latents = block.x0.float().cpu() if latents_writer is not None else None
+            flag = None
             if not allow_nonfinite:
-                block.check_finite()  # the flag is ready: the copies above synchronised
+                # A host copy of the block's flag, ordered before the decoder's copy of x0: ready
+                # when the frames are. A ring of 3: an overlapped decoder holds at most 2 blocks.
+                flag = flags[block.index % 3]
+                flag.copy_(block.finite, non_blocking=True)
             if latents_writer is not None:
+                host_latents = block.x0.float().cpu()  # synchronises: the flag is ready too
+                if flag is not None:
+                    block.check_finite(flag)
                 latents_writer.write(block.index * pipeline.layout.block_frames, host_latents)
-            if frames is not None:
-                if writer is not None:
-                    writer.write(frames)
-                if on_frames is not None:
-                    on_frames(frames, written)
-                written += frames.shape[0]
-            if bar is not None:
-                bar.update(frames.shape[0] if frames is not None else pipeline.layout.block_frames)
+            if decoder is None:
+                if bar is not None:
+                    bar.update(pipeline.layout.block_frames)
+            elif streamed:
+                decoder.submit(block.x0, functools.partial(emit, block, flag))
+            else:
+                emit(block, flag, decoder.decode(block.x0))
+        if streamed:
+            decoder.flush()
+    except BaseException:
+        if streamed:  # no frame may reach the writer after this returns (it is closed next)
+            with contextlib.suppress(Exception):
+                decoder.flush()
+        raise
     finally:
         if bar is not None:
             bar.close()

@@ -1,6 +1,11 @@
 """Wan2.1 VAE decode, streamed: latents in, uint8 video frames out, one block at a time.
 
-Owns: the latent de-normalisation (spec section 5.1), the streaming decoder that keeps the Wan
+Owns: the engine's frame path (:class:`VAEStream`: a ``memrope.backend.VAEBackend`` (eager,
+ONNX Runtime, TensorRT; :func:`make_vae_backend`) driven block by block with fixed buffers, the
+feature cache ping-ponged between two buffer sets, frames leaving the device once per block, and
+optionally decoding in a worker so block b decodes while the DiT computes block b+1), the
+diffusers reference decoder below it, the latent de-normalisation (spec section 5.1), the
+streaming decoder that keeps the Wan
 VAE's causal feature cache alive across calls (so a video of any length decodes as one continuous
 causal pass, with no seams and no lost frames at chunk boundaries, unlike the reference's
 120-latent re-chunking), the float -> uint8 conversion, loading the VAE from a model folder in the
@@ -26,10 +31,16 @@ import json
 import logging
 import os
 import re
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from memrope.contract import feat_cache, present_feat_cache
+from memrope.vae import WanStreamingDecoder, padding_frames
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +147,7 @@ class StreamingVAEDecoder:
     # -- construction ----------------------------------------------------------------------------
     @classmethod
     def from_model_dir(cls, model_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> "StreamingVAEDecoder":
+                       dtype: torch.dtype = torch.float32) -> StreamingVAEDecoder:
         """Load the VAE from a Wan2.1 model folder; see :func:`load_vae`."""
         return cls(load_vae(model_dir, device=device, dtype=dtype))
 
@@ -165,6 +176,12 @@ class StreamingVAEDecoder:
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """``[B, F, C, H, W]`` normalised latents -> ``[B, T, 8 H, 8 W, 3]`` uint8 CPU frames,
         continuing the video decoded since the last :meth:`reset`."""
+        return to_uint8_frames(self.decode_pixels(latents))
+
+    @torch.no_grad()
+    def decode_pixels(self, latents: torch.Tensor) -> torch.Tensor:
+        """As :meth:`decode`, but the decoder's float output ``[B, 3, T, 8 H, 8 W]`` clamped to
+        [-1, 1], on the VAE's device (what the exported graph's ``pixels`` is compared with)."""
         _check_latents(self.vae, latents)
         b, _, _, h, w = latents.shape
         if self._stream_shape is None:
@@ -185,9 +202,228 @@ class StreamingVAEDecoder:
                 from diffusers.models.autoencoders.autoencoder_kl_wan import unpatchify
 
                 frame = unpatchify(frame, patch_size=patch_size)
-            out.append(to_uint8_frames(frame))
+            out.append(frame.clamp(-1.0, 1.0))
             self._latents_seen += 1
-        return torch.cat(out, dim=1)
+        return torch.cat(out, dim=2)
+
+
+# ------------------------------------------------------------------------------------------------
+# The engine's frame path: a VAE backend driven block by block with fixed buffers
+# ------------------------------------------------------------------------------------------------
+
+VAE_BACKENDS = ("eager", "onnxruntime", "tensorrt")
+
+
+def streaming_decoder_module(model_dir: str | os.PathLike[str], device: str | torch.device = "cpu",
+                             dtype: torch.dtype = torch.float32):
+    """The exportable decoder (``memrope.vae.WanStreamingDecoder``) with the weights of the VAE
+    in ``model_dir`` (either layout, see :func:`load_vae`), on ``device`` in ``dtype``."""
+    vae = load_vae(model_dir, device="cpu", dtype=torch.float32)
+    module = WanStreamingDecoder.from_diffusers(vae)
+    del vae
+    return module.to(device=device, dtype=dtype).eval()
+
+
+def make_vae_backend(kind: str, run, *, artifact=None, model_dir: str | os.PathLike[str] | None = None,
+                     device: str | torch.device = "cpu", provider: str = "auto", threads: int | None = None):
+    """A ``memrope.backend.VAEBackend`` by name: ``eager`` (the decoder module from ``model_dir``,
+    float32 on ``device``), ``onnxruntime`` or ``tensorrt`` (the artifact's ``vae_decode`` graph)."""
+    if kind not in VAE_BACKENDS:
+        raise ValueError(f"--vae-backend must be one of {', '.join(VAE_BACKENDS)}, got {kind!r}")
+    if kind == "eager":
+        if model_dir is None:
+            raise ValueError("--vae-backend eager needs the VAE weights: pass --model-dir WAN_DIR")
+        from engine.vae_eager_backend import EagerVAEBackend
+
+        return EagerVAEBackend(streaming_decoder_module(model_dir, device=device), run)
+    if artifact is None:
+        raise ValueError(f"--vae-backend {kind} needs --engine DIR (an artifact exported with a VAE)")
+    if kind == "onnxruntime":
+        from engine.vae_onnxruntime_backend import OnnxRuntimeVAEBackend
+
+        return OnnxRuntimeVAEBackend(artifact, provider=provider, threads=threads)
+    from engine.vae_tensorrt_backend import TensorRTVAEBackend
+
+    return TensorRTVAEBackend(artifact)
+
+
+@dataclass
+class DecodeTicket:
+    """A block handed to :meth:`VAEStream.submit`; :meth:`VAEStream.collect` turns it into frames."""
+
+    slot: int
+    starts_video: bool
+    skip_frames: int
+    sink: Callable[[torch.Tensor], None] | None = None
+    future: Future | None = None
+    decode_ms: float = float("nan")   # wall time of the block's decode steps (set when done)
+
+
+class VAEStream:
+    """Decodes a video block by block through a ``VAEBackend``, with buffers allocated once.
+
+    The buffers: one latent-step input and first-frame flag, the feature cache twice (A and B:
+    a step reads one and writes the other, the next step the other way round, so no cache is
+    copied and each (feeds, outputs) pair is bound once), the step's frame outputs, a 2-slot ring
+    of each block's latents (so the DiT may overwrite its own x0 while the block decodes) and a
+    2-slot ring of host frames (pinned on CUDA). A block's frames leave the device once, as one
+    copy, after its last step.
+
+    ``submit(x0, sink)`` copies the block's latents into the ring and starts decoding it: in a
+    worker thread when ``overlap`` (on CUDA the worker enqueues on its own stream, after an event
+    recorded on the caller's stream), else right away. As soon as the block is decoded, ``sink``
+    gets its uint8 frames ``[B, T, H, W, 3]`` on the CPU (``T = 4 F``, or ``4 F - 3`` for the
+    video's first block; valid during the call), in the worker, so frames reach a writer without
+    waiting for the caller's next block. ``flush()`` waits for every submitted block and raises a
+    worker's error. ``collect(ticket)`` waits for one block and returns its frames (valid until
+    the next ``submit``); ``decode(x0) = collect(submit(x0))``. ``decode_ms`` lists each block's
+    decode wall time.
+
+    Args:
+        backend: the ``VAEBackend`` (owned: closed with the stream).
+        block_latent_frames: latent frames per submitted block (the DiT's block size).
+        overlap: decode in a worker thread, so the caller can compute the next block meanwhile.
+    """
+
+    def __init__(self, backend, block_latent_frames: int, *, overlap: bool = False):
+        contract = backend.contract
+        latents_spec = contract.input("latents")
+        self.step_latent_frames = latents_spec.shape[1]
+        if block_latent_frames % self.step_latent_frames:
+            raise ValueError(f"blocks of {block_latent_frames} latent frames cannot be decoded in steps of "
+                             f"{self.step_latent_frames}")
+        self.backend = backend
+        self.block_latent_frames = block_latent_frames
+        self.overlap = overlap
+        self.device = device = backend.device
+        self._padding = padding_frames(backend.config)
+        b, t, c, h, w = latents_spec.shape
+        frames_spec = contract.output("frames")
+        self.step_frames = frames_spec.shape[1]
+        steps = block_latent_frames // t
+        self._latents = latents_spec.zeros(device)
+        self._first = contract.input("first_frame").zeros(device)
+        self._frames = frames_spec.zeros(device)
+        self._pixels = contract.output("pixels").zeros(device)
+        specs = contract.inputs[2:]
+        caches = [[spec.zeros(device) for spec in specs] for _ in range(2)]
+        self._pairs = []
+        for src, dst in ((0, 1), (1, 0)):
+            feeds = {"latents": self._latents, "first_frame": self._first}
+            feeds.update({feat_cache(i): caches[src][i] for i in range(len(specs))})
+            outputs = {"frames": self._frames, "pixels": self._pixels}
+            outputs.update({present_feat_cache(i): caches[dst][i] for i in range(len(specs))})
+            self._pairs.append((feeds, outputs))
+        self._x0 = [torch.zeros(b, block_latent_frames, c, h, w, dtype=latents_spec.torch_dtype, device=device)
+                    for _ in range(2)]
+        block_shape = (b, steps * self.step_frames, *frames_spec.shape[2:])
+        cuda = device.type == "cuda"
+        self._host = [torch.zeros(block_shape, dtype=torch.uint8, pin_memory=cuda) for _ in range(2)]
+        self._device_block = torch.zeros(block_shape, dtype=torch.uint8, device=device) if cuda else None
+        self._stream = torch.cuda.Stream(device) if cuda and overlap else None
+        self._ready = [torch.cuda.Event() for _ in range(2)] if cuda else None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="vae") if overlap else None
+        self._slot_tickets: list[DecodeTicket | None] = [None, None]
+        self._next_slot = 0
+        self._parity = 0
+        self._latents_seen = 0
+        self.cache_bytes = sum(spec.nbytes for spec in specs)
+        self.decode_ms: list[float] = []
+
+    def __enter__(self) -> VAEStream:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def latent_frames_decoded(self) -> int:
+        return self._latents_seen
+
+    def reset(self) -> None:
+        """Start a new video: the next step has ``first_frame`` set (the caches are then ignored)."""
+        self.flush()
+        self._latents_seen = 0
+
+    def flush(self) -> None:
+        """Wait for every submitted block (and its sink); re-raise a worker's error."""
+        for ticket in self._slot_tickets:
+            if ticket is not None and ticket.future is not None:
+                ticket.future.result()
+
+    def submit(self, x0: torch.Tensor, sink: Callable[[torch.Tensor], None] | None = None) -> DecodeTicket:
+        """Start decoding one block ``x0 [B, F, C, h, w]`` (the DiT's output, any device/dtype)."""
+        ring = self._x0[0]
+        if tuple(x0.shape) != tuple(ring.shape):
+            raise ValueError(f"latents have shape {list(x0.shape)}; this stream decodes blocks of "
+                             f"{list(ring.shape)} ([B, F, C, h, w])")
+        slot = self._next_slot
+        self._next_slot ^= 1
+        previous = self._slot_tickets[slot]
+        if previous is not None and previous.future is not None:
+            previous.future.result()  # the slot's last block is decoded before its latents are replaced
+        self._x0[slot].copy_(x0)
+        if self._ready is not None:
+            self._ready[slot].record()
+        starts = self._latents_seen == 0
+        ticket = DecodeTicket(slot, starts, self._padding if starts else 0, sink)
+        self._latents_seen += self.block_latent_frames
+        self._slot_tickets[slot] = ticket
+        if self._executor is None:
+            self._decode_block(ticket)
+        else:
+            ticket.future = self._executor.submit(self._decode_block, ticket)
+        return ticket
+
+    def collect(self, ticket: DecodeTicket) -> torch.Tensor:
+        """The block's uint8 frames ``[B, T, H, W, 3]`` on the CPU (a view, valid until the next submit)."""
+        if ticket.future is not None:
+            ticket.future.result()
+        return self._host[ticket.slot][:, ticket.skip_frames:]
+
+    def decode(self, x0: torch.Tensor) -> torch.Tensor:
+        return self.collect(self.submit(x0))
+
+    @torch.no_grad()
+    def _decode_block(self, ticket: DecodeTicket) -> None:
+        start = time.perf_counter()
+        stream = self._stream
+        if stream is not None:
+            with torch.cuda.stream(stream):
+                stream.wait_event(self._ready[ticket.slot])
+                self._steps(ticket)
+            stream.synchronize()
+        else:
+            self._steps(ticket)
+            if self.device.type == "cuda":
+                torch.cuda.current_stream(self.device).synchronize()
+        ticket.decode_ms = (time.perf_counter() - start) * 1e3
+        self.decode_ms.append(ticket.decode_ms)
+        if ticket.sink is not None:
+            ticket.sink(self._host[ticket.slot][:, ticket.skip_frames:])
+
+    def _steps(self, ticket: DecodeTicket) -> None:
+        x0 = self._x0[ticket.slot]
+        t, n = self.step_latent_frames, self.step_frames
+        target = self._device_block if self._device_block is not None else self._host[ticket.slot]
+        for k in range(self.block_latent_frames // t):
+            self._latents.copy_(x0[:, k * t:(k + 1) * t])
+            self._first.fill_(ticket.starts_video and k == 0)
+            feeds, outputs = self._pairs[self._parity]
+            self.backend.run(feeds, outputs)
+            self._parity ^= 1
+            target[:, k * n:(k + 1) * n].copy_(self._frames)
+        if self._device_block is not None:
+            self._host[ticket.slot].copy_(self._device_block, non_blocking=True)
+
+    def close(self) -> None:
+        try:
+            self.flush()
+        finally:
+            if self._executor is not None:
+                self._executor.shutdown(wait=True)
+                self._executor = None
+            self.backend.close()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -368,7 +604,7 @@ def _load_wan_original(model_dir: Path, device, dtype):
         cfg.update(latents_mean=list(WAN21_LATENTS_MEAN), latents_std=list(WAN21_LATENTS_STD))
     try:
         raw = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as exc:  # noqa: BLE001 - any unpickling failure means a bad file
+    except Exception as exc:
         raise ValueError(f"{path} is not a readable PyTorch state dict: {exc}") from None
     if not isinstance(raw, Mapping) or not all(isinstance(v, torch.Tensor) for v in raw.values()):
         raise ValueError(f"{path} must hold a flat state dict of tensors (encoder.*, conv1.*, conv2.*, "

@@ -58,3 +58,35 @@ def artifacts(golden_dit, tmp_path_factory):
     root = tmp_path_factory.mktemp("artifacts")
     return {name: export_artifact(golden_dit, golden_run(name), root / name, **GOLDEN_PIXELS).path
             for name in TRACES}
+
+
+@pytest.fixture(scope="session")
+def low_precision_exports(golden_dit, tiny_config, tmp_path_factory) -> dict[str, Path]:
+    """dtype name -> the golden model's ``memrope_ema`` export in bf16 / fp16 with a tiny VAE
+    decoder (``vae_decode``), not validated (ONNX Runtime on CPU has no bf16 kernels); audited,
+    as every export is. Shared by the audit test and the TensorRT-RTX builds."""
+    from diffusers import AutoencoderKLWan
+
+    from export.onnx_export import export_artifact
+    from memrope.vae import WanStreamingDecoder
+    from runtime.vae import tiny_vae_config
+
+    root = tmp_path_factory.mktemp("low_precision")
+    out = {}
+    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+        torch.manual_seed(0)
+        vae = WanStreamingDecoder.from_diffusers(AutoencoderKLWan(**tiny_vae_config()).eval()).to(dtype)
+        dit = build_dit(tiny_config, golden_dit.state_dict(), dtype=dtype)
+        out[name] = export_artifact(dit, golden_run("memrope_ema"), root / f"memrope_ema_{name}", validate=False,
+                                    vae=vae, **GOLDEN_PIXELS).path
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_bench_doc():
+    """One ``memrope bench`` document on the tiny preset (eager, ONNX Runtime, and TensorRT,
+    which says why it cannot run here), frame path included: what the bench tests read."""
+    from runtime.bench import BENCH_PRESETS, run_bench
+
+    return run_bench(BENCH_PRESETS["tiny"], ["eager", "onnxruntime", "tensorrt"], blocks=8, warmup_blocks=1,
+                     e2e_blocks=2)

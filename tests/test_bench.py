@@ -13,7 +13,7 @@ import torch
 from memrope.cache import CacheLayout
 from memrope.config import CacheConfig, model_preset
 from memrope.model import WanCausalDiT
-from runtime.bench import BENCH_PRESETS, run_bench, work_per_call
+from runtime.bench import work_per_call
 from runtime.cli import main
 
 REQUIRED = ("call_ms_median", "block_ms_median", "first_block_ms", "latent_fps", "video_fps", "host_overhead_pct",
@@ -21,8 +21,8 @@ REQUIRED = ("call_ms_median", "block_ms_median", "first_block_ms", "latent_fps",
 
 
 @pytest.fixture(scope="module")
-def doc():
-    return run_bench(BENCH_PRESETS["tiny"], ["eager", "onnxruntime", "tensorrt"], blocks=8, warmup_blocks=1)
+def doc(tiny_bench_doc):
+    return tiny_bench_doc
 
 
 def test_schema_and_consistency(doc):
@@ -85,7 +85,7 @@ def test_work_model_counts_the_real_linear_layers():
 def test_cli_writes_json_and_plot(tmp_path, capsys):
     out, png = tmp_path / "bench.json", tmp_path / "bench.png"
     assert main(["bench", "--preset", "tiny", "--backends", "eager,tensorrt", "--blocks", "5", "--warmup-blocks", "1",
-                 "--json-out", str(out), "--plot", str(png), "--peak-tflops", "1.0"]) == 0
+                 "--json-out", str(out), "--plot", str(png), "--peak-tflops", "1.0", "--e2e-blocks", "0"]) == 0
     doc = json.loads(out.read_text())
     eager = doc["results"][0]
     assert eager["backend"] == "eager" and 0 < eager["peak_fraction"] < 1

@@ -23,7 +23,6 @@ from export.validate import ExportMismatchError
 from memrope.artifact import ArtifactMismatchError, load_artifact
 from memrope.cache import CacheControls, memory_update
 from memrope.contract import memory_key, past_key, present_memory_key
-from memrope.model import build_dit, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import TensorNoise
 from runtime.cli import main
@@ -127,22 +126,26 @@ def test_ema_and_rope_are_computed_by_graph_ops(artifacts, golden_dit):
     np.testing.assert_allclose(run(shifted)["flow"], out["flow"], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
-def test_tensorrt_audit_passes_for_every_variant(dtype, tiny_config, tmp_path):
-    dit = build_dit(tiny_config, random_state_dict(tiny_config), dtype=dtype)
-    result = export_artifact(dit, golden_run("memrope_ema"), tmp_path / "art", validate=False, **GOLDEN_PIXELS)
-    for name in ("step.onnx", "text.onnx"):
-        audit = result.audit[name]
-        assert audit["problems"] == [] and audit["opset"] == 23
-        assert "Attention" in audit["op_counts"] or name == "text.onnx"
-    step = result.audit["step.onnx"]
-    if dtype != torch.float32:
-        low = {torch.bfloat16: "BF16", torch.float16: "FP16"}[dtype]
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_tensorrt_audit_passes_for_every_variant(dtype, request):
+    """Every graph of the shared exports (fp32: validated; bf16/fp16: with a VAE decoder) passed
+    the TensorRT parser audit at export, as ``audit.json`` records, in the graph's own dtype."""
+    path = (request.getfixturevalue("artifacts")["memrope_ema"] if dtype == "float32"
+            else request.getfixturevalue("low_precision_exports")[dtype])
+    audits = json.loads((path / "audit.json").read_text())
+    contract = json.loads((path / "contract.json").read_text())
+    assert sorted(audits) == sorted(f"{graph}.onnx" for graph in contract["graphs"])
+    assert {"step.onnx", "text.onnx", "recache.onnx"} <= set(audits)
+    for name, audit in audits.items():
+        assert audit["problems"] == [] and audit["opset"] == 23, name
+        assert "Attention" in audit["op_counts"] or name in ("text.onnx", "vae_decode.onnx")
+    step = audits["step.onnx"]
+    if dtype != "float32":
+        low = {"bfloat16": "BF16", "float16": "FP16"}[dtype]
         assert step["dtypes_by_op"]["MatMul"] == [low] and low in step["dtypes_by_op"]["Attention"]
         # Deliberate fp32 islands (RMSNorm statistics, RoPE, timestep features) are explicit casts.
         assert step["fp32_islands"]["casts_to_float32"]
-    contract = json.loads((result.path / "contract.json").read_text())
-    assert contract["dtype"] == {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}[dtype]
+    assert contract["dtype"] == dtype
 
 
 def test_export_rejects_bad_resolution_and_leaves_nothing(golden_dit, tmp_path):

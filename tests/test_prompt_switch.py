@@ -10,7 +10,7 @@ from dataclasses import replace
 
 import pytest
 import torch
-from conftest import GOLDEN_PIXELS, golden_run
+from conftest import golden_run
 
 from engine.eager_backend import EagerBackend
 from engine.onnxruntime_backend import OnnxRuntimeBackend
@@ -288,30 +288,3 @@ def test_set_prompt_refuses_bad_options(golden_dit, prompts):
     odd = MemRoPEPipeline(EagerBackend(golden_dit, odd_sink), odd_sink).stream(first, _noise())
     with pytest.raises(ValueError, match="multiple of the block size"):
         odd.set_prompt(second, recache="all")
-
-
-@pytest.fixture(scope="module", params=["bfloat16", "float16"])
-def low_precision_artifact(request, tiny_config, tmp_path_factory):
-    from export.onnx_export import export_artifact
-    from memrope.model import build_dit, random_state_dict
-
-    dtype = getattr(torch, request.param)
-    dit = build_dit(tiny_config, random_state_dict(tiny_config), dtype=dtype)
-    out = tmp_path_factory.mktemp("recache_trt") / request.param
-    return export_artifact(dit, golden_run("memrope_ema"), out, validate=False, **GOLDEN_PIXELS).path
-
-
-def test_recache_graph_builds_with_tensorrt_rtx(low_precision_artifact):
-    """The real TensorRT-RTX builder (ahead of time, no GPU, no timing cache) parses and builds
-    recache.onnx exported in bf16 and fp16 (fp32 attention needs the build change of the
-    TensorRT work, see engine/build.py)."""
-    trt = pytest.importorskip("tensorrt_rtx", reason="tensorrt_rtx is not installed (pip install tensorrt-rtx-cu12)")
-    logger = trt.Logger(trt.Logger.ERROR)
-    builder = trt.Builder(logger)
-    network = builder.create_network(0)
-    parser = trt.OnnxParser(network, logger)
-    ok = parser.parse_from_file(str(low_precision_artifact / "recache.onnx"))
-    assert ok, [parser.get_error(i).desc() for i in range(parser.num_errors)]
-    assert [network.get_output(i).name for i in range(network.num_outputs)][:1] == [recached_key(0)]
-    plan = builder.build_serialized_network(network, builder.create_builder_config())
-    assert plan is not None and plan.nbytes > 0

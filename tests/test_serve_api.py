@@ -119,6 +119,7 @@ def test_sessions_admission_prompt_change_pause(server):
     assert m["memrope_serve_sessions_rejected_total"] >= 1
 
 
+@pytest.mark.slow  # a load/leak test: CI's slow step
 def test_killed_viewer_is_freed(server):
     _wait_metrics(server, _idle, 10, "an idle server")
     baseline_rss = server.metrics()["process_resident_memory_bytes"]
@@ -148,6 +149,7 @@ def test_killed_viewer_is_freed(server):
     assert ended == []
 
 
+@pytest.mark.slow  # a load/leak test: CI's slow step
 def test_viewer_that_never_reads_does_not_grow_memory(server):
     """A session nobody pulls frames from (created, kept alive by heartbeats, never connected):
     generation stops at a full queue and memory stays flat."""

@@ -105,6 +105,7 @@ def server():
         yield proc
 
 
+@pytest.mark.slow  # a browser test: CI's slow step
 def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
     chromium = _chromium()
     profile = tmp_path / "profile"

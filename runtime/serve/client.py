@@ -295,14 +295,33 @@ async def _watch(url: str, prompt: str, seconds: float) -> int:
     return 0
 
 
+def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5) -> None:
+    """Poll ``GET /healthz`` until the server answers 200, for at most ``timeout_s`` seconds
+    (a server that was just started loads its model and warms up first)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            if http_json("GET", url.rstrip("/") + "/healthz", timeout_s=poll_s * 4)[0] == 200:
+                return
+        except OSError:  # not listening yet
+            pass
+        if time.monotonic() >= deadline:
+            raise TimeoutError(f"{url} did not answer GET /healthz with 200 within {timeout_s:g} s")
+        time.sleep(poll_s)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve.client",
                                      description="Watch one memrope serve session and print progress as JSON lines.")
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--prompt", default="a small red boat on the blue sea at night")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch")
+    parser.add_argument("--wait", type=float, default=0.0,
+                        help="wait up to this many seconds for the server to be ready (e.g. one just started)")
     args = parser.parse_args(argv)
     try:
+        if args.wait > 0:
+            wait_until_serving(args.url, args.wait)
         return asyncio.run(_watch(args.url, args.prompt, args.seconds))
     except (ServeError, TimeoutError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
