@@ -9,7 +9,6 @@ from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
 from export.audit import (
-    OpSupport,
     TensorRTAuditError,
     audit_onnx,
     load_trt_support_table,
@@ -55,10 +54,10 @@ def _clean_attention_io():
 def test_table_loads_and_has_the_ops_we_rely_on():
     table = load_trt_support_table()
     assert len(table) > 150
-    assert table["Attention"] == OpSupport(
-        "Attention", True, frozenset({"FP32", "FP16", "BF16", "INT8", "FP8"}),
-        table["Attention"].restrictions)
-    assert "4D" in table["Attention"].restrictions
+    attention = table["Attention"]
+    assert (attention.op, attention.supported) == ("Attention", True)
+    assert attention.types == frozenset({"FP32", "FP16", "BF16", "INT8", "FP8"})
+    assert "4D" in attention.restrictions
     assert {"BF16", "FP32"} <= table["MatMul"].types
     assert not table["Unique"].supported and not table["DFT"].supported
     assert table["Cast"].types >= {"BOOL", "INT64", "UINT8"}

@@ -2,9 +2,8 @@
 
 On every machine with ``tensorrt_rtx`` (the ``rtx`` extra; no GPU needed): the real TensorRT-RTX
 builder builds every graph of the golden model's exports (step, text, recache; for the ema
-policy in bf16/fp16 also a tiny VAE decoder) through ``memrope build --target rtx``: all three
-policies (ema, eviction, global) in fp32, and the ema policy in bf16 and fp16 (the other
-policies' bf16/fp16 builds run in the slow step); bf16/fp16 attention lands
+policy in bf16/fp16 also a tiny VAE decoder) through ``memrope build --target rtx``, for all
+three policies (ema, eviction, global) in fp32, bf16 and fp16; bf16/fp16 attention lands
 on fused kernels and fp32 attention is decomposed, as the build report says; a graph the builder
 rejects is one error naming the layer, and nothing is written; up-to-date plans are reused and
 other compute capabilities rebuild; loading a plan on a machine without a GPU says so in one
@@ -201,10 +200,7 @@ def built(exports, tmp_path_factory):
     return _Lazy(make)
 
 
-# The ema policy in every dtype, and every policy in fp32, run by default; the other policies'
-# bf16/fp16 builds (same graphs, other cache controls) run in the slow step.
-BUILD_CASES = [pytest.param(policy, dtype, marks=[pytest.mark.slow] if policy != VAE_POLICY and dtype != "float32"
-                            else []) for policy in POLICIES for dtype in DTYPES]
+BUILD_CASES = [(policy, dtype) for policy in POLICIES for dtype in DTYPES]
 
 
 def _onnx_facts(path: Path) -> tuple[int, int]:
