@@ -249,9 +249,12 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     vae.add_argument("--vae-backend", choices=VAE_BACKENDS, default="eager",
                      help="what decodes latents to frames: eager (PyTorch, the VAE in --model-dir) or the "
                           "artifact's vae_decode graph (--engine; onnxruntime, or tensorrt after `memrope build`)")
+    vae.add_argument("--vae-overlap", dest="vae_overlap", action="store_true", default=None,
+                     help="decode block b in a worker while the DiT computes block b+1 (default on a GPU, where "
+                          "the decode runs on its own stream; off on a CPU, where both stages share the cores: "
+                          "docs/bench_frame_path_cpu.md)")
     vae.add_argument("--no-vae-overlap", dest="vae_overlap", action="store_false",
-                     help="decode each block before starting the next one (default: decode block b in a worker "
-                          "while the DiT computes block b+1)")
+                     help="decode each block before starting the next one")
     add_timeline_args(p)
     p.set_defaults(func=cmd_generate)
 
@@ -473,9 +476,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from runtime.vae import VAEStream, make_vae_backend
 
         provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
+        vae_overlap = device.type == "cuda" if args.vae_overlap is None else args.vae_overlap
         decoder = VAEStream(make_vae_backend(args.vae_backend, run, artifact=artifact, model_dir=model_dir,
                                              device=device, provider=provider),
-                            run.cache.block_frames, overlap=args.vae_overlap)
+                            run.cache.block_frames, overlap=vae_overlap)
     backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir,
                             recache=any(c.recache != "none" for c in prompt_changes))
     pipeline = MemRoPEPipeline(backend, run)
@@ -512,7 +516,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                        f"({result.video_frames / VIDEO_FPS:.1f} s, {width}x{height})")
     if args.latents_out is not None:
         written.append(f"{args.latents_out}: latents {[run.batch_size, run.num_output_frames, *latent_shape]}")
-    vae_note = f", vae {args.vae_backend}{' overlapped' if args.vae_overlap else ''}" if decode else ""
+    vae_note = f", vae {args.vae_backend}{' overlapped' if decoder.overlap else ''}" if decode else ""
     print(f"wrote {'; '.join(written)} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, "
           f"{elapsed:.2f} s, policy {run.cache.policy}, backend {args.backend}{vae_note})")
     return 0
