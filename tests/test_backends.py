@@ -111,15 +111,20 @@ def test_compiled_cuda_graphs_match_eager_in_bf16(tiny_config):
     assert err_compiled <= 2 * err_eager + 1e-6
 
 
-def _ort_cuda_available() -> bool:
+def _ort_cuda_missing() -> str | None:
+    """Why ONNX Runtime's CUDA provider cannot run here, or None when it can."""
     import onnxruntime
 
-    return torch.cuda.is_available() and "CUDAExecutionProvider" in onnxruntime.get_available_providers()
+    missing = []
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        missing.append("this onnxruntime build has no CUDA provider (install onnxruntime-gpu)")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU")
+    return "; ".join(missing) or None
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not _ort_cuda_available(),
-                    reason="needs onnxruntime-gpu and a CUDA GPU (this machine has the CPU build and no GPU)")
+@pytest.mark.skipif(_ort_cuda_missing() is not None, reason=f"ONNX Runtime CUDA EP: {_ort_cuda_missing()}")
 def test_onnxruntime_cuda_io_binding_matches_eager(golden_dit, artifacts, golden_inputs):
     """The CUDA execution provider bound to the loop's device buffers, with and without CUDA graphs."""
     run = replace(golden_run("memrope_ema"), num_output_frames=3 * 8)
