@@ -108,6 +108,9 @@ class OnnxRuntimeVAEBackend(VAEBackend):
             torch.cuda.current_stream(self.device).synchronize()  # ORT runs on its own stream
         self.session.run_with_iobinding(entry[0])
 
+    def forget(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        self._bindings.pop((id(feeds), id(outputs)), None)
+
     def close(self) -> None:
         self._bindings.clear()
         self.session = None

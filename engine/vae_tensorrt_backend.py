@@ -94,6 +94,9 @@ class TensorRTVAEBackend(VAEBackend):
                 logger.warning("CUDA graph capture of the TensorRT VAE failed (%s); running without graphs", exc)
                 self.cuda_graph = False
 
+    def forget(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        self._contexts.pop((id(feeds), id(outputs)), None)  # its context and CUDA graph go with it
+
     def close(self) -> None:
         self._contexts.clear()
         if getattr(self, "_engine", None) is not None:

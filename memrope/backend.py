@@ -178,6 +178,10 @@ class VAEBackend:
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         raise NotImplementedError
 
+    def forget(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
+        """Drop whatever was bound for this (feeds, outputs) pair: its owner is done with it (a
+        served session ended), so the backend must not keep its buffers alive."""
+
 
 def cross_named(keys: list[torch.Tensor], values: list[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Per-layer cross-attention keys and values -> the contract's ``cross_key_values.*`` names."""

@@ -283,9 +283,12 @@ class VAEStream:
         backend: the ``VAEBackend`` (owned: closed with the stream).
         block_latent_frames: latent frames per submitted block (the DiT's block size).
         overlap: decode in a worker thread, so the caller can compute the next block meanwhile.
+        owns_backend: close the backend with the stream (default). False for a backend shared by
+            several streams (a server's sessions): closing the stream then only makes the backend
+            forget this stream's bindings.
     """
 
-    def __init__(self, backend, block_latent_frames: int, *, overlap: bool = False):
+    def __init__(self, backend, block_latent_frames: int, *, overlap: bool = False, owns_backend: bool = True):
         contract = backend.contract
         latents_spec = contract.input("latents")
         self.step_latent_frames = latents_spec.shape[1]
@@ -293,6 +296,7 @@ class VAEStream:
             raise ValueError(f"blocks of {block_latent_frames} latent frames cannot be decoded in steps of "
                              f"{self.step_latent_frames}")
         self.backend = backend
+        self.owns_backend = owns_backend
         self.block_latent_frames = block_latent_frames
         self.overlap = overlap
         self.device = device = backend.device
@@ -423,7 +427,11 @@ class VAEStream:
             if self._executor is not None:
                 self._executor.shutdown(wait=True)
                 self._executor = None
-            self.backend.close()
+            if self.owns_backend:
+                self.backend.close()
+            else:
+                for feeds, outputs in self._pairs:
+                    self.backend.forget(feeds, outputs)
 
 
 # ------------------------------------------------------------------------------------------------

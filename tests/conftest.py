@@ -90,3 +90,20 @@ def tiny_bench_doc():
 
     return run_bench(BENCH_PRESETS["tiny"], ["eager", "onnxruntime", "tensorrt"], blocks=8, warmup_blocks=1,
                      e2e_blocks=2)
+
+
+@pytest.fixture(scope="session")
+def demo_artifact(tmp_path_factory):
+    """``(demo model folder, artifact)``: the embedded demo model (in a private MEMROPE_CACHE)
+    exported with its VAE at 64x96 through the CLI (validated)."""
+    from runtime.cli import main
+    from runtime.t2v import ensure_demo_model
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("MEMROPE_CACHE", str(tmp_path_factory.mktemp("memrope-cache")))
+    demo = ensure_demo_model()
+    out = tmp_path_factory.mktemp("art") / "demo"
+    assert main(["export", "--preset", "tiny", "--model-dir", str(demo), "--height", "64", "--width", "96",
+                 "--out", str(out)]) == 0
+    yield demo, out
+    mp.undo()

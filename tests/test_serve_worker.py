@@ -146,3 +146,47 @@ def test_a_failing_session_ends_alone_with_a_message(model):
     assert seen["status_a"]["state"] == "ended" and seen["status_a"]["reason"] == reason
     assert seen["failed"] == 1
     assert seen["live"] == 2  # b and c; a's stream is gone
+
+
+def test_sessions_decode_with_the_exported_vae_and_release_its_bindings(demo_artifact):
+    """``memrope serve --engine ART --backend onnxruntime --vae-backend onnxruntime``: a session's
+    frames come from the artifact's vae_decode graph (equal to the eager decode within one level),
+    a real WebRTC session plays them, and an ended session leaves no binding in the shared backend."""
+    from runtime.cli import build_parser
+    from runtime.serve.model import close_decoder, load_serve_model
+    from runtime.vae import StreamingVAEDecoder
+
+    demo, art = demo_artifact
+    served = load_serve_model(build_parser().parse_args(
+        ["serve", "--engine", str(art), "--backend", "onnxruntime", "--vae-backend", "onnxruntime",
+         "--model-dir", str(demo)]))
+    try:
+        assert served.description["vae_backend"] == "onnxruntime" and served.description["backend"] == "onnxruntime"
+        latents = torch.randn(1, 6, 16, 8, 12, generator=torch.Generator().manual_seed(5))
+        expected = StreamingVAEDecoder.from_model_dir(demo).decode(latents)[0]
+        decode = served.open_decoder()
+        got = [torch.from_numpy(decode(latents[:, i:i + 3])) for i in (0, 3)]
+        assert [g.shape[0] for g in got] == [9, 12]  # the video's first block drops its padding frames
+        assert (torch.cat(got).int() - expected.int()).abs().max() <= 1
+        assert len(served.vae._bindings) == 2
+        close_decoder(decode)
+        assert len(served.vae._bindings) == 0
+
+        with InProcessServer(served, ServerOptions(max_sessions=1, heartbeat_timeout_s=10)) as srv:
+            server = srv.app.state.server
+
+            async def scenario() -> int:
+                async with Viewer(srv.url) as viewer:
+                    await viewer.start(PROMPT, seed=1)
+                    await viewer.wait_frames(21, 90)  # past the first block: steady-state decode steps
+                    bound = len(served.vae._bindings)
+                    await viewer.stop()
+                    return bound
+
+            bound = asyncio.run(asyncio.wait_for(scenario(), 180))
+            deadline = time.monotonic() + 10
+            while (server.sessions or served.vae._bindings) and time.monotonic() < deadline:
+                time.sleep(0.1)
+        assert bound == 2 and not server.sessions and len(served.vae._bindings) == 0
+    finally:
+        served.close()

@@ -173,23 +173,6 @@ def test_first_frame_flag_ignores_the_caches(exported):
 # The artifact
 # ------------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def demo_artifact(tmp_path_factory):
-    """The embedded demo model (in a private MEMROPE_CACHE) exported with its VAE at 64x96
-    (CLI, validated)."""
-    from runtime.cli import main
-    from runtime.t2v import ensure_demo_model
-
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MEMROPE_CACHE", str(tmp_path_factory.mktemp("memrope-cache")))
-    demo = ensure_demo_model()
-    out = tmp_path_factory.mktemp("art") / "demo"
-    assert main(["export", "--preset", "tiny", "--model-dir", str(demo), "--height", "64", "--width", "96",
-                 "--out", str(out)]) == 0
-    yield demo, out
-    mp.undo()
-
-
 def test_artifact_holds_the_vae_graph(demo_artifact):
     from memrope.artifact import ArtifactMismatchError, load_artifact
 

@@ -34,7 +34,7 @@ def require_serve_packages() -> None:
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``memrope serve`` (model and execution options shared with ``memrope generate``;
     ``common`` carries the options every subcommand takes, such as ``-v``)."""
-    from runtime.cli import _add_execution_args, _add_model_args, _Formatter
+    from runtime.cli import VAE_BACKENDS, _add_execution_args, _add_model_args, _Formatter
 
     p = sub.add_parser("serve", parents=[common], formatter_class=_Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
                        description="Serve text-to-video live: each browser session gets its own cache and a "
@@ -48,6 +48,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     run.add_argument("--memory-dtype", choices=("cache", "float32"),
                      help="EMA memory accumulator (default cache dtype, as the authors)")
     _add_execution_args(p)
+    p.add_argument("--vae-backend", choices=VAE_BACKENDS, default="eager",
+                   help="what decodes the sessions' frames: eager (the VAE in --model-dir) or the artifact's "
+                        "vae_decode graph (--engine; onnxruntime, or tensorrt after `memrope build`)")
     srv = p.add_argument_group("server")
     srv.add_argument("--host", default="127.0.0.1", help="address to listen on (default loopback only)")
     srv.add_argument("--port", type=int, default=8000, help="HTTP port (0: any free port; the URL is printed)")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from memrope.backend import VAEBackend
 from memrope.config import VAE_SPATIAL_STRIDE
 from memrope.pipeline import BlockStream, MemRoPEPipeline
 from memrope.sampler import StreamingSeededNoise
@@ -113,7 +114,9 @@ class ServeModel:
 
     pipeline: the block loop over the backend (one per server; one ``BlockStream`` per session).
     text: the prompt encoder.
-    vae: the Wan VAE module (each session's decoder keeps its own causal cache over it).
+    vae: the Wan VAE module (each session's decoder keeps its own causal cache over it), or a
+      ``memrope.backend.VAEBackend`` running the artifact's ``vae_decode`` graph
+      (``--vae-backend onnxruntime|tensorrt``), shared by the sessions' ``VAEStream``s.
     description: what is being served, for ``/healthz`` and the page.
     """
 
@@ -141,8 +144,10 @@ class ServeModel:
         return p.stream(prompt_embeds, noise)
 
     def open_decoder(self) -> FrameDecoder:
-        """A new video's frame decoder: the one place the server touches the VAE, so another VAE
-        runtime (an exported graph) replaces only this function."""
+        """A new video's frame decoder (call it with each block's ``x0``; ``close()`` it when the
+        video ends): the one place the server touches the VAE."""
+        if isinstance(self.vae, VAEBackend):
+            return _EngineFrameDecoder(self.vae, self.pipeline.layout.block_frames)
         from runtime.vae import StreamingVAEDecoder
 
         decoder = StreamingVAEDecoder(self.vae)
@@ -161,11 +166,38 @@ class ServeModel:
                 decode(stream.next_block().x0)
         finally:
             stream.close()
+            close_decoder(decode)
         return time.perf_counter() - start
 
     def close(self) -> None:
         self.text.close()
         self.pipeline.backend.close()
+        if isinstance(self.vae, VAEBackend):
+            self.vae.close()
+
+
+class _EngineFrameDecoder:
+    """One video's decoder over a shared exported VAE backend: its own ``VAEStream`` (feature
+    caches, bound once), which the backend forgets when the video ends."""
+
+    def __init__(self, backend, block_frames: int):
+        from runtime.vae import VAEStream
+
+        self.stream = VAEStream(backend, block_frames, overlap=False, owns_backend=False)
+        self.stream.reset()
+
+    def __call__(self, x0: torch.Tensor) -> np.ndarray:
+        return self.stream.decode(x0)[0].numpy().copy()  # the stream's host ring is reused next block
+
+    def close(self) -> None:
+        self.stream.close()
+
+
+def close_decoder(decode: FrameDecoder | None) -> None:
+    """Release what a frame decoder holds (an engine decoder's bindings); plain decoders hold nothing."""
+    close = getattr(decode, "close", None)
+    if close is not None:
+        close()
 
 
 def load_serve_model(args: argparse.Namespace) -> ServeModel:
@@ -191,18 +223,27 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
         raise ValueError("sessions stream without end, so the cache must be a window: the run config's "
                          "local_attn_size must be positive (policy 'global' grows with the video)")
     text = PromptEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len, text_dim=model_cfg.text_dim)
+    vae = None
     try:
-        vae = load_vae(model_dir, device=device)
+        if args.vae_backend == "eager":
+            vae = load_vae(model_dir, device=device)
+        else:
+            from runtime.vae import make_vae_backend
+
+            provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
+            vae = make_vae_backend(args.vae_backend, run, artifact=artifact, device=device, provider=provider)
         backend = _make_backend(args, artifact, model_cfg, run, _torch_dtype(args.dtype), device, model_dir,
                                 recache=getattr(args, "prompt_recache", "none") != "none")
     except BaseException:
         text.close()
+        if isinstance(vae, VAEBackend):
+            vae.close()
         raise
     pipeline = MemRoPEPipeline(backend, run)
     description = {
         "backend": backend.name, "device": str(backend.device), "dtype": str(backend.dtype).removeprefix("torch."),
         "model_dir": str(model_dir), "dim": model_cfg.dim, "num_layers": model_cfg.num_layers,
         "text_len": model_cfg.text_len, "cache_policy": run.cache.policy, "cache": pipeline.layout.describe(),
-        "block_frames": pipeline.layout.block_frames,
+        "block_frames": pipeline.layout.block_frames, "vae_backend": args.vae_backend,
     }
     return ServeModel(pipeline, text, vae, description)

@@ -27,7 +27,7 @@ from concurrent.futures import Future
 import torch
 
 from runtime.serve.metrics import ServeStats
-from runtime.serve.model import ServeModel
+from runtime.serve.model import ServeModel, close_decoder
 from runtime.serve.session import Chunk, Session
 
 logger = logging.getLogger(__name__)
@@ -157,7 +157,8 @@ class ModelWorker:
     def _release(self, session: Session) -> None:
         if session in self._sessions:
             self._sessions.remove(session)
-        stream, session.stream, session.decode = session.stream, None, None
+        stream, decode, session.stream, session.decode = session.stream, session.decode, None, None
+        close_decoder(decode)
         if stream is not None:
             stream.close()
             self.stats.add("cache_bytes", -session.cache_bytes)
