@@ -94,16 +94,13 @@ def tiny_bench_doc():
 
 @pytest.fixture(scope="session")
 def demo_artifact(tmp_path_factory):
-    """``(demo model folder, artifact)``: the embedded demo model (in a private MEMROPE_CACHE)
+    """``(demo model folder, artifact)``: the embedded demo model (built in a private folder)
     exported with its VAE at 64x96 through the CLI (validated)."""
     from runtime.cli import main
     from runtime.t2v import ensure_demo_model
 
-    mp = pytest.MonkeyPatch()
-    mp.setenv("MEMROPE_CACHE", str(tmp_path_factory.mktemp("memrope-cache")))
-    demo = ensure_demo_model()
+    demo = ensure_demo_model(tmp_path_factory.mktemp("memrope-cache") / "demo")
     out = tmp_path_factory.mktemp("art") / "demo"
     assert main(["export", "--preset", "tiny", "--model-dir", str(demo), "--height", "64", "--width", "96",
                  "--out", str(out)]) == 0
-    yield demo, out
-    mp.undo()
+    return demo, out
