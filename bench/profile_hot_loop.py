@@ -31,7 +31,7 @@ sys.path.insert(0, str(ROOT))
 from memrope.backend import Backend  # noqa: E402
 from memrope.pipeline import MemRoPEPipeline  # noqa: E402
 from memrope.sampler import SeededNoise  # noqa: E402
-from runtime.bench import BENCH_PRESETS, _make_backend, bench_run_config  # noqa: E402
+from runtime.bench import BENCH_PRESETS, _make_backend, bench_run_config, cpu_name  # noqa: E402
 
 
 class Ranged(Backend):
@@ -129,12 +129,7 @@ def main() -> int:
     args = parser.parse_args()
     results = [profile_backend(name, preset, warm_blocks=6, profiled_blocks=2)
                for preset in args.presets.split(",") for name in args.backends.split(",")]
-    cpu = platform.processor() or platform.machine()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    cpu = cpu_name()
     doc = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
            "machine": {"cpu": cpu, "cores": __import__("os").cpu_count(), "platform": platform.platform()},
            "torch": torch.__version__, "results": results}

@@ -221,13 +221,9 @@ def _meta(repeats: int, threads: int) -> dict:
 
     from memrope.cache import CacheLayout
     from memrope.config import model_preset
-    from runtime.bench import BENCH_PRESETS, bench_run_config
+    from runtime.bench import BENCH_PRESETS, bench_run_config, cpu_name
 
-    cpu = platform.machine()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        if line.startswith("model name"):
-            cpu = line.split(":", 1)[1].strip()
-            break
+    cpu = cpu_name()
     preset = BENCH_PRESETS["mid"]
     model = model_preset("mid")
     layout = CacheLayout.for_run(model, bench_run_config(model, preset.height, preset.width, 1000))

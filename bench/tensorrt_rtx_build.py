@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.bench import BENCH_PRESETS  # noqa: E402  (the presets' pixel sizes, one definition)
+from runtime.bench import BENCH_PRESETS, cpu_name  # noqa: E402  (the presets' pixel sizes, one definition)
 
 HEAVY_LOCK = Path("/tmp/memrope-heavy.lock")
 TARGET_STEP_SECONDS, TARGET_PEAK_GB = 120, 12  # full-size bf16 step, on the project's 2-core, 24 GB machine
@@ -174,8 +174,7 @@ def main() -> int:
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.node() or platform.machine(),
             "cpus": os.cpu_count(),
             "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3),
-            "cpu_model": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                               if line.startswith("model name")), platform.processor()),
+            "cpu_model": cpu_name(),
             "tensorrt_rtx": f"tensorrt_rtx {tensorrt_rtx.__version__}", "torch": torch.__version__,
             "platform": platform.platform(), "notes": args.note}
     results = [measure(name, args.workdir, args.keep_exports) for name in args.presets.split(",")]

@@ -1,13 +1,13 @@
 """TensorRT VAE backend: an artifact's ``vae_decode.plan`` behind :class:`VAEBackend`.
 
-Owns: refusing a stale plan before deserializing it (sidecar: TensorRT version, GPU, config hash,
-graph), checking the engine's I/O against the contract, and one execution context per
+Owns: one execution context per
 (feeds, outputs) pair of the caller's fixed buffers, each bound once with ``set_tensor_address``
 and optionally replayed as a CUDA graph. The contexts share one scratch allocation (TensorRT's
 user-managed device memory): the runtime orders all decode steps on one stream, so they never run
 at the same time, and a 832x480 decode's activations are not held twice. Work is enqueued on the
-caller's current CUDA stream. Building the plan is ``memrope build``'s job: ``vae_decode`` is one of
-the artifact's ``contract.graphs`` and is built like ``step`` and ``text``.
+caller's current CUDA stream. Checking and loading the plan is the DiT's path
+(:func:`engine.tensorrt_backend.open_plans`); building it is ``memrope build``'s: ``vae_decode`` is
+one of the artifact's ``contract.graphs`` and is built like ``step`` and ``text``.
 """
 
 from __future__ import annotations

@@ -504,6 +504,17 @@ def frame_path_targets(results: list[dict]) -> dict:
     return out
 
 
+def cpu_name() -> str:
+    """The CPU's model name (``/proc/cpuinfo``), for the machine line of every results file."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _meta(preset: BenchPreset, device: str, dtype: str, blocks: int, warmup: int, peak_tflops) -> dict:
     import importlib.metadata as md
 
@@ -513,14 +524,7 @@ def _meta(preset: BenchPreset, device: str, dtype: str, blocks: int, warmup: int
             versions[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             pass
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
     model = model_preset(preset.model)
     run = bench_run_config(model, preset.height, preset.width, blocks)

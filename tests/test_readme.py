@@ -4,9 +4,8 @@ The README's ```bash blocks are extracted in order and run, each as one bash scr
 pipefail``), from a scratch folder that sees the repository's files (``tests/``, ``docs/``) by
 relative path, with a fresh ``$MEMROPE_CACHE``:
 `pip install` steps (CI runs those, in a new virtual environment) and the test command itself
-are left out. Running them takes minutes, so this runs in CI's slow step (``pytest -m slow``);
-a block preceded by ``<!-- readme-test: slow -->`` marks the longest ones for readers. A block
-that fails shows its script and output.
+are left out. Running them takes minutes, so this runs in CI's slow step (``pytest -m slow``).
+A block that fails shows its script and output.
 """
 
 from __future__ import annotations
@@ -23,24 +22,21 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
-SLOW_MARK = "<!-- readme-test: slow -->"
 # Each README block gets this long; the slowest demo-sized one (an export) takes about a minute.
 COMMAND_TIMEOUT_S = 600
 
 
-def readme_blocks(text: str) -> list[tuple[bool, list[str]]]:
-    """``(slow, commands)`` for each ```bash block: continuation lines joined, comments and
-    blank lines dropped."""
+def readme_blocks(text: str) -> list[list[str]]:
+    """The commands of each ```bash block: continuation lines joined, comments and blank lines dropped."""
     blocks = []
-    for match in re.finditer(r"(?P<before>[^\n]*\n)?```bash\n(?P<body>.*?)```", text, re.S):
-        slow = SLOW_MARK in (match.group("before") or "")
+    for match in re.finditer(r"```bash\n(?P<body>.*?)```", text, re.S):
         joined = match.group("body").replace("\\\n", " ")
         commands = []
         for line in joined.splitlines():
             line = line.split(" #", 1)[0].strip() if not line.lstrip().startswith("#") else ""
             if line:
                 commands.append(line)
-        blocks.append((slow, commands))
+        blocks.append(commands)
     return blocks
 
 
@@ -59,7 +55,7 @@ def runnable(command: str) -> list[str]:
 
 def test_the_readme_has_commands_and_every_one_is_reachable():
     blocks = readme_blocks(README.read_text())
-    commands = [c for _, cs in blocks for c in cs]
+    commands = [c for cs in blocks for c in cs]
     assert len(commands) >= 8, "the README shows almost no commands: the extraction broke"
     assert commands[0].startswith("pip install torch==2.13.0 && pip install -e") and "memrope generate" in commands[0]
     assert commands[1] == "python -m pytest -q"
@@ -82,7 +78,7 @@ def _run_blocks(tmp_path_factory) -> int:
     if shutil.which("memrope", path=env["PATH"]) is None:
         pytest.skip("the memrope console script is not installed in this environment (pip install -e .)")
     ran = 0
-    for _, commands in readme_blocks(README.read_text()):
+    for commands in readme_blocks(README.read_text()):
         parts = [part for command in commands for part in runnable(command)]
         if not parts:
             continue
@@ -97,6 +93,6 @@ def _run_blocks(tmp_path_factory) -> int:
 
 @pytest.mark.slow
 def test_every_readme_command_runs_as_written(tmp_path_factory):
-    """Every block, the slow-marked ones included (minutes: exports, builds, a served session,
-    the mid benchmark): CI runs it in its slow step."""
+    """Every block (minutes: exports, builds, a served session, a benchmark): CI runs it in its
+    slow step."""
     assert _run_blocks(tmp_path_factory) >= 20
