@@ -298,8 +298,15 @@ def _encode_prompts(args, model_cfg, run, model_dir: Path | None, prompts: list[
     """Each prompt -> ``[B, text_len, text_dim]`` with the umT5 in ``model_dir`` (cached on disk)."""
     if model_dir is None:
         raise ValueError(f"{flag} needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
-    from runtime.text import TextEncoder, encode_cached
+    from runtime.text import TextEncoder, encode_cached, load_tokenizer, prompt_tokens, validate_prompts
 
+    tokenizer = load_tokenizer(model_dir)
+    for text in dict.fromkeys(validate_prompts(prompts)):
+        tokens = prompt_tokens(tokenizer, text)
+        if tokens > model_cfg.text_len:
+            logger.warning("%s %r is %d tokens long (end-of-text included); the model reads the first "
+                           "text_len=%d and drops the rest", flag, text if len(text) <= 60 else text[:57] + "...",
+                           tokens, model_cfg.text_len)
     cache_dir = args.text_cache or _cache_root() / "text"
     key = f"{model_dir.resolve()}|{model_cfg.text_len}"
     embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len),

@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 VIDEO_FPS = 16                    # Wan2.1
 MAX_SECONDS = 6 * 3600.0          # beyond this, a typo is likelier than a wish
-DEMO_VERSION = "demo-v1"
+DEMO_VERSION = "demo-v2"           # v2: the tiny tokenizer knows the demo prompts' words (fox, trotting, ...)
 DEMO_PROMPT = "a red fox trotting through fresh snow at dawn"
 DEMO_LATENT = (8, 12)             # latent height, width of the demo (64 x 96 pixels)
 

@@ -220,6 +220,20 @@ def _load_tokenizer(path: Path):
     return tokenizer
 
 
+def load_tokenizer(model_dir: str | os.PathLike[str]):
+    """The umT5 tokenizer of a Wan2.1 folder (either layout), without the encoder's weights."""
+    model_dir = Path(model_dir)
+    for folder in (DIFFUSERS_TOKENIZER_DIR, WAN_TOKENIZER_DIR):
+        if (model_dir / folder).is_dir():
+            return _load_tokenizer(model_dir / folder)
+    raise FileNotFoundError(f"no tokenizer in {model_dir}: " + _expected_files_message(model_dir))
+
+
+def prompt_tokens(tokenizer, prompt: str) -> int:
+    """Token count of one cleaned prompt as the encoder sees it (end-of-text included)."""
+    return len(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+
+
 def _umt5_config_for_wan(checkpoint: Path):
     """umT5-XXL encoder config, unless a transformers UMT5/T5 ``config.json`` sits beside the
     checkpoint. A ``config.json`` of another kind (the DiT's, in a Wan2.1 folder) is ignored."""
@@ -463,6 +477,7 @@ _TINY_WORDS = (
     "sea sky sun moon night day rain snow light fire water tree flower mountain road house "
     "red blue green yellow black white small big slow fast old young happy "
     "runs walks flies swims jumps sits looks camera video shot scene view close wide"
+    " fox trotting fresh dawn stops"
 ).split()
 
 

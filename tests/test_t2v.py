@@ -149,3 +149,19 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
     assert _probe(out)[0] == result.video_frames
     latents = load_file(str(latents_out))["latents"]
     assert latents.shape == (1, 1002, 16, 4, 6) and torch.isfinite(latents).all() and latents.abs().sum() > 0
+
+
+def test_long_prompt_warns_that_it_is_truncated(cache_dir, tmp_path, caplog):
+    # The demo model reads text_len=16 tokens; a longer prompt runs (as Wan does) with a warning
+    # that says what is dropped, given before the run.
+    long_prompt = " ".join(["a red fox runs through the snow"] * 4)
+    out = tmp_path / "long.mp4"
+    with caplog.at_level(logging.WARNING):
+        assert main(["generate", "--preset", "tiny", "--prompt", long_prompt, "--num-frames", "9", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert "tokens long" in caplog.text and "text_len=16" in caplog.text and out.is_file()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert main(["generate", "--preset", "tiny", "--prompt", DEMO_PROMPT, "--num-frames", "9", "--out", str(out),
+                     "--no-progress"]) == 0
+    assert "tokens long" not in caplog.text

@@ -61,30 +61,23 @@ class PromptEncoder:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, *, text_len: int, text_dim: int, batch: int = 1) -> PromptEncoder:
-        from runtime.text import (
-            DIFFUSERS_ENCODER_DIR,
-            DIFFUSERS_TOKENIZER_DIR,
-            WAN_TOKENIZER_DIR,
-            TextEncoder,
-            _load_tokenizer,
-        )
+        from runtime.text import TextEncoder, load_tokenizer
 
         encoder = TextEncoder.from_model_dir(model_dir, text_len=text_len)
         if encoder.d_model != text_dim:
             raise ValueError(f"the text encoder in {model_dir} gives {encoder.d_model}-wide embeddings; the DiT "
                              f"takes text_dim={text_dim}")
-        layout = DIFFUSERS_TOKENIZER_DIR if (model_dir / DIFFUSERS_ENCODER_DIR).is_dir() else WAN_TOKENIZER_DIR
-        return cls(encoder, _load_tokenizer(model_dir / layout), text_len=text_len, batch=batch)
+        return cls(encoder, load_tokenizer(model_dir), text_len=text_len, batch=batch)
 
     def check(self, prompt: str) -> str:
         """The cleaned prompt; TypeError if it is not a string, ValueError if it is empty or longer
         than ``text_len`` tokens."""
-        from runtime.text import validate_prompts
+        from runtime.text import prompt_tokens, validate_prompts
 
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
         cleaned = validate_prompts([prompt])[0]
-        tokens = len(self._tokenizer(cleaned, add_special_tokens=True)["input_ids"])
+        tokens = prompt_tokens(self._tokenizer, cleaned)
         if tokens > self.text_len:
             raise ValueError(f"prompt is {tokens} tokens long (end-of-text included); this model takes at most "
                              f"text_len={self.text_len} tokens: shorten it")
