@@ -122,6 +122,8 @@ class OnnxRuntimeBackend(Backend):
             (CUDA when ``onnxruntime-gpu`` and a GPU are present, else CPU).
         cuda_graph: replay the step with ``enable_cuda_graph`` (CUDA provider only).
         threads: intra-op threads (CPU).
+        spinning: let idle intra-op threads spin (ONNX Runtime's default, ``None``). Turn it off when
+            another stage (an overlapped VAE decode) shares the CPU cores with this session.
         recache: open the recache graph (prompt switches with a re-cache); False saves its
             weights' memory when no stream will re-cache.
     """
@@ -129,7 +131,7 @@ class OnnxRuntimeBackend(Backend):
     name = "onnxruntime"
 
     def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", cuda_graph: bool = True,
-                 threads: int | None = None, recache: bool = True):
+                 threads: int | None = None, recache: bool = True, spinning: bool | None = None):
         ort = _require_onnxruntime()
         if provider not in PROVIDERS:
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
@@ -154,6 +156,8 @@ class OnnxRuntimeBackend(Backend):
         options = ort.SessionOptions()
         if threads:
             options.intra_op_num_threads = threads
+        if spinning is False:
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         step_providers = self._providers(provider, cuda_graph)
         text_providers = self._providers(provider, cuda_graph=False)
         self.step_session = ort.InferenceSession(str(self.artifact.step_path), options, providers=step_providers)

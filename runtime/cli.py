@@ -251,8 +251,8 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                           "artifact's vae_decode graph (--engine; onnxruntime, or tensorrt after `memrope build`)")
     vae.add_argument("--vae-overlap", dest="vae_overlap", action="store_true", default=None,
                      help="decode block b in a worker while the DiT computes block b+1 (default on a GPU, where "
-                          "the decode runs on its own stream; off on a CPU, where both stages share the cores: "
-                          "docs/bench_frame_path_cpu.md)")
+                          "the decode runs on its own stream, and on a CPU when both stages run on ONNX Runtime; "
+                          "off for PyTorch stages on a CPU: docs/frame_path_schedule_cpu.md)")
     vae.add_argument("--no-vae-overlap", dest="vae_overlap", action="store_false",
                      help="decode each block before starting the next one")
     add_timeline_args(p)
@@ -480,15 +480,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if model_dir is None and args.vae_backend == "eager":
             raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode, or "
                              "--vae-backend onnxruntime with an artifact exported with a VAE)")
-        from runtime.vae import VAEStream, make_vae_backend
+        from runtime.vae import VAEStream, make_vae_backend, overlap_by_default
 
         provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
-        vae_overlap = device.type == "cuda" if args.vae_overlap is None else args.vae_overlap
+        vae_overlap = (overlap_by_default(device, args.backend, args.vae_backend) if args.vae_overlap is None
+                       else args.vae_overlap)
         decoder = VAEStream(make_vae_backend(args.vae_backend, run, artifact=artifact, model_dir=model_dir,
                                              device=device, provider=provider),
                             run.cache.block_frames, overlap=vae_overlap)
     backend = _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir,
-                            recache=any(c.recache != "none" for c in prompt_changes))
+                            recache=any(c.recache != "none" for c in prompt_changes), decode=decode)
     pipeline = MemRoPEPipeline(backend, run)
     noise = _noise_source(args, run, schedule, backend.dtype, backend.device, latent_shape)
 
@@ -529,13 +530,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir, recache: bool = False):
+def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir, recache: bool = False,
+                  decode: bool = False):
     """The DiT backend ``args`` ask for. ``recache``: a prompt switch will re-cache the window, so
-    an exported backend opens its recache graph too (a second copy of the weights: only then)."""
+    an exported backend opens its recache graph too (a second copy of the weights: only then).
+    ``decode``: a VAE decodes the frames in this process, so ONNX Runtime's CPU threads do not
+    spin between calls (they would steal the cores from the decode; docs/frame_path_schedule_cpu.md)."""
     if args.backend == "onnxruntime":
         from engine.onnxruntime_backend import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(artifact, provider=args.ort_provider, recache=recache)
+        return OnnxRuntimeBackend(artifact, provider=args.ort_provider, recache=recache,
+                                  spinning=False if decode else None)
     if args.backend == "tensorrt":
         from engine.tensorrt_backend import TensorRTBackend
 

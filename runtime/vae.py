@@ -224,6 +224,18 @@ def streaming_decoder_module(model_dir: str | os.PathLike[str], device: str | to
     return module.to(device=device, dtype=dtype).eval()
 
 
+def overlap_by_default(device: torch.device, dit_backend: str, vae_backend: str) -> bool:
+    """Whether the decode of block b overlaps the DiT of block b+1 unless the user says otherwise.
+
+    On a GPU, yes: the decode runs on its own CUDA stream. On a CPU only when both stages are
+    ONNX Runtime sessions, which then run without spinning threads: measured on 2 cores, the
+    overlapped block is 0.90x the serial one at the mid preset and within 1.1x of max(DiT, VAE)
+    (docs/frame_path_schedule_cpu.md). Two PyTorch thread pools on the same cores are not
+    measured to gain, so eager/compiled stages on a CPU decode serially.
+    """
+    return device.type == "cuda" or (dit_backend == "onnxruntime" and vae_backend == "onnxruntime")
+
+
 def make_vae_backend(kind: str, run, *, artifact=None, model_dir: str | os.PathLike[str] | None = None,
                      device: str | torch.device = "cpu", provider: str = "auto", threads: int | None = None):
     """A ``memrope.backend.VAEBackend`` by name: ``eager`` (the decoder module from ``model_dir``,

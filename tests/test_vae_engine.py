@@ -282,7 +282,7 @@ def _read_pngs(folder: Path) -> np.ndarray:
     return np.stack([np.asarray(Image.open(p)) for p in sorted(folder.glob("*.png"))])
 
 
-def test_generate_onnxruntime_engines_write_the_eager_video(demo_artifact, tmp_path):
+def test_generate_onnxruntime_engines_write_the_eager_video(demo_artifact, tmp_path, capsys):
     """The issue's done-criterion: DiT and VAE both on ONNX Runtime write the eager path's video.
     Tolerance: the uint8 frames (PNG, lossless) differ by at most one level (float32 rounding at
     a truncation boundary) in under 1% of values; the MP4s, read back with PyAV, have the same
@@ -295,10 +295,13 @@ def test_generate_onnxruntime_engines_write_the_eager_video(demo_artifact, tmp_p
     # Eager: the embedded demo (its 64x96 video run), PyTorch DiT and PyTorch VAE.
     assert main(["generate", "--preset", "tiny", *common, "--out", str(tmp_path / "eager.mp4"),
                  "--png-dir", str(tmp_path / "eager")]) == 0
+    # On a CPU, PyTorch stages decode serially and ONNX Runtime stages overlap (runtime.vae.overlap_by_default).
+    assert "vae eager)" in capsys.readouterr().out
     # Engines: the artifact's step, text and vae_decode graphs; the demo folder for the text encoder.
     assert main(["generate", "--backend", "onnxruntime", "--engine", str(path), "--vae-backend", "onnxruntime",
                  "--model-dir", str(demo), *common, "--out", str(tmp_path / "ort.mp4"),
                  "--png-dir", str(tmp_path / "ort")]) == 0
+    assert "vae onnxruntime overlapped)" in capsys.readouterr().out
 
     eager, ort = _read_pngs(tmp_path / "eager"), _read_pngs(tmp_path / "ort")
     assert eager.shape == ort.shape == (1 + 4 * 8, 64, 96, 3)

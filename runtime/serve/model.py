@@ -226,7 +226,7 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
             provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
             vae = make_vae_backend(args.vae_backend, run, artifact=artifact, device=device, provider=provider)
         backend = _make_backend(args, artifact, model_cfg, run, _torch_dtype(args.dtype), device, model_dir,
-                                recache=getattr(args, "prompt_recache", "none") != "none")
+                                recache=getattr(args, "prompt_recache", "none") != "none", decode=True)
     except BaseException:
         text.close()
         if isinstance(vae, VAEBackend):
