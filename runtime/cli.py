@@ -676,7 +676,8 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--blocks", type=int, default=30, help="timed blocks (after the warm-up)")
     p.add_argument("--warmup-blocks", type=int, default=3, help="untimed blocks first (compilation, caches)")
     p.add_argument("--e2e-blocks", type=int, default=20,
-                   help="blocks of the frame path (VAE alone, DiT + VAE serial and overlapped); 0 skips it")
+                   help="blocks of the frame path (VAE alone; DiT + VAE serial and overlapped, alternating in "
+                        "segments of 6, rounded down to whole segments); 0 skips it")
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=DTYPE_NAMES, default="float32", help="model dtype")
     p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")

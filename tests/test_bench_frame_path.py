@@ -29,10 +29,12 @@ def test_frame_path_stages(doc):
         f = r["frame_path"]
         assert f["vae_ms_median"] > 0 and len(f["vae_block_ms"]) == E2E_BLOCKS - 1
         assert f["vae_cache_bytes"] > 0
+        # One segment per mode (fewer blocks than a segment); its first block is not steady-state.
+        assert (f["segment_blocks"], f["rounds"]) == (E2E_BLOCKS, 1)
         for label in ("serial", "overlap"):
             run = f[label]
-            # 4 blocks of 3 latent frames: 1 + 4 * 11 video frames, one timestamp per block.
-            assert run["video_frames"] == 1 + 4 * (3 * E2E_BLOCKS - 1) and len(run["block_ms"]) == E2E_BLOCKS
+            # Blocks of 3 latent frames: 1 + 4 * (3 * blocks - 1) video frames; one steady block.
+            assert run["video_frames"] == 1 + 4 * (3 * E2E_BLOCKS - 1) and len(run["block_ms"]) == E2E_BLOCKS - 1
             assert all(math.isfinite(x) and x > 0 for x in run["block_ms"])
             assert run["video_fps"] == pytest.approx(12 / (run["block_ms_median"] / 1e3))
         t = f["ttff"]
@@ -41,7 +43,12 @@ def test_frame_path_stages(doc):
         assert t["text_cached_ms"] < t["text_cold_ms"]  # a file read against loading an encoder
     targets = doc["frame_path_targets"]
     assert targets["onnxruntime_vae_vs_eager"] > 0
-    assert set(targets["overlap_vs_max"]) == {"eager", "onnxruntime"}
+    assert set(targets["overlap_vs_max"]) == set(targets["overlap_vs_serial"]) == {"eager", "onnxruntime"}
+    for name in ("eager", "onnxruntime"):
+        serial = by_name[name]["frame_path"]["serial"]
+        assert targets["overlap_vs_max"][name] == pytest.approx(
+            by_name[name]["frame_path"]["overlap"]["block_ms_median"]
+            / max(serial["dit_ms_median"], serial["vae_ms_median"]))
 
 
 def test_table_and_plot(doc, tmp_path, capsys):
