@@ -10,8 +10,9 @@ The frame path (after the DiT-only rollout, same process): the VAE decode per bl
 ``vae_decode`` graph for onnxruntime/tensorrt; the diffusers reference decode too in the eager
 worker), then ``runtime.t2v.stream_video`` end to end into a writer that timestamps each block's
 frames, without and with overlap (block b decoding while the DiT computes block b+1; the two modes
-alternate in short segments, see ``_end_to_end``), and the time to first frame: text encoding (a tiny umT5 of the preset's width, cold = load + encode +
-cache write, cached = the prompt cache read) plus the first block's DiT and decode.
+alternate in short segments, see ``_end_to_end``), and the time to first frame: text encoding (a
+tiny umT5 of the preset's width, cold = load + encode + cache write, cached = the prompt cache
+read) plus the first block's DiT and decode.
 
 Timing: one warm-up rollout (compilation, allocator and cache warm-up) is excluded; the timed
 rollout records every call. On CPU ``perf_counter`` around each call; on a GPU CUDA events
