@@ -199,12 +199,7 @@ def built(exports, tmp_path_factory):
     return _Lazy(make)
 
 
-# The default suite builds every graph of the ema exports in all three dtypes and of every policy
-# in fp32; the other policies' bf16/fp16 builds (an export and a build each, ~17 s) run in CI's
-# slow step, so every combination is still built by the real builder in CI.
-BUILD_CASES = [pytest.param(policy, dtype, marks=() if policy == VAE_POLICY or dtype == "float32"
-                            else pytest.mark.slow)
-               for policy in POLICIES for dtype in DTYPES]
+BUILD_CASES = [(policy, dtype) for policy in POLICIES for dtype in DTYPES]
 
 
 def _onnx_facts(path: Path) -> tuple[int, int]:
