@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file
 
 from memrope.checkpoint import load_dit_state_dict
@@ -50,46 +55,83 @@ def golden_trace(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(GOLDEN / TRACES[name]))
 
 
+class Lazy(dict):
+    """A mapping that makes each entry with ``make(key)`` on first use (so a run that selects only
+    some tests pays only for what they read)."""
+
+    def __init__(self, make: Callable):
+        super().__init__()
+        self._make = make
+
+    def __missing__(self, key):
+        self[key] = value = self._make(key)
+        return value
+
+
+def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Path:
+    """``build(path)`` once per test run; returns ``path``. The suite runs in pytest-xdist workers
+    (pyproject.toml): they share this folder, the first to ask builds under a file lock and the
+    others wait for it and reuse it, so an expensive session fixture is made once, not once per
+    worker. ``build`` must create ``path`` atomically (the exports do: a partial folder, renamed)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's base folder, above each worker's own
+    path = root / "built-once" / name
+    path.parent.mkdir(exist_ok=True)
+    with FileLock(f"{path}.lock"):
+        if not path.exists():
+            build(path)
+    return path
+
+
 @pytest.fixture(scope="session")
 def artifacts(golden_dit, tmp_path_factory):
-    """fp32 ONNX artifacts of the golden model, one per trace's cache policy (validated)."""
+    """policy -> the golden model's fp32 ONNX artifact for that trace's cache policy (validated),
+    exported on first use."""
     from export.onnx_export import export_artifact
 
-    root = tmp_path_factory.mktemp("artifacts")
-    return {name: export_artifact(golden_dit, golden_run(name), root / name, **GOLDEN_PIXELS).path
-            for name in TRACES}
+    def make(name: str) -> Path:
+        return built_once(tmp_path_factory, f"artifact-{name}",
+                          lambda path: export_artifact(golden_dit, golden_run(name), path, **GOLDEN_PIXELS))
+
+    return Lazy(make)
 
 
 @pytest.fixture(scope="session")
 def low_precision_exports(golden_dit, tiny_config, tmp_path_factory) -> dict[str, Path]:
     """dtype name -> the golden model's ``memrope_ema`` export in bf16 / fp16 with a tiny VAE
     decoder (``vae_decode``), not validated (ONNX Runtime on CPU has no bf16 kernels); audited,
-    as every export is. Shared by the audit test and the TensorRT-RTX builds."""
+    as every export is. Shared by the audit test and the TensorRT-RTX builds; made on first use."""
     from diffusers import AutoencoderKLWan
 
     from export.onnx_export import export_artifact
     from memrope.vae import WanStreamingDecoder
     from runtime.vae import tiny_vae_config
 
-    root = tmp_path_factory.mktemp("low_precision")
-    out = {}
-    for name, dtype in (("bfloat16", torch.bfloat16), ("float16", torch.float16)):
+    def build(dtype: torch.dtype, path: Path) -> None:
         torch.manual_seed(0)
         vae = WanStreamingDecoder.from_diffusers(AutoencoderKLWan(**tiny_vae_config()).eval()).to(dtype)
         dit = build_dit(tiny_config, golden_dit.state_dict(), dtype=dtype)
-        out[name] = export_artifact(dit, golden_run("memrope_ema"), root / f"memrope_ema_{name}", validate=False,
-                                    vae=vae, **GOLDEN_PIXELS).path
-    return out
+        export_artifact(dit, golden_run("memrope_ema"), path, validate=False, vae=vae, **GOLDEN_PIXELS)
+
+    dtypes = {"bfloat16": torch.bfloat16, "float16": torch.float16}
+    return Lazy(lambda name: built_once(tmp_path_factory, f"memrope_ema_{name}",
+                                        lambda path: build(dtypes[name], path)))
 
 
 @pytest.fixture(scope="session")
-def tiny_bench_doc():
+def tiny_bench_doc(tmp_path_factory):
     """One ``memrope bench`` document on the tiny preset (eager, ONNX Runtime, and TensorRT,
     which says why it cannot run here), frame path included: what the bench tests read."""
+    from memrope.io import atomic_write
     from runtime.bench import BENCH_PRESETS, run_bench
 
-    return run_bench(BENCH_PRESETS["tiny"], ["eager", "onnxruntime", "tensorrt"], blocks=8, warmup_blocks=1,
-                     e2e_blocks=2)
+    def build(path: Path) -> None:
+        doc = run_bench(BENCH_PRESETS["tiny"], ["eager", "onnxruntime", "tensorrt"], blocks=8, warmup_blocks=1,
+                        e2e_blocks=2)
+        atomic_write(path, json.dumps(doc))
+
+    return json.loads(built_once(tmp_path_factory, "tiny_bench.json", build).read_text())
 
 
 @pytest.fixture(scope="session")
@@ -99,8 +141,13 @@ def demo_artifact(tmp_path_factory):
     from runtime.cli import main
     from runtime.t2v import ensure_demo_model
 
-    demo = ensure_demo_model(tmp_path_factory.mktemp("memrope-cache") / "demo")
-    out = tmp_path_factory.mktemp("art") / "demo"
-    assert main(["export", "--preset", "tiny", "--model-dir", str(demo), "--height", "64", "--width", "96",
-                 "--out", str(out)]) == 0
-    return demo, out
+    def build(path: Path) -> None:
+        partial = path.with_name(path.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        demo = ensure_demo_model(partial / "demo")
+        assert main(["export", "--preset", "tiny", "--model-dir", str(demo), "--height", "64", "--width", "96",
+                     "--out", str(partial / "art")]) == 0
+        partial.rename(path)
+
+    path = built_once(tmp_path_factory, "demo", build)
+    return path / "demo", path / "art"

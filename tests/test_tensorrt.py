@@ -27,6 +27,7 @@ from pathlib import Path
 import onnx
 import pytest
 import torch
+from conftest import Lazy
 
 from engine.build import io_differences, network_io
 from engine.sidecar import (
@@ -142,19 +143,6 @@ def test_read_sidecar_errors(tmp_path):
 
 # --- real TensorRT-RTX builds of every export (no GPU needed) ----------------------------------------
 
-class _Lazy(dict):
-    """A mapping that makes each ``(policy, dtype)`` entry on first use (so a run that selects
-    only some builds pays only for those)."""
-
-    def __init__(self, make):
-        super().__init__()
-        self._make = make
-
-    def __missing__(self, key):
-        self[key] = value = self._make(*key)
-        return value
-
-
 @pytest.fixture(scope="module")
 def exports(request, golden_dit, tiny_config, tmp_path_factory):
     """(policy, dtype) -> the golden model exported for that policy in that dtype (fp32: the shared,
@@ -165,7 +153,8 @@ def exports(request, golden_dit, tiny_config, tmp_path_factory):
 
     root = tmp_path_factory.mktemp("low_precision")
 
-    def make(policy: str, dtype: str) -> Path:
+    def make(key: tuple[str, str]) -> Path:
+        policy, dtype = key
         if dtype == "float32":
             return request.getfixturevalue("artifacts")[policy]  # only when a test needs them
         if policy == VAE_POLICY:
@@ -174,7 +163,7 @@ def exports(request, golden_dit, tiny_config, tmp_path_factory):
         run = load_run_config(GOLDEN / f"{policy}.yaml")
         return export_artifact(dit, run, root / f"{policy}_{dtype}", validate=False, **PIXELS).path
 
-    return _Lazy(make)
+    return Lazy(make)
 
 
 def _build(path: Path, *extra: str) -> tuple[int, str]:
@@ -191,12 +180,13 @@ def built(exports, tmp_path_factory):
     path, exit code, output (made on first use)."""
     root = tmp_path_factory.mktemp("built")
 
-    def make(policy: str, dtype: str) -> tuple[Path, int, str]:
+    def make(key: tuple[str, str]) -> tuple[Path, int, str]:
+        policy, dtype = key
         path = root / f"{policy}_{dtype}"
         shutil.copytree(exports[policy, dtype], path)  # the shared exports stay plan-free
         return (path, *_build(path))
 
-    return _Lazy(make)
+    return Lazy(make)
 
 
 BUILD_CASES = [(policy, dtype) for policy in POLICIES for dtype in DTYPES]
