@@ -421,7 +421,9 @@ def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBa
             stream_video(pipeline, embeds, StreamingSeededNoise(seed, 1, latent, lay.block_frames, backend.dtype),
                          warmup_blocks, stream, _ArrivalWriter(), progress=False)
         backend.drain()
+        by_round = []
         for _ in range(rounds):
+            before = {overlap: {k: len(s[k]) for k in ("steady", "dit", "vae")} for overlap, s in series.items()}
             for overlap, stream in streams.items():
                 writer, decoded = _ArrivalWriter(), len(stream.decode_ms)
                 start = time.perf_counter()
@@ -436,10 +438,17 @@ def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBa
                 s["dit"] += [sum(calls[i:i + per_block]) for i in range(per_block, len(calls), per_block)]
                 s["vae"] += stream.decode_ms[decoded + 1:]
                 s["frames"] += writer.frames
+
+            def this_round(overlap: bool, key: str) -> float:
+                return statistics.median(series[overlap][key][before[overlap][key]:])
+
+            by_round.append(this_round(True, "steady") / max(this_round(False, "dit"), this_round(False, "vae")))
     finally:
         for stream in streams.values():
             stream.close()
-    out = {"segment_blocks": segment, "rounds": rounds}
+    # The target ratio within each round alone (its serial and overlapped segments, minutes
+    # apart at most): their spread shows how far the machine's drift moves one median.
+    out = {"segment_blocks": segment, "rounds": rounds, "overlap_vs_max_by_round": by_round}
     for overlap, s in series.items():
         steady = statistics.median(s["steady"])
         out["overlap" if overlap else "serial"] = {
@@ -538,9 +547,10 @@ def frame_path_targets(results: list[dict]) -> dict:
     """The issue's two frame-path ratios, from one run, per backend: exported VAE / eager VAE per
     block (each VAE alone), and the overlapped end-to-end block / max(DiT, VAE), the two stage
     times taken from the serial segments that alternate with the overlapped ones (same minutes,
-    same sessions; ``_end_to_end``). Also the serial block / (DiT + VAE) and overlapped / serial."""
+    same sessions; ``_end_to_end``). Also the serial block / (DiT + VAE), overlapped / serial, and
+    the spread (min, median, max) of the overlap ratio computed within each round alone."""
     paths = {r["backend"]: r["frame_path"] for r in results if r.get("available") and "frame_path" in r}
-    out: dict = {"overlap_vs_max": {}, "serial_vs_sum": {}, "overlap_vs_serial": {}}
+    out: dict = {"overlap_vs_max": {}, "serial_vs_sum": {}, "overlap_vs_serial": {}, "overlap_vs_max_rounds": {}}
     eager = paths.get("eager", {}).get("vae_ms_median")
     for name, path in paths.items():
         if eager and path["vae_backend"] != "eager":
@@ -552,6 +562,10 @@ def frame_path_targets(results: list[dict]) -> dict:
                                                                        serial["vae_ms_median"])
         out["serial_vs_sum"][name] = serial["block_ms_median"] / (serial["dit_ms_median"] + serial["vae_ms_median"])
         out["overlap_vs_serial"][name] = overlap["block_ms_median"] / serial["block_ms_median"]
+        rounds = path.get("overlap_vs_max_by_round", [])
+        if rounds:
+            out["overlap_vs_max_rounds"][name] = {"min": min(rounds), "median": statistics.median(rounds),
+                                                   "max": max(rounds), "rounds": len(rounds)}
     return out
 
 

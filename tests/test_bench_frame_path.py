@@ -49,6 +49,11 @@ def test_frame_path_stages(doc):
         assert targets["overlap_vs_max"][name] == pytest.approx(
             by_name[name]["frame_path"]["overlap"]["block_ms_median"]
             / max(serial["dit_ms_median"], serial["vae_ms_median"]))
+        # One round: the per-round ratio is the whole run's.
+        ratio = targets["overlap_vs_max"][name]
+        assert by_name[name]["frame_path"]["overlap_vs_max_by_round"] == [pytest.approx(ratio)]
+        assert targets["overlap_vs_max_rounds"][name] == pytest.approx(
+            {"min": ratio, "median": ratio, "max": ratio, "rounds": 1})
 
 
 def test_table_and_plot(doc, tmp_path, capsys):
