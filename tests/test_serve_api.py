@@ -12,6 +12,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -207,11 +208,23 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
         (("POST", f"/sessions/{live['id']}/offer", {"sdp": "x", "type": "answer"}), 422, "type"),
         (("POST", f"/sessions/{stopped_id}/prompt", {"prompt": PROMPT}), 409, f"session {stopped_id} has ended"),
         (("POST", f"/sessions/{stopped_id}/pause"), 409, "has ended (stopped by the client)"),
+        # Refused by its length, before the tokenizer runs on the event loop.
+        (("POST", "/sessions", {"prompt": "x" * 20_000}), 422, "prompt: String should have at most 16384 characters"),
+        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": "x" * 20_000}), 422, "at most 16384 characters"),
+        # Types are not coerced: a string is not a seed, "no" is not a boolean.
+        (("POST", "/sessions", {"prompt": PROMPT, "seed": "7"}), 422, "seed: Input should be a valid integer"),
+        (("POST", "/sessions", {"prompt": PROMPT, "queue_blocks": True}), 422, "queue_blocks"),
+        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": PROMPT, "flush": "no"}), 422, "flush"),
+        # The framework's own errors in the same one-line shape.
+        (("POST", "/sessions", None, b'{"prompt": "\xff\xfe"}'), 400, "cannot read the request body"),
+        (("GET", "/nope"), 404, "no route GET /nope"),
+        (("PUT", "/sessions"), 405, "PUT is not allowed on /sessions (allowed: GET, POST)"),
     ]
     for request, want_status, want_text in cases:
         method, path, body, raw = (*request, None, None)[:4]
         status, message = _error(*http_json(method, url + path, body, raw=raw)[::2])
         assert status == want_status and want_text in message, (request, status, message)
+    assert http_json("HEAD", url + "/healthz")[0] == 200  # load balancers probe with HEAD
     # Still serving: the live session is untouched and a new one starts.
     assert server.get(f"/sessions/{live['id']}")[2]["state"] == "running"
     status, _, other = http_json("POST", url + "/sessions", {"prompt": NEW_PROMPT})
@@ -220,3 +233,74 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
         assert http_json("DELETE", f"{url}/sessions/{sid}")[0] == 200
     _wait_metrics(server, _idle, 10, "the sessions freed")
     assert server.get("/healthz")[0] == 200
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """A 2 MB body is announced and not sent: the 413 comes back without the server reading it."""
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 2000000\r\n\r\n")
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 413"), answer
+    assert _error(413, json.loads(body))[1].startswith("request body over 1048576 bytes")
+    assert server.get("/healthz")[0] == 200
+
+
+def _offer_sdp() -> str:
+    """A real aiortc offer: a recvonly video transceiver and a data channel, as the viewer makes."""
+    from aiortc import RTCConfiguration, RTCPeerConnection
+
+    async def make() -> str:
+        pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+        pc.addTransceiver("video", direction="recvonly")
+        pc.createDataChannel("events")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+    return asyncio.run(make())
+
+
+def test_offers_one_viewer_per_session_and_a_complete_offer_only(server):
+    url = server.url
+    _wait_metrics(server, _idle, 10, "an idle server")
+    sid = http_json("POST", url + "/sessions", {"prompt": PROMPT})[2]["id"]
+    sdp = _offer_sdp()
+    # No DTLS fingerprint: refused at once (aiortc would accept it and fail later, in the log).
+    stripped = "\r\n".join(line for line in sdp.split("\r\n") if not line.startswith("a=fingerprint"))
+    status, message = _error(*http_json("POST", f"{url}/sessions/{sid}/offer", {"sdp": stripped, "type": "offer"})[::2])
+    assert status == 400 and "no DTLS fingerprint" in message, message
+
+    # Two offers at once for one session: one is answered, the other is told why not.
+    offers = [_offer_sdp(), _offer_sdp()]
+
+    async def both():
+        return await asyncio.gather(*(asyncio.to_thread(http_json, "POST", f"{url}/sessions/{sid}/offer",
+                                                        {"sdp": offer, "type": "offer"}) for offer in offers))
+    answers = asyncio.run(both())
+    assert sorted(a[0] for a in answers) == [200, 409], [a[::2] for a in answers]
+    refused = next(a for a in answers if a[0] == 409)
+    assert "already has a connection; one viewer per session" in _error(409, refused[2])[1]
+    assert server.get(f"/sessions/{sid}")[2]["connected"] is True
+    ended = http_json("DELETE", f"{url}/sessions/{sid}")[2]
+    assert ended["state"] == "ended" and ended["connected"] is False
+    _wait_metrics(server, _idle, 10, "the session and its connection freed")
+
+
+def test_polling_a_session_is_not_a_heartbeat(server):
+    """A dashboard reading a session's status does not keep a silent client's session alive."""
+    url = server.url
+    _wait_metrics(server, _idle, 10, "an idle server")
+    sid = http_json("POST", url + "/sessions", {"prompt": PROMPT})[2]["id"]
+    deadline = time.monotonic() + 4 * HEARTBEAT_S + 10
+    while (snapshot := server.get(f"/sessions/{sid}")[2])["state"] != "ended" and time.monotonic() < deadline:
+        time.sleep(0.25)
+    assert snapshot["state"] == "ended" and snapshot["reason"] == f"no heartbeat for {HEARTBEAT_S:g} s", snapshot
+    _wait_metrics(server, _idle, 10, "the session freed")

@@ -34,6 +34,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from runtime.serve.metrics import ServeStats, make_registry
 from runtime.serve.model import ServeModel
@@ -48,6 +50,11 @@ logger = logging.getLogger(__name__)
 # (and counted) rather than buffered without bound.
 EVENT_BUFFER_LIMIT_BYTES = 64 * 1024
 ENDED_SESSIONS_REMEMBERED = 1024
+# Requests are small JSON documents (a prompt, an SDP offer of a few kB): a larger body is refused
+# before it is parsed. A prompt is refused past this many characters before it is tokenized (on
+# the event loop): 32 per token of umT5's 512, far above any prompt that fits.
+MAX_BODY_BYTES = 1 << 20
+MAX_PROMPT_CHARS = 16_384
 
 
 class ApiError(Exception):
@@ -59,8 +66,8 @@ class ApiError(Exception):
 class CreateSession(BaseModel):
     """``POST /sessions``."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     seed: int = Field(0, ge=0, le=2**63 - 1)
     queue_blocks: int | None = Field(None, ge=1, le=MAX_QUEUE_BLOCKS)
     flush_on_prompt_change: bool = True
@@ -72,8 +79,8 @@ class CreateSession(BaseModel):
 class PromptChange(BaseModel):
     """``POST /sessions/{id}/prompt``; unset options take the session's."""
 
-    model_config = ConfigDict(extra="forbid")
-    prompt: str
+    model_config = ConfigDict(extra="forbid", strict=True)
+    prompt: str = Field(max_length=MAX_PROMPT_CHARS)
     flush: bool | None = None
     memory: Literal["keep", "reset"] | None = None
     transition_blocks: int | None = Field(None, ge=0, le=MAX_TRANSITION_BLOCKS)
@@ -83,7 +90,7 @@ class PromptChange(BaseModel):
 class Offer(BaseModel):
     """``POST /sessions/{id}/offer``: the client's SDP offer (ICE candidates gathered)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
     sdp: str = Field(min_length=1)
     type: Literal["offer"]
 
@@ -102,6 +109,44 @@ def _validation_error(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(problems)
 
 
+class BodyLimit:
+    """ASGI middleware: a request body over ``limit_bytes`` gets a 413 before the app reads it
+    (by its Content-Length, or while a chunked body arrives); smaller bodies are passed on."""
+
+    def __init__(self, app, limit_bytes: int = MAX_BODY_BYTES):
+        self.app, self.limit = app, limit_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length", b"0")
+        if not length.isdigit() or int(length) > self.limit:
+            return await self._refuse(send)
+        received, size = [], 0
+        while True:
+            message = await receive()
+            received.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.limit:
+                return await self._refuse(send)
+            if not message.get("more_body"):
+                break
+
+        async def replay():
+            return received.pop(0) if received else await receive()
+        return await self.app(scope, replay, send)
+
+    async def _refuse(self, send) -> None:
+        body = json.dumps({"error": f"request body over {self.limit} bytes (or a bad Content-Length); "
+                                    "requests are JSON documents of a few kB"}).encode()
+        await send({"type": "http.response.start", "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class Server:
     """The live sessions and everything that happens to them on the event loop."""
 
@@ -115,6 +160,7 @@ class Server:
         self.worker: ModelWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._text_pool: ThreadPoolExecutor | None = None
+        self._answering: set[str] = set()  # sessions whose offer is being answered (one at a time)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -139,19 +185,21 @@ class Server:
 
     # -- sessions ----------------------------------------------------------------------------------
 
-    def live(self, session_id: str) -> Session:
-        """The live session ``session_id`` (and it was just heard from), or 404 / 409."""
+    def live(self, session_id: str, touch: bool = True) -> Session:
+        """The live session ``session_id`` (and, with ``touch``, it was just heard from), or 404 /
+        409. Reading a session's status is not a sign of life: a dashboard polling it must not keep
+        a dead viewer's session."""
         session = self.sessions.get(session_id)
         if session is None:
             if session_id in self.ended:
                 reason = self.ended[session_id]["reason"]
                 raise ApiError(409, f"session {session_id} has ended ({reason}); create a new one with POST /sessions")
             raise ApiError(404, f"unknown session {session_id!r}; create one with POST /sessions")
-        session.touch()
+        if touch:
+            session.touch()
         return session
 
     async def create(self, body: CreateSession) -> Session:
-        prompt = self._check_prompt(body.prompt)
         try:
             options = SessionOptions(seed=body.seed, queue_blocks=body.queue_blocks or self.options.queue_blocks,
                                      flush_on_prompt_change=body.flush_on_prompt_change,
@@ -166,6 +214,7 @@ class Server:
             retry = self.options.retry_after_s
             raise ApiError(503, f"server full: {len(self.sessions)} of {self.options.max_sessions} sessions in use; "
                                 f"retry in {retry} s", headers={"Retry-After": str(retry)})
+        prompt = self._check_prompt(body.prompt)
         session = Session(secrets.token_urlsafe(9), prompt, options, self.loop)
         self.sessions[session.id] = session  # holds the slot while the prompt encodes
         try:
@@ -226,7 +275,7 @@ class Server:
         if not session.set_state(ENDED, reason):
             return
         self.sessions.pop(session.id, None)
-        self.ended[session.id] = session.snapshot()
+        self.ended[session.id] = {**session.snapshot(), "connected": False}
         while len(self.ended) > ENDED_SESSIONS_REMEMBERED:
             self.ended.popitem(last=False)
         self.worker.release(session)
@@ -249,9 +298,18 @@ class Server:
 
     async def _reap(self) -> None:
         timeout = self.options.heartbeat_timeout_s
+        period = min(0.5, timeout / 4)
         while True:
-            await asyncio.sleep(min(0.5, timeout / 4))
+            slept_from = time.monotonic()
+            await asyncio.sleep(period)
             now = time.monotonic()
+            stalled = now - slept_from - period
+            if stalled > period:
+                # This loop did not run for a while (a long call on the event loop): heartbeats
+                # that arrived meanwhile are still queued, so the stall is not the clients'.
+                for session in self.sessions.values():
+                    session.last_seen += stalled
+                continue
             for session in list(self.sessions.values()):
                 if session.state != STARTING and now - session.last_seen > timeout:
                     await self.end(session, f"no heartbeat for {timeout:g} s")
@@ -309,14 +367,17 @@ class Server:
             asyncio.ensure_future(self.end(session, reason))
 
     async def answer(self, session: Session, offer: Offer) -> dict:
-        if session.pc is not None:
+        if session.pc is not None or session.id in self._answering:
             raise ApiError(409, f"session {session.id} already has a connection; one viewer per session")
+        self._answering.add(session.id)  # before the first await: a concurrent offer gets the 409
         try:
             answer = await answer_offer(session, offer.sdp, self.model.fps, on_frame=self.on_frame,
                                         on_channel=self.on_channel, on_message=self.on_message,
                                         on_closed=self.on_closed)
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
+        finally:
+            self._answering.discard(session.id)
         if session.ended:  # ended while the answer was being made
             pc, session.pc = session.pc, None
             if pc is not None:
@@ -347,10 +408,31 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     server = Server(model, options, on_started)
     app = FastAPI(title="memrope serve", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
+    app.add_middleware(BodyLimit)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(request: Request, exc: HTTPException):
+        """The framework's own errors (no such route, method not allowed, a body it cannot
+        decode) in the same one-line shape as ours."""
+        if exc.status_code == 404:
+            message = f"no route {request.method} {request.url.path}; see the README's memrope serve API"
+        elif exc.status_code == 405:
+            # Every route on this path (the framework's Allow header names only the first).
+            methods = sorted({m for route in request.app.router.routes
+                              if route.matches(request.scope)[0] != Match.NONE for m in getattr(route, "methods", ())})
+            allowed = ", ".join(methods)
+            headers = {**(exc.headers or {}), "Allow": allowed}
+            message = f"{request.method} is not allowed on {request.url.path} (allowed: {allowed})"
+            return JSONResponse({"error": message}, status_code=405, headers=headers)
+        elif exc.status_code == 400:
+            message = f"cannot read the request body ({exc.detail}); expected a UTF-8 JSON object"
+        else:
+            message = str(exc.detail)
+        return JSONResponse({"error": message}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError):
@@ -361,7 +443,7 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     async def page():
         return HTMLResponse(_page())
 
-    @app.get("/healthz")
+    @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         status, doc = server.health()
         return JSONResponse(doc, status_code=status)
@@ -386,7 +468,7 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     async def get_session(session_id: str):
         if session_id in server.ended and session_id not in server.sessions:
             return server.ended[session_id]
-        return server.live(session_id).snapshot()
+        return server.live(session_id, touch=False).snapshot()
 
     @app.post("/sessions/{session_id}/offer")
     async def offer(session_id: str, body: Offer):

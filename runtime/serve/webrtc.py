@@ -18,6 +18,7 @@ from fractions import Fraction
 
 from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
+from aiortc.sdp import SessionDescription
 
 from runtime.serve.session import Frame, Session, SessionEnded
 
@@ -75,6 +76,13 @@ async def answer_offer(session: Session, sdp: str, fps: int, *, on_frame: Callab
     if not any(t.kind == "video" for t in pc.getTransceivers()):
         await pc.close()
         raise ValueError("the offer has no video section: add a recvonly video transceiver before createOffer()")
+    # aiortc accepts an offer without DTLS parameters, then fails in a background task when the
+    # connection starts (a traceback in the log, a session stuck "connecting"): refuse it here.
+    for media in SessionDescription.parse(sdp).media:
+        if media.dtls is None or not media.dtls.fingerprints:
+            await pc.close()
+            raise ValueError(f"the offer's {media.kind} section has no DTLS fingerprint and setup role "
+                             "(a=fingerprint, a=setup); a WebRTC offer carries both")
 
     @pc.on("datachannel")
     def _channel(channel) -> None:
