@@ -346,8 +346,11 @@ class BlockStream:
                 blocks (block k of the transition uses weight ``(k + 1) / (N + 1)`` for the new
                 prompt); 0 switches at once. A re-cache uses the first block's blend.
 
-        Several changes at one boundary apply in order; the largest re-cache among them runs
-        once, after the last. Raises ValueError for a bad prompt or option before anything changes.
+        Several changes for one boundary merge as they arrive, so a stream holds at most one
+        pending prompt per boundary however many changes a client sends: the last change's prompt
+        and transition (a transition starts from what the previous block attended to, never from
+        a prompt no block saw), a memory reset if any of them asked for one, and the largest
+        re-cache, run once. Raises ValueError for a bad prompt or option before anything changes.
         """
         self._check_open()
         self._check_embeds(prompt_embeds)
@@ -369,8 +372,13 @@ class BlockStream:
             raise ValueError(f"at_block must be an integer >= the next block ({self.block_index}), got {at_block!r}")
         if self.max_blocks is not None and at >= self.max_blocks:
             raise ValueError(f"at_block {at} is past the end: this stream was opened for {self.max_blocks} blocks")
+        earlier = next((c for c in self._pending if c.at_block == at), None)
+        if earlier is not None:
+            self._pending.remove(earlier)  # its prompt is never shown: its embeddings are freed
+            recache = max(recache, earlier.recache, key=RECACHE_MODES.index)
+            memory = "reset" if "reset" in (memory, earlier.memory) else "keep"
         self._pending.append(PromptChange(at, prompt_embeds.detach().clone(), recache, memory, transition_blocks))
-        self._pending.sort(key=lambda c: c.at_block)  # stable: changes at one boundary keep their order
+        self._pending.sort(key=lambda c: c.at_block)
 
     def _apply_switches(self) -> None:
         recache = "none"

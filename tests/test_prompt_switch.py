@@ -261,6 +261,38 @@ def test_transition_blends_cross_keys_linearly(golden_dit, prompts):
         assert torch.equal(call[cross_value(1)], torch.lerp(old_v[1], new_v[1], weight)), block
 
 
+def test_changes_for_one_boundary_merge_into_one(golden_dit, prompts):
+    """A burst of changes before one block (a client sending several): one pending prompt, the
+    last's prompt and transition, starting from what the last block attended to, a memory reset
+    if any asked, the largest re-cache; the same calls as the single merged change."""
+    run = golden_run("memrope_ema")
+    first, second = prompts
+    third = 0.5 * (first + second)
+    recorders = []
+    for burst in ([(second, {"memory": "reset", "recache": "recent"}), (first, {}),
+                   (third, {"transition_blocks": 2})],
+                  [(third, {"memory": "reset", "recache": "recent", "transition_blocks": 2})]):
+        recorder = Recorder(EagerBackend(golden_dit, run))
+        stream = MemRoPEPipeline(recorder, run).stream(first, _noise())
+        for _ in range(6):
+            stream.next_block()
+        for embeds, options in burst:
+            stream.set_prompt(embeds, **options)
+        assert len(stream._pending) == 1
+        for _ in range(3):
+            stream.next_block()
+        stream.close()
+        recorders.append(recorder)
+    burst, merged = recorders
+    assert len(burst.recaches) == len(merged.recaches) == 1
+    for a, b in zip(burst.step_calls, merged.step_calls, strict=True):
+        assert all(torch.equal(a[name], b[name]) for name in a)
+    old_k, _ = golden_dit.encode_text(first)
+    new_k, _ = golden_dit.encode_text(third)
+    # Block 6 is the transition's first: 1/3 of the way from the prompt block 5 saw.
+    assert torch.equal(burst.step_calls[5 * 6][cross_key(0)], torch.lerp(old_k[0], new_k[0], 1 / 3))
+
+
 def test_set_prompt_refuses_bad_options(golden_dit, prompts):
     run = golden_run("memrope_ema")
     first, second = prompts
