@@ -41,6 +41,28 @@ def _require_onnxruntime():
     return onnxruntime
 
 
+def resolve_provider(provider: str, dtype: str, artifact_path, allowed: tuple[str, ...] = PROVIDERS) -> str:
+    """The execution provider a session will use: ``auto`` is CUDA where onnxruntime-gpu and a GPU
+    are present, else the CPU. Refuses, in one line and before any session opens, what cannot run
+    here: CUDA or TensorRT without onnxruntime-gpu and a GPU, and a bf16/fp16 artifact (``dtype``)
+    on the CPU, whose provider has no such kernels."""
+    ort = _require_onnxruntime()
+    if provider not in allowed:
+        raise ValueError(f"provider must be one of {allowed}, got {provider!r}")
+    available = ort.get_available_providers()
+    gpu = "CUDAExecutionProvider" in available and torch.cuda.is_available()
+    if provider == "auto":
+        provider = "cuda" if gpu else "cpu"
+    if provider in ("cuda", "tensorrt") and not gpu:
+        raise ValueError(f"provider {provider!r} needs onnxruntime-gpu and a CUDA GPU "
+                         f"(available providers: {available}); on Linux x86_64 pip install -e '.[onnx]' "
+                         "installs onnxruntime-gpu")
+    if provider == "cpu" and dtype != "float32":
+        raise ValueError(f"artifact {artifact_path} is {dtype}; ONNX Runtime's CPU execution provider has no "
+                         "bf16/fp16 kernels: export float32 for CPU")
+    return provider
+
+
 def _bind(bind, name: str, tensor: torch.Tensor) -> None:
     if not tensor.is_contiguous():
         raise ValueError(f"{name} must be a contiguous tensor to be bound by pointer")
@@ -137,17 +159,7 @@ class OnnxRuntimeBackend(Backend):
             raise ValueError(f"provider must be one of {PROVIDERS}, got {provider!r}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         contract = self.artifact.contract
-        available = ort.get_available_providers()
-        gpu = "CUDAExecutionProvider" in available and torch.cuda.is_available()
-        if provider == "auto":
-            provider = "cuda" if gpu else "cpu"
-        if provider in ("cuda", "tensorrt") and not gpu:
-            raise ValueError(f"provider {provider!r} needs onnxruntime-gpu and a CUDA GPU "
-                             f"(available providers: {available}); on Linux x86_64 pip install -e '.[onnx]' "
-                             "installs onnxruntime-gpu")
-        if provider == "cpu" and contract.dtype != "float32":
-            raise ValueError(f"artifact {self.artifact.path} is {contract.dtype}; ONNX Runtime's CPU "
-                             "execution provider has no bf16/fp16 kernels: export float32 for CPU")
+        provider = resolve_provider(provider, contract.dtype, self.artifact.path)
         self.provider = provider
         self.model = self.artifact.model
         self.layout = self.artifact.layout()

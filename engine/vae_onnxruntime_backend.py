@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from engine.onnxruntime_backend import ELEMENT_TYPES, _require_onnxruntime
+from engine.onnxruntime_backend import ELEMENT_TYPES, _require_onnxruntime, resolve_provider
 from memrope.artifact import Artifact, load_artifact
 from memrope.backend import VAEBackend
 
 logger = logging.getLogger(__name__)
 
 GRAPH = "vae_decode"
+VAE_PROVIDERS = ("auto", "cpu", "cuda")
 _ELEMENT_TYPES = {**ELEMENT_TYPES, torch.uint8: 2}
 _MAX_BINDINGS = 4  # a stream alternates two; more means the caller keeps making new dicts
 
@@ -47,20 +48,11 @@ class OnnxRuntimeVAEBackend(VAEBackend):
     def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", threads: int | None = None,
                  spinning: bool | None = None):
         ort = _require_onnxruntime()
-        if provider not in ("auto", "cpu", "cuda"):
-            raise ValueError(f"provider must be auto, cpu or cuda, got {provider!r}")
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         require_vae_graph(self.artifact)
         self.contract = self.artifact.contract.graphs[GRAPH]
         self.config = self.artifact.contract.vae
-        gpu = "CUDAExecutionProvider" in ort.get_available_providers() and torch.cuda.is_available()
-        if provider == "auto":
-            provider = "cuda" if gpu else "cpu"
-        if provider == "cuda" and not gpu:
-            raise ValueError("provider 'cuda' needs onnxruntime-gpu and a CUDA GPU; pip install -e '.[gpu]'")
-        if provider == "cpu" and self.artifact.contract.dtype != "float32":
-            raise ValueError(f"artifact {self.artifact.path} is {self.artifact.contract.dtype}; ONNX Runtime's CPU "
-                             "execution provider has no bf16/fp16 kernels: export float32 for CPU")
+        provider = resolve_provider(provider, self.artifact.contract.dtype, self.artifact.path, VAE_PROVIDERS)
         self.provider = provider
         self.device = torch.device("cuda", torch.cuda.current_device()) if provider == "cuda" else torch.device("cpu")
         self.dtype = self.contract.input("latents").torch_dtype

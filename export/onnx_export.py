@@ -117,6 +117,22 @@ def _param_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def check_export_target(out_dir: str | os.PathLike[str], force: bool) -> None:
+    """Refuse an ``out_dir`` the export must not replace: anything that exists without ``force``,
+    and with it a file, or a non-empty folder that is not an artifact (no ``contract.json``):
+    replacing deletes the folder, and it may hold someone's work."""
+    out_dir = Path(out_dir)
+    if not out_dir.exists():
+        return
+    if not force:
+        raise ValueError(f"{out_dir} already exists; pass --force to replace it")
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir} is a file, not an artifact directory; --force replaces artifacts only")
+    if any(out_dir.iterdir()) and not (out_dir / CONTRACT_FILE).is_file():
+        raise ValueError(f"{out_dir} is not an artifact (no {CONTRACT_FILE}) and is not empty; --force replaces "
+                         "artifacts only, it will not delete this folder: choose another --out")
+
+
 def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLike[str], *,
                     height: int, width: int, batch: int = 1, validate: bool = True,
                     force: bool = False, validation_blocks: int | None = None,
@@ -125,7 +141,8 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     with ``vae`` (a ``memrope.vae.WanStreamingDecoder`` in the same dtype) also ``vae_decode.onnx``.
 
     Raises:
-        ValueError: bad resolution/batch, or ``out_dir`` exists and ``force`` is False.
+        ValueError: bad resolution/batch, or ``out_dir`` exists and ``force`` is False, or it is
+            not an artifact (:func:`check_export_target`).
         ExportError: the exporter failed or the graph does not honour the contract.
         TensorRTAuditError: a graph uses something TensorRT 10.15's parser does not support.
         ExportMismatchError: ONNX Runtime disagrees with eager PyTorch (fp32 exports).
@@ -134,8 +151,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
-    if out_dir.exists() and not force:
-        raise ValueError(f"{out_dir} already exists; pass --force to replace it")
+    check_export_target(out_dir, force)
     model_cfg = dit.config
     dtype_name = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}.get(dit.dtype)
     if dtype_name is None:

@@ -101,9 +101,12 @@ class BlockResult:
         if self.index == 0:
             cause = ("the inputs or the weights: check --noise / --text-embeds and the checkpoint "
                      "(weights are checked for NaN/Inf at load)")
-        else:
+        elif self.x0.dtype != torch.float32:
             cause = ("a numerical overflow carried forward by the cache and the EMA memory; try --dtype float32, "
                      "or --memory-dtype float32")
+        else:
+            cause = ("a numerical overflow carried forward by the cache and the EMA memory, in float32 already: "
+                     "check --noise / --text-embeds and the checkpoint")
         raise NonFiniteError(f"block {self.index} (latent frames {self.index * self.x0.shape[1]}.."
                              f"{(self.index + 1) * self.x0.shape[1] - 1}) produced NaN or Inf; likely cause: {cause}")
 

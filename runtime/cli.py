@@ -155,17 +155,36 @@ def _check_inputs_exist(args: argparse.Namespace, *names: str) -> None:
             raise FileNotFoundError(f"--{name.replace('_', '-')} not found: {path}")
 
 
+def _dit_checkpoint(args: argparse.Namespace, model_dir: Path | None) -> Path | None:
+    """Where the DiT weights come from: ``--checkpoint``, else the model folder's
+    ``diffusion_pytorch_model.safetensors``; ``None`` for a preset's random weights."""
+    from memrope.checkpoint import WAN_WEIGHTS_FILE
+
+    if args.checkpoint is None and model_dir is not None and (model_dir / WAN_WEIGHTS_FILE).is_file():
+        return model_dir
+    return args.checkpoint
+
+
+def _check_dit_checkpoint(args: argparse.Namespace, model_cfg, run, model_dir: Path | None) -> None:
+    """The DiT checkpoint's (and LoRA's) names and shapes against the model, from headers only:
+    a wrong file fails in milliseconds, before a text encoder or VAE loads."""
+    from memrope.checkpoint import check_dit_checkpoint
+
+    checkpoint = _dit_checkpoint(args, model_dir)
+    if checkpoint is not None:
+        check_dit_checkpoint(checkpoint, model_cfg, use_ema=run.use_ema if args.use_ema is None else args.use_ema,
+                             lora_path=args.lora, lora=run.lora)
+
+
 def _load_dit(args: argparse.Namespace, model_cfg, run, dtype, device, model_dir: Path | None = None):
     """The DiT from ``--checkpoint`` (with ``--lora``), the model folder's
     ``diffusion_pytorch_model.safetensors``, or random weights for a ``--preset``."""
     import torch
 
-    from memrope.checkpoint import WAN_WEIGHTS_FILE, load_dit_state_dict
+    from memrope.checkpoint import load_dit_state_dict
     from memrope.model import build_dit, random_state_dict
 
-    checkpoint = args.checkpoint
-    if checkpoint is None and model_dir is not None and (model_dir / WAN_WEIGHTS_FILE).is_file():
-        checkpoint = model_dir
+    checkpoint = _dit_checkpoint(args, model_dir)
     if checkpoint is not None and run.lora_ckpt and args.lora is None:
         logger.warning("the run config names a LoRA (lora_ckpt: %s) but --lora was not given: running the "
                        "base weights only", run.lora_ckpt)
@@ -236,14 +255,17 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
                      help="EMA memory accumulator (default: the cache dtype, as the authors)")
     out = p.add_argument_group("output")
     out.add_argument("--out", type=Path, help="MP4 (H.264) written as frames are generated, finalised atomically")
-    out.add_argument("--png-dir", type=Path, help="also write every frame as PNG here")
+    out.add_argument("--png-dir", type=Path,
+                     help="also write every frame as PNG into this folder (new, empty, or an earlier run's "
+                          "frames, which it replaces when the run succeeds)")
     out.add_argument("--latents-out", type=Path,
                      help="write latents [B, F, C, H, W] (float32) to this .safetensors file, block by block")
     out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--allow-nonfinite", action="store_true",
-                     help="keep going when a block holds NaN/Inf (default: stop, naming the block, and write "
-                          "nothing)")
+                     help="keep going when a block holds NaN/Inf and keep the outputs, warning for each bad "
+                          "block; the run still fails (exit 1). Default: stop at the first, naming it, and write "
+                          "nothing")
     _add_execution_args(p)
     vae = p.add_argument_group("vae")
     vae.add_argument("--vae-backend", choices=VAE_BACKENDS, default="eager",
@@ -333,7 +355,22 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
         if args.engine is None:
             flag = f"--backend {args.backend}" if dit_exported else f"--vae-backend {vae_backend}"
             raise ValueError(f"{flag} needs --engine DIR (an artifact from `memrope export`)")
+        if dit_exported:
+            given = [flag for flag, name in (("--checkpoint", "checkpoint"), ("--lora", "lora"))
+                     if getattr(args, name, None) is not None]
+            if given:
+                raise ValueError(f"{' and '.join(given)} cannot change --backend {args.backend}'s weights: an "
+                                 "exported backend runs the weights in its --engine artifact (export them with "
+                                 "`memrope export --checkpoint ...`), or run them with --backend eager")
         artifact = load_artifact(args.engine, verify=getattr(args, "verify_artifact", False))
+        # Providers this machine lacks fail here, before the text encoder and the VAE load.
+        provider = getattr(args, "ort_provider", "auto")
+        if args.backend == "onnxruntime" or vae_backend == "onnxruntime":
+            from engine.onnxruntime_backend import resolve_provider
+        if args.backend == "onnxruntime":
+            resolve_provider(provider, artifact.contract.dtype, artifact.path)
+        if vae_backend == "onnxruntime":
+            resolve_provider(vae_provider(provider), artifact.contract.dtype, artifact.path)
         if dit_exported:
             _check_engine_files(artifact, args.backend, ["step", "text", *(["recache"] if recache else [])],
                                 "--backend")
@@ -355,6 +392,12 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
         raise ValueError(f"run config latent_channels={run.latent_channels} does not match the "
                          f"model's in_dim={model_cfg.in_dim}")
     return artifact, model_cfg, run
+
+
+def vae_provider(ort_provider: str) -> str:
+    """The VAE session's provider for ``--ort-provider``: the same, but TensorRT's EP (DiT only)
+    means CUDA where it exists."""
+    return ort_provider if ort_provider in ("cpu", "cuda") else "auto"
 
 
 def _check_engine_files(artifact, backend: str, graphs: list[str], flag: str) -> None:
@@ -424,7 +467,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.latents_out is not None:
         check_output_path(args.latents_out, "--latents-out", suffixes=(".safetensors",))
     if args.png_dir is not None:
+        from runtime.video import check_png_folder
+
         check_output_path(args.png_dir, "--png-dir", directory=True)
+        check_png_folder(args.png_dir)
+    if args.text_cache is not None:
+        check_output_path(args.text_cache, "--text-cache", directory=True)
     _check_inputs_exist(args, "checkpoint", "model_config", "config", "lora", "text_embeds", "noise", "engine")
 
     # 2. The artifact (if any) and the run it fixes: its resolution applies before any shape is
@@ -459,9 +507,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         # H.264 at CRF 18: well under 1 byte per pixel; a generous bound still catches a full disk.
         check_output_path(args.out, "--out", suffixes=(".mp4",),
                           estimate_bytes=video_frames_for(run.num_output_frames) * width * height // 4 + 65536)
-    prompt_changes = []
     if timeline is not None:
         timeline.check_length(run.num_output_frames, run.cache.block_frames)
+    if args.backend in ("eager", "compiled"):
+        _check_dit_checkpoint(args, model_cfg, run, model_dir)
+    prompt_changes = []
+    if timeline is not None:
         all_embeds = _encode_prompts(args, model_cfg, run, model_dir, timeline.prompts, "--prompts")
         embeds = all_embeds[0]
         prompt_changes = timeline.prompt_changes(all_embeds, run.cache.block_frames,
@@ -482,7 +533,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
                              "--vae-backend onnxruntime with an artifact exported with a VAE)")
         from runtime.vae import VAEStream, make_vae_backend, overlap_by_default
 
-        provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
+        provider = vae_provider(args.ort_provider)
         vae_overlap = (overlap_by_default(device, args.backend, args.vae_backend) if args.vae_overlap is None
                        else args.vae_overlap)
         decoder = VAEStream(make_vae_backend(args.vae_backend, run, artifact=artifact, model_dir=model_dir,
@@ -506,13 +557,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
             latents_writer = outputs.enter_context(SafetensorsStreamWriter(
                 args.latents_out, "latents", [run.batch_size, run.num_output_frames, *latent_shape]))
         if decode:
-            from runtime.video import Mp4Writer, write_png_frames
+            from runtime.video import Mp4Writer, PngFolderWriter
 
+            if args.png_dir is not None:  # entered first, so renamed last: only once the video is complete
+                on_frames = outputs.enter_context(PngFolderWriter(args.png_dir)).write
             args.out.parent.mkdir(parents=True, exist_ok=True)
             writer = outputs.enter_context(Mp4Writer(args.out, fps=VIDEO_FPS, width=width, height=height))
-            if args.png_dir is not None:
-                args.png_dir.mkdir(parents=True, exist_ok=True)
-                on_frames = lambda frames, first: write_png_frames(args.png_dir, frames, first)  # noqa: E731
         result = stream_video(pipeline, embeds, noise, run.num_blocks, decoder, writer,
                               latents_writer=latents_writer, progress=not args.no_progress,
                               on_frames=on_frames, allow_nonfinite=args.allow_nonfinite,
@@ -527,6 +577,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     vae_note = f", vae {args.vae_backend}{' overlapped' if decoder.overlap else ''}" if decode else ""
     print(f"wrote {'; '.join(written)} ({run.num_output_frames} latent frames, {run.num_blocks} blocks, "
           f"{elapsed:.2f} s, policy {run.cache.policy}, backend {args.backend}{vae_note})")
+    if result.nonfinite_blocks:
+        bad = result.nonfinite_blocks
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        print(f"memrope generate: error: {len(bad)} of {run.num_blocks} blocks produced NaN or Inf (blocks {shown}); "
+              "the outputs were kept (--allow-nonfinite), the run failed", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -585,11 +641,11 @@ def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    from export.onnx_export import check_export_target
     from memrope.artifact import specialise_run
     from memrope.io import check_output_path
 
-    if args.out.exists() and not args.force:
-        raise ValueError(f"{args.out} already exists; pass --force to replace it")
+    check_export_target(args.out, args.force)
     check_output_path(args.out, "--out", directory=True)
     _check_inputs_exist(args, "checkpoint", "model_config", "config", "lora", "model_dir")
     if args.model_dir is not None and not args.model_dir.is_dir():
@@ -598,6 +654,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     model_cfg = _resolve_model(args, model_dir)
     run = _run_config(args)
     specialise_run(run, model_cfg, args.height, args.width, args.batch)  # bad sizes fail before the weights load
+    _check_dit_checkpoint(args, model_cfg, run, model_dir)
     from export.onnx_export import export_artifact
 
     dtype = _torch_dtype(args.dtype)
@@ -699,8 +756,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     unknown = [b for b in backends if b not in BENCH_BACKENDS]
     if unknown:
         raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BENCH_BACKENDS)}")
-    if args.warmup_blocks < 0:
-        raise ValueError(f"--warmup-blocks must be >= 0, got {args.warmup_blocks}")
+    if args.warmup_blocks < 1:
+        raise ValueError(f"--warmup-blocks must be at least 1 (the first blocks compile and allocate), "
+                         f"got {args.warmup_blocks}")
     if args.peak_tflops is not None and not args.peak_tflops > 0:
         raise ValueError(f"--peak-tflops must be positive, got {args.peak_tflops}")
     _device(args.device)
@@ -710,8 +768,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
         check_output_path(args.plot, "--plot", suffixes=(".png",))
         require_matplotlib()  # fail before minutes of benchmarking, not after
     preset = BENCH_PRESETS[args.preset]
-    if args.height or args.width:
-        preset = replace(preset, height=args.height or preset.height, width=args.width or preset.width)
+    for flag, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be a positive number of pixels (a multiple of 16), got {value}")
+    preset = replace(preset, height=args.height or preset.height, width=args.width or preset.width)
     if args.e2e_blocks and args.e2e_blocks < 4:
         raise ValueError(f"--e2e-blocks must be 0 (skip the frame path) or at least 4, got {args.e2e_blocks}")
     doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops,
@@ -788,11 +848,11 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    if not verbose:
-        _quiet_third_party()
-        for name in ("memrope", "export", "engine", "runtime"):
-            logging.getLogger(name).setLevel(logging.INFO)
     try:
+        if not verbose:
+            _quiet_third_party()
+            for name in ("memrope", "export", "engine", "runtime"):
+                logging.getLogger(name).setLevel(logging.INFO)
         return args.func(args)
     except KeyboardInterrupt:
         print(f"memrope {args.command}: interrupted", file=sys.stderr)

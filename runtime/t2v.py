@@ -19,12 +19,13 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from memrope.config import VAE_TEMPORAL_STRIDE
+from memrope.errors import NonFiniteError
 from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import NoiseSource
 
@@ -59,6 +60,7 @@ class StreamResult:
     latent_frames: int
     video_frames: int
     seconds: float
+    nonfinite_blocks: list[int] = field(default_factory=list)  # kept with allow_nonfinite; a failed run
 
 
 def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: NoiseSource, num_blocks: int,
@@ -80,8 +82,9 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
 
     Each block is checked for NaN/Inf where its output reaches the host (no extra sync: the
     block's flag travels with its frames); a non-finite block raises
-    :class:`memrope.errors.NonFiniteError` naming it, before anything of it is written, unless
-    ``allow_nonfinite``.
+    :class:`memrope.errors.NonFiniteError` naming it, before anything of it is written. With
+    ``allow_nonfinite`` the run goes on and writes everything; each bad block is logged and listed
+    in the result's ``nonfinite_blocks`` (the caller reports the run as failed).
     """
     bar = None
     frames_total = num_blocks * pipeline.layout.block_frames
@@ -95,11 +98,21 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
         decoder.reset()
     written = 0
     start = time.perf_counter()
+    nonfinite: list[int] = []
 
-    def emit(block, flag: torch.Tensor | None, frames: torch.Tensor) -> None:
+    def check(block, flag: torch.Tensor) -> None:
+        try:
+            block.check_finite(flag)
+        except NonFiniteError as exc:
+            if not allow_nonfinite:
+                raise
+            if block.index not in nonfinite:  # the latents and the frames both check a block
+                nonfinite.append(block.index)
+                logger.warning("%s; kept (--allow-nonfinite)", exc)
+
+    def emit(block, flag: torch.Tensor, frames: torch.Tensor) -> None:
         nonlocal written
-        if flag is not None:
-            block.check_finite(flag)  # the frames are on the host: so is the flag
+        check(block, flag)  # the frames are on the host: so is the flag
         frames = frames[0]  # [T, H, W, 3] uint8, batch 0
         if writer is not None:
             writer.write(frames)
@@ -114,16 +127,13 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     flags = [torch.zeros((), dtype=torch.float32, pin_memory=pinned) for _ in range(3)]
     try:
         for block in pipeline.blocks(prompt_embeds, noise, num_blocks, prompt_changes=prompt_changes):
-            flag = None
-            if not allow_nonfinite:
-                # A host copy of the block's flag, ordered before the decoder's copy of x0: ready
-                # when the frames are. A ring of 3: an overlapped decoder holds at most 2 blocks.
-                flag = flags[block.index % 3]
-                flag.copy_(block.finite, non_blocking=True)
+            # A host copy of the block's flag, ordered before the decoder's copy of x0: ready
+            # when the frames are. A ring of 3: an overlapped decoder holds at most 2 blocks.
+            flag = flags[block.index % 3]
+            flag.copy_(block.finite, non_blocking=True)
             if latents_writer is not None:
                 host_latents = block.x0.float().cpu()  # synchronises: the flag is ready too
-                if flag is not None:
-                    block.check_finite(flag)
+                check(block, flag)
                 latents_writer.write(block.index * pipeline.layout.block_frames, host_latents)
             if decoder is None:
                 if bar is not None:
@@ -142,7 +152,7 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     finally:
         if bar is not None:
             bar.close()
-    return StreamResult(frames_total, written, time.perf_counter() - start)
+    return StreamResult(frames_total, written, time.perf_counter() - start, sorted(nonfinite))
 
 
 def demo_dir() -> Path:

@@ -4,7 +4,8 @@ Owns: the MP4 container and codec settings (libx264, yuv420p, CRF), streaming fr
 encoder as they arrive (memory stays constant in the video length: nothing is buffered beyond
 the encoder's own bounded lookahead), and the atomic-output guarantee: the video is written to a
 temp file beside ``path`` and renamed onto it only by a clean ``close()``; any failure removes the
-temp file, so a file at ``path`` is always a finished video. Also owns PNG frame dumps.
+temp file, so a file at ``path`` is always a finished video. Also owns PNG frame dumps (a
+run's folder of frames appears whole, or not at all).
 
 Does not own decoding latents into frames (``runtime.vae``) or choosing output paths (the CLI).
 Frames everywhere are uint8 RGB ``[T, H, W, 3]`` (numpy arrays or torch tensors).
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 from fractions import Fraction
 from pathlib import Path
 
@@ -235,3 +237,71 @@ def write_png_frames(directory: str | os.PathLike[str], frames, start_index: int
         paths.append(path)
     logger.debug("wrote %d PNG frames to %s from index %d", len(paths), directory, start_index)
     return paths
+
+
+PNG_FRAME = re.compile(r"frame_\d{6}\.png")
+
+
+def check_png_folder(directory: str | os.PathLike[str]) -> None:
+    """Refuse a ``--png-dir`` a run must not replace: a file, or a folder holding anything but an
+    earlier run's frames (``frame_NNNNNN.png``). Cheap: call it before anything loads."""
+    directory = Path(directory)
+    if not directory.exists():
+        return
+    if not directory.is_dir():
+        raise ValueError(f"--png-dir {directory} is a file; expected a folder for the PNG frames")
+    others = sorted(p.name for p in directory.iterdir() if not PNG_FRAME.fullmatch(p.name))
+    if others:
+        shown = ", ".join(others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        raise ValueError(f"--png-dir {directory} holds other files ({shown}); the frames replace the folder "
+                         "as a whole: pass a new or empty folder, or one holding only an earlier run's frames")
+
+
+class PngFolderWriter:
+    """PNG frames of one run in a folder that is complete or absent; a context manager.
+
+    The frames are written into a hidden sibling of ``directory`` (:func:`memrope.io.partial_path`)
+    and renamed onto it when the ``with`` block exits cleanly, replacing an earlier run's frames
+    (never other files: :func:`check_png_folder`), so the folder never mixes two runs' frames; any
+    failure removes the partial folder and leaves ``directory`` as it was. ``write(frames,
+    start_index)`` is :func:`write_png_frames` into the partial folder.
+    """
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.directory = Path(directory)
+        self._partial: Path | None = None
+
+    def __enter__(self) -> PngFolderWriter:
+        from memrope.io import clean_leftovers, partial_path
+
+        check_png_folder(self.directory)
+        self.directory.parent.mkdir(parents=True, exist_ok=True)
+        clean_leftovers(self.directory.parent)
+        self._partial = partial_path(self.directory)
+        self._partial.mkdir()
+        return self
+
+    def write(self, frames, start_index: int) -> list[Path]:
+        return write_png_frames(self._partial, frames, start_index)
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        import shutil
+
+        from memrope.io import partial_path
+
+        partial, self._partial = self._partial, None
+        if exc_type is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+            return
+        old = None
+        try:
+            if self.directory.exists():
+                check_png_folder(self.directory)  # nothing else arrived in it meanwhile
+                old = partial_path(self.directory, "old")
+                os.replace(self.directory, old)
+            os.replace(partial, self.directory)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)

@@ -16,6 +16,7 @@ from memrope.checkpoint import (
     LORA_TARGET_MODULES,
     WAN_INDEX_FILE,
     WAN_WEIGHTS_FILE,
+    check_dit_checkpoint,
     expected_dit_shapes,
     load_dit_state_dict,
     save_dit_state_dict_safetensors,
@@ -467,3 +468,39 @@ def test_pickled_objects_in_lora_are_refused(cfg, tmp_path):
     torch.save({"generator_lora": {}, "extra": NotATensor()}, path)
     with pytest.raises(ValueError, match="non-tensor pickled objects"):
         load_dit_state_dict(GOLDEN_CKPT, cfg, lora_path=path)
+
+
+# -- the structure check (headers only) -----------------------------------------------------------
+
+
+def test_structure_check_refuses_what_loading_refuses_without_reading_values(cfg, tmp_path, lora_base):
+    """check_dit_checkpoint raises load_dit_state_dict's own error for a wrong key, shape, config or
+    LoRA, in each layout; it reads no values: NaN weights pass it (loading refuses them)."""
+    good = random_state(cfg)
+    save_file(good, str(tmp_path / "good.safetensors"))
+    save_dit_state_dict_safetensors(good, tmp_path / "wan" / WAN_WEIGHTS_FILE)
+    for path in (tmp_path / "good.safetensors", tmp_path / "wan", GOLDEN_CKPT):
+        assert check_dit_checkpoint(path, cfg) is None
+    shaped = {**good, "head.head.weight": torch.zeros(32, 64)}
+    save_file(shaped, str(tmp_path / "shape.safetensors"))
+    missing = {k: v for k, v in good.items() if k != "blocks.1.norm3.bias"}
+    torch.save({"generator": missing}, tmp_path / "missing.pt")
+    cases = [(tmp_path / "shape.safetensors", cfg, {}), (tmp_path / "missing.pt", cfg, {"use_ema": False}),
+             (GOLDEN_CKPT, replace(cfg, num_layers=3), {})]
+    for path, config, options in cases:
+        with pytest.raises(ValueError) as loading:
+            load_dit_state_dict(path, config, **options)
+        with pytest.raises(ValueError) as checking:
+            check_dit_checkpoint(path, config, **options)
+        assert str(checking.value) == str(loading.value)
+    _, base_path = lora_base
+    lora_path = tmp_path / "lora.pt"
+    torch.save({"generator_lora": peft_dict(lora_weights(cfg, rank=4))}, lora_path)
+    assert check_dit_checkpoint(base_path, cfg, use_ema=False, lora_path=lora_path, lora=LoraConfig(rank=4)) is None
+    with pytest.raises(ValueError, match=r"lora_A\.weight.*\[4, 64\].*expected \[8, 64\]"):
+        check_dit_checkpoint(base_path, cfg, use_ema=False, lora_path=lora_path, lora=LoraConfig(rank=8))
+    poisoned = {**good, "head.head.weight": torch.full((64, 64), float("nan"))}
+    save_file(poisoned, str(tmp_path / "nan.safetensors"))
+    assert check_dit_checkpoint(tmp_path / "nan.safetensors", cfg) is None
+    with pytest.raises(ValueError, match="NaN"):
+        load_dit_state_dict(tmp_path / "nan.safetensors", cfg)

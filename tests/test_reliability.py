@@ -67,7 +67,12 @@ def test_noise_overflow_stops_at_the_block_and_writes_nothing(golden, tmp_path, 
     assert main(_args(golden, out, **{"--noise": noisy})) == 1
     _one_line_error(capsys, "block 2", "NaN or Inf", "likely cause")
     assert _leftovers(out.parent) == []
-    assert main(_args(golden, out, **{"--noise": noisy, "--allow-nonfinite": ""})) == 0
+    # --allow-nonfinite keeps the outputs for inspection, warns per bad block, and still fails.
+    assert main(_args(golden, out, **{"--noise": noisy, "--allow-nonfinite": ""})) == 1
+    err = capsys.readouterr().err
+    failed = [line for line in err.splitlines() if line.startswith("memrope generate: error:")]
+    assert len(failed) == 1 and "blocks produced NaN or Inf (blocks 2, " in failed[0], err
+    assert "the outputs were kept (--allow-nonfinite)" in failed[0] and "Traceback" not in err
     latents = load_file(str(out))["latents"]
     assert torch.isfinite(latents[:, :6]).all() and not torch.isfinite(latents[:, 6:9]).all()
 
@@ -174,8 +179,11 @@ def test_version_and_bench_arguments_that_would_measure_nothing(capsys):
     assert capsys.readouterr().out.startswith("memrope 0.")
     assert main(["bench", "--backends", ","]) == 2
     assert "names no backend" in capsys.readouterr().err
-    assert main(["bench", "--warmup-blocks", "-1"]) == 2
-    assert "--warmup-blocks must be >= 0" in capsys.readouterr().err
+    for value in ("-1", "0"):
+        assert main(["bench", "--warmup-blocks", value]) == 2
+        assert "--warmup-blocks must be at least 1" in capsys.readouterr().err
+    assert main(["bench", "--height", "0"]) == 2
+    assert "--height must be a positive number of pixels" in capsys.readouterr().err
 
 
 def test_no_third_party_noise_on_a_clean_run(golden, tmp_path):
@@ -207,3 +215,103 @@ def test_export_and_bench_outputs_are_checked_first(golden, tmp_path, capsys):
     assert "/proc is not writable" in capsys.readouterr().err
     assert main(["bench", "--backends", "eager", "--json-out", "/proc/bench.json"]) == 2
     assert "/proc is not writable" in capsys.readouterr().err
+
+
+# --- found before the expensive work -------------------------------------------------------------
+
+def test_export_force_replaces_artifacts_only(golden, tmp_path, capsys):
+    """--force on a folder that is not an artifact (or on a file) is refused before anything
+    loads, and the folder is untouched."""
+    work = tmp_path / "thesis"
+    work.mkdir()
+    (work / "chapter1.tex").write_text("precious")
+    (tmp_path / "notes.txt").write_text("precious too")
+    base = ["export", "--checkpoint", str(golden["tiny_selfforcing.pt"]), "--model-config", str(golden["config.json"]),
+            "--config", str(golden["memrope_ema.yaml"]), "--height", "32", "--width", "48", "--force", "--no-validate"]
+    for target, needle in ((work, "is not an artifact (no contract.json) and is not empty"),
+                           (tmp_path / "notes.txt", "is a file, not an artifact directory")):
+        assert main([*base, "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, err
+    assert (work / "chapter1.tex").read_text() == "precious" and sorted(p.name for p in work.iterdir()) == ["chapter1.tex"]
+    assert (tmp_path / "notes.txt").read_text() == "precious too"
+
+
+def test_weights_and_providers_are_checked_before_the_text_encoder_and_vae(golden, artifacts, tmp_path, capsys,
+                                                                           caplog):
+    """A checkpoint that does not fit the model, weights given to an exported backend, a
+    provider this machine lacks, a text cache that cannot be a folder: one line, exit 2, and
+    neither the text encoder nor the VAE was loaded (nothing logged by runtime.text/runtime.vae)."""
+    from runtime.t2v import ensure_demo_model
+
+    demo = ensure_demo_model()
+    wrong = tmp_path / "wrong.pt"
+    torch.save({"generator_ema": {"blocks.0.norm3.weight": torch.ones(8)}}, wrong)
+    (tmp_path / "cache.mp4").write_text("a file")
+    out = tmp_path / "out.mp4"
+    base = ["generate", "--model-dir", str(demo), "--prompt", "a red fox", "--num-frames", "3", "--no-progress",
+            "--out", str(out)]
+    engine = ["--engine", str(artifacts["memrope_ema"]), "--backend", "onnxruntime"]
+    cases = [
+        (["--checkpoint", str(wrong), "--config", str(golden["memrope_ema.yaml"])], "does not match the model config"),
+        ([*engine, "--checkpoint", str(golden["tiny_selfforcing.pt"])],
+         "--checkpoint cannot change --backend onnxruntime's weights"),
+        ([*engine, "--vae-backend", "eager", "--ort-provider", "cuda"], "needs onnxruntime-gpu and a CUDA GPU"),
+        (["--text-cache", str(tmp_path / "cache.mp4")], "--text-cache"),
+    ]
+    for extra, needle in cases:
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert main([*base, *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert needle in err and "Traceback" not in err, (extra, err)
+        loaded = [r.getMessage() for r in caplog.records if r.name.startswith(("runtime.text", "runtime.vae"))]
+        assert loaded == [], (extra, loaded)
+    assert not out.exists()
+
+
+def test_png_frames_appear_whole_and_replace_only_an_earlier_runs_frames(tmp_path, capsys):
+    """The PNG folder is renamed into place when the run succeeds: an earlier run's 20 frames are
+    replaced, not mixed with the new 9; a folder holding other files is refused before the run; a
+    failed run leaves the old folder as it was and no partial folder."""
+    from runtime.video import PngFolderWriter
+
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    for i in range(20):
+        (frames / f"frame_{i:06d}.png").write_bytes(b"old")
+    out = tmp_path / "video.mp4"
+    args = ["generate", "--preset", "tiny", "--prompt", "a red fox", "--num-frames", "3", "--no-progress",
+            "--out", str(out), "--png-dir", str(frames)]
+    assert main(args) == 0, capsys.readouterr().err
+    assert sorted(p.name for p in frames.iterdir()) == [f"frame_{i:06d}.png" for i in range(9)]
+    assert (frames / "frame_000000.png").read_bytes()[:4] == b"\x89PNG"
+    assert _leftovers(tmp_path) == ["frames", "video.mp4"]
+
+    (frames / "notes.txt").write_text("mine")
+    out.unlink()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "--png-dir" in err and "holds other files (notes.txt)" in err
+    assert not out.exists()
+    (frames / "notes.txt").unlink()
+
+    before = sorted(p.name for p in frames.iterdir())
+    with pytest.raises(RuntimeError, match="the decoder failed"):
+        with PngFolderWriter(frames) as writer:
+            writer.write(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), 0)
+            raise RuntimeError("the decoder failed")
+    assert sorted(p.name for p in frames.iterdir()) == before
+    assert _leftovers(tmp_path) == ["frames"]
+
+
+def test_serve_refuses_a_taken_port_before_loading_models(tmp_path):
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
+    assert "umT5" not in proc.stderr and "VAE" not in proc.stderr, proc.stderr

@@ -77,10 +77,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             retry_after_s=args.retry_after, warm_up=args.warm_up,
                             prompt_recache=args.prompt_recache)
     require_serve_packages()
-    from runtime.serve.app import run_server
+    from runtime.serve.app import listen, run_server
     from runtime.serve.model import load_serve_model
 
-    model = load_serve_model(args)
+    sock = listen(options)  # a taken port fails here, before the models load
+    try:
+        model = load_serve_model(args)
+    except BaseException:
+        sock.close()
+        raise
 
     def ready(url: str) -> None:
         d = model.description
@@ -89,7 +94,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"up to {options.max_sessions} sessions)", flush=True)
 
     try:
-        run_server(model, options, on_ready=ready)
+        run_server(model, options, on_ready=ready, sock=sock)
     finally:
         model.close()
     return 0

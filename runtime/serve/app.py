@@ -501,18 +501,26 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     return app
 
 
-def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[[str], None] | None = None) -> None:
-    """Serve until interrupted (SIGINT/SIGTERM end every session and stop the worker).
-    ``on_ready(url)`` is called once clients are served (after the warm-up)."""
-    import uvicorn
-
+def listen(options: ServerOptions) -> socket.socket:
+    """The server's listening socket, bound now: a taken port or an unknown host fails in one line
+    before the models load (connections made meanwhile wait in the backlog)."""
     family = socket.AF_INET6 if ":" in options.host else socket.AF_INET
     try:
-        sock = socket.create_server((options.host, options.port), family=family, backlog=128)
+        return socket.create_server((options.host, options.port), family=family, backlog=128)
     except OSError as exc:
         raise ValueError(f"cannot listen on {options.host}:{options.port}: {exc.strerror or exc}") from None
+
+
+def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[[str], None] | None = None,
+               sock: socket.socket | None = None) -> None:
+    """Serve until interrupted (SIGINT/SIGTERM end every session and stop the worker), on ``sock``
+    (default: :func:`listen`). ``on_ready(url)`` is called once clients are served (after the
+    warm-up)."""
+    import uvicorn
+
+    sock = sock if sock is not None else listen(options)
     host, port = sock.getsockname()[:2]
-    url = f"http://{host if family == socket.AF_INET else f'[{host}]'}:{port}/"
+    url = f"http://{host if sock.family == socket.AF_INET else f'[{host}]'}:{port}/"
     app = create_app(model, options, on_started=None if on_ready is None else lambda: on_ready(url))
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
     server.run(sockets=[sock])

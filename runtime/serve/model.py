@@ -199,7 +199,15 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
     (no model options at all) the embedded tiny demo model. The text encoder and the VAE come
     from the model folder. Raises ValueError / FileNotFoundError before loading the DiT when the
     options cannot serve."""
-    from runtime.cli import _device, _make_backend, _model_dir, _resolve_engine, _torch_dtype
+    from runtime.cli import (
+        _check_dit_checkpoint,
+        _device,
+        _make_backend,
+        _model_dir,
+        _resolve_engine,
+        _torch_dtype,
+        vae_provider,
+    )
     from runtime.vae import load_vae
 
     if args.checkpoint is None and args.engine is None and args.preset is None and args.model_dir is None:
@@ -212,6 +220,8 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
     artifact, model_cfg, run = _resolve_engine(args, model_dir, recache=getattr(args, "prompt_recache", "none") != "none")
     if run.batch_size != 1:
         raise ValueError(f"a session streams one video: the run config's num_samples must be 1, got {run.batch_size}")
+    if args.backend in ("eager", "compiled"):
+        _check_dit_checkpoint(args, model_cfg, run, model_dir)  # before the text encoder and the VAE load
     if run.cache.policy == "global":
         raise ValueError("sessions stream without end, so the cache must be a window: the run config's "
                          "local_attn_size must be positive (policy 'global' grows with the video)")
@@ -223,8 +233,8 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
         else:
             from runtime.vae import make_vae_backend
 
-            provider = args.ort_provider if args.ort_provider in ("cpu", "cuda") else "auto"
-            vae = make_vae_backend(args.vae_backend, run, artifact=artifact, device=device, provider=provider)
+            vae = make_vae_backend(args.vae_backend, run, artifact=artifact, device=device,
+                                   provider=vae_provider(args.ort_provider))
         backend = _make_backend(args, artifact, model_cfg, run, _torch_dtype(args.dtype), device, model_dir,
                                 recache=getattr(args, "prompt_recache", "none") != "none", decode=True)
     except BaseException:
