@@ -289,6 +289,9 @@ def _as_float(value: Any, name: str) -> float:
 # The one architecture these weights and this engine implement (spec section 1).
 SUPPORTED_MODEL_NAME = "Wan2.1-T2V-1.3B"
 
+# Our own options, under the YAML's ``engine:`` map (the authors' keys live outside it).
+ENGINE_KEYS = ("memory_dtype",)
+
 
 def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
     value = raw.get(name) or {}
@@ -323,6 +326,10 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         raise ValueError(f"{source}: expected a YAML mapping at top level, got {type(raw).__name__}")
     kwargs = _section(raw, "model_kwargs", source)
     engine = _section(raw, "engine", source)
+    unknown = [str(key) for key in engine if key not in ENGINE_KEYS]
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) under engine: {', '.join(unknown)}; accepted: "
+                         f"{', '.join(ENGINE_KEYS)}")
     places = [("", raw), ("model_kwargs.", kwargs), ("inference.", _section(raw, "inference", source)),
               ("data.", _section(raw, "data", source))]
 

@@ -149,3 +149,14 @@ def test_engine_options_and_hash():
                 replace(run, latent_height=62), RunConfig()]
     hashes = {config_hash(v) for v in variants} | {config_hash(run)}
     assert len(hashes) == len(variants) + 1
+
+
+@pytest.mark.parametrize("engine, unknown", [({"memory_dtpye": "float32"}, "memory_dtpye"),
+                                             ({"memory_dtype": "float32", "bogus": 1}, "bogus")])
+def test_unknown_engine_keys_are_refused_by_name(engine, unknown):
+    raw = {"num_frame_per_block": 3, "model_kwargs": {"local_attn_size": 12}, "engine": engine}
+    with pytest.raises(ValueError) as err:
+        run_config_from_yaml_dict(raw, source="cfg.yaml")
+    assert str(err.value) == f"cfg.yaml: unknown key(s) under engine: {unknown}; accepted: memory_dtype"
+    # The authors' keys outside engine: (training options, prompts, ...) are still read unchanged.
+    run_config_from_yaml_dict({**raw, "engine": {"memory_dtype": "float32"}, "lr": 2e-6, "prompt_path": "p.txt"})
