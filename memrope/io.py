@@ -160,8 +160,13 @@ def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
+    except OSError as exc:  # a directory, no permission: say which, not "not found"
+        raise type(exc)(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:
