@@ -420,13 +420,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     """Read one of the authors' YAML configs (or ours) into a :class:`RunConfig`."""
     import yaml
 
+    from memrope.io import read_text, yaml_error
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"run config not found: {path}") from None
+        raw = yaml.safe_load(read_text(path, "run config"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"run config {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"run config {path} is not valid YAML: {yaml_error(exc)}") from None
     return run_config_from_yaml_dict(raw, source=str(path))
 
 

@@ -112,6 +112,21 @@ def test_cli_rejects_bad_longlive_prompts(files, capsys, golden_dir):
     _fails(files, capsys, "either --prompts (a timeline) or --prompt", ["--prompts", str(jsonl), "--prompt", "x"])
 
 
+def test_cli_names_unreadable_prompt_and_config_files(files, capsys):
+    timeline, jsonl, config = files["tmp"] / "timeline.yaml", files["tmp"] / "prompts.jsonl", files["tmp"] / "c.yaml"
+    timeline.write_bytes('- {frame: 0, prompt: "a fox \u2013 in snow"}\n'.encode("cp1252"))
+    _fails(files, capsys, f"prompt timeline {timeline} is not UTF-8 text (byte 0x96 at offset 28); expected a "
+                          "UTF-8 text file", ["--prompts", str(timeline)])
+    timeline.write_text(f"- {{frame: 0, prompt: {PROMPTS[0]}}}\n- frame: 6\n  prompt: the fox: stops\n")
+    _fails(files, capsys, f"prompt timeline {timeline} is not valid YAML: line 3, column 18: mapping values are "
+                          "not allowed here", ["--prompts", str(timeline)])
+    jsonl.write_bytes(json.dumps({"prompts": PROMPTS}).replace("fox", "fox \u2013").encode("cp1252"))
+    config.write_text(files["config"].read_text() + "switch_frame_indices: 6, 12\n")
+    _fails(files, capsys, f"prompt file {jsonl} is not UTF-8 text", ["--config", str(config), "--prompts", str(jsonl)])
+    config.write_bytes(files["config"].read_bytes() + "# caf\u00e9\n".encode("cp1252"))
+    _fails(files, capsys, f"run config {config} is not UTF-8 text", ["--config", str(config)])
+
+
 @pytest.fixture(scope="module")
 def demo_dir(tmp_path_factory):
     return ensure_demo_model(tmp_path_factory.mktemp("demo") / "demo")

@@ -138,6 +138,9 @@ def test_read_sidecar_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(EngineMismatchError, match="memrope build"):
         read_sidecar(tmp_path / "bad.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"graph": "caf\xe9"}')
+    with pytest.raises(EngineMismatchError, match="memrope build"):
+        read_sidecar(tmp_path / "latin1.json")
     old = {"tensorrt_version": "10.15.1.29", "gpu_name": "NVIDIA H100", "compute_capability": "9.0",
            "contract_hash": "abc", "graph": "step", "dtype": "bfloat16"}  # what version 1 wrote
     (tmp_path / "old.json").write_text(json.dumps(old))
