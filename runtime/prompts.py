@@ -66,8 +66,14 @@ class PromptTimeline:
                 raise ValueError(f"{where}: entry {i} has frame {seg.frame!r}; expected an integer latent frame index")
             if seg.frame < 0:
                 raise ValueError(f"{where}: entry {i} has a negative frame index ({seg.frame})")
-            if not isinstance(seg.prompt, str) or not seg.prompt.strip():
-                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has an empty prompt")
+            if not isinstance(seg.prompt, str):
+                shown = repr(seg.prompt)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has prompt {shown} "
+                                 f"({type(seg.prompt).__name__}); expected a non-empty string")
+            if not seg.prompt.strip():
+                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has an empty prompt; expected a "
+                                 "non-empty string")
         if self.segments[0].frame != 0:
             raise ValueError(f"{where}: the first prompt must start at frame 0, not {self.segments[0].frame}")
         for i, (a, b) in enumerate(zip(self.segments, self.segments[1:]), start=1):

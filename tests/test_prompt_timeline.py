@@ -79,7 +79,10 @@ BAD_TIMELINES = [
     ([(0, PROMPTS[0]), (29, PROMPTS[1])], "would take effect at frame 30"),
     ([(0, PROMPTS[0]), (12, PROMPTS[1]), (6, PROMPTS[2])], "not sorted: 12 (entry 1) comes before 6"),
     ([(0, PROMPTS[0]), (6, PROMPTS[1]), (6, PROMPTS[2])], "frame 6 is duplicated"),
-    ([(0, PROMPTS[0]), (6, "  ")], "entry 1 (frame 6) has an empty prompt"),
+    ([(0, PROMPTS[0]), (6, "  ")], "entry 1 (frame 6) has an empty prompt; expected a non-empty string"),
+    ([(0, PROMPTS[0]), (6, 123)], "entry 1 (frame 6) has prompt 123 (int); expected a non-empty string"),
+    ([(0, PROMPTS[0]), (6, ["a", "b"])], "entry 1 (frame 6) has prompt ['a', 'b'] (list); expected a non-empty "
+                                         "string"),
 ]
 
 
