@@ -175,6 +175,9 @@ def load_artifact(path: str | Path, *, verify: bool = False) -> Artifact:
     hashed and compared, and ``verify`` hashes every file (SHA-256). A mismatch is an
     :class:`ArtifactMismatchError` naming the file."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"artifact {path} is a file, not an artifact directory (the folder "
+                                 "`memrope export` wrote)")
     if not path.is_dir():
         raise FileNotFoundError(f"artifact directory not found: {path}")
     raw = read_contract_json(path / CONTRACT_FILE)
