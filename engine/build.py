@@ -24,7 +24,8 @@ attention stays non-decomposable, so a build either puts it on a fused kernel or
 All or nothing: every requested graph is built into a temp file first; only when all of them
 built are the plans and sidecars moved into place (old sidecar removed, plan replaced, new
 sidecar written, per graph). A graph the builder rejects raises one :class:`EngineBuildError`
-naming the layer and the builder's message and leaves the directory exactly as it was. An
+naming the layer and the builder's message and leaves the directory exactly as it was; so does
+Ctrl-C during a parse or build (:class:`DeferredInterrupt`: TensorRT would swallow it). An
 interrupted commit can leave a plan without a sidecar, which loading refuses with the rebuild
 command; never a plan under another plan's sidecar.
 """
@@ -35,8 +36,10 @@ import importlib
 import logging
 import os
 import re
+import signal
 import sys
 import tempfile
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -221,6 +224,57 @@ def collecting_logger(trt: Any) -> Any:
                 logger.debug("%s: %s", trt.__name__, msg)
 
     return BuildLog()
+
+
+class DeferredInterrupt:
+    """Hold Ctrl-C (SIGINT) while TensorRT runs, and raise ``KeyboardInterrupt`` once it returns.
+
+    TensorRT calls our logger from inside a parse or build; a ``KeyboardInterrupt`` raised there
+    is caught by TensorRT ("Exception caught in log()"), the build finishes and its plans would be
+    written. So inside ``with DeferredInterrupt() as interrupt:`` the signal only sets
+    ``interrupt.requested``; :meth:`progress_monitor` cancels a build at its next step, and the
+    ``with`` raises ``KeyboardInterrupt`` on exit, before the caller writes anything. Outside the
+    main thread, or when someone else handles SIGINT, it changes nothing.
+    """
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+
+    def __enter__(self) -> "DeferredInterrupt":
+        if (threading.current_thread() is threading.main_thread()
+                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
+        if self.requested and exc_type is None:
+            raise KeyboardInterrupt
+
+    def progress_monitor(self, trt: Any) -> Any:
+        """A ``trt.IProgressMonitor`` that cancels the build once Ctrl-C was pressed."""
+        interrupt = self
+
+        class CancelOnInterrupt(trt.IProgressMonitor):
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name: str, parent_phase: str | None, num_steps: int) -> None:
+                pass
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                return not interrupt.requested
+
+            def phase_finish(self, phase_name: str) -> None:
+                pass
+
+        return CancelOnInterrupt()
 
 
 @contextmanager
@@ -430,7 +484,7 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
     network = builder.create_network(_strongly_typed(trt))
     parser = trt.OnnxParser(network, log)
     start = time.perf_counter()
-    with native_stderr() as native:
+    with DeferredInterrupt(), native_stderr() as native:
         parsed = parser.parse_from_file(str(onnx_path))
     parse_seconds = time.perf_counter() - start
     if not parsed:
@@ -449,7 +503,9 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
     decomposable = _mark_fp32_attention_decomposable(trt, attentions)
     config = _configure(trt, builder, options)
     start = time.perf_counter()
-    with native_stderr() as native:
+    with DeferredInterrupt() as interrupt, native_stderr() as native:
+        monitor = interrupt.progress_monitor(trt)
+        config.progress_monitor = monitor
         serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - start
     if serialized is None:
@@ -606,7 +662,7 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
     return results
 
 
-__all__ = ["BUILD_DTYPES", "DEFAULT_TIMING_CACHE", "TARGETS", "BuildOptions", "BuiltPlan", "EngineBuildError",
-           "Target", "build_engines", "collecting_logger", "current_gpu", "engine_io", "io_differences",
-           "module_version", "native_stderr", "network_io", "parse_compute_capabilities", "require_tensorrt",
-           "target_of"]
+__all__ = ["BUILD_DTYPES", "DEFAULT_TIMING_CACHE", "TARGETS", "BuildOptions", "BuiltPlan", "DeferredInterrupt",
+           "EngineBuildError", "Target", "build_engines", "collecting_logger", "current_gpu", "engine_io",
+           "io_differences", "module_version", "native_stderr", "network_io", "parse_compute_capabilities",
+           "require_tensorrt", "target_of"]

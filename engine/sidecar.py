@@ -158,7 +158,7 @@ def read_sidecar(path: str | os.PathLike[str]) -> EngineSidecar:
         raw = json.loads(path.read_text())
     except FileNotFoundError:
         raise FileNotFoundError(f"engine sidecar not found: {path}; {hint}") from None
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise EngineMismatchError(f"engine sidecar {path} is not valid JSON ({exc}); {hint}") from None
     return EngineSidecar.from_json(raw, source=f"engine sidecar {path}", artifact_dir=path.parent)
 

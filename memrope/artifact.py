@@ -17,6 +17,7 @@ from pathlib import Path
 from memrope.cache import CacheLayout
 from memrope.config import VAE_SPATIAL_STRIDE, RunConfig, WanConfig, run_config_from_dict
 from memrope.contract import ArtifactContract, artifact_hash, build_contract, read_contract_json
+from memrope.io import read_json
 from memrope.vae import VAEDecoderConfig
 
 CONTRACT_FILE, CONFIG_FILE = "contract.json", "config.json"
@@ -174,18 +175,19 @@ def load_artifact(path: str | Path, *, verify: bool = False) -> Artifact:
     hashed and compared, and ``verify`` hashes every file (SHA-256). A mismatch is an
     :class:`ArtifactMismatchError` naming the file."""
     path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"artifact {path} is a file, not an artifact directory (the folder "
+                                 "`memrope export` wrote)")
     if not path.is_dir():
         raise FileNotFoundError(f"artifact directory not found: {path}")
     raw = read_contract_json(path / CONTRACT_FILE)
     _check_pins(path, raw.pop("files", None), verify)
+    config = read_json(path / CONFIG_FILE, "artifact config")
     try:
-        config = json.loads((path / CONFIG_FILE).read_text())
         model = WanConfig.from_dict(config["model"])
         run = run_config_from_dict(config["run"])
         vae = VAEDecoderConfig.from_dict(config["vae"]) if config.get("vae") is not None else None
-    except FileNotFoundError:
-        raise FileNotFoundError(f"artifact has no config file: {path / CONFIG_FILE}") from None
-    except (KeyError, TypeError, json.JSONDecodeError) as exc:
+    except (KeyError, TypeError) as exc:
         raise ArtifactMismatchError(f"artifact config {path / CONFIG_FILE} is unreadable: {exc}") from None
     layout = CacheLayout.for_run(model, run)
     contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"], vae=vae)

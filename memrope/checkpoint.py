@@ -343,7 +343,9 @@ def _select_state_dict(obj: object, path: Path, *, use_ema: bool) -> Mapping[str
             logger.warning("%s has no 'generator_ema'; use_ema was requested, loading %r instead",
                            path, key)
     else:
-        hint = " (it has 'generator_ema': pass use_ema=True)" if "generator_ema" in obj else ""
+        hint = ""
+        if "generator_ema" in obj:
+            hint = " (it has 'generator_ema': pass use_ema=True, or --use-ema to memrope generate/export)"
         raise ValueError(f"{path} holds no DiT state dict: expected a bare dict of tensors or one "
                          f"of the keys {list(_STATE_DICT_KEYS)}, found top-level keys "
                          f"{_preview(list(obj))}{hint}")

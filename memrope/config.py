@@ -289,6 +289,9 @@ def _as_float(value: Any, name: str) -> float:
 # The one architecture these weights and this engine implement (spec section 1).
 SUPPORTED_MODEL_NAME = "Wan2.1-T2V-1.3B"
 
+# Our own options, under the YAML's ``engine:`` map (the authors' keys live outside it).
+ENGINE_KEYS = ("memory_dtype",)
+
 
 def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
     value = raw.get(name) or {}
@@ -323,6 +326,10 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         raise ValueError(f"{source}: expected a YAML mapping at top level, got {type(raw).__name__}")
     kwargs = _section(raw, "model_kwargs", source)
     engine = _section(raw, "engine", source)
+    unknown = [str(key) for key in engine if key not in ENGINE_KEYS]
+    if unknown:
+        raise ValueError(f"{source}: unknown key(s) under engine: {', '.join(unknown)}; accepted: "
+                         f"{', '.join(ENGINE_KEYS)}")
     places = [("", raw), ("model_kwargs.", kwargs), ("inference.", _section(raw, "inference", source)),
               ("data.", _section(raw, "data", source))]
 
@@ -413,13 +420,13 @@ def load_run_config(path: str | Path) -> RunConfig:
     """Read one of the authors' YAML configs (or ours) into a :class:`RunConfig`."""
     import yaml
 
+    from memrope.io import read_text, yaml_error
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"run config not found: {path}") from None
+        raw = yaml.safe_load(read_text(path, "run config"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"run config {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"run config {path} is not valid YAML: {yaml_error(exc)}") from None
     return run_config_from_yaml_dict(raw, source=str(path))
 
 

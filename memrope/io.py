@@ -141,17 +141,41 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | memoryview) -
     return Path(path)
 
 
-def read_json(path: str | os.PathLike[str], what: str):
-    """Parse a JSON file; errors name ``what`` it was supposed to be."""
-    import json
-
+def read_text(path: str | os.PathLike[str], what: str) -> str:
+    """The UTF-8 text of a file; errors name ``what`` it was supposed to be."""
     path = Path(path)
     try:
-        return json.loads(path.read_text())
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
+                         f"{exc.start}); expected a UTF-8 text file") from None
+
+
+def read_json(path: str | os.PathLike[str], what: str) -> dict:
+    """Parse a JSON file holding an object; errors name ``what`` it was supposed to be."""
+    path = Path(path)
+    try:
+        raw = json.loads(read_text(path, what))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ValueError(f"{what} {path} holds a JSON {type(raw).__name__}; expected a JSON object {{...}}")
+    return raw
+
+
+def yaml_error(exc: Exception) -> str:
+    """PyYAML's multi-line error as one line with its line and column (1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    if mark is None:
+        return problem
+    text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if context and context_mark is not None and context_mark.line != mark.line:
+        text += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
+    return text
 
 
 def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
@@ -160,8 +184,13 @@ def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch
     from safetensors.torch import load_file
 
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{what} file not found: {path}")
+    try:
+        with open(path, "rb"):
+            pass
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{what} file not found: {path}") from None
+    except OSError as exc:  # a directory, no permission: say which, not "not found"
+        raise type(exc)(f"{what} file {path} cannot be read: {exc.strerror or exc}") from None
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as exc:

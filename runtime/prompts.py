@@ -66,8 +66,14 @@ class PromptTimeline:
                 raise ValueError(f"{where}: entry {i} has frame {seg.frame!r}; expected an integer latent frame index")
             if seg.frame < 0:
                 raise ValueError(f"{where}: entry {i} has a negative frame index ({seg.frame})")
-            if not isinstance(seg.prompt, str) or not seg.prompt.strip():
-                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has an empty prompt")
+            if not isinstance(seg.prompt, str):
+                shown = repr(seg.prompt)
+                shown = shown if len(shown) <= 60 else shown[:57] + "..."
+                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has prompt {shown} "
+                                 f"({type(seg.prompt).__name__}); expected a non-empty string")
+            if not seg.prompt.strip():
+                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has an empty prompt; expected a "
+                                 "non-empty string")
         if self.segments[0].frame != 0:
             raise ValueError(f"{where}: the first prompt must start at frame 0, not {self.segments[0].frame}")
         for i, (a, b) in enumerate(zip(self.segments, self.segments[1:]), start=1):
@@ -116,13 +122,13 @@ def read_timeline_yaml(path: str | Path) -> PromptTimeline:
     """Our timeline format: a YAML list of ``{frame: int, prompt: str}``."""
     import yaml
 
+    from memrope.io import read_text, yaml_error
+
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prompt timeline not found: {path}") from None
+        raw = yaml.safe_load(read_text(path, "prompt timeline"))
     except yaml.YAMLError as exc:
-        raise ValueError(f"prompt timeline {path} is not valid YAML: {exc}") from None
+        raise ValueError(f"prompt timeline {path} is not valid YAML: {yaml_error(exc)}") from None
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a YAML list of {{frame: N, prompt: TEXT}} entries, "
                          f"got {type(raw).__name__}")
@@ -154,11 +160,10 @@ def read_longlive_prompts(jsonl: str | Path, switch_frame_indices: Sequence[int]
                           global_sink: bool | None = None) -> PromptTimeline:
     """LongLive's interactive prompts: line ``line`` (0-based) of ``jsonl`` is ``{"prompts": [...]}``,
     prompt 0 from frame 0 and prompt ``i + 1`` from ``switch_frame_indices[i]``."""
+    from memrope.io import read_text
+
     jsonl = Path(jsonl)
-    try:
-        lines = [text for text in jsonl.read_text().splitlines() if text.strip()]
-    except FileNotFoundError:
-        raise FileNotFoundError(f"prompt file not found: {jsonl}") from None
+    lines = [text for text in read_text(jsonl, "prompt file").splitlines() if text.strip()]
     if isinstance(line, bool) or not isinstance(line, int) or not 0 <= line < len(lines):
         raise ValueError(f"{jsonl} has {len(lines)} prompt lines; --prompts-line {line} is not one of them")
     where = f"{jsonl} line {line + 1}"
@@ -181,8 +186,10 @@ def interactive_keys(config: str | Path) -> dict[str, Any]:
     """The interactive-mode keys of a LongLive config (absent keys are left out)."""
     import yaml
 
+    from memrope.io import read_text
+
     try:
-        raw = yaml.safe_load(Path(config).read_text())
+        raw = yaml.safe_load(read_text(config, "run config"))
     except (FileNotFoundError, yaml.YAMLError):
         return {}  # the run-config reader reports these
     if not isinstance(raw, dict):

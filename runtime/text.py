@@ -35,6 +35,7 @@ from memrope.io import (
     atomic_path,
     atomic_write,
     read_safetensors,
+    read_text,
     save_safetensors_atomic,
 )
 
@@ -242,7 +243,7 @@ def _umt5_config_for_wan(checkpoint: Path):
     config_path = checkpoint.parent / CONFIG_FILE
     if config_path.is_file():
         try:
-            raw = json.loads(config_path.read_text())
+            raw = json.loads(read_text(config_path, "model folder config"))
         except json.JSONDecodeError as exc:
             raise ValueError(f"{config_path} is not valid JSON: {exc}") from None
         if isinstance(raw, dict) and raw.get("model_type") in ("umt5", "t5"):

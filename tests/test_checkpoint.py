@@ -161,7 +161,7 @@ def test_file_without_state_dict_key_raises(cfg, tmp_path):
 
 
 def test_ema_only_file_without_use_ema_raises(cfg):
-    with pytest.raises(ValueError, match="use_ema=True"):
+    with pytest.raises(ValueError, match=r"pass use_ema=True, or --use-ema to memrope generate/export\)$"):
         load_dit_state_dict(GOLDEN_CKPT, cfg, use_ema=False)
 
 

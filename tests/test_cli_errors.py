@@ -97,3 +97,18 @@ def test_existing_output_survives_a_failed_run(files, tmp_path, capsys):
     assert main(_args(files, **{"--checkpoint": tmp_path / "missing.pt"})) == 2
     assert files["out"].read_bytes() == b"previous result"
     shutil.rmtree(files["out"].parent)
+
+
+def test_an_unreadable_tensor_file_says_why_not_that_it_is_missing(files, tmp_path, capsys):
+    folder = tmp_path / "embeds.safetensors"
+    folder.mkdir()  # exists, but cannot be read as a file (as root, a chmod 000 file still can)
+    _fails(files, capsys, f"text embeddings file {folder} cannot be read: Is a directory",
+           **{"--text-embeds": folder})
+
+
+def test_a_model_config_that_is_not_utf8_or_not_an_object_is_named(files, tmp_path, capsys):
+    bad = tmp_path / "config.json"
+    bad.write_bytes(files["config.json"].read_bytes().replace(b"{", b'{"_note": "caf\xe9",', 1))
+    _fails(files, capsys, f"model config {bad} is not UTF-8 text (byte 0xe9", **{"--model-config": bad})
+    bad.write_text("[]")
+    _fails(files, capsys, f"model config {bad} holds a JSON list; expected a JSON object", **{"--model-config": bad})

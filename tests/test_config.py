@@ -149,3 +149,34 @@ def test_engine_options_and_hash():
                 replace(run, latent_height=62), RunConfig()]
     hashes = {config_hash(v) for v in variants} | {config_hash(run)}
     assert len(hashes) == len(variants) + 1
+
+
+@pytest.mark.parametrize("engine, unknown", [({"memory_dtpye": "float32"}, "memory_dtpye"),
+                                             ({"memory_dtype": "float32", "bogus": 1}, "bogus")])
+def test_unknown_engine_keys_are_refused_by_name(engine, unknown):
+    raw = {"num_frame_per_block": 3, "model_kwargs": {"local_attn_size": 12}, "engine": engine}
+    with pytest.raises(ValueError) as err:
+        run_config_from_yaml_dict(raw, source="cfg.yaml")
+    assert str(err.value) == f"cfg.yaml: unknown key(s) under engine: {unknown}; accepted: memory_dtype"
+    # The authors' keys outside engine: (training options, prompts, ...) are still read unchanged.
+    run_config_from_yaml_dict({**raw, "engine": {"memory_dtype": "float32"}, "lr": 2e-6, "prompt_path": "p.txt"})
+
+
+def test_unreadable_config_files_are_named_in_one_line(tmp_path):
+    run_yaml, model_json = tmp_path / "run.yaml", tmp_path / "config.json"
+    run_yaml.write_bytes("num_output_frames: 30\nprompt: \u201ccaf\u00e9\u201d\n".encode("cp1252"))
+    with pytest.raises(ValueError) as err:
+        load_run_config(run_yaml)
+    assert str(err.value) == (f"run config {run_yaml} is not UTF-8 text (byte 0x93 at offset 30); expected a "
+                              "UTF-8 text file")
+    run_yaml.write_text("num_output_frames: 30\ndenoising_step_list: [1000, 750\n")
+    with pytest.raises(ValueError) as err:
+        load_run_config(run_yaml)
+    assert str(err.value) == (f"run config {run_yaml} is not valid YAML: line 3, column 1: expected ',' or ']', "
+                              "but got '<stream end>' (while parsing a flow sequence from line 2, column 22)")
+    model_json.write_bytes(b'{"dim": 64, "_note": "caf\xe9"}')
+    with pytest.raises(ValueError, match=r"model config .*config\.json is not UTF-8 text \(byte 0xe9"):
+        WanConfig.from_json(model_json)
+    model_json.write_text("[64, 128]")
+    with pytest.raises(ValueError, match=r"config\.json holds a JSON list; expected a JSON object"):
+        WanConfig.from_json(model_json)

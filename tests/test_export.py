@@ -183,6 +183,33 @@ def test_stale_or_edited_artifacts_are_refused(artifacts, tmp_path):
         load_artifact(art)
 
 
+def test_contract_and_config_must_be_json_objects_in_utf8(artifacts, golden_dir, tmp_path, capsys):
+    for name, data, says in (("contract.json", b"[]", "artifact contract {} holds a JSON list; expected a JSON object"),
+                             ("config.json", b"[]", "artifact config {} holds a JSON list; expected a JSON object"),
+                             ("contract.json", b'{"note": "caf\xe9"}', "artifact contract {} is not UTF-8 text")):
+        art = tmp_path / "art"
+        shutil.rmtree(art, ignore_errors=True)
+        shutil.copytree(artifacts["memrope_ema"], art)
+        (art / name).write_bytes(data)
+        with pytest.raises(ValueError, match="expected a"):
+            load_artifact(art)
+        assert _generate(art, golden_dir, tmp_path) == 2
+        err = capsys.readouterr().err
+        assert says.format(art / name) in err and len(err.strip().splitlines()) == 1, err
+        assert not (tmp_path / "out.safetensors").exists()
+
+
+def test_a_file_given_as_the_artifact_is_called_a_file(golden_dir, tmp_path, capsys):
+    step = tmp_path / "step.onnx"
+    step.write_bytes(b"a graph file, not the artifact folder")
+    for args in (["build", str(step), "--target", "rtx"], None):
+        code = main(args) if args else _generate(step, golden_dir, tmp_path)
+        err = capsys.readouterr().err
+        assert code == 2 and len(err.strip().splitlines()) == 1, err
+        assert f"artifact {step} is a file, not an artifact directory" in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step.onnx"]
+
+
 def test_a_graph_from_another_export_is_refused_by_name(artifacts, golden_dit, golden_dir, tmp_path, capsys):
     """Same architecture, another alpha: step.onnx has the same size and names, only constants
     differ. The contract's SHA-256 of every graph file catches it."""

@@ -79,7 +79,10 @@ BAD_TIMELINES = [
     ([(0, PROMPTS[0]), (29, PROMPTS[1])], "would take effect at frame 30"),
     ([(0, PROMPTS[0]), (12, PROMPTS[1]), (6, PROMPTS[2])], "not sorted: 12 (entry 1) comes before 6"),
     ([(0, PROMPTS[0]), (6, PROMPTS[1]), (6, PROMPTS[2])], "frame 6 is duplicated"),
-    ([(0, PROMPTS[0]), (6, "  ")], "entry 1 (frame 6) has an empty prompt"),
+    ([(0, PROMPTS[0]), (6, "  ")], "entry 1 (frame 6) has an empty prompt; expected a non-empty string"),
+    ([(0, PROMPTS[0]), (6, 123)], "entry 1 (frame 6) has prompt 123 (int); expected a non-empty string"),
+    ([(0, PROMPTS[0]), (6, ["a", "b"])], "entry 1 (frame 6) has prompt ['a', 'b'] (list); expected a non-empty "
+                                         "string"),
 ]
 
 
@@ -110,6 +113,21 @@ def test_cli_rejects_bad_longlive_prompts(files, capsys, golden_dir):
     _fails(files, capsys, "--prompts-line 4 is not one of them", ["--config", str(config), "--prompts", str(jsonl),
                                                                   "--prompts-line", "4"])
     _fails(files, capsys, "either --prompts (a timeline) or --prompt", ["--prompts", str(jsonl), "--prompt", "x"])
+
+
+def test_cli_names_unreadable_prompt_and_config_files(files, capsys):
+    timeline, jsonl, config = files["tmp"] / "timeline.yaml", files["tmp"] / "prompts.jsonl", files["tmp"] / "c.yaml"
+    timeline.write_bytes('- {frame: 0, prompt: "a fox \u2013 in snow"}\n'.encode("cp1252"))
+    _fails(files, capsys, f"prompt timeline {timeline} is not UTF-8 text (byte 0x96 at offset 28); expected a "
+                          "UTF-8 text file", ["--prompts", str(timeline)])
+    timeline.write_text(f"- {{frame: 0, prompt: {PROMPTS[0]}}}\n- frame: 6\n  prompt: the fox: stops\n")
+    _fails(files, capsys, f"prompt timeline {timeline} is not valid YAML: line 3, column 18: mapping values are "
+                          "not allowed here", ["--prompts", str(timeline)])
+    jsonl.write_bytes(json.dumps({"prompts": PROMPTS}).replace("fox", "fox \u2013").encode("cp1252"))
+    config.write_text(files["config"].read_text() + "switch_frame_indices: 6, 12\n")
+    _fails(files, capsys, f"prompt file {jsonl} is not UTF-8 text", ["--config", str(config), "--prompts", str(jsonl)])
+    config.write_bytes(files["config"].read_bytes() + "# caf\u00e9\n".encode("cp1252"))
+    _fails(files, capsys, f"run config {config} is not UTF-8 text", ["--config", str(config)])
 
 
 @pytest.fixture(scope="module")

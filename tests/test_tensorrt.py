@@ -19,7 +19,13 @@ import contextlib
 import importlib.util
 import io
 import json
+import queue
 import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -47,6 +53,7 @@ from memrope.config import WanConfig, load_run_config
 from memrope.model import build_dit, random_state_dict
 from runtime.cli import main
 
+ROOT = Path(__file__).parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden"
 PIXELS = dict(height=32, width=48)  # latent 4 x 6
 POLICIES = ("memrope_ema", "memrope_eviction", "global_noevict")  # the ema, eviction and global policies
@@ -131,6 +138,9 @@ def test_read_sidecar_errors(tmp_path):
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(EngineMismatchError, match="memrope build"):
         read_sidecar(tmp_path / "bad.json")
+    (tmp_path / "latin1.json").write_bytes(b'{"graph": "caf\xe9"}')
+    with pytest.raises(EngineMismatchError, match="memrope build"):
+        read_sidecar(tmp_path / "latin1.json")
     old = {"tensorrt_version": "10.15.1.29", "gpu_name": "NVIDIA H100", "compute_capability": "9.0",
            "contract_hash": "abc", "graph": "step", "dtype": "bfloat16"}  # what version 1 wrote
     (tmp_path / "old.json").write_text(json.dumps(old))
@@ -310,6 +320,48 @@ def test_a_rejected_graph_is_one_error_naming_the_layer_and_nothing_is_written(r
         assert "Attention operation was not supported by a dedicated kernel" in message
         assert message.endswith("no plan was written")
         assert _listing(path) == before  # byte for byte: no plan, sidecar or temp file added or changed
+
+
+@needs_rtx
+def test_ctrl_c_during_a_build_exits_130_and_writes_nothing(built, tmp_path):
+    """TensorRT calls our logger from inside the build and swallows a KeyboardInterrupt raised
+    there; Ctrl-C must still stop ``memrope build`` (exit 130) before any plan is written."""
+    path = tmp_path / "art"
+    shutil.copytree(built["memrope_ema", "float32"][0], path)  # fp32 step: the longest build here (~2 s)
+
+    def state() -> dict[str, tuple[bytes, int, int]]:
+        return {p.name: (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns) for p in sorted(path.iterdir())}
+
+    before = state()
+    assert "step.plan" in before
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "build", str(path), "--target", "rtx", "--force"],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
+    reader.start()
+    seen: list[str] = []
+    try:
+        deadline = time.monotonic() + 120
+        while not (seen and "building step.plan" in seen[-1]) and time.monotonic() < deadline:
+            with contextlib.suppress(queue.Empty):
+                seen.append(lines.get(timeout=1))
+        assert seen and "building step.plan" in seen[-1], "".join(seen)
+        time.sleep(0.3)  # past parsing (~50 ms), inside build_serialized_network
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+        out = proc.stdout.read()
+        reader.join(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    while not lines.empty():
+        seen.append(lines.get())
+    err = "".join(seen)
+    assert proc.returncode == 130, err
+    assert err.rstrip().endswith("memrope build: interrupted") and "Traceback" not in err, err
+    assert "KeyboardInterrupt" not in err and "built step.plan" not in err and out == "", err
+    assert state() == before  # byte for byte, same files: no plan, sidecar or temp file added or replaced
 
 
 @needs_rtx

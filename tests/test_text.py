@@ -178,6 +178,15 @@ def test_wan_layout_without_tokenizer(tmp_path, tiny_dirs):
         TextEncoder.from_model_dir(folder)
 
 
+def test_a_config_json_that_is_not_utf8_is_named(tmp_path, tiny_dirs):
+    folder = tmp_path / "wan"
+    shutil.copytree(tiny_dirs["wan"], folder)
+    config = folder / "config.json"
+    config.write_bytes(config.read_bytes().replace(b"{", b'{"_note": "caf\xe9",', 1))
+    with pytest.raises(ValueError, match=rf"model folder config {config} is not UTF-8 text \(byte 0xe9"):
+        TextEncoder.from_model_dir(folder, text_len=TEXT_LEN)
+
+
 def test_wrong_key_in_pth(tmp_path, tiny_dirs):
     folder = tmp_path / "wan"
     shutil.copytree(tiny_dirs["wan"], folder)
