@@ -2,7 +2,8 @@
 is fair and a full queue stops generation; released sessions leave no stream alive; a session
 whose generation fails (real NaN noise through the real DiT, caught by
 ``BlockResult.check_finite``) ends alone with a message while the others keep playing and new
-sessions still start."""
+sessions still start; a stall of the server's own event loop is not blamed on clients whose
+heartbeats wait in the socket backlog."""
 
 from __future__ import annotations
 
@@ -190,3 +191,38 @@ def test_sessions_decode_with_the_exported_vae_and_release_its_bindings(demo_art
         assert bound == 2 and not server.sessions and len(served.vae._bindings) == 0
     finally:
         served.close()
+
+
+def test_a_stalled_event_loop_is_not_blamed_on_the_clients(model):
+    """The server's own event loop stops for twice the heartbeat timeout (a long call on it). A
+    client kept sending heartbeats (REST, every 0.5 s), which wait in the socket backlog meanwhile;
+    when the loop resumes, the reaper must not end the session before it has read them. A client
+    that falls silent is still freed afterwards."""
+    from runtime.serve.client import http_json
+
+    with InProcessServer(model, ServerOptions(max_sessions=2, heartbeat_timeout_s=2)) as srv:
+        server = srv.app.state.server
+        status, _, session = http_json("POST", srv.url + "/sessions", {"prompt": PROMPT})
+        assert status == 201
+        sid, beating = session["id"], threading.Event()
+        beating.set()
+
+        def heartbeats() -> None:
+            deadline = time.monotonic() + 60
+            while beating.is_set() and time.monotonic() < deadline:
+                http_json("POST", f"{srv.url}/sessions/{sid}/heartbeat", timeout_s=20)
+                time.sleep(0.5)
+
+        client = threading.Thread(target=heartbeats, daemon=True)
+        client.start()
+        time.sleep(1.0)
+        server.loop.call_soon_threadsafe(time.sleep, 4.0)  # the stall, on the server's loop
+        time.sleep(6.0)
+        after_stall = server.sessions[sid].state if sid in server.sessions else server.ended[sid]["reason"]
+        beating.clear()
+        client.join(30)
+        deadline = time.monotonic() + 15
+        while sid in server.sessions and time.monotonic() < deadline:
+            time.sleep(0.2)
+    assert after_stall == RUNNING
+    assert server.ended[sid]["reason"] == "no heartbeat for 2 s"
