@@ -365,12 +365,12 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
         artifact = load_artifact(args.engine, verify=getattr(args, "verify_artifact", False))
         # Providers this machine lacks fail here, before the text encoder and the VAE load.
         provider = getattr(args, "ort_provider", "auto")
-        if args.backend == "onnxruntime" or vae_backend == "onnxruntime":
+        wanted = ([provider] if args.backend == "onnxruntime" else []) + \
+                 ([vae_provider(provider)] if vae_backend == "onnxruntime" else [])
+        for each in wanted:
             from engine.onnxruntime_backend import resolve_provider
-        if args.backend == "onnxruntime":
-            resolve_provider(provider, artifact.contract.dtype, artifact.path)
-        if vae_backend == "onnxruntime":
-            resolve_provider(vae_provider(provider), artifact.contract.dtype, artifact.path)
+
+            resolve_provider(each, artifact.contract.dtype, artifact.path)
         if dit_exported:
             _check_engine_files(artifact, args.backend, ["step", "text", *(["recache"] if recache else [])],
                                 "--backend")

@@ -214,10 +214,12 @@ class Mp4Writer:
 
 
 def write_png_frames(directory: str | os.PathLike[str], frames, start_index: int = 0,
-                     *, pattern: str = "frame_{:06d}.png") -> list[Path]:
+                     *, pattern: str = "frame_{:06d}.png", atomic: bool = True) -> list[Path]:
     """Write ``frames`` ``[T, H, W, 3]`` uint8 as ``directory/frame_{start_index + t:06d}.png``
-    (each file atomic) and return their paths. Uses PyAV's PNG encoder, so PIL is not needed.
-    The folder must exist (it is not created)."""
+    and return their paths. Uses PyAV's PNG encoder, so PIL is not needed. The folder must exist
+    (it is not created). ``atomic``: each file through a temp file (fsync, rename); off where the
+    whole folder is renamed into place anyway (:class:`PngFolderWriter`), which also saves a scan
+    of the folder per file."""
     av = _require_av()
     from memrope.io import atomic_write
 
@@ -233,7 +235,10 @@ def write_png_frames(directory: str | os.PathLike[str], frames, start_index: int
         frame = av.VideoFrame.from_ndarray(image, format="rgb24")
         data = b"".join(bytes(p) for p in [*codec.encode(frame), *codec.encode(None)])
         path = directory / pattern.format(int(start_index) + offset)
-        atomic_write(path, data)
+        if atomic:
+            atomic_write(path, data)
+        else:
+            path.write_bytes(data)
         paths.append(path)
     logger.debug("wrote %d PNG frames to %s from index %d", len(paths), directory, start_index)
     return paths
@@ -264,7 +269,8 @@ class PngFolderWriter:
     and renamed onto it when the ``with`` block exits cleanly, replacing an earlier run's frames
     (never other files: :func:`check_png_folder`), so the folder never mixes two runs' frames; any
     failure removes the partial folder and leaves ``directory`` as it was. ``write(frames,
-    start_index)`` is :func:`write_png_frames` into the partial folder.
+    start_index)`` is :func:`write_png_frames` into the partial folder (file by file, not atomic:
+    nothing reads the folder before its rename).
     """
 
     def __init__(self, directory: str | os.PathLike[str]):
@@ -282,7 +288,7 @@ class PngFolderWriter:
         return self
 
     def write(self, frames, start_index: int) -> list[Path]:
-        return write_png_frames(self._partial, frames, start_index)
+        return write_png_frames(self._partial, frames, start_index, atomic=False)
 
     def __exit__(self, exc_type, exc, tb) -> None:
         import shutil
