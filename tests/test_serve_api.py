@@ -2,9 +2,9 @@
 tiny model, Python aiortc viewers. Concurrent sessions all receive frames; the session past
 ``--max-sessions`` gets a 503 with Retry-After and disturbs nobody; a prompt change flushes and
 shows up in the events; pause holds generation; a viewer killed mid-stream is freed within the
-heartbeat timeout (session count, open caches, live streams and resident memory back to where
-they were); a viewer that never reads does not grow memory; bad requests get a clear 4xx and the
-server keeps serving."""
+heartbeat timeout (session count, open caches and live streams back to zero, resident memory flat
+from one killed viewer to the next); a viewer that never reads does not grow memory; bad requests
+get a clear 4xx and the server keeps serving."""
 
 from __future__ import annotations
 
@@ -122,35 +122,38 @@ def test_sessions_admission_prompt_change_pause(server):
 
 @pytest.mark.slow  # a load/leak test: CI's slow step
 def test_killed_viewer_is_freed(server):
+    """Twice: a viewer process is killed mid-stream; its session ends within the heartbeat timeout
+    and its stream, cache and connection are freed (exactly, by the metrics). Resident memory is
+    compared after the second against after the first: the first viewer leaves one-off state in
+    the process (codec and ICE state, allocator arenas: +26 to +104 MB of about 480 MB seen on the
+    CI machine, in the code before and after the same change), so only growth from one viewer to
+    the next is a leak signal."""
     _wait_metrics(server, _idle, 10, "an idle server")
-    baseline_rss = server.metrics()["process_resident_memory_bytes"]
-    viewer = subprocess.Popen([sys.executable, "-m", "runtime.serve.client", server.url, "--seconds", "120"],
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
-    try:
-        deadline = time.monotonic() + 90
-        for line in viewer.stdout:
-            if json.loads(line).get("frames", 0) >= 12 or time.monotonic() > deadline:
-                break
-        assert json.loads(line).get("frames", 0) >= 12, line
-        assert server.metrics()["memrope_serve_sessions"] == 1
-        viewer.send_signal(signal.SIGKILL)  # no goodbye: only the missing heartbeats tell
-        killed_at = time.monotonic()
-    finally:
-        viewer.kill()
-        viewer.wait()
-    # The slot frees when the heartbeat times out; the cache once the worker has finished the
-    # block in flight (seconds on a loaded 2-core machine).
-    _wait_metrics(server, lambda m: m["memrope_serve_sessions"] == 0, HEARTBEAT_S + 3, "the session to end")
-    ended_after_s = time.monotonic() - killed_at
-    m = _wait_metrics(server, _idle, 30, "the killed viewer's stream and cache to be freed")
-    assert ended_after_s <= HEARTBEAT_S + 3
-    # The one session's cache, decoder, queue and connection are gone (exactly: the _idle metrics
-    # above); resident memory is back near the baseline. The margin covers what the process keeps
-    # after its first subprocess viewer (codec and ICE state, allocator arenas): +26 MB of 478 MB
-    # was seen once on the CI machine, so 5 % was too tight to be a leak signal.
-    assert m["process_resident_memory_bytes"] <= baseline_rss * 1.10, (m["process_resident_memory_bytes"], baseline_rss)
-    ended = [s for s in server.get("/sessions")[2]["sessions"]]
-    assert ended == []
+    rss_after = []
+    for _ in range(2):
+        viewer = subprocess.Popen([sys.executable, "-m", "runtime.serve.client", server.url, "--seconds", "120"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
+        try:
+            deadline = time.monotonic() + 90
+            for line in viewer.stdout:
+                if json.loads(line).get("frames", 0) >= 12 or time.monotonic() > deadline:
+                    break
+            assert json.loads(line).get("frames", 0) >= 12, line
+            assert server.metrics()["memrope_serve_sessions"] == 1
+            viewer.send_signal(signal.SIGKILL)  # no goodbye: only the missing heartbeats tell
+            killed_at = time.monotonic()
+        finally:
+            viewer.kill()
+            viewer.wait()
+        # The slot frees when the heartbeat times out; the cache once the worker has finished the
+        # block in flight (seconds on a loaded 2-core machine).
+        _wait_metrics(server, lambda m: m["memrope_serve_sessions"] == 0, HEARTBEAT_S + 3, "the session to end")
+        ended_after_s = time.monotonic() - killed_at
+        m = _wait_metrics(server, _idle, 30, "the killed viewer's stream and cache to be freed")
+        assert ended_after_s <= HEARTBEAT_S + 3
+        rss_after.append(m["process_resident_memory_bytes"])
+    assert rss_after[1] <= rss_after[0] * 1.05, [r / 2**20 for r in rss_after]
+    assert server.get("/sessions")[2]["sessions"] == []
 
 
 @pytest.mark.slow  # a load/leak test: CI's slow step
