@@ -307,3 +307,28 @@ def test_polling_a_session_is_not_a_heartbeat(server):
         time.sleep(0.25)
     assert snapshot["state"] == "ended" and snapshot["reason"] == f"no heartbeat for {HEARTBEAT_S:g} s", snapshot
     _wait_metrics(server, _idle, 10, "the session freed")
+
+
+def test_an_idle_connection_outlives_the_viewers_pool(server):
+    """The server keeps an idle keep-alive connection open longer than a client pools one, so a
+    viewer's next request never races the server closing it. Uvicorn's default (5 s) did not: a
+    README viewer's stop, 5 s after its offer, was reset by the server (ECONNRESET)."""
+    import http.client
+
+    from runtime.serve.options import CLIENT_KEEPALIVE_S, SERVER_KEEPALIVE_S
+
+    assert CLIENT_KEEPALIVE_S < SERVER_KEEPALIVE_S
+    idle_s = 6.0  # past uvicorn's default keep-alive
+    host, port = server.url.removeprefix("http://").rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request("GET", "/healthz")
+        assert conn.getresponse().read() and conn.sock is not None
+        local = conn.sock.getsockname()
+        time.sleep(idle_s)
+        conn.request("GET", "/healthz")  # on the same socket: http.client reconnects only if it was closed
+        response = conn.getresponse()
+        assert response.status == 200 and response.read()
+        assert conn.sock is not None and conn.sock.getsockname() == local
+    finally:
+        conn.close()

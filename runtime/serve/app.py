@@ -39,7 +39,13 @@ from starlette.routing import Match
 
 from runtime.serve.metrics import ServeStats, make_registry
 from runtime.serve.model import ServeModel
-from runtime.serve.options import MAX_QUEUE_BLOCKS, MAX_TRANSITION_BLOCKS, ServerOptions, SessionOptions
+from runtime.serve.options import (
+    MAX_QUEUE_BLOCKS,
+    MAX_TRANSITION_BLOCKS,
+    SERVER_KEEPALIVE_S,
+    ServerOptions,
+    SessionOptions,
+)
 from runtime.serve.session import ENDED, PAUSED, RUNNING, STARTING, Frame, Session
 from runtime.serve.webrtc import answer_offer
 from runtime.serve.worker import ModelWorker, SessionGone
@@ -522,5 +528,6 @@ def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[
     host, port = sock.getsockname()[:2]
     url = f"http://{host if sock.family == socket.AF_INET else f'[{host}]'}:{port}/"
     app = create_app(model, options, on_started=None if on_ready is None else lambda: on_ready(url))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                                           timeout_keep_alive=SERVER_KEEPALIVE_S))
     server.run(sockets=[sock])

@@ -25,6 +25,8 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
+from runtime.serve.options import CLIENT_KEEPALIVE_S
+
 
 class ServeError(Exception):
     """The server answered with an error status."""
@@ -49,7 +51,8 @@ class Viewer:
         self.base_url = base_url.rstrip("/")
         self.read = read
         self.heartbeat_s = heartbeat_s
-        self.http = aiohttp.ClientSession()
+        # Idle pooled connections close before the server's keep-alive ends (see SERVER_KEEPALIVE_S).
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S))
         self.session: dict | None = None
         self.pc = None
         self.channel = None

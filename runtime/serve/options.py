@@ -16,6 +16,12 @@ MEMORY_ON_PROMPT_CHANGE = ("keep", "reset")
 RECACHE_ON_PROMPT_CHANGE = ("none", "recent", "all")
 MAX_QUEUE_BLOCKS = 16
 MAX_TRANSITION_BLOCKS = 64
+# Idle HTTP keep-alive, in seconds. A client must drop an idle pooled connection before the server
+# does: otherwise a request sent as the server closes the connection is reset (ECONNRESET), which
+# uvicorn's default 5 s made likely for a viewer whose only REST call after the offer is a stop
+# some seconds later. Browsers and the Python viewer retire idle connections sooner than this.
+SERVER_KEEPALIVE_S = 75
+CLIENT_KEEPALIVE_S = 15.0
 
 
 def _int_in(name: str, value, low: int, high: int | None = None) -> None:
