@@ -315,3 +315,14 @@ def test_serve_refuses_a_taken_port_before_loading_models(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
     assert "umT5" not in proc.stderr and "VAE" not in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("flag, value", [("--connect-timeout", "0"), ("--heartbeat-timeout", "-1"),
+                                         ("--max-sessions", "0")])
+def test_serve_refuses_a_bad_limit_before_loading_models(flag, value):
+    proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", flag, value],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and flag in lines[0] and value in lines[0], proc.stderr
+    assert "umT5" not in proc.stderr and "VAE" not in proc.stderr, proc.stderr

@@ -3,7 +3,7 @@ is fair and a full queue stops generation; released sessions leave no stream ali
 whose generation fails (real NaN noise through the real DiT, caught by
 ``BlockResult.check_finite``) ends alone with a message while the others keep playing and new
 sessions still start; a stall of the server's own event loop is not blamed on clients whose
-heartbeats wait in the socket backlog."""
+heartbeats wait in the socket backlog; a session whose video never connects is freed."""
 
 from __future__ import annotations
 
@@ -226,3 +226,36 @@ def test_a_stalled_event_loop_is_not_blamed_on_the_clients(model):
             time.sleep(0.2)
     assert after_stall == RUNNING
     assert server.ended[sid]["reason"] == "no heartbeat for 2 s"
+
+
+def test_a_session_whose_video_never_connects_is_freed(model):
+    """A client creates a session and keeps it alive with REST heartbeats but never offers: past
+    the connect timeout its slot is freed. A viewer that connected plays on past that timeout."""
+    from runtime.serve.client import http_json
+
+    connect_timeout_s = 3.0
+    with InProcessServer(model, ServerOptions(max_sessions=2, heartbeat_timeout_s=10,
+                                              connect_timeout_s=connect_timeout_s)) as srv:
+        server = srv.app.state.server
+
+        async def scenario() -> tuple[str, dict, int]:
+            async with Viewer(srv.url) as viewer:
+                await viewer.start(PROMPT, seed=1)
+                created = time.monotonic()
+                status, _, silent = await asyncio.to_thread(http_json, "POST", srv.url + "/sessions", {"prompt": PROMPT})
+                assert status == 201
+                deadline = time.monotonic() + 4 * connect_timeout_s
+                while silent["id"] in server.sessions and time.monotonic() < deadline:
+                    await asyncio.to_thread(http_json, "POST", f"{srv.url}/sessions/{silent['id']}/heartbeat")
+                    await asyncio.sleep(0.3)
+                ended_after = time.monotonic() - created
+                frames = viewer.frames
+                await viewer.wait_frames(frames + 6, 60)  # the connected viewer plays on
+                state = (await viewer.status())["state"]
+                await viewer.stop()
+                return state, server.ended.get(silent["id"], {}), ended_after
+
+        state, silent_ended, ended_after = asyncio.run(asyncio.wait_for(scenario(), 180))
+    assert state == RUNNING
+    assert silent_ended.get("reason", "").startswith(f"no video connection within {connect_timeout_s:g} s"), silent_ended
+    assert ended_after >= connect_timeout_s

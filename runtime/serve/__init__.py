@@ -59,6 +59,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                      help="decoded blocks a session may hold ahead of playout (paces generation; bounds lag)")
     srv.add_argument("--heartbeat-timeout", type=float, default=5.0,
                      help="seconds without a heartbeat before a session and its cache are freed")
+    srv.add_argument("--connect-timeout", type=float, default=30.0,
+                     help="seconds a session may run without its WebRTC video connected before it is freed")
     srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
     srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                      help="accept clients at once instead of running two blocks first")
@@ -74,6 +76,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
+                            connect_timeout_s=args.connect_timeout,
                             retry_after_s=args.retry_after, warm_up=args.warm_up,
                             prompt_recache=args.prompt_recache)
     require_serve_packages()

@@ -233,7 +233,8 @@ class Server:
             message = f"could not start the session: {type(exc).__name__}: {exc}"
             await self.end(session, message)
             raise ApiError(500, message) from None
-        session.touch()  # the heartbeat clock starts when the session runs
+        session.touch()  # the heartbeat clock starts when the session runs, and so does the connect clock
+        session.connect_by = session.last_seen + self.options.connect_timeout_s
         if not opened:
             raise ApiError(409, f"session {session.id} ended while starting ({session.reason})")
         self.stats.add("sessions_created")
@@ -303,7 +304,10 @@ class Server:
             pass
 
     async def _reap(self) -> None:
-        timeout = self.options.heartbeat_timeout_s
+        """End sessions not heard from for the heartbeat timeout, and sessions whose video did not
+        connect within the connect timeout (a client that creates sessions and heartbeats over REST
+        but never offers, or whose offer never connects, would otherwise hold a slot for ever)."""
+        timeout, connect_timeout = self.options.heartbeat_timeout_s, self.options.connect_timeout_s
         period = min(0.5, timeout / 4)
         while True:
             slept_from = time.monotonic()
@@ -315,10 +319,17 @@ class Server:
                 # that arrived meanwhile are still queued, so the stall is not the clients'.
                 for session in self.sessions.values():
                     session.last_seen += stalled
+                    if session.connect_by is not None:
+                        session.connect_by += stalled
                 continue
             for session in list(self.sessions.values()):
-                if session.state != STARTING and now - session.last_seen > timeout:
+                if session.state == STARTING:
+                    continue
+                if now - session.last_seen > timeout:
                     await self.end(session, f"no heartbeat for {timeout:g} s")
+                elif session.connected_at is None and session.connect_by is not None and now > session.connect_by:
+                    await self.end(session, f"no video connection within {connect_timeout:g} s "
+                                            "(no WebRTC offer, or it did not connect)")
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -396,7 +407,8 @@ class Server:
         width, height = self.model.frame_size
         doc = {"status": "ok" if alive else "model worker stopped", "sessions": len(self.sessions),
                "max_sessions": self.options.max_sessions, "fps": self.model.fps, "width": width, "height": height,
-               "heartbeat_timeout_s": self.options.heartbeat_timeout_s, "model": self.model.description}
+               "heartbeat_timeout_s": self.options.heartbeat_timeout_s,
+               "connect_timeout_s": self.options.connect_timeout_s, "model": self.model.description}
         if self.worker is not None and self.worker.error is not None:
             doc["error"] = f"{type(self.worker.error).__name__}: {self.worker.error}"
         return (200 if alive else 503), doc
@@ -463,7 +475,7 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
         session = await server.create(body)
         width, height = model.frame_size
         return {**session.snapshot(), "fps": model.fps, "width": width, "height": height,
-                "heartbeat_timeout_s": options.heartbeat_timeout_s}
+                "heartbeat_timeout_s": options.heartbeat_timeout_s, "connect_timeout_s": options.connect_timeout_s}
 
     @app.get("/sessions")
     async def list_sessions():

@@ -45,6 +45,8 @@ class ServerOptions:
       do not choose): generation pauses for a session whose queue is full, so a slow or absent
       viewer never grows memory; lag is at most about this many blocks of video.
     heartbeat_timeout_s: a session that has not been heard from for this long is freed.
+    connect_timeout_s: a session whose video connection (WebRTC) is not up this long after it
+      started running is freed, heartbeats or not: a client that never connects holds no slot.
     retry_after_s: the ``Retry-After`` a refused client is given.
     warm_up: run two blocks and their decode before accepting clients, so the first session
       does not pay for kernel selection and allocator warm-up.
@@ -57,6 +59,7 @@ class ServerOptions:
     max_sessions: int = 4
     queue_blocks: int = 2
     heartbeat_timeout_s: float = 5.0
+    connect_timeout_s: float = 30.0
     retry_after_s: int = 5
     warm_up: bool = True
     prompt_recache: str = "none"
@@ -70,6 +73,7 @@ class ServerOptions:
             raise ValueError(f"--prompt-recache must be one of {RECACHE_ON_PROMPT_CHANGE}, got {self.prompt_recache!r}")
         _int_in("--queue-blocks", self.queue_blocks, 1, MAX_QUEUE_BLOCKS)
         _positive_number("--heartbeat-timeout", self.heartbeat_timeout_s)
+        _positive_number("--connect-timeout", self.connect_timeout_s)
         _int_in("--retry-after", self.retry_after_s, 1)
 
 

@@ -95,6 +95,8 @@ class Session:
         # Event-loop-owned: the WebRTC connection and the event channel.
         self.pc = None
         self.channel = None
+        self.connected_at: float | None = None  # when the peer connection first reached "connected"
+        self.connect_by: float | None = None    # the reaper's deadline for that; set once running
         self.early_events: deque[dict] = deque(maxlen=EARLY_EVENTS)
 
     # -- both threads ------------------------------------------------------------------------------

@@ -95,6 +95,8 @@ async def answer_offer(session: Session, sdp: str, fps: int, *, on_frame: Callab
 
     @pc.on("connectionstatechange")
     def _state() -> None:
+        if pc.connectionState == "connected" and session.connected_at is None:
+            session.connected_at = time.monotonic()
         if pc.connectionState in ("failed", "closed"):
             on_closed(session, f"client connection {pc.connectionState}")
 
