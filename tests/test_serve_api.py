@@ -96,9 +96,11 @@ def test_sessions_admission_prompt_change_pause(server):
             still = (await b.status())["blocks_generated"]
             await b.resume()
             await b.wait_for(lambda: b.block_events() and b.block_events()[-1]["block"] >= still, 60, "resumed")
+            # Changes fired at once: one in flight per session, the rest told to retry.
+            burst = await asyncio.gather(*(a.change_prompt(PROMPT) for _ in range(6)), return_exceptions=True)
             await asyncio.gather(a.stop(), b.stop())
             return dict(first=first, refused=refused.value, change=change, new_block=new_block, status_a=status_a,
-                        paused=paused, held=held, still=still, a_blocks=a.block_events())
+                        paused=paused, held=held, still=still, a_blocks=a.block_events(), burst=burst)
         finally:
             await asyncio.gather(a.close(), b.close(), c.close())
 
@@ -115,6 +117,10 @@ def test_sessions_admission_prompt_change_pause(server):
     for event in seen["a_blocks"]:
         assert event["generation_ms"] > 0 and event["lag_ms"] >= 0 and 0 <= event["queue_depth"] <= QUEUE_BLOCKS
     assert seen["paused"]["state"] == "paused"
+    accepted = [r for r in seen["burst"] if isinstance(r, dict)]
+    busy = [r for r in seen["burst"] if isinstance(r, ServeError)]
+    assert len(accepted) + len(busy) == 6 and accepted and busy, seen["burst"]
+    assert all(e.status == 429 and e.retry_after == "1" and "prompt change in flight" in e.message for e in busy)
     assert seen["still"] <= seen["held"] + 1  # at most the block in flight when the pause arrived
     m = _wait_metrics(server, _idle, 10, "every session freed")
     assert m["memrope_serve_sessions_rejected_total"] >= 1

@@ -167,6 +167,7 @@ class Server:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._text_pool: ThreadPoolExecutor | None = None
         self._answering: set[str] = set()  # sessions whose offer is being answered (one at a time)
+        self._prompting: set[str] = set()  # sessions whose prompt change is in flight (one at a time)
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
@@ -247,6 +248,18 @@ class Server:
             raise ApiError(422, str(exc)) from None
 
     async def change_prompt(self, session: Session, body: PromptChange) -> dict:
+        """One change in flight per session: the text encoder is one thread shared by every
+        session, so a client firing changes at once would queue ahead of everyone else's."""
+        if session.id in self._prompting:
+            raise ApiError(429, f"session {session.id} has a prompt change in flight; send the next one when it "
+                                "is answered", headers={"Retry-After": "1"})
+        self._prompting.add(session.id)  # before the first await
+        try:
+            return await self._change_prompt(session, body)
+        finally:
+            self._prompting.discard(session.id)
+
+    async def _change_prompt(self, session: Session, body: PromptChange) -> dict:
         prompt = self._check_prompt(body.prompt)
         embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
         opts = session.options
