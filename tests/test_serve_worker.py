@@ -233,7 +233,7 @@ def test_a_session_whose_video_never_connects_is_freed(model):
     the connect timeout its slot is freed. A viewer that connected plays on past that timeout."""
     from runtime.serve.client import http_json
 
-    connect_timeout_s = 3.0
+    connect_timeout_s = 5.0
     with InProcessServer(model, ServerOptions(max_sessions=2, heartbeat_timeout_s=10,
                                               connect_timeout_s=connect_timeout_s)) as srv:
         server = srv.app.state.server
@@ -241,6 +241,7 @@ def test_a_session_whose_video_never_connects_is_freed(model):
         async def scenario() -> tuple[str, dict, int]:
             async with Viewer(srv.url) as viewer:
                 await viewer.start(PROMPT, seed=1)
+                await viewer.wait_frames(1, 60)  # its video is connected
                 created = time.monotonic()
                 status, _, silent = await asyncio.to_thread(http_json, "POST", srv.url + "/sessions", {"prompt": PROMPT})
                 assert status == 201
