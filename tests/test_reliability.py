@@ -324,5 +324,16 @@ def test_serve_refuses_a_bad_limit_before_loading_models(flag, value):
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and flag in lines[0] and value in lines[0], proc.stderr
+    assert len(lines) == 1 and f"error: {flag} must be" in lines[0] and "got" in lines[0], proc.stderr
     assert "umT5" not in proc.stderr and "VAE" not in proc.stderr, proc.stderr
+
+
+def test_serve_refuses_a_short_api_key_before_loading_models():
+    from runtime.serve.options import API_KEY_ENV
+
+    proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0"], capture_output=True, text=True,
+                          cwd=ROOT, timeout=120, env=dict(os.environ, **{API_KEY_ENV: "short"}))
+    assert proc.returncode == 2, proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and f"${API_KEY_ENV} must be at least 16" in lines[0], proc.stderr
+    assert "short" not in lines[0] and "umT5" not in proc.stderr

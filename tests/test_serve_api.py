@@ -244,12 +244,13 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
     assert server.get("/healthz")[0] == 200
 
 
-def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
-    """A 2 MB body is announced and not sent: the 413 comes back without the server reading it."""
-    host, port = server.url.removeprefix("http://").split(":")
+def _announce_body(url: str, length: int) -> tuple[bytes, bytes]:
+    """POST /sessions announcing a ``length``-byte body and sending none of it: the answer's head
+    and body (a server that waited for the body would time this out)."""
+    host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
         sock.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: 2000000\r\n\r\n")
+                     b"Content-Length: %d\r\n\r\n" % length)
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             chunk = sock.recv(65536)
@@ -257,7 +258,13 @@ def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
                 break
             answer += chunk
     head, _, body = answer.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 413"), answer
+    return head, body
+
+
+def test_a_body_over_the_limit_is_refused_before_it_is_read(server):
+    """A 2 MB body is announced and not sent: the 413 comes back without the server reading it."""
+    head, body = _announce_body(server.url, 2_000_000)
+    assert head.startswith(b"HTTP/1.1 413"), head
     assert _error(413, json.loads(body))[1].startswith("request body over 1048576 bytes")
     assert server.get("/healthz")[0] == 200
 
@@ -338,3 +345,37 @@ def test_an_idle_connection_outlives_the_viewers_pool(server):
         assert conn.sock is not None and conn.sock.getsockname() == local
     finally:
         conn.close()
+
+
+def test_an_api_key_guards_the_sessions_api():
+    """With ``$MEMROPE_SERVE_API_KEY`` set, ``/sessions`` needs the key (a clear 401 without it or
+    with a wrong one, before the body is read); the page, health and metrics stay open; a viewer
+    with the key plays; the key is never printed."""
+    from runtime.serve.options import API_KEY_ENV
+
+    key = "k3y-for-the-test-" + "x" * 8
+    with ServerProcess("--max-sessions", "1", env=dict(os.environ, **{API_KEY_ENV: key})) as proc:
+        url = proc.url
+        for path in ("/", "/healthz", "/metrics"):
+            with __import__("urllib.request").request.urlopen(url + path, timeout=30) as response:
+                assert response.status == 200, path
+        status, headers, doc = http_json("POST", url + "/sessions", {"prompt": PROMPT})
+        assert status == 401 and headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Bearer")
+        assert _error(401, doc)[1].startswith("no API key: this server's /sessions API needs 'Authorization: Bearer")
+        status, _, doc = http_json("GET", url + "/sessions", api_key=key[:-1] + "y")
+        assert _error(status, doc) == (401, doc["error"]) and doc["error"].startswith("wrong API key")
+        # Refused before the body is read (a 2 MB body announced, not sent: the 401, not the 413).
+        head, body = _announce_body(url, 2_000_000)
+        assert head.startswith(b"HTTP/1.1 401") and json.loads(body)["error"].startswith("no API key"), head
+
+        async def watch() -> tuple[int, dict]:
+            async with Viewer(url, api_key=key) as viewer:
+                await viewer.start(PROMPT)
+                frames = await viewer.wait_frames(6, 90)
+                return frames, await viewer.stop()
+
+        frames, ended = asyncio.run(asyncio.wait_for(watch(), 180))
+        assert frames >= 6 and ended["state"] == "ended"
+        assert http_json("GET", url + "/sessions", api_key=key)[2]["sessions"] == []
+    assert "API key required" in "".join(proc.output)
+    assert key not in "".join(proc.output)

@@ -1,12 +1,14 @@
 """A real browser against a real server: headless Chromium (the Debian package, driven over the
 Chrome DevTools Protocol with aiohttp's websocket client, so no browser download) opens the page
 of ``memrope serve`` on 127.0.0.1, starts a session, decodes the WebRTC video (``getStats``
-``framesDecoded``), changes the prompt and sees the new prompt's per-block events."""
+``framesDecoded``), changes the prompt and sees the new prompt's per-block events. The server
+requires an API key, which the page takes from its URL fragment."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import os
 import shutil
 import subprocess
 import time
@@ -18,6 +20,7 @@ pytest.importorskip("aiortc", reason="the serve extra is not installed (pip inst
 aiohttp = pytest.importorskip("aiohttp", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 
 from runtime.serve.client import ServerProcess, http_json  # noqa: E402
+from runtime.serve.options import API_KEY_ENV  # noqa: E402
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
@@ -28,6 +31,7 @@ CHROMIUM_FLAGS = (
     "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
 )
 NEW_PROMPT = "a white horse runs by the river at night"
+API_KEY = "browser-test-key-0123456789"
 
 
 def _chromium() -> str:
@@ -101,7 +105,8 @@ async def _devtools_url(profile: Path, browser: subprocess.Popen, timeout_s: flo
 
 @pytest.fixture(scope="module")
 def server():
-    with ServerProcess("--max-sessions", "2", "--heartbeat-timeout", "4") as proc:
+    with ServerProcess("--max-sessions", "2", "--heartbeat-timeout", "4",
+                       env=dict(os.environ, **{API_KEY_ENV: API_KEY})) as proc:
         yield proc
 
 
@@ -116,7 +121,14 @@ def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
         ws_url = await _devtools_url(profile, browser)
         async with aiohttp.ClientSession() as http, http.ws_connect(ws_url, max_msg_size=0) as ws:
             page = DevTools(ws)
+            # Without the key the page says what is missing, and starts nothing.
             await page.call("Page.navigate", url=server.url + "/")
+            await page.until("typeof window.memrope === 'object'", 30, "the page to load")
+            keyless = await page.evaluate("window.memrope.start().then(() => 'started', e => e.message)",
+                                          timeout_s=30)
+            await page.call("Page.navigate", url="about:blank")  # a fragment change alone would not reload
+            await page.until("location.href === 'about:blank'", 30, "the page to unload")
+            await page.call("Page.navigate", url=f"{server.url}/#key={API_KEY}")
             await page.until("typeof window.memrope === 'object' && "
                              "document.getElementById('model').textContent.includes('fps')", 30, "the page to load")
             session_id = await page.evaluate("window.memrope.start()", timeout_s=60)
@@ -131,9 +143,9 @@ def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
             later = await page.until(f"window.memrope.stats().then(s => s.framesDecoded > {first['framesDecoded']}"
                                      " && s)", 30, "frames after the prompt change")
             readout = await page.evaluate("document.getElementById('r-lag').textContent")
-            status = http_json("GET", f"{server.url}/sessions/{session_id}")[2]
+            status = http_json("GET", f"{server.url}/sessions/{session_id}", api_key=API_KEY)[2]
             await page.evaluate("window.memrope.stop()")
-            return dict(session_id=session_id, first=first, change=change, new_block=new_block, later=later,
+            return dict(keyless=keyless, session_id=session_id, first=first, change=change, new_block=new_block, later=later,
                         readout=readout, status=status)
 
     try:
@@ -145,6 +157,7 @@ def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
         except subprocess.TimeoutExpired:
             browser.kill()
 
+    assert seen["keyless"] == "this server needs an API key: open the page as /#key=YOUR_KEY", seen["keyless"]
     assert seen["first"]["framesDecoded"] > 10
     width, height = server.get("/healthz")[2]["width"], server.get("/healthz")[2]["height"]
     assert (seen["first"]["frameWidth"], seen["first"]["frameHeight"]) == (width, height)

@@ -91,12 +91,12 @@ class InProcessServer:
     def __init__(self, model, options: ServerOptions):
         import uvicorn
 
-        from runtime.serve.app import create_app
+        from runtime.serve.app import create_app, uvicorn_config
 
         self.app = create_app(model, options)
         self._sock = socket.create_server(("127.0.0.1", 0))
         self.url = f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-        self._uvicorn = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self._uvicorn = uvicorn.Server(uvicorn_config(self.app))
         self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
     def __enter__(self) -> "InProcessServer":

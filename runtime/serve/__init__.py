@@ -39,7 +39,9 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p = sub.add_parser("serve", parents=[common], formatter_class=_Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
                        description="Serve text-to-video live: each browser session gets its own cache and a "
                                    "WebRTC video track; one model worker runs every session block by block. "
-                                   "Without model options it serves the embedded tiny demo (RANDOM weights).")
+                                   "Without model options it serves the embedded tiny demo (RANDOM weights). "
+                                   "With $MEMROPE_SERVE_API_KEY set, every /sessions request needs "
+                                   "'Authorization: Bearer <key>' (the page takes it as /#key=<key>).")
     _add_model_args(p)
     run = p.add_argument_group("run")
     run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
@@ -72,13 +74,15 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from runtime.serve.options import ServerOptions
+    import os
+
+    from runtime.serve.options import API_KEY_ENV, ServerOptions
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
                             connect_timeout_s=args.connect_timeout,
                             retry_after_s=args.retry_after, warm_up=args.warm_up,
-                            prompt_recache=args.prompt_recache)
+                            prompt_recache=args.prompt_recache, api_key=os.environ.get(API_KEY_ENV) or None)
     require_serve_packages()
     from runtime.serve.app import listen, run_server
     from runtime.serve.model import load_serve_model
@@ -94,7 +98,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         d = model.description
         width, height = model.frame_size
         print(f"memrope serve: {url} ({d['backend']} on {d['device']}, {width}x{height} at {model.fps} fps, "
-              f"up to {options.max_sessions} sessions)", flush=True)
+              f"up to {options.max_sessions} sessions{', API key required' if options.api_key else ''})",
+              flush=True)
 
     try:
         run_server(model, options, on_ready=ready, sock=sock)

@@ -18,6 +18,7 @@ media (``runtime.serve.webrtc``).
 from __future__ import annotations
 
 import asyncio
+import hmac
 import json
 import logging
 import secrets
@@ -153,6 +154,29 @@ class BodyLimit:
         await send({"type": "http.response.body", "body": body})
 
 
+class RequireApiKey:
+    """ASGI middleware: requests under ``/sessions`` need ``Authorization: Bearer <key>``; others
+    (the page, ``/healthz``, ``/metrics``) pass. A missing or wrong key gets a one-line 401."""
+
+    def __init__(self, app, key: str):
+        self.app, self.expected = app, f"Bearer {key}".encode()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or not (scope["path"] == "/sessions" or scope["path"].startswith("/sessions/")):
+            return await self.app(scope, receive, send)
+        given = dict(scope["headers"]).get(b"authorization", b"")
+        if hmac.compare_digest(given, self.expected):
+            return await self.app(scope, receive, send)
+        what = "wrong API key" if given else "no API key"
+        body = json.dumps({"error": f"{what}: this server's /sessions API needs 'Authorization: Bearer <key>' "
+                                    "(the key in the server's $MEMROPE_SERVE_API_KEY; the page takes it as "
+                                    "/#key=<key>)"}).encode()
+        await send({"type": "http.response.start", "status": 401,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                                (b"www-authenticate", b'Bearer realm="memrope serve"'), (b"connection", b"close")]})
+        await send({"type": "http.response.body", "body": body})
+
+
 class Server:
     """The live sessions and everything that happens to them on the event loop."""
 
@@ -248,19 +272,20 @@ class Server:
             raise ApiError(422, str(exc)) from None
 
     async def change_prompt(self, session: Session, body: PromptChange) -> dict:
-        """One change in flight per session: the text encoder is one thread shared by every
-        session, so a client firing changes at once would queue ahead of everyone else's."""
+        """One change in flight per session (a bad prompt is refused first): the text encoder is
+        one thread shared by every session, so a client firing changes at once would queue ahead
+        of everyone else's."""
+        prompt = self._check_prompt(body.prompt)
         if session.id in self._prompting:
             raise ApiError(429, f"session {session.id} has a prompt change in flight; send the next one when it "
                                 "is answered", headers={"Retry-After": "1"})
         self._prompting.add(session.id)  # before the first await
         try:
-            return await self._change_prompt(session, body)
+            return await self._change_prompt(session, prompt, body)
         finally:
             self._prompting.discard(session.id)
 
-    async def _change_prompt(self, session: Session, body: PromptChange) -> dict:
-        prompt = self._check_prompt(body.prompt)
+    async def _change_prompt(self, session: Session, prompt: str, body: PromptChange) -> dict:
         embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
         opts = session.options
         future = self.worker.change_prompt(
@@ -336,7 +361,7 @@ class Server:
                         session.connect_by += stalled
                 continue
             for session in list(self.sessions.values()):
-                if session.state == STARTING:
+                if session.state == STARTING or session.connect_by is None:  # create() has not returned yet
                     continue
                 if now - session.last_seen > timeout:
                     await self.end(session, f"no heartbeat for {timeout:g} s")
@@ -413,6 +438,8 @@ class Server:
             if pc is not None:
                 await pc.close()
             raise ApiError(409, f"session {session.id} has ended ({session.reason})")
+        # An answered offer gets the whole connect timeout to connect (once: one offer per session).
+        session.connect_by = max(session.connect_by or 0.0, time.monotonic() + self.options.connect_timeout_s)
         return {"sdp": answer.sdp, "type": answer.type}
 
     def health(self) -> tuple[int, dict]:
@@ -440,6 +467,8 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     app = FastAPI(title="memrope serve", lifespan=server.lifespan, docs_url=None, redoc_url=None)
     app.state.server = server
     app.add_middleware(BodyLimit)
+    if options.api_key:
+        app.add_middleware(RequireApiKey, key=options.api_key)  # added last: checked first
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -553,6 +582,13 @@ def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[
     host, port = sock.getsockname()[:2]
     url = f"http://{host if sock.family == socket.AF_INET else f'[{host}]'}:{port}/"
     app = create_app(model, options, on_started=None if on_ready is None else lambda: on_ready(url))
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
-                                           timeout_keep_alive=SERVER_KEEPALIVE_S))
-    server.run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app)).run(sockets=[sock])
+
+
+def uvicorn_config(app: FastAPI):
+    """How uvicorn serves ``app`` (also for servers run inside a test): idle connections are
+    kept for ``SERVER_KEEPALIVE_S``, longer than clients pool them."""
+    import uvicorn
+
+    return uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
+                          timeout_keep_alive=SERVER_KEEPALIVE_S)

@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from runtime.serve.options import CLIENT_KEEPALIVE_S
+from runtime.serve.options import API_KEY_ENV, CLIENT_KEEPALIVE_S
 
 
 class ServeError(Exception):
@@ -43,16 +43,18 @@ class Viewer:
         base_url: the server, e.g. ``http://127.0.0.1:8000``.
         read: pull the received video (False: connect but never read a frame).
         heartbeat_s: heartbeat period on the data channel (REST before the channel opens).
+        api_key: sent as ``Authorization: Bearer`` to a server that requires one.
     """
 
-    def __init__(self, base_url: str, *, read: bool = True, heartbeat_s: float = 1.0):
+    def __init__(self, base_url: str, *, read: bool = True, heartbeat_s: float = 1.0, api_key: str | None = None):
         import aiohttp
 
         self.base_url = base_url.rstrip("/")
         self.read = read
         self.heartbeat_s = heartbeat_s
         # Idle pooled connections close before the server's keep-alive ends (see SERVER_KEEPALIVE_S).
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S))
+        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S),
+                                          headers=_auth(api_key))
         self.session: dict | None = None
         self.pc = None
         self.channel = None
@@ -203,12 +205,16 @@ class Viewer:
         await self.close()
 
 
-def http_json(method: str, url: str, body=None, *, raw: bytes | None = None,
-              timeout_s: float = 30.0) -> tuple[int, dict, dict]:
+def _auth(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+def http_json(method: str, url: str, body=None, *, raw: bytes | None = None, timeout_s: float = 30.0,
+              api_key: str | None = None) -> tuple[int, dict, dict]:
     """One blocking request: ``(status, headers, JSON answer)``; error statuses are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
-    request = urllib.request.Request(url, data=data, method=method,
-                                     headers={"Content-Type": "application/json"} if data is not None else {})
+    headers = {**({"Content-Type": "application/json"} if data is not None else {}), **_auth(api_key)}
+    request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
         with urllib.request.urlopen(request, timeout=timeout_s) as response:
             status, headers, text = response.status, dict(response.headers), response.read().decode()
@@ -258,8 +264,13 @@ class ServerProcess:
                 self._ready.set()
         self._ready.set()  # exited
 
+    @property
+    def api_key(self) -> str | None:
+        """The key the server requires (its ``$MEMROPE_SERVE_API_KEY``), if any."""
+        return (self.env if self.env is not None else os.environ).get(API_KEY_ENV) or None
+
     def get(self, path: str) -> tuple[int, dict, dict]:
-        return http_json("GET", self.url + path)
+        return http_json("GET", self.url + path, api_key=self.api_key)
 
     def metrics(self) -> dict[str, float]:
         from prometheus_client.parser import text_string_to_metric_families
@@ -285,7 +296,7 @@ class ServerProcess:
 
 
 async def _watch(url: str, prompt: str, seconds: float) -> int:
-    async with Viewer(url) as viewer:
+    async with Viewer(url, api_key=os.environ.get(API_KEY_ENV) or None) as viewer:
         await viewer.start(prompt)
         print(json.dumps({"session": viewer.id}), flush=True)
         deadline = time.monotonic() + seconds
@@ -315,7 +326,8 @@ def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m runtime.serve.client",
-                                     description="Watch one memrope serve session and print progress as JSON lines.")
+                                     description="Watch one memrope serve session and print progress as JSON lines "
+                                                 f"(with ${API_KEY_ENV} set, it is sent as the API key).")
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")
     parser.add_argument("--prompt", default="a small red boat on the blue sea at night")
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch")

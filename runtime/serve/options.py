@@ -10,18 +10,23 @@ sampler are the server's, not the session's).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 MEMORY_ON_PROMPT_CHANGE = ("keep", "reset")
 RECACHE_ON_PROMPT_CHANGE = ("none", "recent", "all")
 MAX_QUEUE_BLOCKS = 16
 MAX_TRANSITION_BLOCKS = 64
-# Idle HTTP keep-alive, in seconds. A client must drop an idle pooled connection before the server
-# does: otherwise a request sent as the server closes the connection is reset (ECONNRESET), which
-# uvicorn's default 5 s made likely for a viewer whose only REST call after the offer is a stop
-# some seconds later. Browsers and the Python viewer retire idle connections sooner than this.
+# Idle HTTP keep-alive, in seconds. A client should drop an idle pooled connection before the
+# server does: otherwise a request sent as the server closes the connection is reset (ECONNRESET),
+# which uvicorn's default 5 s made likely for a viewer whose only REST call after the offer is a
+# stop some seconds later. The Python viewer pools for 15 s (aiohttp's default, stated here);
+# browsers keep idle sockets longer but resend a request whose reused connection was reset. A
+# proxy in front of the server should time idle connections out in less than SERVER_KEEPALIVE_S.
 SERVER_KEEPALIVE_S = 75
 CLIENT_KEEPALIVE_S = 15.0
+# The environment variable holding the API key (not a flag: a flag's value is in every process list).
+API_KEY_ENV = "MEMROPE_SERVE_API_KEY"
+MIN_API_KEY_CHARS = 16
 
 
 def _int_in(name: str, value, low: int, high: int | None = None) -> None:
@@ -52,6 +57,8 @@ class ServerOptions:
       does not pay for kernel selection and allocator warm-up.
     prompt_recache: what a prompt change re-caches for sessions that do not choose (``none``,
       ``recent``, ``all``); anything but ``none`` keeps the backend's recache graph loaded.
+    api_key: when set, every ``/sessions`` request must carry ``Authorization: Bearer <api_key>``
+      (the page, ``/healthz`` and ``/metrics`` stay open); from ``$MEMROPE_SERVE_API_KEY``.
     """
 
     host: str = "127.0.0.1"
@@ -63,6 +70,7 @@ class ServerOptions:
     retry_after_s: int = 5
     warm_up: bool = True
     prompt_recache: str = "none"
+    api_key: str | None = field(default=None, repr=False)  # never printed
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -75,6 +83,12 @@ class ServerOptions:
         _positive_number("--heartbeat-timeout", self.heartbeat_timeout_s)
         _positive_number("--connect-timeout", self.connect_timeout_s)
         _int_in("--retry-after", self.retry_after_s, 1)
+        key = self.api_key
+        if key is not None and (not isinstance(key, str) or len(key) < MIN_API_KEY_CHARS
+                                or not all(33 <= ord(c) <= 126 for c in key)):
+            raise ValueError(f"${API_KEY_ENV} must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
+                             "without spaces (make one with: python -c 'import secrets; "
+                             "print(secrets.token_urlsafe(24))')")
 
 
 @dataclass(frozen=True)
