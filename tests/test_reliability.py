@@ -318,7 +318,8 @@ def test_serve_refuses_a_taken_port_before_loading_models(tmp_path):
 
 
 @pytest.mark.parametrize("flag, value", [("--connect-timeout", "0"), ("--heartbeat-timeout", "-1"),
-                                         ("--max-sessions", "0")])
+                                         ("--max-sessions", "0"), ("--stun", "stun.example.org:3478"),
+                                         ("--turn", "turn:relay.example.org?transport=sctp")])
 def test_serve_refuses_a_bad_limit_before_loading_models(flag, value):
     proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", flag, value],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
@@ -337,3 +338,19 @@ def test_serve_refuses_a_short_api_key_before_loading_models():
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and f"${API_KEY_ENV} must be at least 16" in lines[0], proc.stderr
     assert "short" not in lines[0] and "umT5" not in proc.stderr
+
+
+def test_turn_needs_credentials_and_hands_them_to_clients_only():
+    from runtime.serve.options import TURN_CREDENTIAL_ENV, TURN_USERNAME_ENV, ServerOptions
+
+    proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", "--turn", "turn:relay.example.org"],
+                          capture_output=True, text=True, cwd=ROOT, timeout=120,
+                          env={k: v for k, v in os.environ.items() if k not in (TURN_USERNAME_ENV, TURN_CREDENTIAL_ENV)})
+    assert proc.returncode == 2 and "umT5" not in proc.stderr, proc.stderr
+    assert f"--turn needs the TURN server's credentials in ${TURN_USERNAME_ENV}" in proc.stderr.strip().splitlines()[-1]
+    options = ServerOptions(stun="stun:stun.example.org", turn="turns:relay.example.org:5349?transport=tcp",
+                            turn_username="viewer", turn_credential="s3cret-relay")
+    assert options.ice_servers() == [{"urls": "stun:stun.example.org"},
+                                     {"urls": "turns:relay.example.org:5349?transport=tcp", "username": "viewer",
+                                      "credential": "s3cret-relay"}]
+    assert "s3cret-relay" not in repr(options)

@@ -379,3 +379,70 @@ def test_an_api_key_guards_the_sessions_api():
         assert http_json("GET", url + "/sessions", api_key=key)[2]["sessions"] == []
     assert "API key required" in "".join(proc.output)
     assert key not in "".join(proc.output)
+
+
+class StunServer:
+    """A STUN server on 127.0.0.1 (RFC 5389 binding requests, aioice's codec) that answers as if
+    behind a NAT: every client is mapped to ``MAPPED_HOST`` (a documentation address)."""
+
+    MAPPED_HOST = "203.0.113.7"
+
+    def __init__(self):
+        import threading
+
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.settimeout(0.2)
+        self.port = self.sock.getsockname()[1]
+        self.requests = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+
+    def _serve(self) -> None:
+        from aioice import stun
+
+        while not self._stop.is_set():
+            try:
+                data, addr = self.sock.recvfrom(2048)
+            except OSError:
+                continue
+            try:
+                request = stun.parse_message(data)
+            except ValueError:
+                continue
+            if request.message_method == stun.Method.BINDING and request.message_class == stun.Class.REQUEST:
+                self.requests += 1
+                response = stun.Message(message_method=stun.Method.BINDING, message_class=stun.Class.RESPONSE,
+                                        transaction_id=request.transaction_id)
+                response.attributes["XOR-MAPPED-ADDRESS"] = (self.MAPPED_HOST, addr[1])
+                self.sock.sendto(bytes(response), addr)
+
+    def __enter__(self) -> "StunServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(5)
+        self.sock.close()
+
+
+def test_a_stun_server_is_used_by_the_server_and_given_to_clients():
+    """``--stun``: the server gathers its NAT-mapped (server-reflexive) address from the STUN
+    server and offers it in its answer, and clients get the same ICE servers in the session."""
+    with StunServer() as stun_server, ServerProcess("--max-sessions", "1", "--stun",
+                                                    f"stun:127.0.0.1:{stun_server.port}") as proc:
+        async def watch() -> tuple[dict, str, int]:
+            async with Viewer(proc.url) as viewer:
+                session = await viewer.start(PROMPT)
+                frames = await viewer.wait_frames(6, 90)
+                answer = viewer.pc.remoteDescription.sdp
+                await viewer.stop()
+                return session, answer, frames
+
+        session, answer, frames = asyncio.run(asyncio.wait_for(watch(), 180))
+    assert session["ice_servers"] == [{"urls": f"stun:127.0.0.1:{stun_server.port}"}]
+    srflx = [line for line in answer.splitlines() if "typ srflx" in line]
+    assert srflx and all(StunServer.MAPPED_HOST in line for line in srflx), answer
+    assert stun_server.requests >= 2  # the server's gathering and the viewer's
+    assert frames >= 6  # and the video still plays over the host candidates

@@ -63,6 +63,12 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                      help="seconds without a heartbeat before a session and its cache are freed")
     srv.add_argument("--connect-timeout", type=float, default=30.0,
                      help="seconds a session may run without its WebRTC video connected before it is freed")
+    srv.add_argument("--stun", metavar="URL", help="STUN server for a server behind NAT (stun:HOST[:PORT]); "
+                                                  "clients are told to use it too")
+    srv.add_argument("--turn", metavar="URL",
+                     help="TURN server (turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]) with the "
+                          "credentials in $MEMROPE_SERVE_TURN_USERNAME and $MEMROPE_SERVE_TURN_CREDENTIAL; "
+                          "clients are given them to relay through it")
     srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
     srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                      help="accept clients at once instead of running two blocks first")
@@ -76,13 +82,15 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from runtime.serve.options import API_KEY_ENV, ServerOptions
+    from runtime.serve.options import API_KEY_ENV, TURN_CREDENTIAL_ENV, TURN_USERNAME_ENV, ServerOptions
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
                             connect_timeout_s=args.connect_timeout,
                             retry_after_s=args.retry_after, warm_up=args.warm_up,
-                            prompt_recache=args.prompt_recache, api_key=os.environ.get(API_KEY_ENV) or None)
+                            prompt_recache=args.prompt_recache, api_key=os.environ.get(API_KEY_ENV) or None,
+                            stun=args.stun, turn=args.turn, turn_username=os.environ.get(TURN_USERNAME_ENV) or None,
+                            turn_credential=os.environ.get(TURN_CREDENTIAL_ENV) or None)
     require_serve_packages()
     from runtime.serve.app import listen, run_server
     from runtime.serve.model import load_serve_model

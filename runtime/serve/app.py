@@ -428,7 +428,7 @@ class Server:
         try:
             answer = await answer_offer(session, offer.sdp, self.model.fps, on_frame=self.on_frame,
                                         on_channel=self.on_channel, on_message=self.on_message,
-                                        on_closed=self.on_closed)
+                                        on_closed=self.on_closed, ice_servers=self.options.ice_servers())
         except ValueError as exc:
             raise ApiError(400, str(exc)) from None
         finally:
@@ -517,7 +517,8 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
         session = await server.create(body)
         width, height = model.frame_size
         return {**session.snapshot(), "fps": model.fps, "width": width, "height": height,
-                "heartbeat_timeout_s": options.heartbeat_timeout_s, "connect_timeout_s": options.connect_timeout_s}
+                "heartbeat_timeout_s": options.heartbeat_timeout_s, "connect_timeout_s": options.connect_timeout_s,
+                "ice_servers": options.ice_servers()}
 
     @app.get("/sessions")
     async def list_sessions():

@@ -110,9 +110,11 @@ class Viewer:
 
     async def connect(self) -> None:
         """Offer a recvonly video transceiver and an event channel; start reading and heartbeats."""
-        from aiortc import RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+        from aiortc import RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 
-        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))  # host candidates only
+        # The server's STUN/TURN servers (none: host candidates only).
+        ice = [RTCIceServer(**server) for server in (self.session or {}).get("ice_servers", [])]
+        pc = self.pc = RTCPeerConnection(RTCConfiguration(iceServers=ice))
         pc.addTransceiver("video", direction="recvonly")
         self.channel = pc.createDataChannel("events")
         self.channel.on("message", self._on_message)

@@ -10,6 +10,7 @@ sampler are the server's, not the session's).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 MEMORY_ON_PROMPT_CHANGE = ("keep", "reset")
@@ -27,6 +28,13 @@ CLIENT_KEEPALIVE_S = 15.0
 # The environment variable holding the API key (not a flag: a flag's value is in every process list).
 API_KEY_ENV = "MEMROPE_SERVE_API_KEY"
 MIN_API_KEY_CHARS = 16
+# ICE servers for a server behind NAT: one STUN and one TURN server (what aiortc uses), shared with
+# the clients in the session so both ends gather the same kinds of candidates. TURN credentials
+# come from the environment, as the API key does.
+STUN_URL = re.compile(r"stun:[^\s?:/@\[\]]+(:\d{1,5})?")
+TURN_URL = re.compile(r"(turn:[^\s?:/@\[\]]+(:\d{1,5})?(\?transport=(udp|tcp))?|turns:[^\s?:/@\[\]]+(:\d{1,5})?(\?transport=tcp)?)")
+TURN_USERNAME_ENV = "MEMROPE_SERVE_TURN_USERNAME"
+TURN_CREDENTIAL_ENV = "MEMROPE_SERVE_TURN_CREDENTIAL"
 
 
 def _int_in(name: str, value, low: int, high: int | None = None) -> None:
@@ -59,6 +67,11 @@ class ServerOptions:
       ``recent``, ``all``); anything but ``none`` keeps the backend's recache graph loaded.
     api_key: when set, every ``/sessions`` request must carry ``Authorization: Bearer <api_key>``
       (the page, ``/healthz`` and ``/metrics`` stay open); from ``$MEMROPE_SERVE_API_KEY``.
+    stun / turn: a STUN URL (``stun:HOST[:PORT]``) and a TURN URL (``turn:HOST[:PORT][?transport=
+      udp|tcp]`` or ``turns:...``) for the server and its clients; without them the server offers
+      its host addresses only, enough on a LAN or with a public address, not behind NAT.
+    turn_username / turn_credential: the TURN server's long-term credentials (from
+      ``$MEMROPE_SERVE_TURN_USERNAME`` and ``$MEMROPE_SERVE_TURN_CREDENTIAL``).
     """
 
     host: str = "127.0.0.1"
@@ -71,6 +84,18 @@ class ServerOptions:
     warm_up: bool = True
     prompt_recache: str = "none"
     api_key: str | None = field(default=None, repr=False)  # never printed
+    stun: str | None = None
+    turn: str | None = None
+    turn_username: str | None = None
+    turn_credential: str | None = field(default=None, repr=False)
+
+    def ice_servers(self) -> list[dict]:
+        """The ICE servers as a browser's ``RTCPeerConnection`` takes them (``urls``, and for TURN
+        ``username`` and ``credential``)."""
+        servers = [{"urls": self.stun}] if self.stun else []
+        if self.turn:
+            servers.append({"urls": self.turn, "username": self.turn_username, "credential": self.turn_credential})
+        return servers
 
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
@@ -89,6 +114,15 @@ class ServerOptions:
             raise ValueError(f"${API_KEY_ENV} must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
                              "without spaces (make one with: python -c 'import secrets; "
                              "print(secrets.token_urlsafe(24))')")
+        if self.stun is not None and not STUN_URL.fullmatch(self.stun):
+            raise ValueError(f"--stun must be stun:HOST[:PORT] (e.g. stun:stun.example.org:3478), got {self.stun!r}")
+        if self.turn is not None:
+            if not TURN_URL.fullmatch(self.turn):
+                raise ValueError(f"--turn must be turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT], "
+                                 f"got {self.turn!r}")
+            if not self.turn_username or not self.turn_credential:
+                raise ValueError(f"--turn needs the TURN server's credentials in ${TURN_USERNAME_ENV} and "
+                                 f"${TURN_CREDENTIAL_ENV}")
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable
 from fractions import Fraction
 
-from aiortc import MediaStreamTrack, RTCConfiguration, RTCPeerConnection, RTCSessionDescription
+from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
@@ -62,12 +62,13 @@ class SessionVideoTrack(MediaStreamTrack):
 
 async def answer_offer(session: Session, sdp: str, fps: int, *, on_frame: Callable[[Session, Frame, float], None],
                        on_channel: Callable[[Session], None], on_message: Callable[[Session, object], None],
-                       on_closed: Callable[[Session, str], None]) -> RTCSessionDescription:
+                       on_closed: Callable[[Session, str], None],
+                       ice_servers: list[dict] = ()) -> RTCSessionDescription:
     """Accept the client's offer for ``session``; returns the answer (ICE candidates included, so
-    the client needs no trickle). Raises ValueError for an offer this server cannot answer."""
-    # No STUN/TURN: the server answers with its host addresses (aiortc would otherwise ask a
-    # public STUN server for every session); clients find it there.
-    pc = RTCPeerConnection(RTCConfiguration(iceServers=[]))
+    the client needs no trickle). Raises ValueError for an offer this server cannot answer.
+    ``ice_servers`` (browser format) are the server's STUN/TURN servers; with none, the answer
+    has the host addresses only (aiortc would otherwise ask a public STUN server every time)."""
+    pc = RTCPeerConnection(RTCConfiguration(iceServers=[RTCIceServer(**server) for server in ice_servers]))
     try:
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
     except Exception as exc:  # noqa: BLE001 - aiortc raises several types for bad SDP
