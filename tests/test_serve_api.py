@@ -124,6 +124,8 @@ def test_sessions_admission_prompt_change_pause(server):
     assert seen["still"] <= seen["held"] + 1  # at most the block in flight when the pause arrived
     m = _wait_metrics(server, _idle, 10, "every session freed")
     assert m["memrope_serve_sessions_rejected_total"] >= 1
+    assert m["memrope_serve_prompt_changes_refused_total"] >= len(busy)
+    assert m['memrope_serve_sessions_ended_total{kind="stopped"}'] >= 2
 
 
 @pytest.mark.slow  # a load/leak test: CI's slow step
@@ -319,7 +321,8 @@ def test_polling_a_session_is_not_a_heartbeat(server):
     while (snapshot := server.get(f"/sessions/{sid}")[2])["state"] != "ended" and time.monotonic() < deadline:
         time.sleep(0.25)
     assert snapshot["state"] == "ended" and snapshot["reason"] == f"no heartbeat for {HEARTBEAT_S:g} s", snapshot
-    _wait_metrics(server, _idle, 10, "the session freed")
+    m = _wait_metrics(server, _idle, 10, "the session freed")
+    assert m['memrope_serve_sessions_ended_total{kind="heartbeat"}'] >= 1
 
 
 def test_an_idle_connection_outlives_the_viewers_pool(server):
@@ -377,6 +380,7 @@ def test_an_api_key_guards_the_sessions_api():
         frames, ended = asyncio.run(asyncio.wait_for(watch(), 180))
         assert frames >= 6 and ended["state"] == "ended"
         assert http_json("GET", url + "/sessions", api_key=key)[2]["sessions"] == []
+        assert proc.metrics()["memrope_serve_unauthorized_requests_total"] == 3
     assert "API key required" in "".join(proc.output)
     assert key not in "".join(proc.output)
 

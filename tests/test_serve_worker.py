@@ -260,3 +260,4 @@ def test_a_session_whose_video_never_connects_is_freed(model):
     assert state == RUNNING
     assert silent_ended.get("reason", "").startswith(f"no video connection within {connect_timeout_s:g} s"), silent_ended
     assert ended_after >= connect_timeout_s
+    assert server.stats.sessions_ended["connect_timeout"] == 1 and server.stats.sessions_ended["stopped"] == 1

@@ -158,8 +158,8 @@ class RequireApiKey:
     """ASGI middleware: requests under ``/sessions`` need ``Authorization: Bearer <key>``; others
     (the page, ``/healthz``, ``/metrics``) pass. A missing or wrong key gets a one-line 401."""
 
-    def __init__(self, app, key: str):
-        self.app, self.expected = app, f"Bearer {key}".encode()
+    def __init__(self, app, key: str, stats: ServeStats):
+        self.app, self.expected, self.stats = app, f"Bearer {key}".encode(), stats
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or not (scope["path"] == "/sessions" or scope["path"].startswith("/sessions/")):
@@ -167,6 +167,7 @@ class RequireApiKey:
         given = dict(scope["headers"]).get(b"authorization", b"")
         if hmac.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
+        self.stats.add("unauthorized")
         what = "wrong API key" if given else "no API key"
         body = json.dumps({"error": f"{what}: this server's /sessions API needs 'Authorization: Bearer <key>' "
                                     "(the key in the server's $MEMROPE_SERVE_API_KEY; the page takes it as "
@@ -210,7 +211,7 @@ class Server:
         finally:
             reaper.cancel()
             for session in list(self.sessions.values()):
-                await self.end(session, "the server is shutting down")
+                await self.end(session, "the server is shutting down", "shutdown")
             await asyncio.to_thread(self.worker.close)
             self._text_pool.shutdown(wait=True)
 
@@ -252,11 +253,11 @@ class Server:
             embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
             opened = await asyncio.wrap_future(self.worker.open(session, embeds))
         except asyncio.CancelledError:  # the request went away: so does its session
-            asyncio.ensure_future(self.end(session, "the creating request was cancelled"))
+            asyncio.ensure_future(self.end(session, "the creating request was cancelled", "cancelled"))
             raise
         except Exception as exc:  # noqa: BLE001 - reported to the client, the server keeps serving
             message = f"could not start the session: {type(exc).__name__}: {exc}"
-            await self.end(session, message)
+            await self.end(session, message, "error")
             raise ApiError(500, message) from None
         session.touch()  # the heartbeat clock starts when the session runs, and so does the connect clock
         session.connect_by = session.last_seen + self.options.connect_timeout_s
@@ -277,6 +278,7 @@ class Server:
         of everyone else's."""
         prompt = self._check_prompt(body.prompt)
         if session.id in self._prompting:
+            self.stats.add("prompt_changes_refused")
             raise ApiError(429, f"session {session.id} has a prompt change in flight; send the next one when it "
                                 "is answered", headers={"Retry-After": "1"})
         self._prompting.add(session.id)  # before the first await
@@ -314,11 +316,13 @@ class Server:
                 self.worker.wake()
         return session.snapshot()
 
-    async def end(self, session: Session, reason: str) -> None:
-        """End ``session`` for ``reason``: its slot is free at once, its cache once the worker
-        has closed its stream (within a block); the client hears why."""
+    async def end(self, session: Session, reason: str, kind: str) -> None:
+        """End ``session`` for ``reason`` (a sentence; ``kind``, one of metrics' ``ENDED_KINDS``, labels
+        the metric): its slot is free at once, its cache once the worker has closed its stream
+        (within a block); the client hears why."""
         if not session.set_state(ENDED, reason):
             return
+        self.stats.count_ended(kind)
         self.sessions.pop(session.id, None)
         self.ended[session.id] = {**session.snapshot(), "connected": False}
         while len(self.ended) > ENDED_SESSIONS_REMEMBERED:
@@ -335,7 +339,7 @@ class Server:
     def _failed_in_worker(self, session: Session, message: str) -> None:
         """Worker thread: a session's block failed and its stream is released."""
         def end() -> None:
-            asyncio.ensure_future(self.end(session, f"error: {message}"))
+            asyncio.ensure_future(self.end(session, f"error: {message}", "error"))
         try:
             self.loop.call_soon_threadsafe(end)
         except RuntimeError:  # the loop is gone: the server is stopping anyway
@@ -364,10 +368,10 @@ class Server:
                 if session.state == STARTING or session.connect_by is None:  # create() has not returned yet
                     continue
                 if now - session.last_seen > timeout:
-                    await self.end(session, f"no heartbeat for {timeout:g} s")
+                    await self.end(session, f"no heartbeat for {timeout:g} s", "heartbeat")
                 elif session.connected_at is None and session.connect_by is not None and now > session.connect_by:
                     await self.end(session, f"no video connection within {connect_timeout:g} s "
-                                            "(no WebRTC offer, or it did not connect)")
+                                            "(no WebRTC offer, or it did not connect)", "connect_timeout")
 
     # -- events ------------------------------------------------------------------------------------
 
@@ -419,7 +423,7 @@ class Server:
 
     def on_closed(self, session: Session, reason: str) -> None:
         if not session.ended:
-            asyncio.ensure_future(self.end(session, reason))
+            asyncio.ensure_future(self.end(session, reason, "connection"))
 
     async def answer(self, session: Session, offer: Offer) -> dict:
         if session.pc is not None or session.id in self._answering:
@@ -468,7 +472,7 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     app.state.server = server
     app.add_middleware(BodyLimit)
     if options.api_key:
-        app.add_middleware(RequireApiKey, key=options.api_key)  # added last: checked first
+        app.add_middleware(RequireApiKey, key=options.api_key, stats=server.stats)  # added last: checked first
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -554,7 +558,7 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
 
     async def stop(session_id: str):
         session = server.live(session_id)
-        await server.end(session, "stopped by the client")
+        await server.end(session, "stopped by the client", "stopped")
         return server.ended[session_id]
 
     app.post("/sessions/{session_id}/stop")(stop)

@@ -18,6 +18,8 @@ from collections import deque
 # Blocks/s is averaged over this window; latency quantiles over the last LATENCY_WINDOW blocks.
 RATE_WINDOW_S = 10.0
 LATENCY_WINDOW = 512
+# Why sessions end (the ``kind`` label of memrope_serve_sessions_ended_total).
+ENDED_KINDS = ("stopped", "heartbeat", "connect_timeout", "connection", "error", "cancelled", "shutdown")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -44,6 +46,9 @@ class ServeStats:
         self.frames_sent = 0
         self.frames_dropped = 0
         self.events_dropped = 0
+        self.prompt_changes_refused = 0  # 429: a change already in flight for the session
+        self.unauthorized = 0            # 401: a /sessions request without the API key
+        self.sessions_ended = dict.fromkeys(ENDED_KINDS, 0)
         self.cache_bytes = 0  # KV cache bytes of the streams the worker has open
         self._block_times: deque[tuple[float, float]] = deque(maxlen=LATENCY_WINDOW)  # (done_at, seconds)
         self._lags: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -55,6 +60,12 @@ class ServeStats:
     def add(self, name: str, amount: int = 1) -> None:
         with self._lock:
             setattr(self, name, getattr(self, name) + amount)
+
+    def count_ended(self, kind: str) -> None:
+        if kind not in ENDED_KINDS:
+            raise ValueError(f"unknown session end kind {kind!r}; expected one of {ENDED_KINDS}")
+        with self._lock:
+            self.sessions_ended[kind] += 1
 
     def record_block(self, seconds: float) -> None:
         with self._lock:
@@ -102,8 +113,16 @@ def make_registry(stats: ServeStats, max_sessions: int):
                     ("frames_sent", "Video frames handed to viewers", stats.frames_sent),
                     ("frames_dropped", "Queued frames dropped (prompt-change flushes)", stats.frames_dropped),
                     ("events_dropped", "Events not sent because a client's channel was backed up",
-                     stats.events_dropped)):
+                     stats.events_dropped),
+                    ("prompt_changes_refused", "Prompt changes refused with 429 (one in flight per session)",
+                     stats.prompt_changes_refused),
+                    ("unauthorized_requests", "/sessions requests refused with 401 (no or wrong API key)",
+                     stats.unauthorized)):
                 yield CounterMetricFamily(f"memrope_serve_{name}", doc, value=value)
+            ended = CounterMetricFamily("memrope_serve_sessions_ended", "Sessions ended, by why", labels=["kind"])
+            for kind, count in stats.sessions_ended.items():
+                ended.add_metric([kind], count)
+            yield ended
             yield GaugeMetricFamily("memrope_serve_blocks_per_second",
                                     f"Blocks generated per second over the last {RATE_WINDOW_S:.0f} s",
                                     value=stats.blocks_per_second())
