@@ -354,3 +354,16 @@ def test_turn_needs_credentials_and_hands_them_to_clients_only():
                                      {"urls": "turns:relay.example.org:5349?transport=tcp", "username": "viewer",
                                       "credential": "s3cret-relay"}]
     assert "s3cret-relay" not in repr(options)
+
+
+def test_serve_refuses_tls_files_that_do_not_load_before_loading_models(tmp_path):
+    (tmp_path / "cert.pem").write_text("not a certificate\n")
+    cases = [(["--tls-cert", str(tmp_path / "cert.pem")], "--tls-cert and --tls-key go together"),
+             (["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "missing.pem")],
+              f"cannot load the TLS certificate {tmp_path / 'cert.pem'}")]
+    for flags, message in cases:
+        proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", *flags],
+                              capture_output=True, text=True, cwd=ROOT, timeout=120)
+        assert proc.returncode == 2 and "umT5" not in proc.stderr, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], proc.stderr

@@ -450,3 +450,59 @@ def test_a_stun_server_is_used_by_the_server_and_given_to_clients():
     assert srflx and all(StunServer.MAPPED_HOST in line for line in srflx), answer
     assert stun_server.requests >= 2  # the server's gathering and the viewer's
     assert frames >= 6  # and the video still plays over the host candidates
+
+
+def _self_signed(folder) -> tuple[str, str]:
+    """A self-signed certificate for 127.0.0.1 and its key, as PEM files in ``folder``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+                           critical=False)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = folder / "cert.pem", folder / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return str(cert_path), str(key_path)
+
+
+def test_https_with_a_certificate(tmp_path):
+    """``--tls-cert/--tls-key``: the server speaks HTTPS (the URL it prints says so); a viewer that
+    trusts the certificate plays; the watching client with ``--cafile`` runs, and without it fails
+    at once naming the certificate problem."""
+    import ssl
+
+    cert, key = _self_signed(tmp_path)
+    context = ssl.create_default_context(cafile=cert)
+    with ServerProcess("--max-sessions", "1", "--tls-cert", cert, "--tls-key", key) as proc:
+        assert proc.url.startswith("https://127.0.0.1:")
+        assert http_json("GET", proc.url + "/healthz", ssl_context=context)[0] == 200
+
+        async def watch() -> int:
+            async with Viewer(proc.url, ssl_context=context) as viewer:
+                await viewer.start(PROMPT)
+                frames = await viewer.wait_frames(6, 90)
+                await viewer.stop()
+                return frames
+
+        assert asyncio.run(asyncio.wait_for(watch(), 180)) >= 6
+        client = [sys.executable, "-m", "runtime.serve.client", proc.url, "--seconds", "1", "--wait", "30"]
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        trusted = subprocess.run([*client, "--cafile", cert], capture_output=True, text=True, timeout=120, cwd=root)
+        assert trusted.returncode == 0 and '"session"' in trusted.stdout, trusted.stderr
+        started = time.monotonic()
+        untrusted = subprocess.run(client, capture_output=True, text=True, timeout=120, cwd=root)
+        assert untrusted.returncode == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr, untrusted.stderr
+        assert time.monotonic() - started < 25 and len(untrusted.stderr.strip().splitlines()) == 1

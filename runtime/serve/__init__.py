@@ -69,6 +69,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                      help="TURN server (turn:HOST[:PORT][?transport=udp|tcp] or turns:HOST[:PORT]) with the "
                           "credentials in $MEMROPE_SERVE_TURN_USERNAME and $MEMROPE_SERVE_TURN_CREDENTIAL; "
                           "clients are given them to relay through it")
+    srv.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain (with --tls-key)")
+    srv.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
     srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
     srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                      help="accept clients at once instead of running two blocks first")
@@ -90,7 +92,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             retry_after_s=args.retry_after, warm_up=args.warm_up,
                             prompt_recache=args.prompt_recache, api_key=os.environ.get(API_KEY_ENV) or None,
                             stun=args.stun, turn=args.turn, turn_username=os.environ.get(TURN_USERNAME_ENV) or None,
-                            turn_credential=os.environ.get(TURN_CREDENTIAL_ENV) or None)
+                            turn_credential=os.environ.get(TURN_CREDENTIAL_ENV) or None,
+                            tls_cert=args.tls_cert, tls_key=args.tls_key)
+    options.check_tls()
     require_serve_packages()
     from runtime.serve.app import listen, run_server
     from runtime.serve.model import load_serve_model

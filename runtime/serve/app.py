@@ -585,15 +585,18 @@ def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[
 
     sock = sock if sock is not None else listen(options)
     host, port = sock.getsockname()[:2]
-    url = f"http://{host if sock.family == socket.AF_INET else f'[{host}]'}:{port}/"
+    url = f"{options.scheme}://{host if sock.family == socket.AF_INET else f'[{host}]'}:{port}/"
     app = create_app(model, options, on_started=None if on_ready is None else lambda: on_ready(url))
-    uvicorn.Server(uvicorn_config(app)).run(sockets=[sock])
+    uvicorn.Server(uvicorn_config(app, options)).run(sockets=[sock])
 
 
-def uvicorn_config(app: FastAPI):
+def uvicorn_config(app: FastAPI, options: ServerOptions | None = None):
     """How uvicorn serves ``app`` (also for servers run inside a test): idle connections are
-    kept for ``SERVER_KEEPALIVE_S``, longer than clients pool them."""
+    kept for ``SERVER_KEEPALIVE_S``, longer than clients pool them; HTTPS with the options'
+    certificate."""
     import uvicorn
 
+    tls = {} if options is None or not options.tls_cert else {"ssl_certfile": options.tls_cert,
+                                                              "ssl_keyfile": options.tls_key}
     return uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
-                          timeout_keep_alive=SERVER_KEEPALIVE_S)
+                          timeout_keep_alive=SERVER_KEEPALIVE_S, **tls)

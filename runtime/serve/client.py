@@ -44,17 +44,20 @@ class Viewer:
         read: pull the received video (False: connect but never read a frame).
         heartbeat_s: heartbeat period on the data channel (REST before the channel opens).
         api_key: sent as ``Authorization: Bearer`` to a server that requires one.
+        ssl_context: how to verify an HTTPS server (default: the system's CAs).
     """
 
-    def __init__(self, base_url: str, *, read: bool = True, heartbeat_s: float = 1.0, api_key: str | None = None):
+    def __init__(self, base_url: str, *, read: bool = True, heartbeat_s: float = 1.0, api_key: str | None = None,
+                 ssl_context=None):
         import aiohttp
 
         self.base_url = base_url.rstrip("/")
         self.read = read
         self.heartbeat_s = heartbeat_s
         # Idle pooled connections close before the server's keep-alive ends (see SERVER_KEEPALIVE_S).
-        self.http = aiohttp.ClientSession(connector=aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S),
-                                          headers=_auth(api_key))
+        connector = aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S,
+                                         ssl=True if ssl_context is None else ssl_context)
+        self.http = aiohttp.ClientSession(connector=connector, headers=_auth(api_key))
         self.session: dict | None = None
         self.pc = None
         self.channel = None
@@ -212,13 +215,13 @@ def _auth(api_key: str | None) -> dict[str, str]:
 
 
 def http_json(method: str, url: str, body=None, *, raw: bytes | None = None, timeout_s: float = 30.0,
-              api_key: str | None = None) -> tuple[int, dict, dict]:
+              api_key: str | None = None, ssl_context=None) -> tuple[int, dict, dict]:
     """One blocking request: ``(status, headers, JSON answer)``; error statuses are returned, not raised."""
     data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
     headers = {**({"Content-Type": "application/json"} if data is not None else {}), **_auth(api_key)}
     request = urllib.request.Request(url, data=data, method=method, headers=headers)
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        with urllib.request.urlopen(request, timeout=timeout_s, context=ssl_context) as response:
             status, headers, text = response.status, dict(response.headers), response.read().decode()
     except urllib.error.HTTPError as error:
         status, headers, text = error.code, dict(error.headers), error.read().decode()
@@ -297,8 +300,8 @@ class ServerProcess:
             self.process.wait()
 
 
-async def _watch(url: str, prompt: str, seconds: float) -> int:
-    async with Viewer(url, api_key=os.environ.get(API_KEY_ENV) or None) as viewer:
+async def _watch(url: str, prompt: str, seconds: float, ssl_context=None) -> int:
+    async with Viewer(url, api_key=os.environ.get(API_KEY_ENV) or None, ssl_context=ssl_context) as viewer:
         await viewer.start(prompt)
         print(json.dumps({"session": viewer.id}), flush=True)
         deadline = time.monotonic() + seconds
@@ -311,16 +314,20 @@ async def _watch(url: str, prompt: str, seconds: float) -> int:
     return 0
 
 
-def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5) -> None:
+def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5, ssl_context=None) -> None:
     """Poll ``GET /healthz`` until the server answers 200, for at most ``timeout_s`` seconds
-    (a server that was just started loads its model and warms up first)."""
+    (a server that was just started loads its model and warms up first). A certificate that
+    does not verify fails at once."""
+    import ssl
+
     deadline = time.monotonic() + timeout_s
     while True:
         try:
-            if http_json("GET", url.rstrip("/") + "/healthz", timeout_s=poll_s * 4)[0] == 200:
+            if http_json("GET", url.rstrip("/") + "/healthz", timeout_s=poll_s * 4, ssl_context=ssl_context)[0] == 200:
                 return
-        except OSError:  # not listening yet
-            pass
+        except OSError as exc:  # not listening yet, unless the TLS handshake failed
+            if isinstance(getattr(exc, "reason", exc), ssl.SSLError):
+                raise
         if time.monotonic() >= deadline:
             raise TimeoutError(f"{url} did not answer GET /healthz with 200 within {timeout_s:g} s")
         time.sleep(poll_s)
@@ -335,11 +342,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=10.0, help="how long to watch")
     parser.add_argument("--wait", type=float, default=0.0,
                         help="wait up to this many seconds for the server to be ready (e.g. one just started)")
+    parser.add_argument("--cafile", help="PEM certificate(s) to trust for an https:// server (e.g. its self-signed one)")
     args = parser.parse_args(argv)
     try:
+        context = None
+        if args.cafile:
+            import ssl
+
+            context = ssl.create_default_context(cafile=args.cafile)
         if args.wait > 0:
-            wait_until_serving(args.url, args.wait)
-        return asyncio.run(_watch(args.url, args.prompt, args.seconds))
+            wait_until_serving(args.url, args.wait, ssl_context=context)
+        return asyncio.run(_watch(args.url, args.prompt, args.seconds, context))
     except (ServeError, TimeoutError, OSError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -72,6 +72,7 @@ class ServerOptions:
       its host addresses only, enough on a LAN or with a public address, not behind NAT.
     turn_username / turn_credential: the TURN server's long-term credentials (from
       ``$MEMROPE_SERVE_TURN_USERNAME`` and ``$MEMROPE_SERVE_TURN_CREDENTIAL``).
+    tls_cert / tls_key: PEM certificate chain and private key: serve HTTPS (both or neither).
     """
 
     host: str = "127.0.0.1"
@@ -88,6 +89,26 @@ class ServerOptions:
     turn: str | None = None
     turn_username: str | None = None
     turn_credential: str | None = field(default=None, repr=False)
+    tls_cert: str | None = None
+    tls_key: str | None = None
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_cert else "http"
+
+    def check_tls(self) -> None:
+        """Load the certificate and key once (cheap; before the models load): ValueError naming
+        the files if they are missing, unreadable or do not match."""
+        if self.tls_cert is None:
+            return
+        import ssl
+
+        try:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else (exc.reason or exc)
+            raise ValueError(f"cannot load the TLS certificate {self.tls_cert} with key {self.tls_key}: {reason} "
+                             "(expected PEM files, the key matching the certificate)") from None
 
     def ice_servers(self) -> list[dict]:
         """The ICE servers as a browser's ``RTCPeerConnection`` takes them (``urls``, and for TURN
@@ -114,6 +135,8 @@ class ServerOptions:
             raise ValueError(f"${API_KEY_ENV} must be at least {MIN_API_KEY_CHARS} printable ASCII characters "
                              "without spaces (make one with: python -c 'import secrets; "
                              "print(secrets.token_urlsafe(24))')")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together: the certificate chain and its private key (PEM)")
         if self.stun is not None and not STUN_URL.fullmatch(self.stun):
             raise ValueError(f"--stun must be stun:HOST[:PORT] (e.g. stun:stun.example.org:3478), got {self.stun!r}")
         if self.turn is not None:
