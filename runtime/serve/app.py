@@ -2,10 +2,13 @@
 the page, admission and the sessions' lifecycle.
 
 Owns: :class:`Server` (the registry of live sessions, admission up to ``max_sessions`` with a
-503 and ``Retry-After`` past it, ending a session for every reason: stopped by its client,
-disconnected, missed heartbeats, failed in the worker, server shutdown; the per-block events;
-the heartbeat reaper), :func:`create_app` (the FastAPI routes) and :func:`run_server` (uvicorn on
-a socket bound before it starts, so the printed URL is already accepting connections).
+503 and ``Retry-After`` past it, one prompt change in flight per session, ending a session for
+every reason: stopped by its client, disconnected, missed heartbeats, video never connected,
+failed in the worker, server shutdown; the per-block events; the reaper), the ASGI guards
+:class:`RequireApiKey` (401 without the key) and :class:`BodyLimit` (413 past 1 MiB), both
+before a body is read, :func:`create_app` (the FastAPI routes) and :func:`run_server` (uvicorn,
+HTTP or HTTPS, on a socket bound before it starts, so the printed URL is already accepting
+connections).
 
 Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status. Everything here runs on
 the event loop except prompt encoding (a one-thread pool, so the DiT worker keeps generating
