@@ -367,10 +367,11 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
         provider = getattr(args, "ort_provider", "auto")
         wanted = ([provider] if args.backend == "onnxruntime" else []) + \
                  ([vae_provider(provider)] if vae_backend == "onnxruntime" else [])
-        for each in wanted:
+        if wanted:
             from engine.onnxruntime_backend import resolve_provider
 
-            resolve_provider(each, artifact.contract.dtype, artifact.path)
+            for each in wanted:
+                resolve_provider(each, artifact.contract.dtype, artifact.path)
         if dit_exported:
             _check_engine_files(artifact, args.backend, ["step", "text", *(["recache"] if recache else [])],
                                 "--backend")

@@ -307,6 +307,8 @@ class PngFolderWriter:
                 os.replace(self.directory, old)
             os.replace(partial, self.directory)
         except BaseException:
+            if old is not None and not self.directory.exists():
+                os.replace(old, self.directory)  # the earlier run's frames back where they were
             shutil.rmtree(partial, ignore_errors=True)
             raise
         if old is not None:

@@ -304,6 +304,27 @@ def test_png_frames_appear_whole_and_replace_only_an_earlier_runs_frames(tmp_pat
     assert sorted(p.name for p in frames.iterdir()) == before
     assert _leftovers(tmp_path) == ["frames"]
 
+    # The rename of the new frames fails after the old ones were moved aside (an injected fault):
+    # the old frames go back where they were.
+    import runtime.video as video
+
+    real_replace = video.os.replace
+
+    def failing_replace(src, dst):
+        if ".partial-" in Path(src).name and Path(dst) == frames:
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+
+    video.os.replace = failing_replace
+    try:
+        with pytest.raises(OSError, match="No space left"):
+            with PngFolderWriter(frames) as writer:
+                writer.write(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), 0)
+    finally:
+        video.os.replace = real_replace
+    assert sorted(p.name for p in frames.iterdir()) == before
+    assert _leftovers(tmp_path) == ["frames"]
+
 
 def test_serve_refuses_a_taken_port_before_loading_models(tmp_path):
     import socket
