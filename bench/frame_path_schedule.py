@@ -47,14 +47,14 @@ def measure(artifact_dir: Path, rounds: int) -> list[dict]:
     """Every schedule's sessions open in this one process; the rounds visit them in turn (DiT
     alone, VAE alone, serial, overlapped: a segment each), so the machine's drift over minutes
     hits every schedule and mode alike. Medians over the rounds' steady-state blocks."""
-    from engine.onnxruntime_backend import OnnxRuntimeBackend
-    from engine.vae_onnxruntime_backend import OnnxRuntimeVAEBackend
     from memrope.artifact import load_artifact
+    from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
+    from memrope.engine.vae_onnxruntime_backend import OnnxRuntimeVAEBackend
     from memrope.pipeline import MemRoPEPipeline
+    from memrope.runtime.bench import _ArrivalWriter
+    from memrope.runtime.t2v import stream_video
+    from memrope.runtime.vae import VAEStream
     from memrope.sampler import StreamingSeededNoise
-    from runtime.bench import _ArrivalWriter
-    from runtime.t2v import stream_video
-    from runtime.vae import VAEStream
 
     artifact = load_artifact(artifact_dir)
     run = replace(artifact.run, num_output_frames=3 * SEGMENT)
@@ -114,11 +114,11 @@ def measure(artifact_dir: Path, rounds: int) -> list[dict]:
 
 
 def export(preset_name: str, workdir: Path) -> Path:
-    from export.onnx_export import export_artifact
     from memrope.config import model_preset
+    from memrope.export.onnx_export import export_artifact
     from memrope.model import build_dit, random_state_dict
+    from memrope.runtime.bench import BENCH_PRESETS, bench_run_config, bench_vae
     from memrope.vae import WanStreamingDecoder
-    from runtime.bench import BENCH_PRESETS, bench_run_config, bench_vae
 
     preset = BENCH_PRESETS[preset_name]
     model = model_preset(preset.model)
@@ -163,7 +163,7 @@ def main() -> int:
         print(json.dumps(measure(Path(path), int(rounds))))
         return 0
     from memrope.io import atomic_write
-    from runtime.bench import cpu_name
+    from memrope.runtime.bench import cpu_name
 
     results, summary = {}, {}
     with tempfile.TemporaryDirectory(prefix="memrope-schedule-") as tmp:

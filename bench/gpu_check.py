@@ -96,13 +96,13 @@ def bf16_error(preset_name: str, device: str, backend: str, blocks: int, seed: i
     off), same random weights, prompt embeddings and noise. Runs in its own process."""
     import torch
 
-    from engine.compiled_backend import CompiledBackend
-    from engine.eager_backend import EagerBackend
     from memrope.config import model_preset
+    from memrope.engine.compiled_backend import CompiledBackend
+    from memrope.engine.eager_backend import EagerBackend
     from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
+    from memrope.runtime.bench import BENCH_PRESETS, bench_run_config
     from memrope.sampler import StreamingSeededNoise
-    from runtime.bench import BENCH_PRESETS, bench_run_config
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
@@ -139,7 +139,7 @@ def bf16_error(preset_name: str, device: str, backend: str, blocks: int, seed: i
 def _bench_cmd(args, backend: str) -> list[str]:
     blocks, warmup, e2e = (4, 1, 6) if args.smoke else (10, 3, 12)
     stem = f"bench_{backend}"
-    return [sys.executable, "-m", "runtime", "bench", "--preset", args.preset, "--device", args.device,
+    return [sys.executable, "-m", "memrope", "bench", "--preset", args.preset, "--device", args.device,
             "--dtype", "bfloat16", "--backends", backend, "--blocks", str(blocks), "--warmup-blocks", str(warmup),
             "--e2e-blocks", str(e2e), "--json-out", str(args.out / f"{stem}.json"),
             "--plot", str(args.out / f"{stem}.png")]

@@ -30,8 +30,8 @@ sys.path.insert(0, str(ROOT))
 
 from memrope.backend import Backend  # noqa: E402
 from memrope.pipeline import MemRoPEPipeline  # noqa: E402
+from memrope.runtime.bench import BENCH_PRESETS, _make_backend, bench_run_config, cpu_name  # noqa: E402
 from memrope.sampler import SeededNoise  # noqa: E402
-from runtime.bench import BENCH_PRESETS, _make_backend, bench_run_config, cpu_name  # noqa: E402
 
 
 class Ranged(Backend):

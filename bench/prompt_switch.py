@@ -87,18 +87,18 @@ def _make_backend(name: str, workdir: Path, threads: int, recache: bool = True):
 
     from memrope.config import model_preset
     from memrope.model import build_dit, random_state_dict
-    from runtime.bench import BENCH_PRESETS, bench_run_config
+    from memrope.runtime.bench import BENCH_PRESETS, bench_run_config
 
     preset = BENCH_PRESETS["mid"]
     model = model_preset("mid")
     run = bench_run_config(model, preset.height, preset.width, blocks=1000)
     dit = build_dit(model, random_state_dict(model), dtype=torch.float32)
     if name == "eager":
-        from engine.eager_backend import EagerBackend
+        from memrope.engine.eager_backend import EagerBackend
 
         return EagerBackend(dit, run), run
-    from engine.onnxruntime_backend import OnnxRuntimeBackend
-    from export.onnx_export import export_artifact
+    from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
+    from memrope.export.onnx_export import export_artifact
 
     artifact = workdir / "mid_float32"
     if not artifact.exists():
@@ -221,7 +221,7 @@ def _meta(repeats: int, threads: int) -> dict:
 
     from memrope.cache import CacheLayout
     from memrope.config import model_preset
-    from runtime.bench import BENCH_PRESETS, bench_run_config, cpu_name
+    from memrope.runtime.bench import BENCH_PRESETS, bench_run_config, cpu_name
 
     cpu = cpu_name()
     preset = BENCH_PRESETS["mid"]

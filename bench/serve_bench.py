@@ -34,15 +34,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))  # servers
 
-from runtime.serve.client import ServerProcess, Viewer  # noqa: E402
+from memrope.runtime.serve.client import ServerProcess, Viewer  # noqa: E402
 
 PROMPT = "a small red boat on the blue sea at night"
-MID_PIXELS = (96, 128)  # height, width: runtime.bench's mid preset
+MID_PIXELS = (96, 128)  # height, width: memrope.runtime.bench's mid preset
 MB = 2**20
 
 
 def _percentile(values: list[float], q: float) -> float | None:
-    from runtime.serve.metrics import percentile
+    from memrope.runtime.serve.metrics import percentile
 
     return percentile(values, q)
 
@@ -57,8 +57,8 @@ def mid_model_dir() -> tuple[Path, Path]:
     from memrope.checkpoint import save_dit_state_dict_safetensors
     from memrope.config import model_preset
     from memrope.model import random_state_dict
-    from runtime.text import build_tiny_text_model
-    from runtime.vae import build_tiny_vae
+    from memrope.runtime.text import build_tiny_text_model
+    from memrope.runtime.vae import build_tiny_vae
 
     directory = _cache_root() / "serve-bench-mid-v1"
     run_yaml = directory / "run.yaml"
@@ -93,7 +93,7 @@ def generate_reference(preset: str, args: list[str], seconds: float) -> dict:
     decode, MP4 write), from its own summary line."""
     with tempfile.TemporaryDirectory() as tmp:
         gen_args = args or ["--preset", "tiny"]
-        cmd = [sys.executable, "-m", "runtime", "generate", *gen_args, "--prompt", PROMPT, "--seconds", str(seconds),
+        cmd = [sys.executable, "-m", "memrope", "generate", *gen_args, "--prompt", PROMPT, "--seconds", str(seconds),
                "--out", f"{tmp}/ref.mp4", "--no-progress"]
         done = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, check=True)
     m = re.search(r"(\d+) blocks, ([\d.]+) s", done.stdout)
@@ -250,7 +250,7 @@ def meta() -> dict:
     import torch
     import uvicorn
 
-    from runtime.bench import cpu_name
+    from memrope.runtime.bench import cpu_name
 
     cpu = cpu_name()
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -31,7 +31,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from runtime.bench import BENCH_PRESETS, cpu_name  # noqa: E402  (the presets' pixel sizes, one definition)
+from memrope.runtime.bench import BENCH_PRESETS, cpu_name  # noqa: E402  (the presets' pixel sizes, one definition)
 
 HEAVY_LOCK = Path("/tmp/memrope-heavy.lock")
 TARGET_STEP_SECONDS, TARGET_PEAK_GB = 120, 12  # full-size bf16 step, on the project's 2-core, 24 GB machine
@@ -48,11 +48,11 @@ def heavy_lock() -> Iterator[None]:
 
 
 def run_child(args: list[str]) -> dict:
-    """``python -m runtime ARGS`` in a child: exit code, wall seconds, peak RSS (GB) and output tail."""
+    """``python -m memrope ARGS`` in a child: exit code, wall seconds, peak RSS (GB) and output tail."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     load_before = os.getloadavg()[0]
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, "-m", "memrope", *args], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     output = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)

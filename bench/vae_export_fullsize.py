@@ -44,10 +44,10 @@ def child_export(dtype: str, workdir: Path) -> dict:
     import torch
     from diffusers import AutoencoderKLWan
 
-    from export.audit import audit_onnx
-    from export.vae_export import export_vae_graph
+    from memrope.export.audit import audit_onnx
+    from memrope.export.vae_export import export_vae_graph
+    from memrope.runtime.vae import WAN21_VAE_CONFIG
     from memrope.vae import WanStreamingDecoder
-    from runtime.vae import WAN21_VAE_CONFIG
 
     torch.manual_seed(0)
     vae = AutoencoderKLWan(**WAN21_VAE_CONFIG).eval()

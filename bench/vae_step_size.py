@@ -31,12 +31,12 @@ ROOT = Path(__file__).resolve().parents[1]
 def measure(preset_name: str, blocks: int, workdir: Path) -> dict:
     import onnxruntime
 
-    from export.vae_export import export_vae_graph
     from memrope.artifact import specialise_run
     from memrope.config import RunConfig, model_preset
     from memrope.contract import vae_decode_contract
+    from memrope.export.vae_export import export_vae_graph
+    from memrope.runtime.bench import BENCH_PRESETS, bench_vae
     from memrope.vae import WanStreamingDecoder
-    from runtime.bench import BENCH_PRESETS, bench_vae
 
     preset = BENCH_PRESETS[preset_name]
     run = specialise_run(RunConfig(), model_preset(preset.model), preset.height, preset.width, 1)

@@ -1,7 +1,7 @@
 """Building TensorRT engines for an exported artifact (``memrope build ART --target rtx|server``).
 
 Owns: turning every graph of an artifact's contract (``step``, ``text`` and whatever else the
-contract lists) into ``<graph>.plan`` with its ``<graph>.plan.json`` sidecar (:mod:`engine.sidecar`),
+contract lists) into ``<graph>.plan`` with its ``<graph>.plan.json`` sidecar (:mod:`memrope.engine.sidecar`),
 through ONE builder code path over two TensorRT Python modules:
 
 - ``rtx``: TensorRT-RTX (module ``tensorrt_rtx``). Builds ahead of time with no GPU present, for a
@@ -48,7 +48,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from engine.sidecar import (
+from memrope.contract import GraphContract
+from memrope.engine.sidecar import (
     RTX_DEFAULT_COMPUTE_CAPABILITIES,
     EngineMismatchError,
     EngineSidecar,
@@ -57,7 +58,6 @@ from engine.sidecar import (
     sidecar_json,
     sidecar_path,
 )
-from memrope.contract import GraphContract
 from memrope.errors import StageError
 from memrope.io import atomic_path
 

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import torch
 
-from engine.eager_backend import EagerBackend
 from memrope.config import RunConfig
+from memrope.engine.eager_backend import EagerBackend
 from memrope.model import WanCausalDiT
 
 

@@ -8,7 +8,7 @@ exact ``memrope build`` command that rebuilds a plan, and the check a runtime ma
 deserializes a plan. A mismatch is an :class:`EngineMismatchError` naming every differing field
 and the command to run.
 
-Targets (see :mod:`engine.build`): ``rtx`` plans are built ahead of time by TensorRT-RTX (module
+Targets (see :mod:`memrope.engine.build`): ``rtx`` plans are built ahead of time by TensorRT-RTX (module
 ``tensorrt_rtx``) for a list of compute capabilities and run on any RTX GPU among them; ``server``
 plans are built by datacenter TensorRT (module ``tensorrt``) on the GPU they run on.
 

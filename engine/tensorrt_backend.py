@@ -1,7 +1,7 @@
 """TensorRT backend: an artifact's ``step``, ``text`` and ``recache`` plans behind the loop's interface.
 
 Owns: loading both kinds of plan ``memrope build`` makes (``rtx``: TensorRT-RTX, ``server``:
-datacenter TensorRT; the sidecar says which, see :mod:`engine.sidecar`), refusing a plan built
+datacenter TensorRT; the sidecar says which, see :mod:`memrope.engine.sidecar`), refusing a plan built
 for another target, TensorRT version, GPU or artifact before deserializing it, turning a failed
 deserialization into one plain sentence (:class:`EngineLoadError`: no usable GPU or driver, a
 corrupt plan ...), checking each engine's I/O against the contract, one execution context per
@@ -16,7 +16,7 @@ is captured into a CUDA graph right after the first (warm-up) execution for an a
 replayed after; a graph is kept per address set (the few most recent), so alternating sessions
 do not recapture every call. The text and recache engines (prompt switches: rare) bind their
 addresses at each call, inputs and outputs alike, so ``encode_text_into`` and ``recache`` write
-straight into the stream's buffers. Building plans is :mod:`engine.build`'s job.
+straight into the stream's buffers. Building plans is :mod:`memrope.engine.build`'s job.
 """
 
 from __future__ import annotations
@@ -31,7 +31,10 @@ from typing import Any
 
 import torch
 
-from engine.build import (
+from memrope.artifact import Artifact, load_artifact
+from memrope.backend import Backend
+from memrope.contract import GraphContract
+from memrope.engine.build import (
     TARGETS,
     Target,
     collecting_logger,
@@ -41,7 +44,7 @@ from engine.build import (
     module_version,
     native_stderr,
 )
-from engine.sidecar import (
+from memrope.engine.sidecar import (
     EngineMismatchError,
     EngineSidecar,
     check_sidecar,
@@ -51,9 +54,6 @@ from engine.sidecar import (
     runtime_cache_path,
     sidecar_path,
 )
-from memrope.artifact import Artifact, load_artifact
-from memrope.backend import Backend
-from memrope.contract import GraphContract
 from memrope.errors import StageError
 from memrope.io import atomic_write
 

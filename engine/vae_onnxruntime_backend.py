@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from engine.onnxruntime_backend import ELEMENT_TYPES, _require_onnxruntime, resolve_provider
 from memrope.artifact import Artifact, load_artifact
 from memrope.backend import VAEBackend
+from memrope.engine.onnxruntime_backend import ELEMENT_TYPES, _require_onnxruntime, resolve_provider
 
 logger = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ and optionally replayed as a CUDA graph. The contexts share one scratch allocati
 user-managed device memory): the runtime orders all decode steps on one stream, so they never run
 at the same time, and a 832x480 decode's activations are not held twice. Work is enqueued on the
 caller's current CUDA stream. Checking and loading the plan is the DiT's path
-(:func:`engine.tensorrt_backend.open_plans`); building it is ``memrope build``'s: ``vae_decode`` is
+(:func:`memrope.engine.tensorrt_backend.open_plans`); building it is ``memrope build``'s: ``vae_decode`` is
 one of the artifact's ``contract.graphs`` and is built like ``step`` and ``text``.
 """
 
@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from engine.sidecar import plan_path
-from engine.tensorrt_backend import PlanEngine, open_plans
-from engine.vae_onnxruntime_backend import require_vae_graph
 from memrope.artifact import Artifact, load_artifact
 from memrope.backend import VAEBackend
+from memrope.engine.sidecar import plan_path
+from memrope.engine.tensorrt_backend import PlanEngine, open_plans
+from memrope.engine.vae_onnxruntime_backend import require_vae_graph
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +31,7 @@ GRAPH = "vae_decode"
 class TensorRTVAEBackend(VAEBackend):
     """Runs ``vae_decode.plan`` (``memrope build --target rtx|server``) on the current CUDA device.
 
-    The plan is checked and loaded exactly as the DiT's (:func:`engine.tensorrt_backend.open_plans`:
+    The plan is checked and loaded exactly as the DiT's (:func:`memrope.engine.tensorrt_backend.open_plans`:
     sidecar, TensorRT version, GPU, contract hash, I/O), so the same messages say what to rebuild.
 
     Args:

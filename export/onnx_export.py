@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from export.graph import RecacheGraph, StepGraph, TextGraph
 from memrope.artifact import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, graph_file, pin_files, specialise_run
 from memrope.cache import CacheControls, CacheLayout
 from memrope.config import RunConfig
 from memrope.contract import ArtifactContract, GraphContract, build_contract
 from memrope.errors import StageError
+from memrope.export.graph import RecacheGraph, StepGraph, TextGraph
 from memrope.io import clean_leftovers, partial_path
 from memrope.model import MemRoPEStep, WanCausalDiT
 
@@ -147,7 +147,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         TensorRTAuditError: a graph uses something TensorRT 10.15's parser does not support.
         ExportMismatchError: ONNX Runtime disagrees with eager PyTorch (fp32 exports).
     """
-    from export.audit import audit_onnx
+    from memrope.export.audit import audit_onnx
 
     start = time.perf_counter()
     out_dir = Path(out_dir)
@@ -181,7 +181,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             _export_graph(recache_graph, example_inputs(contract.recache, layout), tmp / graph_file("recache"),
                           contract.recache.input_names, contract.recache.output_names, _param_bytes(dit))
         if vae is not None:
-            from export.vae_export import export_vae_graph
+            from memrope.export.vae_export import export_vae_graph
 
             export_vae_graph(vae, contract.graphs["vae_decode"], tmp / graph_file("vae_decode"))
 
@@ -198,13 +198,13 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             validation = {"skipped": f"ONNX Runtime on CPU has no {dtype_name} kernels; validate the "
                                      "float32 export of the same config"}
         elif validate:
-            from export.validate import PER_CALL_ATOL, validate_artifact_graphs
+            from memrope.export.validate import PER_CALL_ATOL, validate_artifact_graphs
 
             validation = validate_artifact_graphs(
                 tmp, step, text_graph, contract, run, blocks=validation_blocks,
                 atol=PER_CALL_ATOL if validation_atol is None else validation_atol)
             if vae is not None:
-                from export.vae_export import validate_vae_graph
+                from memrope.export.vae_export import validate_vae_graph
 
                 validation["vae_decode"] = validate_vae_graph(tmp / graph_file("vae_decode"), vae,
                                                               contract.graphs["vae_decode"])

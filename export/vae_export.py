@@ -5,7 +5,7 @@ Owns: tracing inputs for the decode step, writing the graph (same exporter setti
 checks as the DiT graphs), and the validation: ONNX Runtime on CPU runs the graph free-running
 (its own caches fed back, as the runtime does) over a rollout that crosses the first-frame step
 and the cache fill, against the eager module step by step. Writing it into an artifact directory
-(atomically, with the audit) is :func:`export.onnx_export.export_artifact`'s job.
+(atomically, with the audit) is :func:`memrope.export.onnx_export.export_artifact`'s job.
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def check_module(module: WanStreamingDecoder, contract: GraphContract) -> None:
 
 def export_vae_graph(module: WanStreamingDecoder, contract: GraphContract, path: Path) -> None:
     """Write ``module`` as the contract's static graph at ``path`` (names checked, onnx checker)."""
-    from export.onnx_export import _export_graph, _param_bytes
+    from memrope.export.onnx_export import _export_graph, _param_bytes
 
     check_module(module, contract)
     logger.info("exporting the vae_decode graph (%d feature caches)", len(module.layout))

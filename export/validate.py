@@ -17,11 +17,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from export.graph import RecacheGraph, StepGraph, TextGraph
 from memrope.backend import Backend, StepModuleBackend
 from memrope.config import RunConfig
 from memrope.contract import ArtifactContract, GraphContract
 from memrope.errors import StageError
+from memrope.export.graph import RecacheGraph, StepGraph, TextGraph
 from memrope.model import MemRoPEStep
 from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import StreamingSeededNoise

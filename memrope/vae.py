@@ -8,9 +8,9 @@ weights of the Wan VAE decoder (diffusers' parameter names) whose ``forward`` is
 with no Python branch on data: de-normalisation, the decoder, the first-frame case, clamping and
 the float -> uint8 conversion are all in the graph.
 
-Does not own: loading model folders and the diffusers reference decode (``runtime.vae``), the
-ONNX export (``export.vae_export``), running the graph (``engine``), the per-block driver that
-owns the fixed buffers (``runtime.vae``).
+Does not own: loading model folders and the diffusers reference decode (``memrope.runtime.vae``), the
+ONNX export (``memrope.export.vae_export``), running the graph (``engine``), the per-block driver that
+owns the fixed buffers (``memrope.runtime.vae``).
 
 Numerics (spec section 5.1, diffusers 0.42 ``autoencoder_kl_wan.py``):
 - every temporal conv is causal with a 3-frame kernel and caches the last ``CACHE_FRAMES = 2``

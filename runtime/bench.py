@@ -6,9 +6,9 @@ summary statistics, the JSON document and the plot. Random weights: latency does
 weight values.
 
 The frame path (after the DiT-only rollout, same process): the VAE decode per block alone
-(``runtime.vae.VAEStream`` over the backend's VAE: eager for eager/compiled, the artifact's
+(``memrope.runtime.vae.VAEStream`` over the backend's VAE: eager for eager/compiled, the artifact's
 ``vae_decode`` graph for onnxruntime/tensorrt; the diffusers reference decode too in the eager
-worker), then ``runtime.t2v.stream_video`` end to end into a writer that timestamps each block's
+worker), then ``memrope.runtime.t2v.stream_video`` end to end into a writer that timestamps each block's
 frames, without and with overlap (block b decoding while the DiT computes block b+1; the two modes
 alternate in short segments, see ``_end_to_end``), and the time to first frame: text encoding (a
 tiny umT5 of the preset's width, cold = load + encode + cache write, cached = the prompt cache
@@ -53,7 +53,7 @@ from memrope.config import (
 )
 from memrope.io import atomic_write
 from memrope.pipeline import MemRoPEPipeline
-from runtime.vae import WAN21_VAE_CONFIG, tiny_vae_config
+from memrope.runtime.vae import WAN21_VAE_CONFIG, tiny_vae_config
 
 logger = logging.getLogger(__name__)
 
@@ -188,13 +188,13 @@ def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConf
     if name in ("eager", "compiled"):
         dit = build_dit(model, random_state_dict(model), dtype=dtype, device=device)
         if name == "eager":
-            from engine.eager_backend import EagerBackend
+            from memrope.engine.eager_backend import EagerBackend
 
             return EagerBackend(dit, run)
-        from engine.compiled_backend import CompiledBackend
+        from memrope.engine.compiled_backend import CompiledBackend
 
         return CompiledBackend(dit, run)
-    from export.onnx_export import export_artifact
+    from memrope.export.onnx_export import export_artifact
 
     # ONNX Runtime's CPU provider has no bf16/fp16 kernels.
     export_dtype = torch.float32 if device.type == "cpu" else dtype
@@ -207,11 +207,11 @@ def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConf
         export_artifact(dit, run, artifact, height=preset.height, width=preset.width, validate=False, vae=vae)
         del dit, vae
     if name == "onnxruntime":
-        from engine.onnxruntime_backend import OnnxRuntimeBackend
+        from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(artifact, provider="cpu" if device.type == "cpu" else "cuda")
-    from engine.build import build_engines
-    from engine.tensorrt_backend import TensorRTBackend
+    from memrope.engine.build import build_engines
+    from memrope.engine.tensorrt_backend import TensorRTBackend
 
     build_engines(artifact)
     return TensorRTBackend(artifact)
@@ -307,7 +307,7 @@ class _ArrivalWriter:
 def _text_encoding_ms(model: WanConfig, workdir: Path) -> dict[str, float]:
     """Cold (load the encoder, encode, write the prompt cache) and cached (read it) text encoding,
     with a tiny umT5 of the preset's width (stands in for umT5-XXL; see the module docstring)."""
-    from runtime.text import TextEncoder, build_tiny_text_model, encode_cached
+    from memrope.runtime.text import TextEncoder, build_tiny_text_model, encode_cached
 
     folder = workdir / f"text_{model.text_dim}_{model.text_len}"
     if not (folder / "text_encoder").is_dir():
@@ -323,11 +323,11 @@ def _text_encoding_ms(model: WanConfig, workdir: Path) -> dict[str, float]:
 
 
 def _vae_backend(name: str, preset: BenchPreset, run: RunConfig, dit_backend: Backend):
-    from runtime.vae import make_vae_backend
+    from memrope.runtime.vae import make_vae_backend
 
     kind = VAE_FOR_BACKEND[name]
     if kind == "eager":
-        from engine.vae_eager_backend import EagerVAEBackend
+        from memrope.engine.vae_eager_backend import EagerVAEBackend
         from memrope.vae import WanStreamingDecoder
 
         module = WanStreamingDecoder.from_diffusers(bench_vae(preset)).to(dit_backend.device)
@@ -341,7 +341,7 @@ def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: Ti
                      blocks: int, warmup_blocks: int, workdir: Path, seed: int) -> dict:
     """VAE per block alone, then DiT + VAE end to end without and with overlap, and the time to
     first frame (see the module docstring). Milliseconds; per-block series included."""
-    from runtime.vae import StreamingVAEDecoder, VAEStream
+    from memrope.runtime.vae import StreamingVAEDecoder, VAEStream
 
     lay = backend.layout
     latent = (run.latent_channels, run.latent_height, run.latent_width)
@@ -373,7 +373,7 @@ def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: Ti
     # threads do not spin (they would take the cores from the decode).
     dit = backend
     if name == "onnxruntime" and backend.device.type == "cpu":
-        from engine.onnxruntime_backend import OnnxRuntimeBackend
+        from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
 
         dit = TimedBackend(OnnxRuntimeBackend(backend.inner.artifact, provider="cpu", spinning=False,
                                               recache=False))
@@ -402,9 +402,9 @@ def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBa
     and are left out of the medians. The serial segments also give each stage's time alone
     (``dit_ms_median``, ``vae_ms_median``), measured in the same minutes as the overlapped ones.
     """
+    from memrope.runtime.t2v import stream_video
+    from memrope.runtime.vae import VAEStream
     from memrope.sampler import StreamingSeededNoise
-    from runtime.t2v import stream_video
-    from runtime.vae import VAEStream
 
     lay = backend.layout
     latent = (run.latent_channels, run.latent_height, run.latent_width)

@@ -22,7 +22,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from runtime.prompts import add_timeline_args, recache_mode, timeline_from_args
+from memrope.runtime.prompts import add_timeline_args, recache_mode, timeline_from_args
 
 logger = logging.getLogger("memrope")
 
@@ -105,7 +105,7 @@ def _demo_run_config(preset: str, video: bool = False):
 
     if preset == "tiny":
         if video:
-            from runtime.t2v import DEMO_LATENT
+            from memrope.runtime.t2v import DEMO_LATENT
 
             # The embedded demo: a 64x96-pixel video, 4 s unless --seconds says otherwise.
             return RunConfig(num_output_frames=18, latent_height=DEMO_LATENT[0], latent_width=DEMO_LATENT[1],
@@ -215,7 +215,7 @@ def _model_dir(args: argparse.Namespace) -> Path | None:
     wants_demo = (not getattr(args, "no_decode", False) or getattr(args, "prompt", None) is not None
                   or getattr(args, "prompts", None) is not None)
     if args.preset == "tiny" and args.checkpoint is None and wants_demo:
-        from runtime.t2v import ensure_demo_model
+        from memrope.runtime.t2v import ensure_demo_model
 
         logger.warning("using the embedded demo model: tiny, RANDOM weights; its frames are not meaningful "
                        "pictures, it shows the machinery")
@@ -320,7 +320,7 @@ def _encode_prompts(args, model_cfg, run, model_dir: Path | None, prompts: list[
     """Each prompt -> ``[B, text_len, text_dim]`` with the umT5 in ``model_dir`` (cached on disk)."""
     if model_dir is None:
         raise ValueError(f"{flag} needs a text encoder: pass --model-dir WAN_DIR (or --text-embeds)")
-    from runtime.text import TextEncoder, encode_cached, load_tokenizer, prompt_tokens, validate_prompts
+    from memrope.runtime.text import TextEncoder, encode_cached, load_tokenizer, prompt_tokens, validate_prompts
 
     tokenizer = load_tokenizer(model_dir)
     for text in dict.fromkeys(validate_prompts(prompts)):
@@ -368,7 +368,7 @@ def _resolve_engine(args: argparse.Namespace, model_dir: Path | None, recache: b
         wanted = ([provider] if args.backend == "onnxruntime" else []) + \
                  ([vae_provider(provider)] if vae_backend == "onnxruntime" else [])
         if wanted:
-            from engine.onnxruntime_backend import resolve_provider
+            from memrope.engine.onnxruntime_backend import resolve_provider
 
             for each in wanted:
                 resolve_provider(each, artifact.contract.dtype, artifact.path)
@@ -407,7 +407,7 @@ def _check_engine_files(artifact, backend: str, graphs: list[str], flag: str) ->
         return
     import torch
 
-    from engine.sidecar import plan_path, sidecar_path
+    from memrope.engine.sidecar import plan_path, sidecar_path
 
     if not torch.cuda.is_available():
         raise ValueError(f"{flag} tensorrt runs TensorRT plans on an NVIDIA GPU and this machine has none "
@@ -445,8 +445,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from memrope.config import VAE_SPATIAL_STRIDE
     from memrope.io import SafetensorsStreamWriter, check_output_path, read_noise
     from memrope.pipeline import MemRoPEPipeline
+    from memrope.runtime.t2v import VIDEO_FPS, latent_frames_for, stream_video, video_frames_for
     from memrope.sampler import build_schedule
-    from runtime.t2v import VIDEO_FPS, latent_frames_for, stream_video, video_frames_for
 
     # 1. Options, prompt timeline and output paths: milliseconds, before anything loads.
     timeline = timeline_from_args(args)
@@ -468,7 +468,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.latents_out is not None:
         check_output_path(args.latents_out, "--latents-out", suffixes=(".safetensors",))
     if args.png_dir is not None:
-        from runtime.video import check_png_folder
+        from memrope.runtime.video import check_png_folder
 
         check_output_path(args.png_dir, "--png-dir", directory=True)
         check_png_folder(args.png_dir)
@@ -532,7 +532,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         if model_dir is None and args.vae_backend == "eager":
             raise ValueError("decoding needs the VAE: pass --model-dir WAN_DIR (or --no-decode, or "
                              "--vae-backend onnxruntime with an artifact exported with a VAE)")
-        from runtime.vae import VAEStream, make_vae_backend, overlap_by_default
+        from memrope.runtime.vae import VAEStream, make_vae_backend, overlap_by_default
 
         provider = vae_provider(args.ort_provider)
         vae_overlap = (overlap_by_default(device, args.backend, args.vae_backend) if args.vae_overlap is None
@@ -558,7 +558,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
             latents_writer = outputs.enter_context(SafetensorsStreamWriter(
                 args.latents_out, "latents", [run.batch_size, run.num_output_frames, *latent_shape]))
         if decode:
-            from runtime.video import Mp4Writer, PngFolderWriter
+            from memrope.runtime.video import Mp4Writer, PngFolderWriter
 
             if args.png_dir is not None:  # entered first, so renamed last: only once the video is complete
                 on_frames = outputs.enter_context(PngFolderWriter(args.png_dir)).write
@@ -594,20 +594,20 @@ def _make_backend(args, artifact, model_cfg, run, dtype, device, model_dir, reca
     ``decode``: a VAE decodes the frames in this process, so ONNX Runtime's CPU threads do not
     spin between calls (they would steal the cores from the decode; docs/frame_path_schedule_cpu.md)."""
     if args.backend == "onnxruntime":
-        from engine.onnxruntime_backend import OnnxRuntimeBackend
+        from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(artifact, provider=args.ort_provider, recache=recache,
                                   spinning=False if decode else None)
     if args.backend == "tensorrt":
-        from engine.tensorrt_backend import TensorRTBackend
+        from memrope.engine.tensorrt_backend import TensorRTBackend
 
         return TensorRTBackend(artifact, recache=recache)
     dit = _load_dit(args, model_cfg, run, dtype, device, model_dir)
     if args.backend == "compiled":
-        from engine.compiled_backend import CompiledBackend
+        from memrope.engine.compiled_backend import CompiledBackend
 
         return CompiledBackend(dit, run)
-    from engine.eager_backend import EagerBackend
+    from memrope.engine.eager_backend import EagerBackend
 
     return EagerBackend(dit, run)
 
@@ -642,8 +642,8 @@ def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from export.onnx_export import check_export_target
     from memrope.artifact import specialise_run
+    from memrope.export.onnx_export import check_export_target
     from memrope.io import check_output_path
 
     check_export_target(args.out, args.force)
@@ -656,12 +656,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     run = _run_config(args)
     specialise_run(run, model_cfg, args.height, args.width, args.batch)  # bad sizes fail before the weights load
     _check_dit_checkpoint(args, model_cfg, run, model_dir)
-    from export.onnx_export import export_artifact
+    from memrope.export.onnx_export import export_artifact
 
     dtype = _torch_dtype(args.dtype)
     vae = None
     if model_dir is not None and args.vae:
-        from runtime.vae import streaming_decoder_module
+        from memrope.runtime.vae import streaming_decoder_module
 
         vae = streaming_decoder_module(model_dir, dtype=dtype)
     dit = _load_dit(args, model_cfg, run, dtype, _device("cpu"), model_dir)
@@ -701,7 +701,7 @@ def _add_build(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    from engine.build import build_engines
+    from memrope.engine.build import build_engines
 
     plans = build_engines(args.artifact, target=args.target, compute_capabilities=args.compute_capability,
                           timing_cache=args.timing_cache, opt_level=args.opt_level, workspace_gb=args.workspace_gb,
@@ -748,8 +748,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
     from memrope.io import check_output_path
-    from runtime.bench import BACKENDS as BENCH_BACKENDS
-    from runtime.bench import BENCH_PRESETS, plot, print_table, require_matplotlib, run_bench, write_json
+    from memrope.runtime.bench import BACKENDS as BENCH_BACKENDS
+    from memrope.runtime.bench import BENCH_PRESETS, plot, print_table, require_matplotlib, run_bench, write_json
 
     backends = [b.strip() for b in args.backends.split(",") if b.strip()]
     if not backends:
@@ -816,7 +816,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export(sub, common)
     _add_build(sub, common)
     _add_bench(sub, common)
-    from runtime.serve import add_parser as _add_serve
+    from memrope.runtime.serve import add_parser as _add_serve
 
     _add_serve(sub, common)
     return parser

@@ -3,7 +3,7 @@
 Owns: reading a timeline (our YAML list, or LongLive's interactive config + jsonl, both read
 unchanged), checking it before any model is loaded (one-line ``ValueError`` naming the problem),
 LongLive's index rule, and turning a timeline into the loop's scheduled
-:class:`memrope.pipeline.PromptChange`s. Does not own encoding the text (``runtime.text``) or
+:class:`memrope.pipeline.PromptChange`s. Does not own encoding the text (``memrope.runtime.text``) or
 what a switch does to the cache (``memrope.pipeline.BlockStream.set_prompt``).
 
 Our timeline is a YAML list; ``frame`` is the latent frame where a prompt starts, the first at 0::

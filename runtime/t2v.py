@@ -5,8 +5,8 @@ b+1 when the VAE stream has a worker).
 Owns: the duration arithmetic (seconds -> latent frames), the streaming driver that hands each
 block's frames to the decoder and the writer as soon as the block is denoised, the model-folder
 conventions, and the embedded demo model (tiny, random, generated once with a fixed seed, no
-downloads). Does not own the models themselves (``memrope.model``, ``runtime.text``,
-``runtime.vae``) or the MP4 container (``runtime.video``).
+downloads). Does not own the models themselves (``memrope.model``, ``memrope.runtime.text``,
+``memrope.runtime.vae``) or the MP4 container (``memrope.runtime.video``).
 """
 
 from __future__ import annotations
@@ -71,12 +71,12 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     ``prompt_changes`` switch the prompt at block boundaries (:class:`memrope.pipeline.PromptChange`).
 
     Per block: the decoder turns ``x0`` into uint8 frames ``[T, H, W, 3]``, which go to
-    ``writer.write(frames)`` (e.g. an open :class:`runtime.video.Mp4Writer`) and
+    ``writer.write(frames)`` (e.g. an open :class:`memrope.runtime.video.Mp4Writer`) and
     ``on_frames(frames, first_index)``; ``latents_writer.write(frame_start, x0)`` (e.g. a
     :class:`memrope.io.SafetensorsStreamWriter`) gets the latents. Without a decoder only latents
     are written. Memory stays constant: nothing accumulates.
 
-    ``decoder`` is a :class:`runtime.vae.VAEStream` (the engine's frame path: with ``overlap``,
+    ``decoder`` is a :class:`memrope.runtime.vae.VAEStream` (the engine's frame path: with ``overlap``,
     block b decodes and is written from the stream's worker while the DiT computes block b+1)
     or anything with ``reset()`` and ``decode(x0) -> [B, T, H, W, 3]`` (the diffusers reference).
 
@@ -176,8 +176,8 @@ def ensure_demo_model(directory: Path | None = None) -> Path:
     from memrope.config import model_preset
     from memrope.io import clean_leftovers, partial_path
     from memrope.model import random_state_dict
-    from runtime.text import build_tiny_text_model
-    from runtime.vae import build_tiny_vae
+    from memrope.runtime.text import build_tiny_text_model
+    from memrope.runtime.vae import build_tiny_vae
 
     directory = Path(directory) if directory is not None else demo_dir()
     if (directory / "config.json").is_file():

@@ -13,7 +13,7 @@ Diffusers layout (``vae/``) or Wan's original layout (``Wan2.1_VAE.pth``) includ
 between the two, and a builder for tiny random VAEs used by tests and the demo.
 
 Does not own the VAE architecture (diffusers' ``AutoencoderKLWan``), the DiT, or the video container
-(``runtime.video``).
+(``memrope.runtime.video``).
 
 Diffusers internals relied on (checked against diffusers 0.42): ``AutoencoderKLWan.post_quant_conv``
 and ``.decoder``; ``WanDecoder3d.forward(x, feat_cache, feat_idx, first_chunk)`` decoding one latent
@@ -245,16 +245,16 @@ def make_vae_backend(kind: str, run, *, artifact=None, model_dir: str | os.PathL
     if kind == "eager":
         if model_dir is None:
             raise ValueError("--vae-backend eager needs the VAE weights: pass --model-dir WAN_DIR")
-        from engine.vae_eager_backend import EagerVAEBackend
+        from memrope.engine.vae_eager_backend import EagerVAEBackend
 
         return EagerVAEBackend(streaming_decoder_module(model_dir, device=device), run)
     if artifact is None:
         raise ValueError(f"--vae-backend {kind} needs --engine DIR (an artifact exported with a VAE)")
     if kind == "onnxruntime":
-        from engine.vae_onnxruntime_backend import OnnxRuntimeVAEBackend
+        from memrope.engine.vae_onnxruntime_backend import OnnxRuntimeVAEBackend
 
         return OnnxRuntimeVAEBackend(artifact, provider=provider, threads=threads)
-    from engine.vae_tensorrt_backend import TensorRTVAEBackend
+    from memrope.engine.vae_tensorrt_backend import TensorRTVAEBackend
 
     return TensorRTVAEBackend(artifact)
 

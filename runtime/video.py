@@ -7,7 +7,7 @@ temp file beside ``path`` and renamed onto it only by a clean ``close()``; any f
 temp file, so a file at ``path`` is always a finished video. Also owns PNG frame dumps (a
 run's folder of frames appears whole, or not at all).
 
-Does not own decoding latents into frames (``runtime.vae``) or choosing output paths (the CLI).
+Does not own decoding latents into frames (``memrope.runtime.vae``) or choosing output paths (the CLI).
 Frames everywhere are uint8 RGB ``[T, H, W, 3]`` (numpy arrays or torch tensors).
 """
 

@@ -88,7 +88,7 @@ def built_once(tmp_path_factory, name: str, build: Callable[[Path], None]) -> Pa
 def artifacts(golden_dit, tmp_path_factory):
     """policy -> the golden model's fp32 ONNX artifact for that trace's cache policy (validated),
     exported on first use."""
-    from export.onnx_export import export_artifact
+    from memrope.export.onnx_export import export_artifact
 
     def make(name: str) -> Path:
         return built_once(tmp_path_factory, f"artifact-{name}",
@@ -104,9 +104,9 @@ def low_precision_exports(golden_dit, tiny_config, tmp_path_factory) -> dict[str
     as every export is. Shared by the audit test and the TensorRT-RTX builds; made on first use."""
     from diffusers import AutoencoderKLWan
 
-    from export.onnx_export import export_artifact
+    from memrope.export.onnx_export import export_artifact
+    from memrope.runtime.vae import tiny_vae_config
     from memrope.vae import WanStreamingDecoder
-    from runtime.vae import tiny_vae_config
 
     def build(dtype: torch.dtype, path: Path) -> None:
         torch.manual_seed(0)
@@ -124,7 +124,7 @@ def tiny_bench_doc(tmp_path_factory):
     """One ``memrope bench`` document on the tiny preset (eager, ONNX Runtime, and TensorRT,
     which says why it cannot run here), frame path included: what the bench tests read."""
     from memrope.io import atomic_write
-    from runtime.bench import BENCH_PRESETS, run_bench
+    from memrope.runtime.bench import BENCH_PRESETS, run_bench
 
     def build(path: Path) -> None:
         doc = run_bench(BENCH_PRESETS["tiny"], ["eager", "onnxruntime", "tensorrt"], blocks=8, warmup_blocks=1,
@@ -138,8 +138,8 @@ def tiny_bench_doc(tmp_path_factory):
 def demo_artifact(tmp_path_factory):
     """``(demo model folder, artifact)``: the embedded demo model (built in a private folder)
     exported with its VAE at 64x96 through the CLI (validated)."""
-    from runtime.cli import main
-    from runtime.t2v import ensure_demo_model
+    from memrope.runtime.cli import main
+    from memrope.runtime.t2v import ensure_demo_model
 
     def build(path: Path) -> None:
         partial = path.with_name(path.name + ".partial")

@@ -1,4 +1,4 @@
-"""The TensorRT 10.15 readiness audit (export.audit) on small hand-built ONNX graphs."""
+"""The TensorRT 10.15 readiness audit (memrope.export.audit) on small hand-built ONNX graphs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 from onnx import TensorProto as TP
 from onnx import helper, numpy_helper
 
-from export.audit import (
+from memrope.export.audit import (
     TensorRTAuditError,
     audit_onnx,
     load_trt_support_table,

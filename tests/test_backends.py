@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import TRACES, golden_run, golden_trace
 
-from engine.compiled_backend import CompiledBackend
-from engine.eager_backend import EagerBackend
-from engine.onnxruntime_backend import OnnxRuntimeBackend
 from memrope.backend import Backend
+from memrope.engine.compiled_backend import CompiledBackend
+from memrope.engine.eager_backend import EagerBackend
+from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
 from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import StreamingSeededNoise, TensorNoise
 

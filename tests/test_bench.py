@@ -13,8 +13,8 @@ import torch
 from memrope.cache import CacheLayout
 from memrope.config import CacheConfig, model_preset
 from memrope.model import WanCausalDiT
-from runtime.bench import work_per_call
-from runtime.cli import main
+from memrope.runtime.bench import work_per_call
+from memrope.runtime.cli import main
 
 REQUIRED = ("call_ms_median", "block_ms_median", "first_block_ms", "latent_fps", "video_fps", "host_overhead_pct",
             "peak_host_mb", "flatness", "block_ms")
@@ -47,7 +47,7 @@ def test_schema_and_consistency(doc):
 def test_summary_statistics_on_hand_checked_timings():
     """summarise() on timings whose answers are known by hand: block 0 (first frames) 50 ms, then
     20 steady blocks of 10 ms holding five 1.5 ms calls (2.5 ms of host work per block)."""
-    from runtime.bench import summarise
+    from memrope.runtime.bench import summarise
 
     block_ms = [50.0] + [10.0] * 20
     call_ms = [[9.0, 9.0, 9.0, 9.0, 9.0]] + [[1.5] * 5 for _ in range(20)]

@@ -8,7 +8,7 @@ import math
 
 import pytest
 
-from runtime.bench import plot, print_table
+from memrope.runtime.bench import plot, print_table
 
 E2E_BLOCKS = 2  # the fewest that have a steady state (block 0 is the first frames): tiny_bench_doc's
 

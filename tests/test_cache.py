@@ -8,7 +8,6 @@ import resource
 import pytest
 import torch
 
-from engine.eager_backend import EagerBackend
 from memrope.cache import (
     MEMORY_INIT,
     MEMORY_NONE,
@@ -20,6 +19,7 @@ from memrope.cache import (
     memory_update,
 )
 from memrope.config import CacheConfig, RunConfig, model_preset
+from memrope.engine.eager_backend import EagerBackend
 from memrope.model import build_dit, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
 from memrope.sampler import StreamingSeededNoise

@@ -10,7 +10,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from runtime.cli import main
+from memrope.runtime.cli import main
 
 
 @pytest.fixture()

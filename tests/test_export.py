@@ -16,16 +16,16 @@ import torch
 from conftest import GOLDEN_PIXELS, TRACES, golden_run, golden_trace
 from safetensors.torch import load_file, save_file
 
-from engine.eager_backend import EagerBackend
-from engine.onnxruntime_backend import OnnxRuntimeBackend
-from export.onnx_export import export_artifact
-from export.validate import ExportMismatchError
 from memrope.artifact import ArtifactMismatchError, load_artifact
 from memrope.cache import CacheControls, memory_update
 from memrope.contract import memory_key, past_key, present_memory_key
+from memrope.engine.eager_backend import EagerBackend
+from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
+from memrope.export.onnx_export import export_artifact
+from memrope.export.validate import ExportMismatchError
 from memrope.pipeline import MemRoPEPipeline
+from memrope.runtime.cli import main
 from memrope.sampler import TensorNoise
-from runtime.cli import main
 
 
 @pytest.mark.parametrize("name", sorted(TRACES))

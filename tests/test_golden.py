@@ -13,10 +13,10 @@ import torch
 from conftest import TRACES, golden_run, golden_trace
 from safetensors.torch import load_file
 
-from engine.eager_backend import EagerBackend
+from memrope.engine.eager_backend import EagerBackend
 from memrope.pipeline import MemRoPEPipeline
+from memrope.runtime.cli import main
 from memrope.sampler import TensorNoise
-from runtime.cli import main
 
 ATOL = 1e-4
 
@@ -69,7 +69,7 @@ def test_cli_matches_golden(name, golden_dir, tmp_path):
 
 def test_console_entry_point_runs_in_a_fresh_process(golden_dir, tmp_path):
     out = tmp_path / "latents.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "runtime", *_cli_args("memrope_ema", golden_dir, out)],
+    proc = subprocess.run([sys.executable, "-m", "memrope", *_cli_args("memrope_ema", golden_dir, out)],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     torch.testing.assert_close(load_file(str(out))["latents"], golden_trace("memrope_ema")["output_latents"],

@@ -6,10 +6,10 @@ from __future__ import annotations
 import torch
 from conftest import golden_run, golden_trace
 
-from engine.eager_backend import EagerBackend
-from export.graph import StepGraph
 from memrope.config import model_preset
 from memrope.contract import step_contract
+from memrope.engine.eager_backend import EagerBackend
+from memrope.export.graph import StepGraph
 from memrope.model import WanCausalDiT, build_dit, param_count, random_state_dict
 from memrope.pipeline import MemRoPEPipeline
 from memrope.rope import RopeTables, apply_rope, rope_cos_sin, rope_pair_split

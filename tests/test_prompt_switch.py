@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import golden_run
 
-from engine.eager_backend import EagerBackend
-from engine.onnxruntime_backend import OnnxRuntimeBackend
 from memrope.backend import Backend
 from memrope.cache import CacheControls, CacheLayout
 from memrope.contract import cross_key, cross_value, memory_key, past_key, recached_key, recached_value
+from memrope.engine.eager_backend import EagerBackend
+from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
 from memrope.model import MemRoPEStep
 from memrope.pipeline import MemRoPEPipeline, PromptChange
 from memrope.sampler import StreamingSeededNoise

@@ -11,8 +11,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.cli import main
-from runtime.prompts import (
+from memrope.runtime.cli import main
+from memrope.runtime.prompts import (
     PromptSegment,
     PromptTimeline,
     interactive_keys,
@@ -20,7 +20,7 @@ from runtime.prompts import (
     read_longlive_prompts,
     read_timeline_yaml,
 )
-from runtime.t2v import ensure_demo_model
+from memrope.runtime.t2v import ensure_demo_model
 
 CONFIGS = Path(__file__).parent / "data" / "configs"
 PROMPTS = ["a red fox trotting through fresh snow", "the fox stops and looks at the camera",

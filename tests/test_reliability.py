@@ -14,7 +14,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from runtime.cli import build_parser, main
+from memrope.runtime.cli import build_parser, main
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -116,7 +116,7 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing(golden, tmp_path):
     out.parent.mkdir()
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000)); "
-            "from runtime.cli import main; sys.exit(main(sys.argv[1:]))")
+            "from memrope.runtime.cli import main; sys.exit(main(sys.argv[1:]))")
     proc = subprocess.run([sys.executable, "-c", code, *_args(golden, out)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 1, proc.stderr
@@ -188,7 +188,7 @@ def test_version_and_bench_arguments_that_would_measure_nothing(capsys):
 
 def test_no_third_party_noise_on_a_clean_run(golden, tmp_path):
     out = tmp_path / "latents.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "runtime", *_args(golden, out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "memrope", *_args(golden, out)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr
@@ -241,8 +241,8 @@ def test_weights_and_providers_are_checked_before_the_text_encoder_and_vae(golde
                                                                            caplog):
     """A checkpoint that does not fit the model, weights given to an exported backend, a
     provider this machine lacks, a text cache that cannot be a folder: one line, exit 2, and
-    neither the text encoder nor the VAE was loaded (nothing logged by runtime.text/runtime.vae)."""
-    from runtime.t2v import ensure_demo_model
+    neither the text encoder nor the VAE was loaded (nothing logged by memrope.runtime.text/runtime.vae)."""
+    from memrope.runtime.t2v import ensure_demo_model
 
     demo = ensure_demo_model()
     wrong = tmp_path / "wrong.pt"
@@ -265,7 +265,7 @@ def test_weights_and_providers_are_checked_before_the_text_encoder_and_vae(golde
             assert main([*base, *extra]) == 2, extra
         err = capsys.readouterr().err
         assert needle in err and "Traceback" not in err, (extra, err)
-        loaded = [r.getMessage() for r in caplog.records if r.name.startswith(("runtime.text", "runtime.vae"))]
+        loaded = [r.getMessage() for r in caplog.records if r.name.startswith(("memrope.runtime.text", "memrope.runtime.vae"))]
         assert loaded == [], (extra, loaded)
     assert not out.exists()
 
@@ -274,7 +274,7 @@ def test_png_frames_appear_whole_and_replace_only_an_earlier_runs_frames(tmp_pat
     """The PNG folder is renamed into place when the run succeeds: an earlier run's 20 frames are
     replaced, not mixed with the new 9; a folder holding other files is refused before the run; a
     failed run leaves the old folder as it was and no partial folder."""
-    from runtime.video import PngFolderWriter
+    from memrope.runtime.video import PngFolderWriter
 
     frames = tmp_path / "frames"
     frames.mkdir()
@@ -306,7 +306,7 @@ def test_png_frames_appear_whole_and_replace_only_an_earlier_runs_frames(tmp_pat
 
     # The rename of the new frames fails after the old ones were moved aside (an injected fault):
     # the old frames go back where they were.
-    import runtime.video as video
+    import memrope.runtime.video as video
 
     real_replace = video.os.replace
 
@@ -331,7 +331,7 @@ def test_serve_refuses_a_taken_port_before_loading_models(tmp_path):
 
     with socket.create_server(("127.0.0.1", 0)) as taken:
         port = taken.getsockname()[1]
-        proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--host", "127.0.0.1", "--port", str(port)],
+        proc = subprocess.run([sys.executable, "-m", "memrope", "serve", "--host", "127.0.0.1", "--port", str(port)],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in proc.stderr and "Traceback" not in proc.stderr
@@ -342,7 +342,7 @@ def test_serve_refuses_a_taken_port_before_loading_models(tmp_path):
                                          ("--max-sessions", "0"), ("--stun", "stun.example.org:3478"),
                                          ("--turn", "turn:relay.example.org?transport=sctp")])
 def test_serve_refuses_a_bad_limit_before_loading_models(flag, value):
-    proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", flag, value],
+    proc = subprocess.run([sys.executable, "-m", "memrope", "serve", "--port", "0", flag, value],
                           capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -351,9 +351,9 @@ def test_serve_refuses_a_bad_limit_before_loading_models(flag, value):
 
 
 def test_serve_refuses_a_short_api_key_before_loading_models():
-    from runtime.serve.options import API_KEY_ENV
+    from memrope.runtime.serve.options import API_KEY_ENV
 
-    proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0"], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "memrope", "serve", "--port", "0"], capture_output=True, text=True,
                           cwd=ROOT, timeout=120, env=dict(os.environ, **{API_KEY_ENV: "short"}))
     assert proc.returncode == 2, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]
@@ -362,9 +362,9 @@ def test_serve_refuses_a_short_api_key_before_loading_models():
 
 
 def test_turn_needs_credentials_and_hands_them_to_clients_only():
-    from runtime.serve.options import TURN_CREDENTIAL_ENV, TURN_USERNAME_ENV, ServerOptions
+    from memrope.runtime.serve.options import TURN_CREDENTIAL_ENV, TURN_USERNAME_ENV, ServerOptions
 
-    proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", "--turn", "turn:relay.example.org"],
+    proc = subprocess.run([sys.executable, "-m", "memrope", "serve", "--port", "0", "--turn", "turn:relay.example.org"],
                           capture_output=True, text=True, cwd=ROOT, timeout=120,
                           env={k: v for k, v in os.environ.items() if k not in (TURN_USERNAME_ENV, TURN_CREDENTIAL_ENV)})
     assert proc.returncode == 2 and "umT5" not in proc.stderr, proc.stderr
@@ -383,7 +383,7 @@ def test_serve_refuses_tls_files_that_do_not_load_before_loading_models(tmp_path
              (["--tls-cert", str(tmp_path / "cert.pem"), "--tls-key", str(tmp_path / "missing.pem")],
               f"cannot load the TLS certificate {tmp_path / 'cert.pem'}")]
     for flags, message in cases:
-        proc = subprocess.run([sys.executable, "-m", "runtime", "serve", "--port", "0", *flags],
+        proc = subprocess.run([sys.executable, "-m", "memrope", "serve", "--port", "0", *flags],
                               capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert proc.returncode == 2 and "umT5" not in proc.stderr, proc.stderr
         lines = proc.stderr.strip().splitlines()

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("aiortc", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 
-from runtime.serve.client import ServeError, ServerProcess, Viewer, http_json  # noqa: E402
+from memrope.runtime.serve.client import ServeError, ServerProcess, Viewer, http_json  # noqa: E402
 
 MAX_SESSIONS = 2
 HEARTBEAT_S = 2.0
@@ -139,7 +139,7 @@ def test_killed_viewer_is_freed(server):
     _wait_metrics(server, _idle, 10, "an idle server")
     rss_after = []
     for _ in range(2):
-        viewer = subprocess.Popen([sys.executable, "-m", "runtime.serve.client", server.url, "--seconds", "120"],
+        viewer = subprocess.Popen([sys.executable, "-m", "memrope.runtime.serve.client", server.url, "--seconds", "120"],
                                   stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=dict(os.environ))
         try:
             deadline = time.monotonic() + 90
@@ -331,7 +331,7 @@ def test_an_idle_connection_outlives_the_viewers_pool(server):
     README viewer's stop, 5 s after its offer, was reset by the server (ECONNRESET)."""
     import http.client
 
-    from runtime.serve.options import CLIENT_KEEPALIVE_S, SERVER_KEEPALIVE_S
+    from memrope.runtime.serve.options import CLIENT_KEEPALIVE_S, SERVER_KEEPALIVE_S
 
     assert CLIENT_KEEPALIVE_S < SERVER_KEEPALIVE_S
     idle_s = 6.0  # past uvicorn's default keep-alive
@@ -354,7 +354,7 @@ def test_an_api_key_guards_the_sessions_api():
     """With ``$MEMROPE_SERVE_API_KEY`` set, ``/sessions`` needs the key (a clear 401 without it or
     with a wrong one, before the body is read); the page, health and metrics stay open; a viewer
     with the key plays; the key is never printed."""
-    from runtime.serve.options import API_KEY_ENV
+    from memrope.runtime.serve.options import API_KEY_ENV
 
     key = "k3y-for-the-test-" + "x" * 8
     with ServerProcess("--max-sessions", "1", env=dict(os.environ, **{API_KEY_ENV: key})) as proc:

@@ -19,8 +19,8 @@ import pytest
 pytest.importorskip("aiortc", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 aiohttp = pytest.importorskip("aiohttp", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 
-from runtime.serve.client import ServerProcess, http_json  # noqa: E402
-from runtime.serve.options import API_KEY_ENV  # noqa: E402
+from memrope.runtime.serve.client import ServerProcess, http_json  # noqa: E402
+from memrope.runtime.serve.options import API_KEY_ENV  # noqa: E402
 
 CHROMIUM_FLAGS = (
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

@@ -16,7 +16,7 @@ import pytest
 pytest.importorskip("aiortc", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 
-from runtime.serve.client import ServerProcess, Viewer, http_json  # noqa: E402
+from memrope.runtime.serve.client import ServerProcess, Viewer, http_json  # noqa: E402
 
 PROMPT = "a small red boat on the blue sea at night"
 
@@ -135,7 +135,7 @@ def test_https_with_a_certificate(tmp_path):
                 return frames
 
         assert asyncio.run(asyncio.wait_for(watch(), 180)) >= 6
-        client = [sys.executable, "-m", "runtime.serve.client", proc.url, "--seconds", "1", "--wait", "30"]
+        client = [sys.executable, "-m", "memrope.runtime.serve.client", proc.url, "--seconds", "1", "--wait", "30"]
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         trusted = subprocess.run([*client, "--cafile", cert], capture_output=True, text=True, timeout=120, cwd=root)
         assert trusted.returncode == 0 and '"session"' in trusted.stdout, trusted.stderr

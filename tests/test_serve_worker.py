@@ -18,20 +18,20 @@ import torch
 pytest.importorskip("aiortc", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install 'memrope-engine[serve]')")
 
+from memrope.runtime.serve.client import Viewer  # noqa: E402
+from memrope.runtime.serve.metrics import ServeStats  # noqa: E402
+from memrope.runtime.serve.options import ServerOptions, SessionOptions  # noqa: E402
+from memrope.runtime.serve.session import RUNNING, Session  # noqa: E402
+from memrope.runtime.serve.worker import ModelWorker  # noqa: E402
 from memrope.sampler import NoiseSource  # noqa: E402
-from runtime.serve.client import Viewer  # noqa: E402
-from runtime.serve.metrics import ServeStats  # noqa: E402
-from runtime.serve.options import ServerOptions, SessionOptions  # noqa: E402
-from runtime.serve.session import RUNNING, Session  # noqa: E402
-from runtime.serve.worker import ModelWorker  # noqa: E402
 
 PROMPT = "a small red boat on the blue sea at night"
 
 
 @pytest.fixture(scope="module")
 def model():
-    from runtime.cli import build_parser
-    from runtime.serve.model import load_serve_model
+    from memrope.runtime.cli import build_parser
+    from memrope.runtime.serve.model import load_serve_model
 
     served = load_serve_model(build_parser().parse_args(["serve"]))
     yield served
@@ -91,7 +91,7 @@ class InProcessServer:
     def __init__(self, model, options: ServerOptions):
         import uvicorn
 
-        from runtime.serve.app import create_app, uvicorn_config
+        from memrope.runtime.serve.app import create_app, uvicorn_config
 
         self.app = create_app(model, options)
         self._sock = socket.create_server(("127.0.0.1", 0))
@@ -153,9 +153,9 @@ def test_sessions_decode_with_the_exported_vae_and_release_its_bindings(demo_art
     """``memrope serve --engine ART --backend onnxruntime --vae-backend onnxruntime``: a session's
     frames come from the artifact's vae_decode graph (equal to the eager decode within one level),
     a real WebRTC session plays them, and an ended session leaves no binding in the shared backend."""
-    from runtime.cli import build_parser
-    from runtime.serve.model import close_decoder, load_serve_model
-    from runtime.vae import StreamingVAEDecoder
+    from memrope.runtime.cli import build_parser
+    from memrope.runtime.serve.model import close_decoder, load_serve_model
+    from memrope.runtime.vae import StreamingVAEDecoder
 
     demo, art = demo_artifact
     served = load_serve_model(build_parser().parse_args(
@@ -198,7 +198,7 @@ def test_a_stalled_event_loop_is_not_blamed_on_the_clients(model):
     client kept sending heartbeats (REST, every 0.5 s), which wait in the socket backlog meanwhile;
     when the loop resumes, the reaper must not end the session before it has read them. A client
     that falls silent is still freed afterwards."""
-    from runtime.serve.client import http_json
+    from memrope.runtime.serve.client import http_json
 
     with InProcessServer(model, ServerOptions(max_sessions=2, heartbeat_timeout_s=2)) as srv:
         server = srv.app.state.server
@@ -231,7 +231,7 @@ def test_a_stalled_event_loop_is_not_blamed_on_the_clients(model):
 def test_a_session_whose_video_never_connects_is_freed(model):
     """A client creates a session and keeps it alive with REST heartbeats but never offers: past
     the connect timeout its slot is freed. A viewer that connected plays on past that timeout."""
-    from runtime.serve.client import http_json
+    from memrope.runtime.serve.client import http_json
 
     connect_timeout_s = 5.0
     with InProcessServer(model, ServerOptions(max_sessions=2, heartbeat_timeout_s=10,

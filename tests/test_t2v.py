@@ -11,8 +11,8 @@ import av
 import pytest
 import torch
 
-from runtime.cli import main
-from runtime.t2v import DEMO_LATENT, DEMO_PROMPT, ensure_demo_model, latent_frames_for, video_frames_for
+from memrope.runtime.cli import main
+from memrope.runtime.t2v import DEMO_LATENT, DEMO_PROMPT, ensure_demo_model, latent_frames_for, video_frames_for
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +43,7 @@ def test_embedded_demo_writes_an_mp4(cache_dir, tmp_path, caplog):
     out = tmp_path / "videos" / "demo.mp4"
     argv = ["generate", "--preset", "tiny", "--prompt", DEMO_PROMPT, "--seconds", "2", "--out", str(out),
             "--no-progress", "--latents-out", str(tmp_path / "latents.safetensors")]
-    with caplog.at_level(logging.INFO, logger="runtime.text"):
+    with caplog.at_level(logging.INFO, logger="memrope.runtime.text"):
         assert main(argv) == 0
     assert "cache misses" in caplog.text  # the first run encodes the prompt
     latents = latent_frames_for(2, 3)
@@ -55,7 +55,7 @@ def test_embedded_demo_writes_an_mp4(cache_dir, tmp_path, caplog):
     # A second identical run reads the prompt from the cache (no encoder load) and writes the
     # same MP4, byte for byte.
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="runtime.text"):
+    with caplog.at_level(logging.INFO, logger="memrope.runtime.text"):
         assert main(argv) == 0
     assert "cache misses" not in caplog.text and "loading umT5" not in caplog.text
     assert out.read_bytes() == first
@@ -66,8 +66,8 @@ def test_demo_model_is_a_real_wan_folder(cache_dir):
     for name in ("config.json", "diffusion_pytorch_model.safetensors", "text_encoder", "tokenizer", "vae"):
         assert (folder / name).exists(), name
     # Loading it through --model-dir is the same path as a real Wan2.1 folder.
-    from runtime.text import TextEncoder
-    from runtime.vae import StreamingVAEDecoder
+    from memrope.runtime.text import TextEncoder
+    from memrope.runtime.vae import StreamingVAEDecoder
 
     encoder = TextEncoder.from_model_dir(folder, text_len=16)
     embeds = encoder.encode(["hello world"])
@@ -114,15 +114,15 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
 
     from safetensors.torch import load_file
 
-    from engine.eager_backend import EagerBackend
     from memrope.config import CacheConfig, RunConfig, model_preset
+    from memrope.engine.eager_backend import EagerBackend
     from memrope.io import SafetensorsStreamWriter
     from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
+    from memrope.runtime.t2v import stream_video
+    from memrope.runtime.vae import StreamingVAEDecoder, build_tiny_vae
+    from memrope.runtime.video import Mp4Writer
     from memrope.sampler import StreamingSeededNoise
-    from runtime.t2v import stream_video
-    from runtime.vae import StreamingVAEDecoder, build_tiny_vae
-    from runtime.video import Mp4Writer
 
     cfg = model_preset("tiny")
     blocks = 334
@@ -161,6 +161,6 @@ def test_long_prompt_warns_that_it_is_truncated(cache_dir, tmp_path, caplog):
                      "--no-progress"]) == 0
     assert "tokens long" in caplog.text and "text_len=16" in caplog.text and out.is_file()
     # The demo's own prompt fits (no warning on the README's first command).
-    from runtime.text import load_tokenizer, prompt_tokens
+    from memrope.runtime.text import load_tokenizer, prompt_tokens
 
     assert prompt_tokens(load_tokenizer(ensure_demo_model()), DEMO_PROMPT) <= 16

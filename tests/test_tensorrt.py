@@ -35,8 +35,11 @@ import pytest
 import torch
 from conftest import Lazy
 
-from engine.build import io_differences, network_io
-from engine.sidecar import (
+from memrope.artifact import load_artifact
+from memrope.backend import Backend
+from memrope.config import WanConfig, load_run_config
+from memrope.engine.build import io_differences, network_io
+from memrope.engine.sidecar import (
     EngineMismatchError,
     EngineSidecar,
     check_sidecar,
@@ -46,12 +49,9 @@ from engine.sidecar import (
     sidecar_path,
     write_sidecar,
 )
-from engine.tensorrt_backend import EngineLoadError, TensorRTBackend
-from memrope.artifact import load_artifact
-from memrope.backend import Backend
-from memrope.config import WanConfig, load_run_config
+from memrope.engine.tensorrt_backend import EngineLoadError, TensorRTBackend
 from memrope.model import build_dit, random_state_dict
-from runtime.cli import main
+from memrope.runtime.cli import main
 
 ROOT = Path(__file__).parents[1]
 GOLDEN = Path(__file__).parent / "data" / "golden"
@@ -159,7 +159,7 @@ def exports(request, golden_dit, tiny_config, tmp_path_factory):
     validated exports; bf16/fp16 of the ema policy carry a tiny VAE decoder too), made on first use."""
     if not HAS_RTX:
         pytest.skip("tensorrt_rtx is not installed (pip install -e '.[rtx]')")
-    from export.onnx_export import export_artifact
+    from memrope.export.onnx_export import export_artifact
 
     root = tmp_path_factory.mktemp("low_precision")
 
@@ -286,7 +286,7 @@ def rejected_artifact(tiny_config, tmp_path_factory) -> Path:
     """A real export TensorRT-RTX cannot build: bf16 attention with 6-channel heads has no fused kernel."""
     if not HAS_RTX:
         pytest.skip("tensorrt_rtx is not installed (pip install -e '.[rtx]')")
-    from export.onnx_export import export_artifact
+    from memrope.export.onnx_export import export_artifact
 
     model = replace(tiny_config, dim=12)  # 2 heads x head_dim 6: valid for the model, not for the kernel
     dit = build_dit(model, random_state_dict(model), dtype=torch.bfloat16)
@@ -334,7 +334,7 @@ def test_ctrl_c_during_a_build_exits_130_and_writes_nothing(built, tmp_path):
 
     before = state()
     assert "step.plan" in before
-    proc = subprocess.Popen([sys.executable, "-m", "runtime", "build", str(path), "--target", "rtx", "--force"],
+    proc = subprocess.Popen([sys.executable, "-m", "memrope", "build", str(path), "--target", "rtx", "--force"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     lines: queue.Queue[str] = queue.Queue()
     reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True)
@@ -454,8 +454,8 @@ def _require_gpu_target(target: str) -> None:
 @pytest.fixture(scope="module", params=["rtx", "server"])
 def gpu_built(request, tmp_path_factory) -> Path:
     _require_gpu_target(request.param)
-    from engine.build import build_engines
-    from export.onnx_export import export_artifact
+    from memrope.engine.build import build_engines
+    from memrope.export.onnx_export import export_artifact
 
     run = load_run_config(GOLDEN / "memrope_ema.yaml")
     path = export_artifact(_tiny_dit(), run, tmp_path_factory.mktemp("gpu") / "tiny_bf16", validate=False,
@@ -493,7 +493,7 @@ class _PerCallComparison(Backend):
 @pytest.mark.trt
 @pytest.mark.gpu
 def test_tensorrt_matches_eager_per_call_within_bf16_ratio(gpu_built, golden_inputs):
-    from engine.eager_backend import EagerBackend
+    from memrope.engine.eager_backend import EagerBackend
     from memrope.pipeline import MemRoPEPipeline
     from memrope.sampler import TensorNoise
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from runtime.text import (
+from memrope.runtime.text import (
     WAN_T5_CHECKPOINT,
     WAN_TOKENIZER_DIR,
     TextEncoder,

@@ -20,14 +20,7 @@ import torch
 
 from memrope.config import RunConfig, model_preset
 from memrope.contract import feat_cache, present_feat_cache, vae_decode_contract
-from memrope.vae import (
-    VAEDecoderConfig,
-    WanStreamingDecoder,
-    decode_stream,
-    feature_cache_bytes,
-    feature_cache_layout,
-)
-from runtime.vae import (
+from memrope.runtime.vae import (
     WAN21_VAE_CONFIG,
     StreamingVAEDecoder,
     VAEStream,
@@ -36,6 +29,13 @@ from runtime.vae import (
     make_vae_backend,
     tiny_vae_config,
     to_uint8_frames,
+)
+from memrope.vae import (
+    VAEDecoderConfig,
+    WanStreamingDecoder,
+    decode_stream,
+    feature_cache_bytes,
+    feature_cache_layout,
 )
 
 LATENT_HW = (4, 6)           # 32 x 48 pixels
@@ -57,7 +57,7 @@ def layout_vae(request, tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(layout_vae, tmp_path_factory):
     """``vae_decode.onnx`` (fp32) of each layout's VAE, with its contract and module."""
-    from export.vae_export import export_vae_graph
+    from memrope.export.vae_export import export_vae_graph
 
     layout, _, vae = layout_vae
     module = WanStreamingDecoder.from_diffusers(vae)
@@ -134,7 +134,7 @@ def test_onnxruntime_matches_eager_streamed_decode(layout_vae, exported):
     streamed decode, within 1e-4 on pixels in [-1, 1]."""
     import onnxruntime
 
-    from export.vae_export import run_onnxruntime_stream
+    from memrope.export.vae_export import run_onnxruntime_stream
 
     _, _, vae = layout_vae
     path, contract, _ = exported
@@ -288,7 +288,7 @@ def test_generate_onnxruntime_engines_write_the_eager_video(demo_artifact, tmp_p
     Tolerance: the uint8 frames (PNG, lossless) differ by at most one level (float32 rounding at
     a truncation boundary) in under 1% of values; the MP4s, read back with PyAV, have the same
     frames and size and a PSNR above 40 dB (H.264 re-encodes a one-level change)."""
-    from runtime.cli import main
+    from memrope.runtime.cli import main
 
     demo, path = demo_artifact
     common = ["--prompt", "a red fox trotting through snow", "--num-frames", "9",
@@ -296,7 +296,7 @@ def test_generate_onnxruntime_engines_write_the_eager_video(demo_artifact, tmp_p
     # Eager: the embedded demo (its 64x96 video run), PyTorch DiT and PyTorch VAE.
     assert main(["generate", "--preset", "tiny", *common, "--out", str(tmp_path / "eager.mp4"),
                  "--png-dir", str(tmp_path / "eager")]) == 0
-    # On a CPU, PyTorch stages decode serially and ONNX Runtime stages overlap (runtime.vae.overlap_by_default).
+    # On a CPU, PyTorch stages decode serially and ONNX Runtime stages overlap (memrope.runtime.vae.overlap_by_default).
     assert "vae eager)" in capsys.readouterr().out
     # Engines: the artifact's step, text and vae_decode graphs; the demo folder for the text encoder.
     assert main(["generate", "--backend", "onnxruntime", "--engine", str(path), "--vae-backend", "onnxruntime",
@@ -317,7 +317,7 @@ def test_generate_onnxruntime_engines_write_the_eager_video(demo_artifact, tmp_p
 
 
 def test_generate_refuses_bad_vae_options(tmp_path, capsys):
-    from runtime.cli import main
+    from memrope.runtime.cli import main
 
     out = str(tmp_path / "x.mp4")
     assert main(["generate", "--preset", "tiny", "--vae-backend", "onnxruntime", "--out", out]) == 2
@@ -360,7 +360,7 @@ def test_tensorrt_vae_stream_equals_reference(demo_artifact, demo_reference):
     """``memrope build`` builds vae_decode with the other graphs; the TensorRT VAE backend decodes
     the demo's latents like diffusers (fp32 artifact: within one level on 99% of values)."""
     pytest.importorskip("tensorrt_rtx", reason="TensorRT-RTX is not installed")
-    from engine.build import build_engines
+    from memrope.engine.build import build_engines
 
     _, path = demo_artifact
     build_engines(path)

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from runtime.vae import (
+from memrope.runtime.vae import (
     WAN21_VAE_CONFIG,
     WAN_VAE_FILE,
     StreamingVAEDecoder,
@@ -30,7 +30,7 @@ from runtime.vae import (
     tiny_vae_config,
     wan_to_diffusers_state_dict,
 )
-from runtime.video import Mp4Writer, write_png_frames
+from memrope.runtime.video import Mp4Writer, write_png_frames
 
 LATENT_HW = (4, 6)  # 32 x 48 pixels
 

@@ -2,13 +2,13 @@
 
 Owns: the ``serve`` subcommand (its arguments and :func:`cmd_serve`). The parts:
 
-* :mod:`runtime.serve.model`: what the worker owns (the block loop over one backend, the text
+* :mod:`memrope.runtime.serve.model`: what the worker owns (the block loop over one backend, the text
   encoder, the VAE), loaded with the same resolution as ``memrope generate``;
-* :mod:`runtime.serve.worker`: the one model thread, round-robin over sessions, block by block;
-* :mod:`runtime.serve.session`: one session's state and bounded playout queue;
-* :mod:`runtime.serve.app`: HTTP (FastAPI), admission, events, health, metrics, the page;
-* :mod:`runtime.serve.webrtc`: the video track and the offer/answer (aiortc);
-* :mod:`runtime.serve.client`: a Python viewer (tests, the benchmark, scripts).
+* :mod:`memrope.runtime.serve.worker`: the one model thread, round-robin over sessions, block by block;
+* :mod:`memrope.runtime.serve.session`: one session's state and bounded playout queue;
+* :mod:`memrope.runtime.serve.app`: HTTP (FastAPI), admission, events, health, metrics, the page;
+* :mod:`memrope.runtime.serve.webrtc`: the video track and the offer/answer (aiortc);
+* :mod:`memrope.runtime.serve.client`: a Python viewer (tests, the benchmark, scripts).
 
 Importing this package imports no web or WebRTC library; they load when the server starts, and
 a missing one names the ``serve`` extra.
@@ -34,7 +34,7 @@ def require_serve_packages() -> None:
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``memrope serve`` (model and execution options shared with ``memrope generate``;
     ``common`` carries the options every subcommand takes, such as ``-v``)."""
-    from runtime.cli import VAE_BACKENDS, _add_execution_args, _add_model_args, _Formatter
+    from memrope.runtime.cli import VAE_BACKENDS, _add_execution_args, _add_model_args, _Formatter
 
     p = sub.add_parser("serve", parents=[common], formatter_class=_Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
                        description="Serve text-to-video live: each browser session gets its own cache and a "
@@ -84,7 +84,7 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
-    from runtime.serve.options import API_KEY_ENV, TURN_CREDENTIAL_ENV, TURN_USERNAME_ENV, ServerOptions
+    from memrope.runtime.serve.options import API_KEY_ENV, TURN_CREDENTIAL_ENV, TURN_USERNAME_ENV, ServerOptions
 
     options = ServerOptions(host=args.host, port=args.port, max_sessions=args.max_sessions,
                             queue_blocks=args.queue_blocks, heartbeat_timeout_s=args.heartbeat_timeout,
@@ -96,8 +96,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key)
     options.check_tls()
     require_serve_packages()
-    from runtime.serve.app import listen, run_server
-    from runtime.serve.model import load_serve_model
+    from memrope.runtime.serve.app import listen, run_server
+    from memrope.runtime.serve.model import load_serve_model
 
     sock = listen(options)  # a taken port fails here, before the models load
     try:

@@ -12,10 +12,10 @@ connections).
 
 Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status. Everything here runs on
 the event loop except prompt encoding (a one-thread pool, so the DiT worker keeps generating
-while a prompt is encoded) and the model (``runtime.serve.worker``).
+while a prompt is encoded) and the model (``memrope.runtime.serve.worker``).
 
-Does not own the model, scheduling, a session's queue (``runtime.serve.session``) or WebRTC
-media (``runtime.serve.webrtc``).
+Does not own the model, scheduling, a session's queue (``memrope.runtime.serve.session``) or WebRTC
+media (``memrope.runtime.serve.webrtc``).
 """
 
 from __future__ import annotations
@@ -41,18 +41,18 @@ from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
-from runtime.serve.metrics import ServeStats, make_registry
-from runtime.serve.model import ServeModel
-from runtime.serve.options import (
+from memrope.runtime.serve.metrics import ServeStats, make_registry
+from memrope.runtime.serve.model import ServeModel
+from memrope.runtime.serve.options import (
     MAX_QUEUE_BLOCKS,
     MAX_TRANSITION_BLOCKS,
     SERVER_KEEPALIVE_S,
     ServerOptions,
     SessionOptions,
 )
-from runtime.serve.session import ENDED, PAUSED, RUNNING, STARTING, Frame, Session
-from runtime.serve.webrtc import answer_offer
-from runtime.serve.worker import ModelWorker, SessionGone
+from memrope.runtime.serve.session import ENDED, PAUSED, RUNNING, STARTING, Frame, Session
+from memrope.runtime.serve.webrtc import answer_offer
+from memrope.runtime.serve.worker import ModelWorker, SessionGone
 
 logger = logging.getLogger(__name__)
 
@@ -462,7 +462,7 @@ class Server:
 
 
 def _page() -> str:
-    return resources.files("runtime.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
+    return resources.files("memrope.runtime.serve").joinpath("static", "index.html").read_text(encoding="utf-8")
 
 
 def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None) -> FastAPI:

@@ -5,7 +5,7 @@ Owns: :class:`Viewer` (create a session over REST, receive its video over WebRTC
 the frames, record the events, send heartbeats on the data channel, change the prompt, pause,
 resume, stop), :class:`ServeError` (an HTTP error answer: status, message, ``Retry-After``),
 :class:`ServerProcess` (``memrope serve`` in a child process: start, wait for its URL, read its
-metrics, stop) and :func:`http_json` (one blocking request). ``python -m runtime.serve.client URL``
+metrics, stop) and :func:`http_json` (one blocking request). ``python -m memrope.runtime.serve.client URL``
 watches one session and prints a JSON line per second.
 
 Does not own the server. Every wait takes a timeout.
@@ -25,7 +25,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from runtime.serve.options import API_KEY_ENV, CLIENT_KEEPALIVE_S
+from memrope.runtime.serve.options import API_KEY_ENV, CLIENT_KEEPALIVE_S
 
 
 class ServeError(Exception):
@@ -251,7 +251,7 @@ class ServerProcess:
         self.process: subprocess.Popen | None = None
 
     def __enter__(self) -> ServerProcess:
-        self.process = subprocess.Popen([sys.executable, "-m", "runtime", "serve", *self.args],
+        self.process = subprocess.Popen([sys.executable, "-m", "memrope", "serve", *self.args],
                                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=self.env if self.env is not None else dict(os.environ))
         threading.Thread(target=self._pump, daemon=True).start()
@@ -334,7 +334,7 @@ def wait_until_serving(url: str, timeout_s: float, poll_s: float = 0.5, ssl_cont
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m runtime.serve.client",
+    parser = argparse.ArgumentParser(prog="python -m memrope.runtime.serve.client",
                                      description="Watch one memrope serve session and print progress as JSON lines "
                                                  f"(with ${API_KEY_ENV} set, it is sent as the API key).")
     parser.add_argument("url", help="the server, e.g. http://127.0.0.1:8000")

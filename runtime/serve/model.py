@@ -5,11 +5,11 @@ Owns: :class:`ServeModel` (the pipeline, the prompt encoder, the VAE and the per
 made from them: a noise source, a :class:`memrope.pipeline.BlockStream`, a frame decoder),
 :class:`PromptEncoder` (umT5 kept loaded for the server's life, a prompt's token count for
 admission checks, an in-memory LRU of encoded prompts) and :func:`load_serve_model` (the same
-model and backend resolution as ``memrope generate``, from ``runtime.cli``).
+model and backend resolution as ``memrope generate``, from ``memrope.runtime.cli``).
 
 Does not own the block loop (``memrope.pipeline``: sessions run the very ``BlockStream`` that
-``memrope generate`` runs), the text model or the VAE themselves (``runtime.text``,
-``runtime.vae``), or scheduling (``runtime.serve.worker``).
+``memrope generate`` runs), the text model or the VAE themselves (``memrope.runtime.text``,
+``memrope.runtime.vae``), or scheduling (``memrope.runtime.serve.worker``).
 
 Legend: B batch (1 here), L text tokens, D text width, F latent frames per block, C/H/W latent
 channels/height/width, T video frames, 3 RGB.
@@ -43,7 +43,7 @@ FrameDecoder = Callable[[torch.Tensor], np.ndarray]
 class PromptEncoder:
     """umT5 prompts -> ``[B, text_len, D]`` embeddings, with the encoder loaded once.
 
-    A server cannot reload a multi-GB encoder on every prompt change (``runtime.text.encode_cached``
+    A server cannot reload a multi-GB encoder on every prompt change (``memrope.runtime.text.encode_cached``
     builds and closes one per miss, which suits the one-shot CLI), so this keeps it open and keeps
     the last ``capacity`` prompts' embeddings in memory. :meth:`count_tokens` runs on a second
     tokenizer instance so request handlers can check lengths while the encoder thread encodes
@@ -61,7 +61,7 @@ class PromptEncoder:
 
     @classmethod
     def from_model_dir(cls, model_dir: Path, *, text_len: int, text_dim: int, batch: int = 1) -> PromptEncoder:
-        from runtime.text import TextEncoder, load_tokenizer
+        from memrope.runtime.text import TextEncoder, load_tokenizer
 
         encoder = TextEncoder.from_model_dir(model_dir, text_len=text_len)
         if encoder.d_model != text_dim:
@@ -72,7 +72,7 @@ class PromptEncoder:
     def check(self, prompt: str) -> str:
         """The cleaned prompt; TypeError if it is not a string, ValueError if it is empty or longer
         than ``text_len`` tokens."""
-        from runtime.text import prompt_tokens, validate_prompts
+        from memrope.runtime.text import prompt_tokens, validate_prompts
 
         if not isinstance(prompt, str):
             raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
@@ -120,7 +120,7 @@ class ServeModel:
 
     @property
     def fps(self) -> int:
-        from runtime.t2v import VIDEO_FPS
+        from memrope.runtime.t2v import VIDEO_FPS
 
         return VIDEO_FPS
 
@@ -141,7 +141,7 @@ class ServeModel:
         video ends): the one place the server touches the VAE."""
         if isinstance(self.vae, VAEBackend):
             return _EngineFrameDecoder(self.vae, self.pipeline.layout.block_frames)
-        from runtime.vae import StreamingVAEDecoder
+        from memrope.runtime.vae import StreamingVAEDecoder
 
         decoder = StreamingVAEDecoder(self.vae)
         return lambda x0: decoder.decode(x0)[0].numpy()
@@ -174,7 +174,7 @@ class _EngineFrameDecoder:
     caches, bound once), which the backend forgets when the video ends."""
 
     def __init__(self, backend, block_frames: int):
-        from runtime.vae import VAEStream
+        from memrope.runtime.vae import VAEStream
 
         self.stream = VAEStream(backend, block_frames, overlap=False, owns_backend=False)
         self.stream.reset()
@@ -199,7 +199,7 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
     (no model options at all) the embedded tiny demo model. The text encoder and the VAE come
     from the model folder. Raises ValueError / FileNotFoundError before loading the DiT when the
     options cannot serve."""
-    from runtime.cli import (
+    from memrope.runtime.cli import (
         _check_dit_checkpoint,
         _device,
         _make_backend,
@@ -208,7 +208,7 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
         _torch_dtype,
         vae_provider,
     )
-    from runtime.vae import load_vae
+    from memrope.runtime.vae import load_vae
 
     if args.checkpoint is None and args.engine is None and args.preset is None and args.model_dir is None:
         args.preset = "tiny"
@@ -231,7 +231,7 @@ def load_serve_model(args: argparse.Namespace) -> ServeModel:
         if args.vae_backend == "eager":
             vae = load_vae(model_dir, device=device)
         else:
-            from runtime.vae import make_vae_backend
+            from memrope.runtime.vae import make_vae_backend
 
             vae = make_vae_backend(args.vae_backend, run, artifact=artifact, device=device,
                                    provider=vae_provider(args.ort_provider))

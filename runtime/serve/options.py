@@ -3,7 +3,7 @@
 Owns: :class:`ServerOptions` (the ``memrope serve`` flags that are not about the model) and
 :class:`SessionOptions` (what a client may choose per session). Both are frozen dataclasses that
 raise ``ValueError`` naming the field, the value and the rule. Does not own the HTTP request
-schema (``runtime.serve.app`` maps request bodies onto these) or the model's run config (one
+schema (``memrope.runtime.serve.app`` maps request bodies onto these) or the model's run config (one
 per server: every session shares the worker's pipeline, so the cache layout, latent size and
 sampler are the server's, not the session's).
 """

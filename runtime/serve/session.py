@@ -3,10 +3,10 @@
 Owns: :class:`Session` and :class:`Chunk`. A session is shared by two threads, and every field
 says whose it is:
 
-* the model worker (``runtime.serve.worker``) owns ``stream`` (the session's
+* the model worker (``memrope.runtime.serve.worker``) owns ``stream`` (the session's
   :class:`memrope.pipeline.BlockStream`, i.e. its cache) and ``decode`` (its VAE decoder state),
   and pushes each decoded block as a :class:`Chunk`;
-* the event loop (``runtime.serve.app``, ``runtime.serve.webrtc``) pulls frames at playout rate,
+* the event loop (``memrope.runtime.serve.app``, ``memrope.runtime.serve.webrtc``) pulls frames at playout rate,
   changes the state, and talks to the client.
 
 The queue holds at most ``options.queue_blocks`` chunks: the worker skips a session whose queue
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from runtime.serve.options import SessionOptions
+from memrope.runtime.serve.options import SessionOptions
 
 logger = logging.getLogger(__name__)
 

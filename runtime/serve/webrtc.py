@@ -6,7 +6,7 @@ the frame rate, stamps them on a 90 kHz clock that follows wall time, so a stall
 pause, not as a fast-forward) and :func:`answer_offer` (one peer connection per session: the
 client's recvonly video transceiver gets the track, the client's data channel carries events
 and heartbeats). Runs on the event loop. Does not own what the events say or when a session ends
-(``runtime.serve.app``).
+(``memrope.runtime.serve.app``).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from aiortc import MediaStreamTrack, RTCConfiguration, RTCIceServer, RTCPeerConn
 from aiortc.mediastreams import MediaStreamError
 from aiortc.sdp import SessionDescription
 
-from runtime.serve.session import Frame, Session, SessionEnded
+from memrope.runtime.serve.session import Frame, Session, SessionEnded
 
 VIDEO_CLOCK_HZ = 90_000  # RTP video clock
 

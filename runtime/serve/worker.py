@@ -10,8 +10,8 @@ ends that session and frees its cache; the worker keeps serving the others), and
 memory back to the operating system.
 
 Does not own the block loop (``memrope.pipeline.BlockStream.next_block``, the same loop as
-``memrope generate``), the model (``runtime.serve.model``), or the sessions' lifecycle towards
-clients (``runtime.serve.app``).
+``memrope generate``), the model (``memrope.runtime.serve.model``), or the sessions' lifecycle towards
+clients (``memrope.runtime.serve.app``).
 """
 
 from __future__ import annotations
@@ -26,9 +26,9 @@ from concurrent.futures import Future
 
 import torch
 
-from runtime.serve.metrics import ServeStats
-from runtime.serve.model import ServeModel, close_decoder
-from runtime.serve.session import Chunk, Session
+from memrope.runtime.serve.metrics import ServeStats
+from memrope.runtime.serve.model import ServeModel, close_decoder
+from memrope.runtime.serve.session import Chunk, Session
 
 logger = logging.getLogger(__name__)
 
