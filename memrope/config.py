@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from memrope.io import shown
+
 logger = logging.getLogger(__name__)
 
 CACHE_POLICIES = ("ema", "ema_adaptive", "eviction", "global")
@@ -32,7 +34,7 @@ def _require(ok: bool, message: str) -> None:
 def _positive_int(name: str, value: Any) -> None:
     _require(
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
-        f"{name} must be a positive integer, got {value!r}",
+        f"{name} must be a positive integer, got {shown(value)}",
     )
 
 
@@ -68,12 +70,12 @@ class WanConfig:
                  f"head_dim = dim / num_heads = {self.head_dim} must be even and >= 6 "
                  "(3D RoPE splits head_dim/2 rotary pairs over time, height and width)")
         _require(self.freq_dim % 2 == 0, f"freq_dim must be even, got {self.freq_dim}")
-        _require(isinstance(self.eps, float) and 0 < self.eps < 1, f"eps must be in (0, 1), got {self.eps!r}")
+        _require(isinstance(self.eps, float) and 0 < self.eps < 1, f"eps must be in (0, 1), got {shown(self.eps)}")
         _require(len(self.patch_size) == 3 and self.patch_size[0] == 1
                  and all(isinstance(p, int) and p > 0 for p in self.patch_size),
-                 f"patch_size must be (1, ph, pw) with positive ints, got {self.patch_size!r}")
+                 f"patch_size must be (1, ph, pw) with positive ints, got {shown(self.patch_size)}")
         _require(self.model_type == "t2v",
-                 f"model_type {self.model_type!r} is not supported (only 't2v')")
+                 f"model_type {shown(self.model_type)} is not supported (only 't2v')")
         _require(self.qk_norm is True, "qk_norm=False is not supported (Wan2.1 uses qk RMSNorm)")
         _require(self.cross_attn_norm is True,
                  "cross_attn_norm=False is not supported (Wan2.1 uses an affine norm3)")
@@ -122,7 +124,7 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 def model_preset(name: str) -> WanConfig:
     if name not in MODEL_PRESETS:
-        raise ValueError(f"unknown model preset {name!r}; expected one of {sorted(MODEL_PRESETS)}")
+        raise ValueError(f"unknown model preset {shown(name)}; expected one of {sorted(MODEL_PRESETS)}")
     return WanConfig(**MODEL_PRESETS[name])
 
 
@@ -150,16 +152,16 @@ class CacheConfig:
 
     def __post_init__(self) -> None:
         _require(self.policy in CACHE_POLICIES,
-                 f"cache policy {self.policy!r} is not one of {CACHE_POLICIES}")
+                 f"cache policy {shown(self.policy)} is not one of {CACHE_POLICIES}")
         _require(self.memory_dtype in MEMORY_DTYPES,
-                 f"memory_dtype {self.memory_dtype!r} is not one of {MEMORY_DTYPES}")
+                 f"memory_dtype {shown(self.memory_dtype)} is not one of {MEMORY_DTYPES}")
         _positive_int("num_frame_per_block", self.block_frames)
         _require(isinstance(self.sink_frames, int) and self.sink_frames >= 0,
-                 f"sink_size must be a non-negative integer, got {self.sink_frames!r}")
+                 f"sink_size must be a non-negative integer, got {shown(self.sink_frames)}")
         for name in ("alpha_long", "alpha_short"):
             value = getattr(self, name)
             _require(isinstance(value, float) and 0.0 < value <= 1.0,
-                     f"ema_{name} must be a float in (0, 1], got {value!r}")
+                     f"ema_{name} must be a float in (0, 1], got {shown(value)}")
         if self.policy == "global":
             _require(self.window_frames is None,
                      "policy 'global' has no window (local_attn_size must be -1)")
@@ -209,12 +211,12 @@ class SamplerConfig:
             _require(isinstance(step, int) and not isinstance(step, bool)
                      and 0 < step <= self.num_train_timesteps,
                      f"denoising_step_list entries must be integers in (0, "
-                     f"{self.num_train_timesteps}], got {step!r}")
+                     f"{self.num_train_timesteps}], got {shown(step)}")
         _require(isinstance(self.shift, float) and self.shift > 0,
-                 f"timestep_shift must be a positive float, got {self.shift!r}")
+                 f"timestep_shift must be a positive float, got {shown(self.shift)}")
         _require(isinstance(self.context_timestep, float) and 0.0 <= self.context_timestep
                  <= self.num_train_timesteps,
-                 f"context_noise must be in [0, {self.num_train_timesteps}], got {self.context_timestep!r}")
+                 f"context_noise must be in [0, {self.num_train_timesteps}], got {shown(self.context_timestep)}")
 
 
 @dataclass(frozen=True)
@@ -227,7 +229,7 @@ class LoraConfig:
     def __post_init__(self) -> None:
         _positive_int("adapter.rank", self.rank)
         _require(isinstance(self.alpha, float) and self.alpha > 0,
-                 f"adapter.alpha must be positive, got {self.alpha!r}")
+                 f"adapter.alpha must be positive, got {shown(self.alpha)}")
 
     @property
     def scaling(self) -> float:
@@ -262,7 +264,7 @@ class RunConfig:
         _positive_int("num_samples", self.batch_size)
         for name in ("latent_channels", "latent_height", "latent_width"):
             _positive_int(name, getattr(self, name))
-        _require(isinstance(self.seed, int), f"seed must be an integer, got {self.seed!r}")
+        _require(isinstance(self.seed, int), f"seed must be an integer, got {shown(self.seed)}")
         if self.cache.policy == "global":
             # The reference's RoPE table has 1024 temporal positions (spec section 7.15).
             _require(self.num_output_frames <= 1024,
@@ -282,7 +284,7 @@ class RunConfig:
 
 def _as_float(value: Any, name: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ValueError(f"{name} must be a number, got {value!r}")
+        raise ValueError(f"{name} must be a number, got {shown(value)}")
     return float(value)
 
 
@@ -296,15 +298,16 @@ ENGINE_KEYS = ("memory_dtype",)
 def _section(raw: Mapping[str, Any], name: str, source: str) -> Mapping[str, Any]:
     value = raw.get(name) or {}
     if not isinstance(value, Mapping):
-        raise ValueError(f"{source}: {name} must be a mapping, got {value!r}")
+        raise ValueError(f"{source}: {name} must be a mapping, got {shown(value)}")
     return value
 
 
 def _pick(key: str, places: list[tuple[str, Mapping[str, Any]]], source: str, default: Any = None) -> Any:
     """The value of ``key`` wherever the authors' layouts put it; two different values are an error."""
     found = [(where, place[key]) for where, place in places if key in place]
-    if len({repr(v) for _, v in found}) > 1:
-        listed = ", ".join(f"{where}{key}={v!r}" for where, v in found)
+    first = found[0][1] if found else None
+    if any(type(v) is not type(first) or v != first for _, v in found):
+        listed = ", ".join(f"{where}{key}={shown(v)}" for where, v in found)
         raise ValueError(f"{source}: {key} is given twice with different values ({listed}); keep one")
     return found[0][1] if found else default
 
@@ -335,7 +338,7 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
 
     model_name = _pick("model_name", places, source)
     if model_name is not None and model_name != SUPPORTED_MODEL_NAME:
-        raise ValueError(f"{source}: model_name {model_name!r} is not supported: this engine runs the causal "
+        raise ValueError(f"{source}: model_name {shown(model_name)} is not supported: this engine runs the causal "
                          f"{SUPPORTED_MODEL_NAME} DiT (Self-Forcing / LongLive v1 / MemRoPE weights, 16 latent "
                          "channels); that config is for another model")
     shape = _pick("image_or_video_shape", places, source)
@@ -344,15 +347,15 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         if not (isinstance(shape, (list, tuple)) and len(shape) == 5
                 and all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in shape)):
             raise ValueError(f"{source}: image_or_video_shape must be 5 positive integers [B, F, C, H, W], "
-                             f"got {shape!r}")
+                             f"got {shown(shape)}")
         _, shape_frames, shape_channels, shape_h, shape_w = shape
 
     local_attn = _pick("local_attn_size", places, source, -1)
     if isinstance(local_attn, bool) or not isinstance(local_attn, int):
-        raise ValueError(f"{source}: local_attn_size must be an integer, got {local_attn!r}")
+        raise ValueError(f"{source}: local_attn_size must be an integer, got {shown(local_attn)}")
     method = _pick("compression_method", places, source, "eviction")
     if method not in ("ema", "eviction"):
-        raise ValueError(f"{source}: compression_method {method!r} is not 'ema' or 'eviction'")
+        raise ValueError(f"{source}: compression_method {shown(method)} is not 'ema' or 'eviction'")
     if local_attn == -1:
         policy, window = "global", None
     elif local_attn > 0:
@@ -382,7 +385,7 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         )
         steps = raw.get("denoising_step_list", [1000, 750, 500, 250])
         if not isinstance(steps, (list, tuple)):
-            raise ValueError(f"denoising_step_list must be a list, got {steps!r}")
+            raise ValueError(f"denoising_step_list must be a list, got {shown(steps)}")
         sampler = SamplerConfig(
             denoising_steps=tuple(steps),
             warp_denoising_step=bool(raw.get("warp_denoising_step", False)),
@@ -395,7 +398,7 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
         adapter = raw.get("adapter")
         if adapter:
             if not isinstance(adapter, Mapping) or adapter.get("type", "lora") != "lora":
-                raise ValueError(f"adapter must be a mapping with type 'lora', got {adapter!r}")
+                raise ValueError(f"adapter must be a mapping with type 'lora', got {shown(adapter)}")
             lora = LoraConfig(rank=adapter.get("rank", 256),
                               alpha=_as_float(adapter.get("alpha", 256), "adapter.alpha"))
         return RunConfig(
@@ -418,16 +421,10 @@ def run_config_from_yaml_dict(raw: Mapping[str, Any], source: str = "config") ->
 
 def load_run_config(path: str | Path) -> RunConfig:
     """Read one of the authors' YAML configs (or ours) into a :class:`RunConfig`."""
-    import yaml
-
-    from memrope.io import read_text, yaml_error
+    from memrope.io import read_yaml
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(read_text(path, "run config"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"run config {path} is not valid YAML: {yaml_error(exc)}") from None
-    return run_config_from_yaml_dict(raw, source=str(path))
+    return run_config_from_yaml_dict(read_yaml(path, "run config"), source=str(path))
 
 
 # Wan2.1 VAE geometry: one latent pixel covers 8x8 video pixels, and T latent frames decode to

@@ -7,7 +7,10 @@ partial directories (``.NAME.PID.UUID.tmp``, ``.NAME.partial-PID-ID``, ``.NAME.o
 which carry the writer's process id so that a later run can remove what a killed one left
 (:func:`clean_leftovers`); checking an output path before any work (:func:`check_output_path`);
 and :class:`SafetensorsStreamWriter`, which writes a tensor file block by block at constant
-memory.
+memory. Reading the small text files users hand us (run configs, prompt timelines, jsonl,
+artifact contracts, sidecars) is bounded here: their size (:func:`read_text`), YAML aliases
+and nesting (:func:`read_yaml`, :func:`parse_json`), and every user value shown in an error
+message (:func:`shown`), so a hostile 400-byte file costs milliseconds and one short line.
 """
 
 from __future__ import annotations
@@ -16,13 +19,16 @@ import json
 import logging
 import os
 import re
+import reprlib
 import shutil
 import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +40,7 @@ def save_safetensors_atomic(tensors: Mapping[str, torch.Tensor], path: str | os.
     Tensors are detached, moved to the CPU and made contiguous; tensors that share storage are
     copied (safetensors refuses shared storage).
     """
+    import torch
     from safetensors.torch import save_file
 
     path = Path(path)
@@ -141,41 +148,184 @@ def atomic_write(path: str | os.PathLike[str], data: bytes | str | memoryview) -
     return Path(path)
 
 
-def read_text(path: str | os.PathLike[str], what: str) -> str:
-    """The UTF-8 text of a file; errors name ``what`` it was supposed to be."""
+# Sizes of the text files users hand us. JSON parses at hundreds of MB/s, so 16 MiB is a bound
+# that no real contract, sidecar or prompt jsonl reaches; PyYAML (pure Python) parses about 1 MB/s,
+# and the authors' YAML configs are a few KB.
+MAX_TEXT_BYTES = 16 << 20
+MAX_YAML_BYTES = 1 << 20
+# A YAML alias re-uses a node: 9 aliases of 9 aliases of ... make a 400-byte file stand for a
+# billion values, which cost nothing to load but everything to print, hash or compare.
+MAX_YAML_ALIASES = 32
+MAX_YAML_VALUES = 100_000  # values in the document with every alias expanded
+SHOWN_CHARS = 80
+
+
+class _BoundedRepr(reprlib.Repr):
+    """``reprlib`` with every limit set, and the cases it leaves unbounded bounded too."""
+
+    def __init__(self, chars: int):
+        super().__init__()
+        self.maxlevel = 3
+        self.maxtuple = self.maxlist = self.maxarray = self.maxset = self.maxfrozenset = self.maxdeque = 8
+        self.maxdict = 6
+        self.maxstring = self.maxother = chars
+        self.maxlong = 40
+
+    def repr_int(self, x: int, level: int) -> str:
+        if x.bit_length() > 4 * self.maxlong:  # repr() of a 5000-digit int raises (and costs)
+            return f"<int of {x.bit_length()} bits>"
+        return super().repr_int(x, level)
+
+    def repr_bytes(self, x: bytes, level: int) -> str:
+        return self.repr_str(x, level)  # slices before it calls repr (the default repr would not)
+
+
+def shown(value: object, chars: int = SHOWN_CHARS) -> str:
+    """``repr(value)`` for an error message: at most ``chars`` characters, computed in bounded time
+    and memory however long, large or deeply nested ``value`` is (a megabyte string, a YAML alias
+    bomb). Small values read exactly as ``repr`` writes them."""
+    text = _BoundedRepr(chars).repr(value)
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
+def _size_text(n: int) -> str:
+    return f"{n >> 20} MiB" if n >= 1 << 20 and not n % (1 << 20) else f"{n} bytes"
+
+
+def read_text(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_TEXT_BYTES) -> str:
+    """The UTF-8 text of a file of at most ``max_bytes``; errors name ``what`` it was supposed to be.
+
+    Reads at most ``max_bytes + 1`` bytes, so ``/dev/zero`` or a 10 GB file fails at once."""
     path = Path(path)
     try:
-        return path.read_text(encoding="utf-8")
+        with open(path, "rb") as handle:
+            data = handle.read(max_bytes + 1)
     except FileNotFoundError:
         raise FileNotFoundError(f"{what} not found: {path}") from None
+    if len(data) > max_bytes:
+        raise ValueError(f"{what} {path} is larger than {_size_text(max_bytes)}, the most read for a {what}")
+    try:
+        return data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise ValueError(f"{what} {path} is not UTF-8 text (byte 0x{exc.object[exc.start]:02x} at offset "
                          f"{exc.start}); expected a UTF-8 text file") from None
 
 
-def read_json(path: str | os.PathLike[str], what: str) -> dict:
+def parse_json(text: str, what: str) -> object:
+    """``json.loads(text)``; every way it can fail is one ``ValueError`` naming ``what``."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError(f"{what} is nested too deeply to read (beyond Python's recursion limit); expected "
+                         "JSON nested a few levels deep") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more than 4300 digits
+        raise ValueError(f"{what} is not valid JSON: {_clip(str(exc))}") from None
+
+
+def read_json(path: str | os.PathLike[str], what: str, max_bytes: int = MAX_TEXT_BYTES) -> dict:
     """Parse a JSON file holding an object; errors name ``what`` it was supposed to be."""
     path = Path(path)
-    try:
-        raw = json.loads(read_text(path, what))
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{what} {path} is not valid JSON: {exc}") from None
+    raw = parse_json(read_text(path, what, max_bytes), f"{what} {path}")
     if not isinstance(raw, dict):
         raise ValueError(f"{what} {path} holds a JSON {type(raw).__name__}; expected a JSON object {{...}}")
     return raw
 
 
+def read_yaml(path: str | os.PathLike[str], what: str) -> object:
+    """Parse a YAML file (PyYAML's safe loader) with its size, aliases and nesting bounded.
+
+    Raises ValueError naming ``what`` and the file: larger than :data:`MAX_YAML_BYTES`, more
+    than :data:`MAX_YAML_ALIASES` aliases, aliases that expand the document past
+    :data:`MAX_YAML_VALUES` values (or into itself), nesting beyond the recursion limit, or
+    invalid YAML (one line, with line and column)."""
+    import yaml
+
+    path = Path(path)
+    where = f"{what} {path}"
+
+    class Loader(yaml.SafeLoader):
+        aliases = 0
+
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                self.aliases += 1
+            return super().compose_node(parent, index)
+
+    loader = Loader(read_text(path, what, MAX_YAML_BYTES))
+    try:
+        try:
+            node = loader.get_single_node()
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not valid YAML: {yaml_error(exc)}") from None
+        except RecursionError:
+            raise ValueError(f"{where} is nested too deeply to read (beyond Python's recursion limit); expected "
+                             "a config nested a few levels deep") from None
+        if node is None:
+            return None
+        if loader.aliases > MAX_YAML_ALIASES:
+            raise ValueError(f"{where} uses {loader.aliases} YAML aliases (*name); at most {MAX_YAML_ALIASES} "
+                             "are accepted")
+        if loader.aliases and _expanded_values(node, MAX_YAML_VALUES) > MAX_YAML_VALUES:
+            raise ValueError(f"{where}: YAML aliases expand it to more than {MAX_YAML_VALUES:,} values (or into "
+                             "itself); write the values out")
+        try:
+            return loader.construct_document(node)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{where} is not valid YAML: {yaml_error(exc)}") from None
+        except ValueError as exc:  # an integer of more than 4300 digits
+            raise ValueError(f"{where} is not valid YAML: {_clip(str(exc))}") from None
+    finally:
+        loader.dispose()
+
+
+def _expanded_values(root: object, limit: int) -> int:
+    """Values (nodes) of a composed YAML document with every alias expanded, counted up to just
+    past ``limit``; a node that contains itself counts as past it."""
+    import yaml
+
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+
+    def size(node: object) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_nodes:
+            return limit + 1
+        open_nodes.add(key)
+        if isinstance(node, yaml.SequenceNode):
+            children = node.value
+        elif isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = []
+        total = 1
+        for child in children:
+            total += size(child)
+            if total > limit:
+                break
+        open_nodes.discard(key)
+        sizes[key] = total
+        return total
+
+    return size(root)
+
+
+def _clip(text: str, chars: int = 200) -> str:
+    return text if len(text) <= chars else text[: chars - 3] + "..."
+
+
 def yaml_error(exc: Exception) -> str:
-    """PyYAML's multi-line error as one line with its line and column (1-based)."""
+    """PyYAML's multi-line error as one line with its line and column (1-based), at most 200 characters."""
     mark = getattr(exc, "problem_mark", None)
-    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    problem = getattr(exc, "problem", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
     if mark is None:
-        return problem
+        return _clip(problem)
     text = f"line {mark.line + 1}, column {mark.column + 1}: {problem}"
     context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
     if context and context_mark is not None and context_mark.line != mark.line:
         text += f" ({context} from line {context_mark.line + 1}, column {context_mark.column + 1})"
-    return text
+    return _clip(text)
 
 
 def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch.Tensor]:
@@ -198,6 +348,8 @@ def read_safetensors(path: str | os.PathLike[str], what: str) -> dict[str, torch
 
 
 def _expect(tensors: Mapping[str, torch.Tensor], key: str, path: Path, what: str) -> torch.Tensor:
+    import torch
+
     if key not in tensors:
         raise ValueError(f"{what} file {path} has no tensor {key!r} (found {sorted(tensors)})")
     tensor = tensors[key]
@@ -295,7 +447,10 @@ def check_output_path(path: str | os.PathLike[str], what: str, *, suffixes: tupl
     return path
 
 
-_SAFETENSORS_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
+def _safetensors_dtypes() -> dict:
+    import torch
+
+    return {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"}
 
 
 class SafetensorsStreamWriter:
@@ -310,9 +465,13 @@ class SafetensorsStreamWriter:
     """
 
     def __init__(self, path: str | os.PathLike[str], name: str, shape: tuple[int, ...] | list[int],
-                 dtype: torch.dtype = torch.float32):
-        if dtype not in _SAFETENSORS_DTYPES:
-            raise ValueError(f"dtype must be one of {list(_SAFETENSORS_DTYPES)}, got {dtype}")
+                 dtype: torch.dtype | None = None):
+        import torch
+
+        names = _safetensors_dtypes()
+        dtype = torch.float32 if dtype is None else dtype
+        if dtype not in names:
+            raise ValueError(f"dtype must be one of {list(names)}, got {dtype}")
         self.path, self.name = Path(path), name
         self.shape, self.dtype = tuple(int(d) for d in shape), dtype
         if len(self.shape) < 2 or min(self.shape) <= 0:
@@ -321,7 +480,7 @@ class SafetensorsStreamWriter:
         for d in self.shape[2:]:
             self._frame_bytes *= d
         nbytes = self._frame_bytes * self.shape[0] * self.shape[1]
-        header = json.dumps({name: {"dtype": _SAFETENSORS_DTYPES[dtype], "shape": list(self.shape),
+        header = json.dumps({name: {"dtype": names[dtype], "shape": list(self.shape),
                                     "data_offsets": [0, nbytes]}, "__metadata__": {"format": "pt"}},
                             separators=(",", ":")).encode()
         header += b" " * (-len(header) % 8)  # 8-byte aligned data, as safetensors writes it
@@ -340,6 +499,8 @@ class SafetensorsStreamWriter:
 
     def write(self, frame_start: int, block: torch.Tensor) -> None:
         """Store ``block [B, f, ...]`` (any device; cast to the file's dtype) at ``frame_start``."""
+        import torch
+
         if self._closed:
             raise ValueError(f"write() on a closed writer for {self.path}")
         b, f = block.shape[:2]

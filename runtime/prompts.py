@@ -23,7 +23,6 @@ frames, 40 switches at frame 42.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 from collections.abc import Sequence
@@ -58,18 +57,19 @@ class PromptTimeline:
     recache_default: str | None = None
 
     def __post_init__(self) -> None:
+        from memrope.io import shown
+
         where = self.source
         if not self.segments:
             raise ValueError(f"{where}: the timeline has no prompts")
         for i, seg in enumerate(self.segments):
             if isinstance(seg.frame, bool) or not isinstance(seg.frame, int):
-                raise ValueError(f"{where}: entry {i} has frame {seg.frame!r}; expected an integer latent frame index")
+                raise ValueError(f"{where}: entry {i} has frame {shown(seg.frame)}; expected an integer latent frame "
+                                 "index")
             if seg.frame < 0:
                 raise ValueError(f"{where}: entry {i} has a negative frame index ({seg.frame})")
             if not isinstance(seg.prompt, str):
-                shown = repr(seg.prompt)
-                shown = shown if len(shown) <= 60 else shown[:57] + "..."
-                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has prompt {shown} "
+                raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has prompt {shown(seg.prompt, 60)} "
                                  f"({type(seg.prompt).__name__}); expected a non-empty string")
             if not seg.prompt.strip():
                 raise ValueError(f"{where}: entry {i} (frame {seg.frame}) has an empty prompt; expected a "
@@ -120,22 +120,17 @@ class PromptTimeline:
 
 def read_timeline_yaml(path: str | Path) -> PromptTimeline:
     """Our timeline format: a YAML list of ``{frame: int, prompt: str}``."""
-    import yaml
-
-    from memrope.io import read_text, yaml_error
+    from memrope.io import read_yaml, shown
 
     path = Path(path)
-    try:
-        raw = yaml.safe_load(read_text(path, "prompt timeline"))
-    except yaml.YAMLError as exc:
-        raise ValueError(f"prompt timeline {path} is not valid YAML: {yaml_error(exc)}") from None
+    raw = read_yaml(path, "prompt timeline")
     if not isinstance(raw, list):
         raise ValueError(f"{path}: expected a YAML list of {{frame: N, prompt: TEXT}} entries, "
                          f"got {type(raw).__name__}")
     segments = []
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict) or set(entry) != {"frame", "prompt"}:
-            keys = sorted(entry) if isinstance(entry, dict) else type(entry).__name__
+            keys = shown(sorted(map(str, entry))) if isinstance(entry, dict) else type(entry).__name__
             raise ValueError(f"{path}: entry {i} must be {{frame: N, prompt: TEXT}}, got {keys}")
         segments.append(PromptSegment(entry["frame"], entry["prompt"]))
     return PromptTimeline(tuple(segments), str(path))
@@ -143,16 +138,21 @@ def read_timeline_yaml(path: str | Path) -> PromptTimeline:
 
 def parse_switch_indices(value: Any, source: str) -> list[int]:
     """LongLive's ``switch_frame_indices``: an int, a comma string ``"40, 80"`` or a list."""
+    from memrope.io import shown
+
+    if isinstance(value, bool) or not isinstance(value, (int, str, list)):
+        raise ValueError(f"{source}: switch_frame_indices must be an integer, a comma string or a list, got "
+                         f"{shown(value)}")
     items = value if isinstance(value, list) else str(value).split(",")
     indices = []
     for item in items:
-        text = str(item).strip()
+        text = str(item).strip() if isinstance(item, (int, str)) else ""
         if isinstance(item, bool) or not text:
-            raise ValueError(f"{source}: switch_frame_indices {value!r} has an empty or non-integer entry")
+            raise ValueError(f"{source}: switch_frame_indices {shown(value)} has an empty or non-integer entry")
         try:
             indices.append(int(text))
         except ValueError:
-            raise ValueError(f"{source}: switch_frame_indices entry {text!r} is not an integer") from None
+            raise ValueError(f"{source}: switch_frame_indices entry {shown(text)} is not an integer") from None
     return indices
 
 
@@ -160,17 +160,14 @@ def read_longlive_prompts(jsonl: str | Path, switch_frame_indices: Sequence[int]
                           global_sink: bool | None = None) -> PromptTimeline:
     """LongLive's interactive prompts: line ``line`` (0-based) of ``jsonl`` is ``{"prompts": [...]}``,
     prompt 0 from frame 0 and prompt ``i + 1`` from ``switch_frame_indices[i]``."""
-    from memrope.io import read_text
+    from memrope.io import parse_json, read_text
 
     jsonl = Path(jsonl)
     lines = [text for text in read_text(jsonl, "prompt file").splitlines() if text.strip()]
     if isinstance(line, bool) or not isinstance(line, int) or not 0 <= line < len(lines):
         raise ValueError(f"{jsonl} has {len(lines)} prompt lines; --prompts-line {line} is not one of them")
     where = f"{jsonl} line {line + 1}"
-    try:
-        record = json.loads(lines[line])
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where} is not valid JSON: {exc}") from None
+    record = parse_json(lines[line], where)
     prompts = record.get("prompts") if isinstance(record, dict) else None
     if not isinstance(prompts, list):
         raise ValueError(f'{where}: expected {{"prompts": [...]}} (LongLive\'s interactive format)')
@@ -184,21 +181,23 @@ def read_longlive_prompts(jsonl: str | Path, switch_frame_indices: Sequence[int]
 
 def interactive_keys(config: str | Path) -> dict[str, Any]:
     """The interactive-mode keys of a LongLive config (absent keys are left out)."""
-    import yaml
-
-    from memrope.io import read_text
+    from memrope.io import read_yaml
 
     try:
-        raw = yaml.safe_load(read_text(config, "run config"))
-    except (FileNotFoundError, yaml.YAMLError):
-        return {}  # the run-config reader reports these
+        raw = read_yaml(config, "run config")
+    except FileNotFoundError:
+        return {}  # the CLI names every missing input at once, later
     if not isinstance(raw, dict):
         return {}
     return {k: raw[k] for k in ("switch_frame_indices", "data_path", "global_sink") if k in raw}
 
 
-def _resolve_data_path(data_path: str, config: Path) -> Path:
+def _resolve_data_path(data_path: object, config: Path) -> Path:
     """LongLive resolves ``data_path`` against the folder it runs in; fall back to the config's."""
+    from memrope.io import shown
+
+    if not isinstance(data_path, str) or not 0 < len(data_path) <= 4096 or "\0" in data_path:
+        raise ValueError(f"{config}: data_path must be the path of LongLive's prompt jsonl, got {shown(data_path)}")
     candidates = [Path(data_path), config.parent / data_path]
     for path in candidates:
         if path.is_file():
@@ -251,7 +250,7 @@ def timeline_from_args(args: argparse.Namespace) -> PromptTimeline | None:
         if single:
             logger.warning("%s has switch_frame_indices but one prompt was given: playing it alone", args.config)
             return None
-        jsonl = _resolve_data_path(str(keys["data_path"]), Path(args.config))
+        jsonl = _resolve_data_path(keys["data_path"], Path(args.config))
         return read_longlive_prompts(jsonl, indices, args.prompts_line, global_sink)
     return None
 

@@ -180,3 +180,64 @@ def test_unreadable_config_files_are_named_in_one_line(tmp_path):
     model_json.write_text("[64, 128]")
     with pytest.raises(ValueError, match=r"config\.json holds a JSON list; expected a JSON object"):
         WanConfig.from_json(model_json)
+
+
+def _laughs(levels: int, width: int = 9, base: int = 9) -> str:
+    """A billion-laughs YAML body: ``l{levels}`` stands for base * width ** levels strings, in a few hundred bytes."""
+    lines = [f"l0: &l0 [{', '.join(['lol'] * base)}]"]
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * width)}]" for i in range(1, levels + 1)]
+    return "\n".join(lines) + "\n"
+
+
+def test_yaml_aliases_that_expand_a_config_are_refused_in_one_short_line(golden_dir, tmp_path):
+    """A 1.5 KB config whose ``seed:`` aliases 9**7 strings grew to a 35 MB error message (9**9: past 6 GB)."""
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(golden_dir.joinpath("memrope_ema.yaml").read_text().replace("seed: 0\n", "")
+                    + _laughs(7) + "seed: *l7\n")
+    assert bomb.stat().st_size < 2000
+    with pytest.raises(ValueError) as err:
+        load_run_config(bomb)
+    message = str(err.value)
+    assert message == f"run config {bomb} uses 64 YAML aliases (*name); at most 32 are accepted"
+    # Few aliases, many values: 1000 strings aliased 10 x 10 x 10 times.
+    bomb.write_text(_laughs(3, width=10, base=1000) + "seed: *l3\n")
+    with pytest.raises(ValueError) as err:
+        load_run_config(bomb)
+    assert str(err.value) == (f"run config {bomb}: YAML aliases expand it to more than 100,000 values (or into "
+                              "itself); write the values out")
+
+
+def test_a_few_anchors_still_load_and_values_in_errors_are_capped(golden_dir, tmp_path):
+    shared = tmp_path / "anchors.yaml"
+    shared.write_text(golden_dir.joinpath("memrope_ema.yaml").read_text().replace(
+        "denoising_step_list:\n- 1000\n- 750\n- 500\n- 250\n", "steps: &steps [1000, 750, 500, 250]\n"
+        "denoising_step_list: *steps\n"))
+    assert load_run_config(shared) == load_run_config(golden_dir / "memrope_ema.yaml")
+    long_value = tmp_path / "long.yaml"
+    long_value.write_text(f"num_samples: {'x' * 100_000}\n")
+    with pytest.raises(ValueError) as err:
+        load_run_config(long_value)
+    assert "num_samples must be a positive integer, got 'xxxx" in str(err.value) and len(str(err.value)) < 300
+
+
+@pytest.mark.parametrize("body, says", [
+    ("a: " + "[" * 100_000 + "]" * 100_000 + "\n", "is nested too deeply"),
+    ("seed: " + "7" * 5000 + "\n", "is not valid YAML: "),
+    ("seed: &s [*s]\n", "YAML aliases expand it to more than "),
+])
+def test_deep_huge_and_recursive_yaml_is_one_line(tmp_path, body, says):
+    path = tmp_path / "odd.yaml"
+    path.write_text(body)
+    with pytest.raises(ValueError) as err:
+        load_run_config(path)
+    assert f"run config {path}" in str(err.value) and says in str(err.value), str(err.value)
+    assert len(str(err.value)) < 300
+
+
+def test_config_files_are_size_bounded_before_they_are_read(tmp_path):
+    big = tmp_path / "big.yaml"
+    big.write_text("# padding\n" * 200_000)
+    with pytest.raises(ValueError, match=rf"^run config {big} is larger than 1 MiB, the most read for a run config$"):
+        load_run_config(big)
+    with pytest.raises(ValueError, match="run config /dev/zero is larger than 1 MiB"):
+        load_run_config("/dev/zero")

@@ -193,3 +193,33 @@ def test_onnxruntime_generate_with_a_timeline_matches_eager(artifacts, demo_dir,
     assert main(["generate", "--engine", str(artifacts["memrope_ema"]), "--backend", "onnxruntime", *common,
                  "--latents-out", str(ort)]) == 0
     torch.testing.assert_close(load_file(str(ort))["latents"], load_file(str(eager))["latents"], atol=1e-4, rtol=0)
+
+
+def test_alias_bombs_and_deep_nesting_are_one_short_line(files, capsys):
+    """A 357-byte timeline aliasing 9**9 prompts grew past 6 GB building the error; a jsonl nested
+    100,000 deep ended in a RecursionError (exit 1)."""
+    timeline = files["tmp"] / "laughs.yaml"
+    lines = ["- {frame: 0, prompt: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]}"]
+    lines += [f"- {{frame: {i}, prompt: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]}}" for i in range(1, 7)]
+    timeline.write_text("\n".join(lines) + "\n")
+    _fails(files, capsys, f"prompt timeline {timeline} uses 54 YAML aliases (*name); at most 32 are accepted",
+           ["--prompts", str(timeline)])
+    jsonl = files["tmp"] / "deep.jsonl"
+    jsonl.write_text("[" * 100_000 + "]" * 100_000 + "\n")
+    config = files["tmp"] / "interactive.yaml"
+    config.write_text(files["config"].read_text() + "switch_frame_indices: 6, 12\n")
+    _fails(files, capsys, f"{jsonl} line 1 is nested too deeply", ["--config", str(config), "--prompts", str(jsonl)])
+    huge = files["tmp"] / "huge.jsonl"
+    with open(huge, "wb") as handle:
+        handle.truncate(17 << 20)
+    _fails(files, capsys, f"prompt file {huge} is larger than 16 MiB", ["--config", str(config), "--prompts", str(huge)])
+
+
+def test_values_in_timeline_errors_are_capped(tmp_path):
+    path = _write_timeline(tmp_path / "t.yaml", [{"frame": 0, "prompt": "a"}, {"frame": 3, "prompt": list(range(50_000))}])
+    with pytest.raises(ValueError) as err:
+        read_timeline_yaml(path)
+    assert "entry 1 (frame 3) has prompt [0, 1, 2" in str(err.value) and len(str(err.value)) < 300
+    with pytest.raises(ValueError) as err:
+        parse_switch_indices(["x" * 10_000], "cfg")
+    assert len(str(err.value)) < 200
