@@ -36,7 +36,7 @@ import torch
 from conftest import Lazy
 
 from memrope.artifact import load_artifact
-from memrope.backend import Backend
+from memrope.backend import Backend, Feeds
 from memrope.config import WanConfig, load_run_config
 from memrope.engine.build import io_differences, network_io
 from memrope.engine.sidecar import (
@@ -466,20 +466,37 @@ def gpu_built(request, tmp_path_factory) -> Path:
 
 
 class _PerCallComparison(Backend):
-    """Wraps the TensorRT backend; on every call runs eager bf16 and eager fp32 on the same feeds."""
+    """Wraps the TensorRT backend; on every call runs eager bf16 and eager fp32 on the same feeds.
+
+    Backends bind a stream's :class:`Feeds` once (a plain dict is refused), so the fp32 reference
+    gets its own ``Feeds``, made at the stream's first call and refreshed in place after.
+    """
 
     def __init__(self, trt_backend, eager_bf16, eager_fp32):
         self.trt, self.bf16, self.fp32 = trt_backend, eager_bf16, eager_fp32
         self.name, self.model, self.layout = "compare", trt_backend.model, trt_backend.layout
         self.dtype, self.device = trt_backend.dtype, trt_backend.device
         self.calls = 0
+        self._source: Feeds | None = None
+        self._wide: Feeds | None = None
 
     def encode_text(self, prompt_embeds):
         return self.trt.encode_text(prompt_embeds)
 
+    def _widened(self, feeds: Feeds) -> Feeds:
+        """``feeds`` with its floating-point tensors in fp32 (integer and bool ones shared)."""
+        if feeds is not self._source:
+            self._source = feeds
+            self._wide = Feeds({k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
+        else:
+            for name, tensor in feeds.items():
+                if tensor.is_floating_point():
+                    self._wide[name].copy_(tensor)
+        return self._wide
+
     def step(self, feeds):
         out = self.trt.step(feeds)
-        ref = self.fp32.step({k: v.float() if v.is_floating_point() else v for k, v in feeds.items()})
+        ref = self.fp32.step(self._widened(feeds))
         low = self.bf16.step(feeds)
         for name, got in out.items():
             err_trt = (got.float() - ref[name].float()).abs().max().item()
@@ -530,7 +547,8 @@ def test_cuda_graph_replay_matches_plain_execution_per_feeds_set(gpu_built):
             else:
                 t.copy_(torch.arange(t.numel()).reshape(spec.shape))
 
-    sessions = [{spec.name: spec.zeros("cuda") for spec in contract.inputs} for _ in range(2)]
+    # Two streams' Feeds (what the loop passes; the backend binds each once, weakly).
+    sessions = [Feeds({spec.name: spec.zeros("cuda") for spec in contract.inputs}) for _ in range(2)]
     with TensorRTBackend(gpu_built, cuda_graph=False) as plain, \
             TensorRTBackend(gpu_built, cuda_graph=True) as graphed:
         for call in range(6):  # two sessions alternating: each captured once, then replayed
