@@ -1,8 +1,9 @@
-"""The one prepared script for a lent GPU: everything only a GPU can show, inside one short lease.
+"""What only a CUDA GPU can show, in one run of a few minutes: tests, full-size bf16 latency, error.
 
-A task may be lent a GPU for a few minutes (PyTorch + CUDA there; no TensorRT, no ONNX Runtime
-CUDA provider, no diffusers). This script spends them in order of value, each section in its own
-process with a time limit, so one that fails or hangs costs only its own share:
+Needs an NVIDIA GPU, PyTorch built with CUDA and the project installed with its ``video`` and
+``dev`` extras (the README's first command installs them); TensorRT and ONNX Runtime's CUDA
+provider are optional (their tests skip without them). The sections run in order of value, each
+in its own process with a time limit, so one that fails or hangs costs only its own share:
 
 1. ``environment``: the device, driver-visible memory, torch and CUDA versions, the date.
 2. ``gpu_tests``: the test suite's ``gpu``-marked tests (compiled CUDA graphs against eager in
@@ -19,16 +20,17 @@ process with a time limit, so one that fails or hangs costs only its own share:
    its ratio to eager bf16's.
 
 Each section's result (or its error, or "not run: budget") goes into ``gpu_check.json`` in
-``--out`` as soon as it finishes (written atomically), beside the bench documents and plots, so a
-lease that ends early still returns what was measured. The last lines printed are a summary table.
+``--out`` as soon as it finishes (written atomically), beside ``gpu_check.log`` and the bench
+documents and plots, so a run stopped early still keeps what was measured. The last lines printed
+are a summary table. See docs/gpu_check.md.
 
-On the lent machine (see docs/gpu_check.md for the wheels to carry)::
+On a CUDA machine::
 
-    python3 bench/gpu_check.py --out $OUT
+    python bench/gpu_check.py --out out/gpu_check
 
-Here, on the CPU, the same sections at the tiny preset check the plumbing::
+Without a GPU, the same sections at the tiny preset on the CPU check the plumbing::
 
-    python bench/gpu_check.py --smoke --out /tmp/gpu_check_smoke
+    python bench/gpu_check.py --smoke --out out/gpu_check_smoke
 """
 
 from __future__ import annotations
@@ -74,7 +76,7 @@ def environment() -> dict:
 
 def _run(cmd: list[str], timeout_s: float, log: Path) -> dict:
     """Run ``cmd`` from the repository root with a time limit; its output is appended to ``log``
-    (one log for every section: the lent machine returns at most 8 files)."""
+    (one log for every section, so the results stay six files)."""
     start = time.perf_counter()
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
            "PYTHONUNBUFFERED": "1"}
