@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 
 from memrope.backend import Backend  # noqa: E402
 from memrope.pipeline import MemRoPEPipeline  # noqa: E402
-from memrope.runtime.bench import BENCH_PRESETS, _make_backend, bench_run_config, cpu_name  # noqa: E402
+from memrope.runtime.bench import BENCH_PRESETS, bench_run_config, cpu_name, make_bench_backend  # noqa: E402
 from memrope.sampler import SeededNoise  # noqa: E402
 
 
@@ -71,7 +71,7 @@ def profile_backend(name: str, preset_name: str, warm_blocks: int, profiled_bloc
     blocks = warm_blocks + profiled_blocks
     run = bench_run_config(model, preset.height, preset.width, blocks)
     with tempfile.TemporaryDirectory() as work:
-        backend = Ranged(_make_backend(name, preset, model, run, torch.device("cpu"), torch.float32, Path(work)))
+        backend = Ranged(make_bench_backend(name, preset, model, run, torch.device("cpu"), torch.float32, Path(work)))
         pipeline = MemRoPEPipeline(backend, run)
         latent = pipeline.latent_frame_shape()
         noise = SeededNoise(0, 1, run.num_output_frames, latent, run.cache.block_frames)

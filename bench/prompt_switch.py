@@ -83,28 +83,24 @@ class _Timer:
 
 
 def _make_backend(name: str, workdir: Path, threads: int, recache: bool = True):
-    import torch
-
+    """The mid preset's random weights on ``name`` through the one loader; ONNX Runtime runs an
+    artifact of them exported once into ``workdir``."""
     from memrope.config import model_preset
-    from memrope.model import build_dit, random_state_dict
+    from memrope.export.onnx_export import export_artifact
     from memrope.runtime.bench import BENCH_PRESETS, bench_run_config
+    from memrope.runtime.load import LoadRequest, resolve
 
     preset = BENCH_PRESETS["mid"]
-    model = model_preset("mid")
-    run = bench_run_config(model, preset.height, preset.width, blocks=1000)
-    dit = build_dit(model, random_state_dict(model), dtype=torch.float32)
+    run = bench_run_config(model_preset("mid"), preset.height, preset.width, blocks=1000)
+    eager = resolve(LoadRequest(preset="mid", run=run, decode=False, text=False))
     if name == "eager":
-        from memrope.engine.eager_backend import EagerBackend
-
-        return EagerBackend(dit, run), run
-    from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
-    from memrope.export.onnx_export import export_artifact
-
+        return eager.load_backend(), run
     artifact = workdir / "mid_float32"
     if not artifact.exists():
-        export_artifact(dit, run, artifact, height=preset.height, width=preset.width, validate=False)
-    del dit
-    return OnnxRuntimeBackend(artifact, provider="cpu", threads=threads, recache=recache), run
+        export_artifact(eager.load_dit(), run, artifact, height=preset.height, width=preset.width, validate=False)
+    onnx = resolve(LoadRequest(engine=artifact, backend="onnxruntime", ort_provider="cpu", recache=recache,
+                               decode=False, text=False))
+    return onnx.load_backend(ort_threads=threads), run
 
 
 def _addresses(stream) -> list[int]:

@@ -227,35 +227,44 @@ def collecting_logger(trt: Any) -> Any:
 
 
 class DeferredInterrupt:
-    """Hold Ctrl-C (SIGINT) while TensorRT runs, and raise ``KeyboardInterrupt`` once it returns.
+    """Hold Ctrl-C (SIGINT) and SIGTERM while TensorRT runs, and raise ``KeyboardInterrupt`` (or
+    :class:`memrope.errors.Terminated`) once it returns.
 
     TensorRT calls our logger from inside a parse or build; a ``KeyboardInterrupt`` raised there
     is caught by TensorRT ("Exception caught in log()"), the build finishes and its plans would be
     written. So inside ``with DeferredInterrupt() as interrupt:`` the signal only sets
     ``interrupt.requested``; :meth:`progress_monitor` cancels a build at its next step, and the
     ``with`` raises ``KeyboardInterrupt`` on exit, before the caller writes anything. Outside the
-    main thread, or when someone else handles SIGINT, it changes nothing.
+    main thread it changes nothing; a signal someone else handles (SIGINT not Python's default,
+    SIGTERM not :func:`memrope.errors.raise_terminated`) is left to them.
     """
 
     def __init__(self) -> None:
         self.requested = False
-        self._previous: Any = None
+        self._signal: int | None = None
+        self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> "DeferredInterrupt":
-        if (threading.current_thread() is threading.main_thread()
-                and signal.getsignal(signal.SIGINT) is signal.default_int_handler):
-            self._previous = signal.signal(signal.SIGINT, self._handle)
+        from memrope.errors import raise_terminated
+
+        if threading.current_thread() is threading.main_thread():
+            for signum, ours in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, raise_terminated)):
+                if signal.getsignal(signum) is ours:
+                    self._previous[signum] = signal.signal(signum, self._handle)
         return self
 
     def _handle(self, signum: int, frame: Any) -> None:
         self.requested = True
+        self._signal = self._signal or signum
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        from memrope.errors import Terminated
+
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self._previous.clear()
         if self.requested and exc_type is None:
-            raise KeyboardInterrupt
+            raise Terminated if self._signal == signal.SIGTERM else KeyboardInterrupt
 
     def progress_monitor(self, trt: Any) -> Any:
         """A ``trt.IProgressMonitor`` that cancels the build once Ctrl-C was pressed."""

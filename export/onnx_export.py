@@ -33,20 +33,12 @@ from memrope.artifact import CONFIG_FILE, CONTRACT_FILE, STEP_FILE, graph_file, 
 from memrope.cache import CacheControls, CacheLayout
 from memrope.config import RunConfig
 from memrope.contract import ArtifactContract, GraphContract, build_contract
-from memrope.errors import StageError
 from memrope.export.graph import RecacheGraph, StepGraph, TextGraph
+from memrope.export.torch_onnx import export_graph, param_bytes
 from memrope.io import clean_leftovers, partial_path
 from memrope.model import MemRoPEStep, WanCausalDiT
 
 logger = logging.getLogger(__name__)
-
-OPSET = 23
-PROTOBUF_LIMIT_BYTES = 2 * 1024 ** 3
-
-
-class ExportError(StageError):
-    """The exporter failed or produced a graph that does not honour the contract."""
-
 
 @dataclass
 class ExportResult:
@@ -89,32 +81,6 @@ def _versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[pkg] = "not installed"
     return out
-
-
-def _export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
-                  output_names: list[str], param_bytes: int) -> None:
-    external = param_bytes > PROTOBUF_LIMIT_BYTES * 0.9
-    try:
-        torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET,
-                          input_names=input_names, output_names=output_names,
-                          external_data=external, optimize=True, verbose=False)
-    except Exception as exc:  # the exporter raises many types; report them as one stage failure
-        raise ExportError(f"torch.onnx.export failed for {path.name}: {exc}") from exc
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    got_in = [i.name for i in model.graph.input]
-    got_out = [o.name for o in model.graph.output]
-    if got_in != input_names or got_out != output_names:
-        raise ExportError(f"{path.name}: exported names differ from the contract\n"
-                          f"  inputs  {got_in}\n  expected {input_names}\n"
-                          f"  outputs {got_out}\n  expected {output_names}")
-    # By path: a >2 GB model cannot be checked as an in-memory proto.
-    onnx.checker.check_model(str(path))
-
-
-def _param_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def check_export_target(out_dir: str | os.PathLike[str], force: bool) -> None:
@@ -172,14 +138,14 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     try:
         with torch.no_grad():
             logger.info("exporting the step graph (%s, %dx%d, batch %d)", dtype_name, height, width, batch)
-            _export_graph(step_graph, example_step_inputs(contract, layout), tmp / STEP_FILE,
-                          contract.step.input_names, contract.step.output_names, _param_bytes(dit))
+            export_graph(step_graph, example_step_inputs(contract, layout), tmp / STEP_FILE,
+                          contract.step.input_names, contract.step.output_names, param_bytes(dit))
             logger.info("exporting the text graph")
-            _export_graph(text_graph, (contract.text.inputs[0].zeros(),), tmp / graph_file("text"),
-                          contract.text.input_names, contract.text.output_names, _param_bytes(dit))
+            export_graph(text_graph, (contract.text.inputs[0].zeros(),), tmp / graph_file("text"),
+                          contract.text.input_names, contract.text.output_names, param_bytes(dit))
             logger.info("exporting the recache graph (%d tail frames)", layout.tail_frames)
-            _export_graph(recache_graph, example_inputs(contract.recache, layout), tmp / graph_file("recache"),
-                          contract.recache.input_names, contract.recache.output_names, _param_bytes(dit))
+            export_graph(recache_graph, example_inputs(contract.recache, layout), tmp / graph_file("recache"),
+                          contract.recache.input_names, contract.recache.output_names, param_bytes(dit))
         if vae is not None:
             from memrope.export.vae_export import export_vae_graph
 

@@ -19,6 +19,7 @@ import torch
 
 from memrope.contract import GraphContract
 from memrope.errors import StageError
+from memrope.export.torch_onnx import export_graph, param_bytes
 from memrope.vae import WanStreamingDecoder, padding_frames
 
 logger = logging.getLogger(__name__)
@@ -57,13 +58,11 @@ def check_module(module: WanStreamingDecoder, contract: GraphContract) -> None:
 
 def export_vae_graph(module: WanStreamingDecoder, contract: GraphContract, path: Path) -> None:
     """Write ``module`` as the contract's static graph at ``path`` (names checked, onnx checker)."""
-    from memrope.export.onnx_export import _export_graph, _param_bytes
-
     check_module(module, contract)
     logger.info("exporting the vae_decode graph (%d feature caches)", len(module.layout))
     with torch.no_grad():
-        _export_graph(module.eval(), example_vae_inputs(contract), path, contract.input_names,
-                      contract.output_names, _param_bytes(module))
+        export_graph(module.eval(), example_vae_inputs(contract), path, contract.input_names,
+                     contract.output_names, param_bytes(module))
 
 
 def validation_latents(contract: GraphContract, frames: int, seed: int = 0) -> torch.Tensor:

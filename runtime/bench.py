@@ -181,19 +181,18 @@ def bench_vae(preset: BenchPreset, seed: int = 0):
         return AutoencoderKLWan(**BENCH_VAES[preset.vae]).eval().requires_grad_(False)
 
 
-def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConfig, device: torch.device,
-                  dtype: torch.dtype, workdir: Path) -> Backend:
-    from memrope.model import build_dit, random_state_dict
+def make_bench_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConfig, device: torch.device,
+                       dtype: torch.dtype, workdir: Path) -> Backend:
+    """Backend ``name`` for the bench, through the one loader (:mod:`memrope.runtime.load`):
+    eager and compiled run the preset's random weights; ONNX Runtime and TensorRT run an
+    artifact of them exported once into ``workdir`` (with the bench VAE)."""
+    from memrope.runtime.load import LoadRequest, resolve
 
+    dtype_name = str(dtype).removeprefix("torch.")
+    base = LoadRequest(preset=preset.model, run=run, backend="eager", device=str(device), dtype=dtype_name,
+                       decode=False, text=False)
     if name in ("eager", "compiled"):
-        dit = build_dit(model, random_state_dict(model), dtype=dtype, device=device)
-        if name == "eager":
-            from memrope.engine.eager_backend import EagerBackend
-
-            return EagerBackend(dit, run)
-        from memrope.engine.compiled_backend import CompiledBackend
-
-        return CompiledBackend(dit, run)
+        return resolve(replace(base, backend=name)).load_backend()
     from memrope.export.onnx_export import export_artifact
 
     # ONNX Runtime's CPU provider has no bf16/fp16 kernels.
@@ -202,19 +201,16 @@ def _make_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConf
     if not artifact.exists():
         from memrope.vae import WanStreamingDecoder
 
-        dit = build_dit(model, random_state_dict(model), dtype=export_dtype)
+        dit = resolve(replace(base, device="cpu", dtype=str(export_dtype).removeprefix("torch."))).load_dit()
         vae = WanStreamingDecoder.from_diffusers(bench_vae(preset)).to(export_dtype)
         export_artifact(dit, run, artifact, height=preset.height, width=preset.width, validate=False, vae=vae)
         del dit, vae
-    if name == "onnxruntime":
-        from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
+    if name == "tensorrt":
+        from memrope.engine.build import build_engines
 
-        return OnnxRuntimeBackend(artifact, provider="cpu" if device.type == "cpu" else "cuda")
-    from memrope.engine.build import build_engines
-    from memrope.engine.tensorrt_backend import TensorRTBackend
-
-    build_engines(artifact)
-    return TensorRTBackend(artifact)
+        build_engines(artifact)
+    return resolve(LoadRequest(engine=artifact, backend=name, device=str(device), decode=False, text=False,
+                               ort_provider="cpu" if device.type == "cpu" else "cuda")).load_backend()
 
 
 def availability(name: str, device: torch.device) -> str | None:
@@ -250,7 +246,7 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
     model = model_preset(preset.model)
     run = bench_run_config(model, preset.height, preset.width, blocks)
     device_baseline = _device_used_bytes(dev)
-    backend = TimedBackend(_make_backend(name, preset, model, run, dev, torch_dtype, Path(workdir)))
+    backend = TimedBackend(make_bench_backend(name, preset, model, run, dev, torch_dtype, Path(workdir)))
     g = torch.Generator().manual_seed(seed + 1)
     embeds = torch.randn(1, model.text_len, model.text_dim, generator=g)
     latent = (run.latent_channels, run.latent_height, run.latent_width)
@@ -702,3 +698,49 @@ def plot(doc: dict, path: Path) -> None:
 
 def write_json(doc: dict, path: Path) -> None:
     atomic_write(path, json.dumps(doc, indent=1) + "\n")
+
+
+def bench_options(preset_name: str, backends_csv: str, *, height: int | None = None, width: int | None = None,
+                  warmup_blocks: int = 3, e2e_blocks: int = 0, device: str = "cpu", peak_tflops: float | None = None,
+                  json_out: Path | None = None, plot_out: Path | None = None) -> tuple[BenchPreset, list[str]]:
+    """``memrope bench``'s options checked before minutes of benchmarking: the preset at the
+    asked size and the backends to measure. ValueError names the bad option."""
+    from memrope.io import check_output_path
+    from memrope.runtime.load import torch_device
+
+    backends = [b.strip() for b in backends_csv.split(",") if b.strip()]
+    if not backends:
+        raise ValueError(f"--backends {backends_csv!r} names no backend; choose from {', '.join(BACKENDS)}")
+    unknown = [b for b in backends if b not in BACKENDS]
+    if unknown:
+        raise ValueError(f"unknown backends {unknown}; choose from {', '.join(BACKENDS)}")
+    if warmup_blocks < 1:
+        raise ValueError(f"--warmup-blocks must be at least 1 (the first blocks compile and allocate), "
+                         f"got {warmup_blocks}")
+    if peak_tflops is not None and not peak_tflops > 0:
+        raise ValueError(f"--peak-tflops must be positive, got {peak_tflops}")
+    torch_device(device)
+    if json_out:
+        check_output_path(json_out, "--json-out", suffixes=(".json",))
+    if plot_out:
+        check_output_path(plot_out, "--plot", suffixes=(".png",))
+        require_matplotlib()  # fail before minutes of benchmarking, not after
+    preset = BENCH_PRESETS[preset_name]
+    for flag, value in (("--height", height), ("--width", width)):
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be a positive number of pixels (a multiple of 16), got {value}")
+    if e2e_blocks and e2e_blocks < 4:
+        raise ValueError(f"--e2e-blocks must be 0 (skip the frame path) or at least 4, got {e2e_blocks}")
+    return replace(preset, height=height or preset.height, width=width or preset.width), backends
+
+
+def summary_rows(doc: dict) -> list[dict]:
+    """The one-JSON-line summary of a results document: a row per backend."""
+    summary = [{k: r.get(k) for k in ("backend", "available", "call_ms_median", "block_ms_median", "latent_fps",
+                                       "video_fps", "host_overhead_pct", "flatness")} for r in doc["results"]]
+    for row, r in zip(summary, doc["results"], strict=True):
+        if "frame_path" in r:
+            f = r["frame_path"]
+            row.update(vae_ms_median=f["vae_ms_median"], e2e_block_ms_median=f["overlap"]["block_ms_median"],
+                       e2e_video_fps=f["overlap"]["video_fps"], ttff_cached_ms=f["ttff"]["ttff_cached_ms"])
+    return summary

@@ -10,6 +10,8 @@ Owns:
   at or past the real token count (EOS included). Output ``[B, text_len, d_model]`` float32.
 * :func:`encode_cached`: a disk cache of encoded prompts (one safetensors file per prompt, written
   atomically) so the multi-GB encoder is built only when a prompt has not been seen before.
+* :class:`PromptEncoder`: the encoder kept open for a long-lived process (the server, the Python
+  API), with an in-memory LRU of encoded prompts and token counts for admission checks.
 * :func:`build_tiny_text_model`: a tiny, randomly initialised, download-free model folder in
   either layout, for demos and tests.
 
@@ -26,6 +28,8 @@ import logging
 import os
 import re
 import string
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
@@ -567,3 +571,65 @@ def build_tiny_text_model(directory: str | os.PathLike[str], *, layout: str = "d
     logger.info("wrote a tiny random-weight text encoder (%s layout, d_model %d) to %s",
                 layout, d_model, directory)
     return directory
+
+
+class PromptEncoder:
+    """umT5 prompts -> ``[B, text_len, D]`` embeddings, with the encoder loaded once.
+
+    A server cannot reload a multi-GB encoder on every prompt change (``memrope.runtime.text.encode_cached``
+    builds and closes one per miss, which suits the one-shot CLI), so this keeps it open and keeps
+    the last ``capacity`` prompts' embeddings in memory. :meth:`count_tokens` runs on a second
+    tokenizer instance so request handlers can check lengths while the encoder thread encodes
+    (a fast tokenizer is not safe to share across threads while it pads and truncates).
+    """
+
+    def __init__(self, encoder, tokenizer, *, text_len: int, batch: int = 1, capacity: int = 64):
+        self._encoder = encoder
+        self._tokenizer = tokenizer
+        self.text_len = text_len
+        self.batch = batch
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._capacity = capacity
+        self._lock = threading.Lock()  # encode() may be called from more than one thread
+
+    @classmethod
+    def from_model_dir(cls, model_dir: Path, *, text_len: int, text_dim: int, batch: int = 1) -> PromptEncoder:
+        encoder = TextEncoder.from_model_dir(model_dir, text_len=text_len)
+        if encoder.d_model != text_dim:
+            raise ValueError(f"the text encoder in {model_dir} gives {encoder.d_model}-wide embeddings; the DiT "
+                             f"takes text_dim={text_dim}")
+        return cls(encoder, load_tokenizer(model_dir), text_len=text_len, batch=batch)
+
+    def check(self, prompt: str, *, truncate: bool = False) -> str:
+        """The cleaned prompt; TypeError if it is not a string, ValueError if it is empty or (unless
+        ``truncate``: then a warning says what is dropped, as Wan truncates) longer than
+        ``text_len`` tokens."""
+        if not isinstance(prompt, str):
+            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
+        cleaned = validate_prompts([prompt])[0]
+        tokens = prompt_tokens(self._tokenizer, cleaned)
+        if tokens > self.text_len:
+            if not truncate:
+                raise ValueError(f"prompt is {tokens} tokens long (end-of-text included); this model takes at "
+                                 f"most text_len={self.text_len} tokens: shorten it")
+            logger.warning("prompt %r is %d tokens long (end-of-text included); the model reads the first "
+                           "text_len=%d and drops the rest", cleaned if len(cleaned) <= 60 else cleaned[:57] + "...",
+                           tokens, self.text_len)
+        return cleaned
+
+    def encode(self, prompt: str) -> torch.Tensor:
+        """``[B, text_len, D]`` float32 embeddings of ``prompt`` (one row per sample)."""
+        with self._lock:
+            embeds = self._cache.get(prompt)
+            if embeds is None:
+                embeds = self._encoder.encode([prompt])
+                self._cache[prompt] = embeds
+                if len(self._cache) > self._capacity:
+                    self._cache.popitem(last=False)
+            else:
+                self._cache.move_to_end(prompt)
+        return embeds.expand(self.batch, -1, -1)
+
+    def close(self) -> None:
+        self._encoder.close()
+        self._cache.clear()

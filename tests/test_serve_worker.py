@@ -30,10 +30,10 @@ PROMPT = "a small red boat on the blue sea at night"
 
 @pytest.fixture(scope="module")
 def model():
-    from memrope.runtime.cli import build_parser
+    from memrope.runtime.load import LoadRequest
     from memrope.runtime.serve.model import load_serve_model
 
-    served = load_serve_model(build_parser().parse_args(["serve"]))
+    served = load_serve_model(LoadRequest())
     yield served
     served.close()
 
@@ -153,14 +153,13 @@ def test_sessions_decode_with_the_exported_vae_and_release_its_bindings(demo_art
     """``memrope serve --engine ART --backend onnxruntime --vae-backend onnxruntime``: a session's
     frames come from the artifact's vae_decode graph (equal to the eager decode within one level),
     a real WebRTC session plays them, and an ended session leaves no binding in the shared backend."""
-    from memrope.runtime.cli import build_parser
+    from memrope.runtime.load import LoadRequest
     from memrope.runtime.serve.model import close_decoder, load_serve_model
     from memrope.runtime.vae import StreamingVAEDecoder
 
     demo, art = demo_artifact
-    served = load_serve_model(build_parser().parse_args(
-        ["serve", "--engine", str(art), "--backend", "onnxruntime", "--vae-backend", "onnxruntime",
-         "--model-dir", str(demo)]))
+    served = load_serve_model(LoadRequest(engine=art, backend="onnxruntime", vae_backend="onnxruntime",
+                                          model_dir=demo))
     try:
         assert served.description["vae_backend"] == "onnxruntime" and served.description["backend"] == "onnxruntime"
         latents = torch.randn(1, 6, 16, 8, 12, generator=torch.Generator().manual_seed(5))

@@ -34,22 +34,23 @@ def require_serve_packages() -> None:
 def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     """Register ``memrope serve`` (model and execution options shared with ``memrope generate``;
     ``common`` carries the options every subcommand takes, such as ``-v``)."""
-    from memrope.runtime.cli import VAE_BACKENDS, _add_execution_args, _add_model_args, _Formatter
+    from memrope.runtime.args import Formatter, add_execution_args, add_model_args
+    from memrope.runtime.load import VAE_BACKENDS
 
-    p = sub.add_parser("serve", parents=[common], formatter_class=_Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
+    p = sub.add_parser("serve", parents=[common], formatter_class=Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
                        description="Serve text-to-video live: each browser session gets its own cache and a "
                                    "WebRTC video track; one model worker runs every session block by block. "
                                    "Without model options it serves the embedded tiny demo (RANDOM weights). "
                                    "With $MEMROPE_SERVE_API_KEY set, every /sessions request needs "
                                    "'Authorization: Bearer <key>' (the page takes it as /#key=<key>).")
-    _add_model_args(p)
+    add_model_args(p)
     run = p.add_argument_group("run")
     run.add_argument("--config", type=Path, help="run YAML (the authors' format); default: the preset's demo run")
     run.add_argument("--model-dir", type=Path,
                      help="Wan2.1 folder: text encoder + tokenizer and VAE (and the DiT unless --checkpoint/--engine)")
     run.add_argument("--memory-dtype", choices=("cache", "float32"),
                      help="EMA memory accumulator (default cache dtype, as the authors)")
-    _add_execution_args(p)
+    add_execution_args(p)
     p.add_argument("--vae-backend", choices=VAE_BACKENDS, default="eager",
                    help="what decodes the sessions' frames: eager (the VAE in --model-dir) or the artifact's "
                         "vae_decode graph (--engine; onnxruntime, or tensorrt after `memrope build`)")
@@ -96,12 +97,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             tls_cert=args.tls_cert, tls_key=args.tls_key)
     options.check_tls()
     require_serve_packages()
+    from memrope.runtime.args import load_request
     from memrope.runtime.serve.app import listen, run_server
     from memrope.runtime.serve.model import load_serve_model
 
+    request = load_request(args, recache=args.prompt_recache != "none")
     sock = listen(options)  # a taken port fails here, before the models load
     try:
-        model = load_serve_model(args)
+        model = load_serve_model(request)
     except BaseException:
         sock.close()
         raise

@@ -3,12 +3,12 @@ and the VAE, loaded once and shared by every session.
 
 Owns: :class:`ServeModel` (the pipeline, the prompt encoder, the VAE and the per-session pieces
 made from them: a noise source, a :class:`memrope.pipeline.BlockStream`, a frame decoder),
-:class:`PromptEncoder` (umT5 kept loaded for the server's life, a prompt's token count for
-admission checks, an in-memory LRU of encoded prompts) and :func:`load_serve_model` (the same
-model and backend resolution as ``memrope generate``, from ``memrope.runtime.cli``).
+:func:`load_serve_model` (the same model and backend resolution as ``memrope generate``,
+through :mod:`memrope.runtime.load`).
 
 Does not own the block loop (``memrope.pipeline``: sessions run the very ``BlockStream`` that
-``memrope generate`` runs), the text model or the VAE themselves (``memrope.runtime.text``,
+``memrope generate`` runs), the text model (:class:`memrope.runtime.text.PromptEncoder`) or the
+VAE themselves (``memrope.runtime.text``,
 ``memrope.runtime.vae``), or scheduling (``memrope.runtime.serve.worker``).
 
 Legend: B batch (1 here), L text tokens, D text width, F latent frames per block, C/H/W latent
@@ -17,14 +17,10 @@ channels/height/width, T video frames, 3 RGB.
 
 from __future__ import annotations
 
-import argparse
 import logging
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,6 +28,8 @@ import torch
 from memrope.backend import VAEBackend
 from memrope.config import VAE_SPATIAL_STRIDE
 from memrope.pipeline import BlockStream, MemRoPEPipeline
+from memrope.runtime.load import LoadRequest, resolve
+from memrope.runtime.text import PromptEncoder
 from memrope.sampler import StreamingSeededNoise
 
 logger = logging.getLogger(__name__)
@@ -40,82 +38,21 @@ FrameDecoder = Callable[[torch.Tensor], np.ndarray]
 """One video's decoder: a block's ``x0 [1, F, C, H, W]`` -> uint8 frames ``[T, 8 H, 8 W, 3]``."""
 
 
-class PromptEncoder:
-    """umT5 prompts -> ``[B, text_len, D]`` embeddings, with the encoder loaded once.
-
-    A server cannot reload a multi-GB encoder on every prompt change (``memrope.runtime.text.encode_cached``
-    builds and closes one per miss, which suits the one-shot CLI), so this keeps it open and keeps
-    the last ``capacity`` prompts' embeddings in memory. :meth:`count_tokens` runs on a second
-    tokenizer instance so request handlers can check lengths while the encoder thread encodes
-    (a fast tokenizer is not safe to share across threads while it pads and truncates).
-    """
-
-    def __init__(self, encoder, tokenizer, *, text_len: int, batch: int = 1, capacity: int = 64):
-        self._encoder = encoder
-        self._tokenizer = tokenizer
-        self.text_len = text_len
-        self.batch = batch
-        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()
-        self._capacity = capacity
-        self._lock = threading.Lock()  # encode() may be called from more than one thread
-
-    @classmethod
-    def from_model_dir(cls, model_dir: Path, *, text_len: int, text_dim: int, batch: int = 1) -> PromptEncoder:
-        from memrope.runtime.text import TextEncoder, load_tokenizer
-
-        encoder = TextEncoder.from_model_dir(model_dir, text_len=text_len)
-        if encoder.d_model != text_dim:
-            raise ValueError(f"the text encoder in {model_dir} gives {encoder.d_model}-wide embeddings; the DiT "
-                             f"takes text_dim={text_dim}")
-        return cls(encoder, load_tokenizer(model_dir), text_len=text_len, batch=batch)
-
-    def check(self, prompt: str) -> str:
-        """The cleaned prompt; TypeError if it is not a string, ValueError if it is empty or longer
-        than ``text_len`` tokens."""
-        from memrope.runtime.text import prompt_tokens, validate_prompts
-
-        if not isinstance(prompt, str):
-            raise TypeError(f"prompt must be a string, got {type(prompt).__name__}")
-        cleaned = validate_prompts([prompt])[0]
-        tokens = prompt_tokens(self._tokenizer, cleaned)
-        if tokens > self.text_len:
-            raise ValueError(f"prompt is {tokens} tokens long (end-of-text included); this model takes at most "
-                             f"text_len={self.text_len} tokens: shorten it")
-        return cleaned
-
-    def encode(self, prompt: str) -> torch.Tensor:
-        """``[B, text_len, D]`` float32 embeddings of ``prompt`` (one row per sample)."""
-        with self._lock:
-            embeds = self._cache.get(prompt)
-            if embeds is None:
-                embeds = self._encoder.encode([prompt])
-                self._cache[prompt] = embeds
-                if len(self._cache) > self._capacity:
-                    self._cache.popitem(last=False)
-            else:
-                self._cache.move_to_end(prompt)
-        return embeds.expand(self.batch, -1, -1)
-
-    def close(self) -> None:
-        self._encoder.close()
-        self._cache.clear()
-
-
 @dataclass
 class ServeModel:
     """The loaded model, shared by every session; only the worker thread runs it.
 
     pipeline: the block loop over the backend (one per server; one ``BlockStream`` per session).
     text: the prompt encoder.
-    vae: the Wan VAE module (each session's decoder keeps its own causal cache over it), or a
-      ``memrope.backend.VAEBackend`` running the artifact's ``vae_decode`` graph
-      (``--vae-backend onnxruntime|tensorrt``), shared by the sessions' ``VAEStream``s.
+    vae: the decode as a ``memrope.backend.VAEBackend`` (the Wan VAE module, or the artifact's
+      ``vae_decode`` graph with ``--vae-backend onnxruntime|tensorrt``), shared by the sessions'
+      ``VAEStream``s (each keeps its own causal feature cache).
     description: what is being served, for ``/healthz`` and the page.
     """
 
     pipeline: MemRoPEPipeline
     text: PromptEncoder
-    vae: object
+    vae: VAEBackend
     description: dict
 
     @property
@@ -139,12 +76,7 @@ class ServeModel:
     def open_decoder(self) -> FrameDecoder:
         """A new video's frame decoder (call it with each block's ``x0``; ``close()`` it when the
         video ends): the one place the server touches the VAE."""
-        if isinstance(self.vae, VAEBackend):
-            return _EngineFrameDecoder(self.vae, self.pipeline.layout.block_frames)
-        from memrope.runtime.vae import StreamingVAEDecoder
-
-        decoder = StreamingVAEDecoder(self.vae)
-        return lambda x0: decoder.decode(x0)[0].numpy()
+        return _EngineFrameDecoder(self.vae, self.pipeline.layout.block_frames)
 
     def warm_up(self, blocks: int = 2) -> float:
         """Run ``blocks`` blocks and their decode once (zero text, seed 0) and free them: kernel
@@ -165,8 +97,7 @@ class ServeModel:
     def close(self) -> None:
         self.text.close()
         self.pipeline.backend.close()
-        if isinstance(self.vae, VAEBackend):
-            self.vae.close()
+        self.vae.close()
 
 
 class _EngineFrameDecoder:
@@ -193,60 +124,38 @@ def close_decoder(decode: FrameDecoder | None) -> None:
         close()
 
 
-def load_serve_model(args: argparse.Namespace) -> ServeModel:
-    """Load what ``memrope serve`` serves, resolved exactly as ``memrope generate`` resolves it:
-    ``--engine ART --backend onnxruntime|tensorrt``, a ``--checkpoint``, a ``--model-dir``, or
-    (no model options at all) the embedded tiny demo model. The text encoder and the VAE come
-    from the model folder. Raises ValueError / FileNotFoundError before loading the DiT when the
-    options cannot serve."""
-    from memrope.runtime.cli import (
-        _check_dit_checkpoint,
-        _device,
-        _make_backend,
-        _model_dir,
-        _resolve_engine,
-        _torch_dtype,
-        vae_provider,
-    )
-    from memrope.runtime.vae import load_vae
+def load_serve_model(request: LoadRequest) -> ServeModel:
+    """Load what ``memrope serve`` serves through the one loader (:mod:`memrope.runtime.load`),
+    as ``memrope generate`` loads it: an ``engine`` artifact on an exported backend, a
+    ``checkpoint``, a ``model_dir``, or (no model source at all) the embedded tiny demo model.
+    The text encoder and the VAE come from the model folder. Raises ValueError /
+    FileNotFoundError before loading the DiT when the request cannot serve."""
+    from dataclasses import replace
 
-    if args.checkpoint is None and args.engine is None and args.preset is None and args.model_dir is None:
-        args.preset = "tiny"
-    device = _device(args.device)
-    model_dir = _model_dir(args)
-    if model_dir is None:
+    if request.checkpoint is None and request.engine is None and request.preset is None and request.model_dir is None:
+        request = replace(request, preset="tiny")
+    request = replace(request, text=True, decode=True)
+    resolved = resolve(request)
+    if resolved.model_dir is None:
         raise ValueError("serving encodes prompts and decodes video: pass --model-dir WAN_DIR (the folder with "
                          "the text encoder and the VAE), or no model options for the embedded tiny demo")
-    artifact, model_cfg, run = _resolve_engine(args, model_dir, recache=getattr(args, "prompt_recache", "none") != "none")
+    run = resolved.run
     if run.batch_size != 1:
         raise ValueError(f"a session streams one video: the run config's num_samples must be 1, got {run.batch_size}")
-    if args.backend in ("eager", "compiled"):
-        _check_dit_checkpoint(args, model_cfg, run, model_dir)  # before the text encoder and the VAE load
     if run.cache.policy == "global":
         raise ValueError("sessions stream without end, so the cache must be a window: the run config's "
                          "local_attn_size must be positive (policy 'global' grows with the video)")
-    text = PromptEncoder.from_model_dir(model_dir, text_len=model_cfg.text_len, text_dim=model_cfg.text_dim)
+    text = resolved.load_text_encoder()
     vae = None
     try:
-        if args.vae_backend == "eager":
-            vae = load_vae(model_dir, device=device)
-        else:
-            from memrope.runtime.vae import make_vae_backend
-
-            vae = make_vae_backend(args.vae_backend, run, artifact=artifact, device=device,
-                                   provider=vae_provider(args.ort_provider))
-        backend = _make_backend(args, artifact, model_cfg, run, _torch_dtype(args.dtype), device, model_dir,
-                                recache=getattr(args, "prompt_recache", "none") != "none", decode=True)
+        vae = resolved.load_vae_backend()
+        backend = resolved.load_backend()
     except BaseException:
         text.close()
-        if isinstance(vae, VAEBackend):
+        if vae is not None:
             vae.close()
         raise
     pipeline = MemRoPEPipeline(backend, run)
-    description = {
-        "backend": backend.name, "device": str(backend.device), "dtype": str(backend.dtype).removeprefix("torch."),
-        "model_dir": str(model_dir), "dim": model_cfg.dim, "num_layers": model_cfg.num_layers,
-        "text_len": model_cfg.text_len, "cache_policy": run.cache.policy, "cache": pipeline.layout.describe(),
-        "block_frames": pipeline.layout.block_frames, "vae_backend": args.vae_backend,
-    }
+    description = {**resolved.describe(), "backend": backend.name, "dtype": str(backend.dtype).removeprefix("torch."),
+                   "cache": pipeline.layout.describe(), "block_frames": pipeline.layout.block_frames}
     return ServeModel(pipeline, text, vae, description)
