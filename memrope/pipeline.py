@@ -21,6 +21,7 @@ Legend: B batch, F frames per block, C latent channels, H/W latent height/width,
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
@@ -53,6 +54,15 @@ from memrope.sampler import NoiseSource, Schedule, build_schedule
 
 logger = logging.getLogger(__name__)
 
+# The bound on a block's clean latents |x0|. The DiT works in the Wan VAE's normalised latent
+# space (the VAE de-normalises with per-channel std 1.1-3.3 and mean within +-1.6,
+# memrope.vae.WAN21_LATENTS_*): a trained model's x0 are O(1)-O(10); the golden tiny model's and the
+# random-weight tiny preset's peak at ~6. 1e3 leaves two orders of magnitude of headroom; a
+# latent beyond it decodes to saturated colour and, carried by the cache, poisons later blocks.
+# Seen in practice: a noise spike of 1e6 gives |x0| ~4e3, of 1e30 ~4e27 on ONNX Runtime (which
+# keeps it finite where eager overflows to NaN), so finiteness alone misses it.
+MAX_ABS_LATENT = 1e3
+
 MEMORY_ON_SWITCH = ("keep", "reset")
 RECACHE_MODES = ("none", "recent", "all")  # in increasing order of work
 _ALL_DIMS = (0, 1, 2, 3, 4)
@@ -80,9 +90,11 @@ class BlockResult:
     x0: ``[B, F, C, H, W]`` the block's clean latents, in one of two ring buffers: valid until
       the block after next has been computed (so it may be decoded while the next block runs).
     cache: the stream's cache after the context pass (inspection only; overwritten in place).
-    finite: ``[1]`` float32 on the device, 0 when every value of ``x0`` is finite (NaN
-      otherwise). Read it with :meth:`check_finite` once the frames have left the device, which
-      synchronises anyway.
+    finite: ``[]`` float32 on the device: 0 when every value of ``x0`` is finite and
+      ``|x0| <= max_abs_latent``; NaN or Inf when some value is not finite; otherwise the block's
+      largest ``|x0|``. Read it with :meth:`check_finite` once the frames have left the device,
+      which synchronises anyway.
+    max_abs_latent: the bound ``finite`` was computed against (:data:`MAX_ABS_LATENT` by default).
     """
 
     index: int
@@ -90,14 +102,26 @@ class BlockResult:
     cache: KVCache
     plan: BlockPlan
     finite: torch.Tensor
+    max_abs_latent: float = MAX_ABS_LATENT
 
     def check_finite(self, flag: torch.Tensor | None = None) -> None:
-        """Raise :class:`NonFiniteError` naming this block if its latents hold NaN or Inf.
+        """Raise :class:`NonFiniteError` naming this block if its latents hold NaN or Inf or
+        leave ``[-max_abs_latent, max_abs_latent]`` (with the largest ``|x0|`` and the bound).
 
         ``flag``: a copy of :attr:`finite` the caller already has on the host (read without a
         sync); by default :attr:`finite` itself (a sync on a GPU)."""
-        if (self.finite if flag is None else flag).item() == 0.0:
+        value = (self.finite if flag is None else flag).item()
+        if value == 0.0:
             return
+        first = self.index * self.x0.shape[1]
+        frames = f"block {self.index} (latent frames {first}..{first + self.x0.shape[1] - 1})"
+        bound = f"{self.max_abs_latent:g}"
+        if math.isfinite(value):
+            cause = ("the inputs or the weights: check --noise / --text-embeds and the checkpoint" if self.index == 0
+                     else "a spike in this block's noise, or a blow-up carried forward by the cache and the EMA "
+                          "memory: check --noise / --text-embeds and the checkpoint")
+            raise NonFiniteError(f"{frames} produced latents out of range: max |x0| {value:.3g} > {bound} (clean "
+                                 f"latents are normalised, O(1)-O(10) for a trained model); likely cause: {cause}")
         if self.index == 0:
             cause = ("the inputs or the weights: check --noise / --text-embeds and the checkpoint "
                      "(weights are checked for NaN/Inf at load)")
@@ -107,8 +131,8 @@ class BlockResult:
         else:
             cause = ("a numerical overflow carried forward by the cache and the EMA memory, in float32 already: "
                      "check --noise / --text-embeds and the checkpoint")
-        raise NonFiniteError(f"block {self.index} (latent frames {self.index * self.x0.shape[1]}.."
-                             f"{(self.index + 1) * self.x0.shape[1] - 1}) produced NaN or Inf; likely cause: {cause}")
+        raise NonFiniteError(f"{frames} produced NaN or Inf (clean latents must be finite and within +-{bound}); "
+                             f"likely cause: {cause}")
 
 
 @dataclass(frozen=True)
@@ -129,12 +153,18 @@ class MemRoPEPipeline:
     Args:
         backend: a :class:`memrope.backend.Backend` (``engine/`` has one per runtime).
         run: the run configuration (cache policy, sampler, latent size, frames).
+        max_abs_latent: the bound on every block's clean latents ``|x0|`` (default
+            :data:`MAX_ABS_LATENT`; ``math.inf`` checks finiteness only): a block past it fails
+            as a non-finite one does (:meth:`BlockResult.check_finite`).
 
     One pipeline may drive several streams (:meth:`stream`), each with its own cache, on the
     same backend: a server does this, one block at a time per stream.
     """
 
-    def __init__(self, backend: Backend, run: RunConfig):
+    def __init__(self, backend: Backend, run: RunConfig, *, max_abs_latent: float = MAX_ABS_LATENT):
+        if (isinstance(max_abs_latent, bool) or not isinstance(max_abs_latent, (int, float))
+                or not max_abs_latent > 0):
+            raise ValueError(f"max_abs_latent must be a positive number (math.inf: no bound), got {max_abs_latent!r}")
         expected = CacheLayout.for_run(backend.model, run)
         if backend.layout != expected:
             raise ValueError(f"backend {backend.name} was built for cache layout {backend.layout.describe()}, "
@@ -142,6 +172,7 @@ class MemRoPEPipeline:
         self.backend = backend
         self.run = run
         self.layout = expected
+        self.max_abs_latent = float(max_abs_latent)
         self.schedule: Schedule = build_schedule(run.sampler)
         self.device, self.dtype = backend.device, backend.dtype
 
@@ -263,6 +294,9 @@ class BlockStream:
         self._x0 = [torch.empty(shape, dtype=dtype, device=device) for _ in range(2)]
         self._finite = [torch.zeros((), dtype=torch.float32, device=device) for _ in range(2)]
         self._finite_scratch = torch.empty(shape, dtype=torch.float32, device=device)
+        self._abs_max = torch.zeros((), dtype=torch.float32, device=device)
+        self._over = torch.zeros((), dtype=torch.bool, device=device)
+        self.max_abs_latent = pipeline.max_abs_latent
 
         # Noise: [steps, B, F, C, H, W] on the device. A host source on an accelerator is staged
         # through two (pinned, on CUDA) buffers and copied without blocking, one block ahead.
@@ -552,12 +586,16 @@ class BlockStream:
         self._clean[:, plan.write_frame:plan.write_frame + lay.block_frames].copy_(x0)
         # Every call that reads this block's noise is queued: draw the next block's meanwhile.
         self._queue_noise(b + 1)
-        # x * 0 is 0 for a finite x and NaN for NaN or +-Inf: the sum is 0 iff the block is finite.
+        # The block's flag, on the device (the host reads it with the frames): max |x0| propagates
+        # NaN and Inf, and times (max |x0| > bound) it is 0 for a block in range, the peak for one
+        # out of it, and NaN or Inf for a non-finite one (NaN * 0 is NaN, Inf * 1 is Inf).
         finite = self._finite[b % 2]
-        torch.mul(x0, 0.0, out=self._finite_scratch)
-        torch.sum(self._finite_scratch, dim=_ALL_DIMS, out=finite)
+        torch.abs(x0, out=self._finite_scratch)
+        torch.amax(self._finite_scratch, dim=_ALL_DIMS, out=self._abs_max)
+        torch.gt(self._abs_max, self.max_abs_latent, out=self._over)
+        torch.mul(self._abs_max, self._over, out=finite)
         self.block_index = b + 1
-        return BlockResult(b, x0, cache, plan, finite)
+        return BlockResult(b, x0, cache, plan, finite, self.max_abs_latent)
 
     def _check_open(self) -> None:
         if self.closed:
