@@ -118,6 +118,15 @@ def _check_frames(frames: np.ndarray) -> np.ndarray:
     return frames
 
 
+def _median_rgb(pixels: np.ndarray) -> np.ndarray:
+    """Per-channel median of uint8 ``[P, 3]`` pixels, from a histogram (no sort)."""
+    median = np.empty(3, dtype=np.float64)
+    for channel in range(3):
+        cumulative = np.cumsum(np.bincount(pixels[:, channel], minlength=256))
+        median[channel] = np.searchsorted(cumulative, (pixels.shape[0] + 1) // 2)
+    return median
+
+
 def _nearest(rgb: np.ndarray, palette: dict[str, tuple[int, int, int]]) -> str:
     names = list(palette)
     distances = np.linalg.norm(np.asarray([palette[n] for n in names], dtype=np.float64) - rgb, axis=1)
@@ -180,11 +189,19 @@ def _shape_features(coverage: np.ndarray, pad_px: float) -> tuple[float, float]:
     mass = weight.sum()
     dx = xs - (weight * xs).sum() / mass
     dy = ys - (weight * ys).sum() / mass
+    # Central moments E[dx^p dy^q], p + q in 2..4, in one contraction.
+    moments = np.tensordot(np.stack([dx ** p * dy ** (k - p) for k in (2, 3, 4) for p in range(k, -1, -1)]),
+                           weight, axes=2) / mass
+    m2, m3, m4 = moments[:3], moments[3:7], moments[7:]
     skewness, kurtosis = [], []
-    for z in (dx, dy, (dx + dy) / np.sqrt(2.0), (dx - dy) / np.sqrt(2.0)):
-        k2 = (weight * z ** 2).sum() / mass
-        skewness.append(abs((weight * z ** 3).sum() / mass) / k2 ** 1.5)
-        kurtosis.append((weight * z ** 4).sum() / mass - 3 * k2 * k2)
+    for c, s in ((1.0, 0.0), (0.0, 1.0), (np.sqrt(0.5), np.sqrt(0.5)), (np.sqrt(0.5), -np.sqrt(0.5))):
+        # Moments of z = c dx + s dy by the binomial expansion.
+        k2 = c * c * m2[0] + 2 * c * s * m2[1] + s * s * m2[2]
+        k3 = c ** 3 * m3[0] + 3 * c * c * s * m3[1] + 3 * c * s * s * m3[2] + s ** 3 * m3[3]
+        z4 = (c ** 4 * m4[0] + 4 * c ** 3 * s * m4[1] + 6 * c * c * s * s * m4[2] + 4 * c * s ** 3 * m4[3]
+              + s ** 4 * m4[4])
+        skewness.append(abs(k3) / k2 ** 1.5)
+        kurtosis.append(z4 - 3 * k2 * k2)
     diagonal = kurtosis[2] + kurtosis[3]
     ratio = (kurtosis[0] + kurtosis[1]) / diagonal if diagonal != 0 else float("nan")
     return float(max(skewness)), float(ratio)
@@ -232,7 +249,7 @@ def evaluate(frames: np.ndarray) -> SceneReport:
     num_frames, height, width, _ = frames.shape
     scale = size_scale(height, width)
     sample = np.unique(np.linspace(0, num_frames - 1, min(num_frames, _BACKGROUND_SAMPLE_FRAMES)).astype(int))
-    background_rgb = np.median(frames[sample].reshape(-1, 3), axis=0).astype(np.float64)
+    background_rgb = _median_rgb(frames[sample].reshape(-1, 3))
     background = _nearest(background_rgb, BACKGROUND_COLORS)
 
     label, alpha, names = _unmix(frames, background_rgb)
@@ -399,7 +416,7 @@ def degrade(frames: np.ndarray, *, blur_sigma_px: float = 0.0, noise_std: float 
     if blur_sigma_px > 0:
         image = _gaussian_blur(image, blur_sigma_px)
     if noise_std > 0:
-        image = image + np.random.default_rng(seed).normal(0.0, noise_std, size=image.shape).astype(np.float32)
+        image += np.float32(noise_std) * np.random.default_rng(seed).standard_normal(image.shape, dtype=np.float32)
     if jpeg_quality is not None:
         image = _jpeg_like(np.clip(image, 0, 255), jpeg_quality)
     return np.clip(np.rint(image), 0, 255).astype(np.uint8)
