@@ -9,6 +9,7 @@ get a clear 4xx and the server keeps serving."""
 from __future__ import annotations
 
 import asyncio
+import http.client
 import json
 import os
 import signal
@@ -55,6 +56,22 @@ def _idle(m: dict) -> bool:
     return m["memrope_serve_sessions"] == 0 and m["memrope_serve_live_streams"] == 0 and m["memrope_serve_cache_bytes"] == 0
 
 
+def _raw_request(url: str, method: str, path: str, headers: list[tuple[str, str]] = ()) -> tuple[int, dict, bytes]:
+    """One request with exactly ``headers`` (repeats kept; a Host given here replaces the usual
+    one): ``(status, headers, body bytes)``."""
+    host, port = url.split("://")[1].rsplit(":", 1)
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    try:
+        conn.putrequest(method, path, skip_host=any(name.lower() == "host" for name, _ in headers))
+        for name, value in headers:
+            conn.putheader(name, value)
+        conn.endheaders()
+        response = conn.getresponse()
+        return response.status, {k.lower(): v for k, v in response.getheaders()}, response.read()
+    finally:
+        conn.close()
+
+
 def test_page_health_and_metrics(server):
     status, _, health = server.get("/healthz")
     assert status == 200 and health["status"] == "ok" and health["max_sessions"] == MAX_SESSIONS
@@ -66,8 +83,28 @@ def test_page_health_and_metrics(server):
     for name in ("memrope_serve_sessions", "memrope_serve_blocks_per_second", "memrope_serve_frames_dropped_total",
                  'memrope_serve_block_latency_seconds{quantile="0.5"}',
                  'memrope_serve_block_latency_seconds{quantile="0.9"}', "memrope_serve_queue_depth_blocks",
-                 "process_resident_memory_bytes"):
+                 "process_resident_memory_bytes", 'memrope_serve_requests_refused_total{kind="bad_offer"}'):
         assert name in m, name
+
+
+def test_head_probes_get_the_get_answer_without_a_body(server):
+    for path in ("/", "/healthz", "/metrics"):
+        status, headers, body = _raw_request(server.url, "HEAD", path)
+        assert (status, body) == (200, b"") and int(headers["content-length"]) > 0, (path, status, body)
+
+
+def test_the_favicon_is_an_empty_answer_a_browser_caches(server):
+    """A browser asks for /favicon.ico with every page: not an error in its console."""
+    for method in ("GET", "HEAD"):
+        status, headers, body = _raw_request(server.url, method, "/favicon.ico")
+        assert status == 204 and body == b"" and "max-age" in headers["cache-control"], (method, status)
+
+
+def test_no_schema_or_docs_pages(server):
+    """Only the page, health and metrics are open; the API is documented in the README."""
+    for path in ("/openapi.json", "/docs", "/redoc", "/docs/oauth2-redirect"):
+        status, message = _error(*http_json("GET", server.url + path)[::2])
+        assert status == 404 and message.startswith(f"no route GET {path}"), (path, status, message)
 
 
 def test_sessions_admission_prompt_change_pause(server):
@@ -246,13 +283,44 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
     assert server.get("/healthz")[0] == 200
 
 
+def test_repeated_auth_or_host_headers_and_a_foreign_host_are_refused(server):
+    """Headers a request may carry once (with two, which one counts is up to whoever reads it),
+    and a Host this loopback server does not answer to (a DNS-rebinding page reaches it under the
+    attacker's name): one-line 400s, counted. Loopback names are answered."""
+    url = server.url
+    host = url.split("://")[1]
+    port = host.rsplit(":", 1)[1]
+    m = server.metrics()
+    raw_cases = [
+        ([("Authorization", "Bearer one"), ("Authorization", "Bearer two")], 400,
+         "2 Authorization headers; expected at most one"),
+        ([("Host", host), ("Host", "rebound.attacker.example")], 400,
+         "malformed HTTP request (Found multiple Host: headers); expected an HTTP/1.1 request line and headers"),
+        ([("Host", f"rebound.attacker.example:{port}")], 400,
+         f"Host 'rebound.attacker.example:{port}' is not a host this server answers to (expected 127.0.0.1, ::1, "
+         "localhost; add names with --allowed-hosts)"),
+        ([("Host", f"127.0.0.2:{port}")], 400, "Host '127.0.0.2"),
+    ]
+    for headers, want_status, want_text in raw_cases:
+        status, _, body = _raw_request(url, "GET", "/sessions", headers)
+        status, message = _error(status, json.loads(body))
+        assert status == want_status and message.startswith(want_text), (headers, status, message)
+    for name in (f"localhost:{port}", f"LOCALHOST.:{port}", f"[::1]:{port}", host):
+        assert _raw_request(url, "GET", "/healthz", [("Host", name)])[0] == 200, name
+    after = server.metrics()
+    refused = 'memrope_serve_requests_refused_total{kind="%s"}'
+    assert after[refused % "repeated_header"] - m[refused % "repeated_header"] == 1
+    assert after[refused % "malformed_request"] - m[refused % "malformed_request"] == 1
+    assert after[refused % "bad_host"] - m[refused % "bad_host"] == 2
+
+
 def _announce_body(url: str, length: int) -> tuple[bytes, bytes]:
     """POST /sessions announcing a ``length``-byte body and sending none of it: the answer's head
     and body (a server that waited for the body would time this out)."""
     host, port = url.removeprefix("http://").split(":")
     with socket.create_connection((host, int(port)), timeout=10) as sock:
-        sock.sendall(b"POST /sessions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % length)
+        sock.sendall(b"POST /sessions HTTP/1.1\r\nHost: %s:%s\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (host.encode(), port.encode(), length))
         answer = b""
         while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
             chunk = sock.recv(65536)
@@ -312,6 +380,73 @@ def test_offers_one_viewer_per_session_and_a_complete_offer_only(server):
     _wait_metrics(server, _idle, 10, "the session and its connection freed")
 
 
+def _with_candidate(sdp: str, change) -> str:
+    """``sdp`` with its first ICE candidate's fields (``a=candidate:`` split on spaces) changed by
+    ``change(bits)``."""
+    lines = sdp.split("\r\n")
+    i = next(i for i, line in enumerate(lines) if line.startswith("a=candidate:"))
+    bits = lines[i].split(" ")
+    change(bits)
+    lines[i] = " ".join(bits)
+    return "\r\n".join(lines)
+
+
+def test_offer_candidates_and_fingerprints_are_checked_before_answering(server):
+    """Numbers aiortc takes on trust and fails on later are refused at the offer with a line
+    naming the SDP line: a candidate on port 70000 was answered 200 and then raised OverflowError
+    in a datagram write (in the server's log); a fingerprint of 'ZZ' was answered 200 and held the
+    session's slot until the connect timeout. The session can still take a good offer."""
+    import re
+
+    url = server.url
+    _wait_metrics(server, _idle, 10, "an idle server")
+    before = server.metrics().get('memrope_serve_requests_refused_total{kind="bad_offer"}', 0)
+    sid = http_json("POST", url + "/sessions", {"prompt": PROMPT})[2]["id"]
+    sdp = _offer_sdp()
+    candidate = next(line for line in sdp.split("\r\n") if line.startswith("a=candidate:"))
+    too_many = sdp.replace(candidate, "\r\n".join([candidate] * 65), 1)
+    bad_offers = [
+        (_with_candidate(sdp, lambda bits: bits.__setitem__(5, "70000")), "port '70000' is not an integer in [1, 65535]"),
+        (_with_candidate(sdp, lambda bits: bits.__setitem__(5, "0")), "port '0' is not an integer in [1, 65535]"),
+        (_with_candidate(sdp, lambda bits: bits.__setitem__(4, "rebound.attacker.example")),
+         "address 'rebound.attacker.example' is not an IP address or an mDNS .local name"),
+        (_with_candidate(sdp, lambda bits: bits.__setitem__(4, "300.1.2.3")), "address '300.1.2.3' is not"),
+        (_with_candidate(sdp, lambda bits: bits.extend(["rport", "99999"])), "rport '99999' is not"),
+        (_with_candidate(sdp, lambda bits: bits.__setitem__(7, "magic")), "type 'magic' is not one of"),
+        (_with_candidate(sdp, lambda bits: bits.__setitem__(3, "-1")), "priority '-1' is not"),
+        (too_many, "the SDP offer has more than 64 ICE candidates"),
+        (re.sub(r"a=fingerprint:sha-256 \S+", "a=fingerprint:sha-256 ZZ", sdp),
+         "DTLS fingerprint 'a=fingerprint:sha-256 ZZ': the sha-256 digest is not 32 colon-separated hex bytes"),
+        (re.sub(r"a=fingerprint:sha-256 ", "a=fingerprint:md5 ", sdp), "hash 'md5' is not one of"),
+        (sdp.replace("a=sctp-port:5000", "a=sctp-port:70000"), "the SCTP port must be an integer in [1, 65535]"),
+    ]
+    for offer, want in bad_offers:
+        status, message = _error(*http_json("POST", f"{url}/sessions/{sid}/offer", {"sdp": offer, "type": "offer"})[::2])
+        assert status == 400 and want in message, (want, status, message)
+    assert server.get(f"/sessions/{sid}")[2]["connected"] is False
+    assert http_json("POST", f"{url}/sessions/{sid}/offer", {"sdp": sdp, "type": "offer"})[0] == 200
+    assert http_json("DELETE", f"{url}/sessions/{sid}")[0] == 200
+    m = _wait_metrics(server, _idle, 10, "the session and its connection freed")
+    assert m['memrope_serve_requests_refused_total{kind="bad_offer"}'] - before == len(bad_offers)
+    log = "".join(server.output)
+    assert "Traceback" not in log and "OverflowError" not in log, log[-2000:]
+
+
+def test_a_loopback_server_offers_loopback_candidates_only(server):
+    """The server listens on 127.0.0.1 (the default): its answer offers host candidates on
+    loopback only, no address of an interface the operator did not choose (the viewers of the
+    other tests play over it)."""
+    url = server.url
+    _wait_metrics(server, _idle, 10, "an idle server")
+    sid = http_json("POST", url + "/sessions", {"prompt": PROMPT})[2]["id"]
+    status, _, answer = http_json("POST", f"{url}/sessions/{sid}/offer", {"sdp": _offer_sdp(), "type": "offer"})
+    assert status == 200, answer
+    candidates = [line.split()[4] for line in answer["sdp"].splitlines() if line.startswith("a=candidate:")]
+    assert http_json("DELETE", f"{url}/sessions/{sid}")[0] == 200
+    assert candidates and set(candidates) == {"127.0.0.1"}, candidates
+    _wait_metrics(server, _idle, 10, "the session and its connection freed")
+
+
 def test_polling_a_session_is_not_a_heartbeat(server):
     """A dashboard reading a session's status does not keep a silent client's session alive."""
     url = server.url
@@ -362,6 +497,16 @@ def test_an_api_key_guards_the_sessions_api():
         for path in ("/", "/healthz", "/metrics"):
             with __import__("urllib.request").request.urlopen(url + path, timeout=30) as response:
                 assert response.status == 200, path
+        assert http_json("GET", url + "/favicon.ico")[0] == 204
+        # Nothing else is open: no schema or docs pages, with or without the key.
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            status, _, doc = http_json("GET", url + path)
+            assert status == 401 and doc["error"].startswith("no API key"), (path, status, doc)
+            assert http_json("GET", url + path, api_key=key)[0] == 404, path
+        # Two Authorization headers (a wrong key, then the right one): refused, not the last one read.
+        status, _, body = _raw_request(url, "GET", "/sessions", [("Authorization", "Bearer " + "w" * 20),
+                                                                 ("Authorization", f"Bearer {key}")])
+        assert _error(status, json.loads(body)) == (400, "2 Authorization headers; expected at most one")
         status, headers, doc = http_json("POST", url + "/sessions", {"prompt": PROMPT})
         assert status == 401 and headers.get("www-authenticate", headers.get("WWW-Authenticate", "")).startswith("Bearer")
         assert _error(401, doc)[1].startswith("no API key: this server's /sessions API needs 'Authorization: Bearer")
@@ -380,7 +525,7 @@ def test_an_api_key_guards_the_sessions_api():
         frames, ended = asyncio.run(asyncio.wait_for(watch(), 180))
         assert frames >= 6 and ended["state"] == "ended"
         assert http_json("GET", url + "/sessions", api_key=key)[2]["sessions"] == []
-        assert proc.metrics()["memrope_serve_unauthorized_requests_total"] == 3
+        assert proc.metrics()["memrope_serve_unauthorized_requests_total"] == 6
     assert "API key required" in "".join(proc.output)
     assert key not in "".join(proc.output)
 

@@ -73,6 +73,25 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     srv.add_argument("--tls-cert", metavar="PEM", help="serve HTTPS with this certificate chain (with --tls-key)")
     srv.add_argument("--tls-key", metavar="PEM", help="the certificate's private key (with --tls-cert)")
     srv.add_argument("--retry-after", type=int, default=5, help="Retry-After seconds sent with a 503")
+    srv.add_argument("--allowed-hosts", metavar="NAMES",
+                     help="comma-separated host names (or addresses) the Host header of a request may name, "
+                          "besides --host itself (and localhost, 127.0.0.1, ::1 for a loopback --host; any IP "
+                          "address for 0.0.0.0 or ::); other requests get 400. Guards against DNS rebinding (a "
+                          "web page on another site reaching this server through its own name); checked when no "
+                          "API key is set, and always when this flag is given; '*' turns the check off")
+    srv.add_argument("--header-timeout", type=float, default=10.0,
+                     help="seconds a connection has to send a request's line and headers (from connecting, or "
+                          "from the next request's first byte); past that HTTP 408 and the connection closes")
+    srv.add_argument("--body-timeout", type=float, default=30.0,
+                     help="seconds a request's body may take to arrive after its headers; past that HTTP 408")
+    srv.add_argument("--max-client-connections", type=int, default=32,
+                     help="open HTTP connections per client address; the next gets HTTP 429 and is closed "
+                          "(clients are TCP peers: X-Forwarded-For is not trusted, a reverse proxy is one client)")
+    srv.add_argument("--sessions-per-minute", type=float, default=30.0,
+                     help="new sessions a client address may start per minute, after a burst of "
+                          "--session-burst (a token bucket); past that HTTP 429 with Retry-After; 0: no limit")
+    srv.add_argument("--session-burst", type=int, default=10,
+                     help="new sessions a client address may start at once before --sessions-per-minute applies")
     srv.add_argument("--no-warm-up", dest="warm_up", action="store_false",
                      help="accept clients at once instead of running two blocks first")
     srv.add_argument("--prompt-recache", choices=("none", "recent", "all"), default="none",
@@ -94,7 +113,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             prompt_recache=args.prompt_recache, api_key=os.environ.get(API_KEY_ENV) or None,
                             stun=args.stun, turn=args.turn, turn_username=os.environ.get(TURN_USERNAME_ENV) or None,
                             turn_credential=os.environ.get(TURN_CREDENTIAL_ENV) or None,
-                            tls_cert=args.tls_cert, tls_key=args.tls_key)
+                            tls_cert=args.tls_cert, tls_key=args.tls_key,
+                            allowed_hosts=None if args.allowed_hosts is None
+                            else tuple(name.strip() for name in args.allowed_hosts.split(",") if name.strip()),
+                            header_timeout_s=args.header_timeout, body_timeout_s=args.body_timeout,
+                            max_client_connections=args.max_client_connections,
+                            sessions_per_minute=args.sessions_per_minute, session_burst=args.session_burst)
     options.check_tls()
     require_serve_packages()
     from memrope.runtime.args import load_request

@@ -2,13 +2,18 @@
 the page, admission and the sessions' lifecycle.
 
 Owns: :class:`Server` (the registry of live sessions, admission up to ``max_sessions`` with a
-503 and ``Retry-After`` past it, one prompt change in flight per session, ending a session for
-every reason: stopped by its client, disconnected, missed heartbeats, video never connected,
-failed in the worker, server shutdown; the per-block events; the reaper), the ASGI guards
-:class:`RequireApiKey` (401 without the key) and :class:`BodyLimit` (413 past 1 MiB), both
-before a body is read, :func:`create_app` (the FastAPI routes) and :func:`run_server` (uvicorn,
-HTTP or HTTPS, on a socket bound before it starts, so the printed URL is already accepting
-connections).
+503 and ``Retry-After`` past it, session creation rate-limited per client with a 429, one prompt
+change in flight per session, ending a session for every reason: stopped by its client,
+disconnected, missed heartbeats, video never connected, failed in the worker, server shutdown;
+the per-block events; the reaper), the ASGI guards :class:`RequestGuard` (400 for a Host header
+the server does not answer to, a DNS-rebinding guard, or a repeated Authorization or Host
+header), :class:`RequireApiKey` (401 without the key, everywhere but the page, ``/healthz``,
+``/metrics`` and ``/favicon.ico``) and :class:`BodyLimit` (413 past 1 MiB, 408 for a body that
+does not arrive in time), all before a body is read, :func:`guarded_protocol` (uvicorn's h11
+protocol with a deadline for a request's head and a cap on each client's open connections),
+:func:`create_app` (the FastAPI routes; no OpenAPI schema or docs pages) and :func:`run_server`
+(uvicorn, HTTP or HTTPS, on a socket bound before it starts, so the printed URL is already
+accepting connections).
 
 Every error answer is ``{"error": "<one line>"}`` with a 4xx/5xx status. Everything here runs on
 the event loop except prompt encoding (a one-thread pool, so the DiT worker keeps generating
@@ -22,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import ipaddress
 import json
 import logging
+import math
 import secrets
 import socket
 import time
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
@@ -49,6 +56,7 @@ from memrope.runtime.serve.options import (
     SERVER_KEEPALIVE_S,
     ServerOptions,
     SessionOptions,
+    host_of,
 )
 from memrope.runtime.serve.session import ENDED, PAUSED, RUNNING, STARTING, Frame, Session
 from memrope.runtime.serve.webrtc import answer_offer
@@ -65,6 +73,13 @@ ENDED_SESSIONS_REMEMBERED = 1024
 # the event loop): 32 per token of umT5's 512, far above any prompt that fits.
 MAX_BODY_BYTES = 1 << 20
 MAX_PROMPT_CHARS = 16_384
+# What answers without the API key: the page (and its icon), health and metrics. Everything else,
+# /sessions and any route added later, needs it.
+OPEN_PATHS = frozenset({"/", "/healthz", "/metrics", "/favicon.ico"})
+# Headers a request may carry once: with two, which one a component reads is up to the component.
+SINGLE_HEADERS = (b"authorization", b"host")
+# Session-rate buckets remembered at once; a full bucket is the same as none and is dropped first.
+RATE_LIMIT_CLIENTS = 4096
 
 
 class ApiError(Exception):
@@ -119,28 +134,54 @@ def _validation_error(exc: RequestValidationError) -> tuple[int, str]:
     return 422, "; ".join(problems)
 
 
+async def _refuse(send, status: int, message: str, headers: tuple[tuple[bytes, bytes], ...] = ()) -> None:
+    """An ASGI error answer, ``{"error": message}``, closing the connection."""
+    body = json.dumps({"error": message}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *headers, (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _raw_refusal(status: int, reason: str, message: str, headers: str = "") -> bytes:
+    """The same answer as bytes, for a connection refused before any request was parsed."""
+    body = json.dumps({"error": message}).encode()
+    return (f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+            f"{headers}connection: close\r\n\r\n").encode() + body
+
+
 class BodyLimit:
     """ASGI middleware: a request body over ``limit_bytes`` gets a 413 before the app reads it
-    (by its Content-Length, or while a chunked body arrives); smaller bodies are passed on."""
+    (by its Content-Length, or while a chunked body arrives); a body not received within
+    ``timeout_s`` of the request's head gets a 408 (a client trickling a body would otherwise
+    hold its connection and a task for ever); complete bodies are passed on."""
 
-    def __init__(self, app, limit_bytes: int = MAX_BODY_BYTES):
-        self.app, self.limit = app, limit_bytes
+    def __init__(self, app, limit_bytes: int = MAX_BODY_BYTES, timeout_s: float = 30.0,
+                 stats: ServeStats | None = None):
+        self.app, self.limit, self.timeout_s, self.stats = app, limit_bytes, timeout_s, stats
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length", b"0")
         if not length.isdigit() or int(length) > self.limit:
-            return await self._refuse(send)
+            return await self._too_large(send)
         received, size = [], 0
+        deadline = time.monotonic() + self.timeout_s
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(deadline - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                if self.stats is not None:
+                    self.stats.count_refused("body_timeout")
+                return await _refuse(send, 408, f"request body not received within {self.timeout_s:g} s "
+                                                f"(--body-timeout); got {size} bytes; send the body with the head")
             received.append(message)
             if message["type"] != "http.request":
                 break
             size += len(message.get("body", b""))
             if size > self.limit:
-                return await self._refuse(send)
+                return await self._too_large(send)
             if not message.get("more_body"):
                 break
 
@@ -148,37 +189,104 @@ class BodyLimit:
             return received.pop(0) if received else await receive()
         return await self.app(scope, replay, send)
 
-    async def _refuse(self, send) -> None:
-        body = json.dumps({"error": f"request body over {self.limit} bytes (or a bad Content-Length); "
-                                    "requests are JSON documents of a few kB"}).encode()
-        await send({"type": "http.response.start", "status": 413,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+    async def _too_large(self, send) -> None:
+        await _refuse(send, 413, f"request body over {self.limit} bytes (or a bad Content-Length); requests are "
+                                 "JSON documents of a few kB")
 
 
 class RequireApiKey:
-    """ASGI middleware: requests under ``/sessions`` need ``Authorization: Bearer <key>``; others
-    (the page, ``/healthz``, ``/metrics``) pass. A missing or wrong key gets a one-line 401."""
+    """ASGI middleware: every request but those for ``OPEN_PATHS`` (the page and its icon,
+    ``/healthz``, ``/metrics``) needs ``Authorization: Bearer <key>``. A missing or wrong key gets
+    a one-line 401."""
 
     def __init__(self, app, key: str, stats: ServeStats):
         self.app, self.expected, self.stats = app, f"Bearer {key}".encode(), stats
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or not (scope["path"] == "/sessions" or scope["path"].startswith("/sessions/")):
+        if scope["type"] != "http" or scope["path"] in OPEN_PATHS:
             return await self.app(scope, receive, send)
         given = dict(scope["headers"]).get(b"authorization", b"")
         if hmac.compare_digest(given, self.expected):
             return await self.app(scope, receive, send)
         self.stats.add("unauthorized")
         what = "wrong API key" if given else "no API key"
-        body = json.dumps({"error": f"{what}: this server's /sessions API needs 'Authorization: Bearer <key>' "
-                                    "(the key in the server's $MEMROPE_SERVE_API_KEY; the page takes it as "
-                                    "/#key=<key>)"}).encode()
-        await send({"type": "http.response.start", "status": 401,
-                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                                (b"www-authenticate", b'Bearer realm="memrope serve"'), (b"connection", b"close")]})
-        await send({"type": "http.response.body", "body": body})
+        await _refuse(send, 401, f"{what}: this server's /sessions API needs 'Authorization: Bearer <key>' (the key "
+                                 "in the server's $MEMROPE_SERVE_API_KEY; the page takes it as /#key=<key>)",
+                      headers=((b"www-authenticate", b'Bearer realm="memrope serve"'),))
+
+
+class RequestGuard:
+    """ASGI middleware, outermost: a request with a repeated Authorization or Host header, or
+    (when ``options.host_check()`` says so) a Host header naming a host this server does not
+    answer to, gets a one-line 400. The Host check is the DNS-rebinding guard: a page on another
+    site whose name was re-pointed at this server's address reaches it with that site's name."""
+
+    def __init__(self, app, options: ServerOptions, stats: ServeStats):
+        self.app, self.stats = app, stats
+        self.hosts = options.host_check()
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        counts = Counter(name for name, _ in scope["headers"] if name in SINGLE_HEADERS)
+        for name, count in counts.items():
+            if count > 1:
+                self.stats.count_refused("repeated_header")
+                return await _refuse(send, 400, f"{count} {name.decode().title()} headers; expected at most one")
+        if self.hosts is not None:
+            names, any_ip = self.hosts
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            host = host_of(header) if header else ""
+            if not (host in names or (any_ip and _is_ip(host))):
+                self.stats.count_refused("bad_host")
+                expected = ", ".join(sorted(names)) + (", or an IP address" if any_ip else "")
+                what = f"Host {header[:100]!r} is not" if header else "no Host header: it must name"
+                return await _refuse(send, 400, f"{what} a host this server answers to (expected {expected}; "
+                                                "add names with --allowed-hosts)")
+        return await self.app(scope, receive, send)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class SessionRateLimit:
+    """Session creation per client address: a token bucket of ``burst`` tokens refilled at
+    ``per_minute`` (0: no limit). :meth:`take` spends a token, or says how long until one."""
+
+    def __init__(self, per_minute: float, burst: int, clock: Callable[[], float] = time.monotonic):
+        self.rate_per_s, self.burst, self.clock = per_minute / 60.0, burst, clock
+        self.buckets: dict[str, tuple[float, float]] = {}  # client -> (tokens, at)
+
+    def take(self, client: str) -> float:
+        """0.0 if ``client`` may create a session now (a token is spent), else the seconds until it may."""
+        if self.rate_per_s == 0:
+            return 0.0
+        now = self.clock()
+        tokens, at = self.buckets.pop(client, (float(self.burst), now))
+        tokens = min(float(self.burst), tokens + (now - at) * self.rate_per_s)
+        if tokens >= 1.0:
+            self.buckets[client] = (tokens - 1.0, now)
+            wait_s = 0.0
+        else:
+            self.buckets[client] = (tokens, now)
+            wait_s = (1.0 - tokens) / self.rate_per_s
+        if len(self.buckets) > RATE_LIMIT_CLIENTS:
+            self._forget(now)
+        return wait_s
+
+    def _forget(self, now: float) -> None:
+        """Drop the buckets that have refilled; then, if still too many, the least recently used
+        (forgetting a client only ever gives it a full bucket)."""
+        for client, (tokens, at) in list(self.buckets.items()):
+            if tokens + (now - at) * self.rate_per_s >= self.burst:
+                del self.buckets[client]
+        while len(self.buckets) > RATE_LIMIT_CLIENTS:
+            del self.buckets[next(iter(self.buckets))]
 
 
 class Server:
@@ -194,6 +302,8 @@ class Server:
         self.worker: ModelWorker | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._text_pool: ThreadPoolExecutor | None = None
+        self.rate_limit = SessionRateLimit(options.sessions_per_minute, options.session_burst)
+        self.ice_host_addresses = options.bound_addresses()  # resolved once: the answers' host candidates
         self._answering: set[str] = set()  # sessions whose offer is being answered (one at a time)
         self._prompting: set[str] = set()  # sessions whose prompt change is in flight (one at a time)
 
@@ -234,7 +344,8 @@ class Server:
             session.touch()
         return session
 
-    async def create(self, body: CreateSession) -> Session:
+    async def create(self, body: CreateSession, client: str) -> Session:
+        """A new session for ``client`` (its address: the rate limit's key)."""
         try:
             options = SessionOptions(seed=body.seed, queue_blocks=body.queue_blocks or self.options.queue_blocks,
                                      flush_on_prompt_change=body.flush_on_prompt_change,
@@ -244,6 +355,13 @@ class Server:
                                      transition_blocks=body.transition_blocks)
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
+        wait_s = self.rate_limit.take(client)
+        if wait_s > 0:
+            self.stats.count_refused("rate_limited")
+            retry = math.ceil(wait_s)
+            raise ApiError(429, f"too many new sessions from {client}: at most {self.options.session_burst} at once, "
+                                f"then {self.options.sessions_per_minute:g} a minute (--sessions-per-minute); "
+                                f"retry in {retry} s", headers={"Retry-After": str(retry)})
         if len(self.sessions) >= self.options.max_sessions:
             self.stats.add("sessions_rejected")
             retry = self.options.retry_after_s
@@ -435,8 +553,10 @@ class Server:
         try:
             answer = await answer_offer(session, offer.sdp, self.model.fps, on_frame=self.on_frame,
                                         on_channel=self.on_channel, on_message=self.on_message,
-                                        on_closed=self.on_closed, ice_servers=self.options.ice_servers())
+                                        on_closed=self.on_closed, ice_servers=self.options.ice_servers(),
+                                        host_addresses=self.ice_host_addresses)
         except ValueError as exc:
+            self.stats.count_refused("bad_offer")
             raise ApiError(400, str(exc)) from None
         finally:
             self._answering.discard(session.id)
@@ -471,11 +591,16 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     server = Server(model, options, on_started)
-    app = FastAPI(title="memrope serve", lifespan=server.lifespan, docs_url=None, redoc_url=None)
+    # No OpenAPI schema or docs pages: they would be open routes describing the API (the README
+    # documents it).
+    app = FastAPI(title="memrope serve", lifespan=server.lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.server = server
-    app.add_middleware(BodyLimit)
+    # The last added is the outermost, checked first: Host and repeated headers, then the key,
+    # then the body.
+    app.add_middleware(BodyLimit, timeout_s=options.body_timeout_s, stats=server.stats)
     if options.api_key:
-        app.add_middleware(RequireApiKey, key=options.api_key, stats=server.stats)  # added last: checked first
+        app.add_middleware(RequireApiKey, key=options.api_key, stats=server.stats)
+    app.add_middleware(RequestGuard, options=options, stats=server.stats)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -506,22 +631,27 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
         status, message = _validation_error(exc)
         return JSONResponse({"error": message}, status_code=status)
 
-    @app.get("/", response_class=HTMLResponse)
+    @app.api_route("/", methods=["GET", "HEAD"], response_class=HTMLResponse)
     async def page():
         return HTMLResponse(_page())
+
+    @app.api_route("/favicon.ico", methods=["GET", "HEAD"], status_code=204)
+    async def favicon():
+        """No icon (a browser asks for one with every page load): an empty answer, cached for a day."""
+        return Response(status_code=204, headers={"Cache-Control": "public, max-age=86400"})
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
         status, doc = server.health()
         return JSONResponse(doc, status_code=status)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
         return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/sessions", status_code=201)
-    async def create_session(body: CreateSession):
-        session = await server.create(body)
+    async def create_session(body: CreateSession, request: Request):
+        session = await server.create(body, request.client.host if request.client else "unknown")
         width, height = model.frame_size
         return {**session.snapshot(), "fps": model.fps, "width": width, "height": height,
                 "heartbeat_timeout_s": options.heartbeat_timeout_s, "connect_timeout_s": options.connect_timeout_s,
@@ -593,13 +723,107 @@ def run_server(model: ServeModel, options: ServerOptions, *, on_ready: Callable[
     uvicorn.Server(uvicorn_config(app, options)).run(sockets=[sock])
 
 
+def guarded_protocol(options: ServerOptions, stats: ServeStats):
+    """Uvicorn's h11 HTTP protocol with two guards below the ASGI app, where a request that never
+    completes its head is invisible to it: a connection must deliver each request's head within
+    ``options.header_timeout_s`` (counted from the connection, or from the first byte of the next
+    request on a kept-alive one; the idle wait between requests is the keep-alive's) or gets a 408
+    and is closed; and each remote address may hold ``options.max_client_connections`` open
+    connections, the next one getting a 429 and closed. A request h11 cannot parse (two Host
+    headers, a bad request line) gets the same one-line JSON 400 as every other error, naming what
+    h11 found, instead of uvicorn's plain "Invalid HTTP request received.". A class per server
+    (its own counts)."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    open_by_client: Counter[str] = Counter()
+    limit, timeout_s = options.max_client_connections, options.header_timeout_s
+
+    class GuardedH11Protocol(H11Protocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _counted: str | None = None
+        _parse_error = "not HTTP/1.1"
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            next_event = self.conn.next_event
+
+            def next_event_noting_errors():
+                try:
+                    return next_event()
+                except h11.RemoteProtocolError as exc:
+                    self._parse_error = str(exc)
+                    raise
+            self.conn.next_event = next_event_noting_errors
+            client = self.client[0] if self.client else None
+            if client is not None:
+                if open_by_client[client] >= limit:
+                    stats.count_refused("too_many_connections")
+                    transport.write(_raw_refusal(429, "Too Many Requests",
+                                                 f"too many connections from {client}: {open_by_client[client]} "
+                                                 f"open, at most {limit} per client (--max-client-connections); "
+                                                 "close idle ones and retry", "retry-after: 1\r\n"))
+                    transport.close()
+                    return
+                open_by_client[client] += 1
+                self._counted = client
+            self._arm_head_timer()
+
+        def connection_lost(self, exc) -> None:
+            self._cancel_head_timer()
+            if self._counted is not None:
+                open_by_client[self._counted] -= 1
+                if open_by_client[self._counted] <= 0:
+                    del open_by_client[self._counted]
+                self._counted = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm_head_timer()  # a head has begun and is not complete
+            else:
+                self._cancel_head_timer()
+
+        def send_400_response(self, msg: str) -> None:
+            stats.count_refused("malformed_request")
+            self.transport.write(_raw_refusal(400, "Bad Request", f"malformed HTTP request ({self._parse_error}); "
+                                                                  "expected an HTTP/1.1 request line and headers"))
+            self.transport.close()
+
+        def _arm_head_timer(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(timeout_s, self._head_timed_out)
+
+        def _cancel_head_timer(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_timed_out(self) -> None:
+            self._head_timer = None
+            if self.transport.is_closing() or self.conn.their_state is not h11.IDLE:
+                return
+            stats.count_refused("header_timeout")
+            self.transport.write(_raw_refusal(408, "Request Timeout",
+                                              f"request head not received within {timeout_s:g} s "
+                                              "(--header-timeout); send the request line and headers at once"))
+            self.transport.close()
+
+    return GuardedH11Protocol
+
+
 def uvicorn_config(app: FastAPI, options: ServerOptions | None = None):
     """How uvicorn serves ``app`` (also for servers run inside a test): idle connections are
-    kept for ``SERVER_KEEPALIVE_S``, longer than clients pool them; HTTPS with the options'
-    certificate."""
+    kept for ``SERVER_KEEPALIVE_S``, longer than clients pool them; request heads have a
+    deadline and clients a connection cap (:func:`guarded_protocol`); HTTPS with the options'
+    certificate. ``X-Forwarded-For`` is not trusted (uvicorn trusts it from loopback by default,
+    which would let any local process pick the address the per-client limits count): the limits
+    count the TCP peer, so a reverse proxy is one client."""
     import uvicorn
 
-    tls = {} if options is None or not options.tls_cert else {"ssl_certfile": options.tls_cert,
-                                                              "ssl_keyfile": options.tls_key}
+    options = options if options is not None else app.state.server.options
+    tls = {} if not options.tls_cert else {"ssl_certfile": options.tls_cert, "ssl_keyfile": options.tls_key}
     return uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5,
-                          timeout_keep_alive=SERVER_KEEPALIVE_S, **tls)
+                          timeout_keep_alive=SERVER_KEEPALIVE_S, proxy_headers=False,
+                          http=guarded_protocol(options, app.state.server.stats), **tls)

@@ -20,6 +20,13 @@ RATE_WINDOW_S = 10.0
 LATENCY_WINDOW = 512
 # Why sessions end (the ``kind`` label of memrope_serve_sessions_ended_total).
 ENDED_KINDS = ("stopped", "heartbeat", "connect_timeout", "connection", "error", "cancelled", "shutdown")
+# Why requests or connections were refused at the edge (the ``kind`` label of
+# memrope_serve_requests_refused_total): an offer that fails the SDP checks (400), a Host header
+# the server does not answer to (400), a repeated Authorization or Host header (400), session
+# creation past the client's rate (429), a client past its open-connection cap (429), a request
+# head or body not received in time (408), a request HTTP/1.1 cannot parse (400).
+REFUSED_KINDS = ("bad_offer", "bad_host", "repeated_header", "rate_limited", "too_many_connections",
+                 "header_timeout", "body_timeout", "malformed_request")
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -49,6 +56,7 @@ class ServeStats:
         self.prompt_changes_refused = 0  # 429: a change already in flight for the session
         self.unauthorized = 0            # 401: a /sessions request without the API key
         self.sessions_ended = dict.fromkeys(ENDED_KINDS, 0)
+        self.refused = dict.fromkeys(REFUSED_KINDS, 0)
         self.cache_bytes = 0  # KV cache bytes of the streams the worker has open
         self._block_times: deque[tuple[float, float]] = deque(maxlen=LATENCY_WINDOW)  # (done_at, seconds)
         self._lags: deque[float] = deque(maxlen=LATENCY_WINDOW)
@@ -66,6 +74,12 @@ class ServeStats:
             raise ValueError(f"unknown session end kind {kind!r}; expected one of {ENDED_KINDS}")
         with self._lock:
             self.sessions_ended[kind] += 1
+
+    def count_refused(self, kind: str) -> None:
+        if kind not in REFUSED_KINDS:
+            raise ValueError(f"unknown refusal kind {kind!r}; expected one of {REFUSED_KINDS}")
+        with self._lock:
+            self.refused[kind] += 1
 
     def record_block(self, seconds: float) -> None:
         with self._lock:
@@ -123,6 +137,11 @@ def make_registry(stats: ServeStats, max_sessions: int):
             for kind, count in stats.sessions_ended.items():
                 ended.add_metric([kind], count)
             yield ended
+            refused = CounterMetricFamily("memrope_serve_requests_refused",
+                                          "Requests and connections refused at the edge, by why", labels=["kind"])
+            for kind, count in stats.refused.items():
+                refused.add_metric([kind], count)
+            yield refused
             yield GaugeMetricFamily("memrope_serve_blocks_per_second",
                                     f"Blocks generated per second over the last {RATE_WINDOW_S:.0f} s",
                                     value=stats.blocks_per_second())

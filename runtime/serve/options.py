@@ -10,7 +10,9 @@ sampler are the server's, not the session's).
 
 from __future__ import annotations
 
+import ipaddress
 import re
+import socket
 from dataclasses import dataclass, field
 
 MEMORY_ON_PROMPT_CHANGE = ("keep", "reset")
@@ -35,6 +37,36 @@ STUN_URL = re.compile(r"stun:[^\s?:/@\[\]]+(:\d{1,5})?")
 TURN_URL = re.compile(r"(turn:[^\s?:/@\[\]]+(:\d{1,5})?(\?transport=(udp|tcp))?|turns:[^\s?:/@\[\]]+(:\d{1,5})?(\?transport=tcp)?)")
 TURN_USERNAME_ENV = "MEMROPE_SERVE_TURN_USERNAME"
 TURN_CREDENTIAL_ENV = "MEMROPE_SERVE_TURN_CREDENTIAL"
+# Names a loopback-bound server answers to besides its --host (a browser on the same machine).
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+# A host name as a Host header carries it (RFC 1123 labels), for --allowed-hosts.
+HOST_NAME = re.compile(r"(?=.{1,253}$)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*")
+
+
+def _ip(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(text.strip("[]"))
+    except ValueError:
+        return None
+
+
+def host_of(header: str) -> str:
+    """The host part of a Host header (``name``, ``name:port``, ``[v6]`` or ``[v6]:port``),
+    lower-case, without a trailing dot."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        host = header[1:header.index("]")] if "]" in header else header[1:]
+    elif header.count(":") == 1:
+        host = header.split(":")[0]
+    else:
+        host = header  # a bare IPv6 address, or a name
+    return normal_host(host)
+
+
+def normal_host(host: str) -> str:
+    """A host name lower-case without a trailing dot, an IP address in its standard form."""
+    ip = _ip(host)
+    return str(ip) if ip is not None else host.strip().lower().rstrip(".")
 
 
 def _int_in(name: str, value, low: int, high: int | None = None) -> None:
@@ -73,6 +105,18 @@ class ServerOptions:
     turn_username / turn_credential: the TURN server's long-term credentials (from
       ``$MEMROPE_SERVE_TURN_USERNAME`` and ``$MEMROPE_SERVE_TURN_CREDENTIAL``).
     tls_cert / tls_key: PEM certificate chain and private key: serve HTTPS (both or neither).
+    allowed_hosts: host names a request's ``Host`` header may name besides the defaults (the
+      --host address; for a loopback --host also ``localhost``, ``127.0.0.1``, ``::1``; for
+      0.0.0.0 or ``::`` any IP address): a DNS-rebinding guard, checked when no API key is set
+      and always once names are given; ``("*",)`` turns the check off.
+    header_timeout_s / body_timeout_s: a connection must deliver a request's head within
+      ``header_timeout_s`` of opening (or of its first byte after an idle keep-alive), and its
+      body within ``body_timeout_s`` of the head; otherwise 408 and the connection is closed.
+    max_client_connections: open HTTP connections per remote address; past that the new
+      connection gets a 429 and is closed.
+    sessions_per_minute / session_burst: session creation per remote address, as a token
+      bucket of ``session_burst`` tokens refilled at ``sessions_per_minute``; past it, 429 with
+      ``Retry-After``. 0 sessions per minute: no limit.
     """
 
     host: str = "127.0.0.1"
@@ -91,6 +135,12 @@ class ServerOptions:
     turn_credential: str | None = field(default=None, repr=False)
     tls_cert: str | None = None
     tls_key: str | None = None
+    allowed_hosts: tuple[str, ...] | None = None
+    header_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_client_connections: int = 32
+    sessions_per_minute: float = 30.0
+    session_burst: int = 10
 
     @property
     def scheme(self) -> str:
@@ -118,9 +168,67 @@ class ServerOptions:
             servers.append({"urls": self.turn, "username": self.turn_username, "credential": self.turn_credential})
         return servers
 
+    @property
+    def binds_all(self) -> bool:
+        """Bound to every interface (0.0.0.0, ``::`` or an empty host)."""
+        ip = _ip(self.host)
+        return self.host == "" or (ip is not None and ip.is_unspecified)
+
+    @property
+    def binds_loopback(self) -> bool:
+        ip = _ip(self.host)
+        return self.host.lower() == "localhost" or (ip is not None and ip.is_loopback)
+
+    def bound_addresses(self) -> list[str] | None:
+        """The IP addresses --host names (None: every interface), in the order the resolver
+        gives them. A name is resolved once, here."""
+        if self.binds_all:
+            return None
+        if self.binds_loopback and _ip(self.host) is None:
+            return ["127.0.0.1", "::1"]
+        ip = _ip(self.host)
+        if ip is not None:
+            return [str(ip)]
+        try:
+            infos = socket.getaddrinfo(self.host, None, proto=socket.IPPROTO_UDP)
+        except OSError as exc:
+            raise ValueError(f"--host {self.host!r} does not resolve: {exc.strerror or exc}") from None
+        return list(dict.fromkeys(str(info[4][0]) for info in infos))
+
+    def host_check(self) -> tuple[frozenset[str], bool] | None:
+        """What the ``Host`` header may name: ``(names, any_ip)``, or None when it is not checked
+        (an API key is set and no --allowed-hosts given, or --allowed-hosts is ``*``)."""
+        if self.allowed_hosts is not None and "*" in self.allowed_hosts:
+            return None
+        if self.api_key and self.allowed_hosts is None:
+            return None
+        names = {normal_host(name) for name in self.allowed_hosts or ()}
+        names.add(normal_host(self.host))
+        if self.binds_loopback or self.binds_all:
+            names.update(normal_host(name) for name in LOOPBACK_NAMES)
+        if self.binds_all:
+            names.add(socket.gethostname().lower())
+        names.discard("")
+        return frozenset(names), self.binds_all
+
     def __post_init__(self) -> None:
         if not isinstance(self.host, str) or not self.host:
             raise ValueError(f"--host must be a host name or address, got {self.host!r}")
+        if self.allowed_hosts is not None:
+            if isinstance(self.allowed_hosts, str) or not all(isinstance(h, str) for h in self.allowed_hosts):
+                raise ValueError(f"--allowed-hosts must be a list of host names, got {self.allowed_hosts!r}")
+            for name in self.allowed_hosts:
+                if name != "*" and _ip(name) is None and not HOST_NAME.fullmatch(name.lower().rstrip(".")):
+                    raise ValueError(f"--allowed-hosts: {name!r} is not a host name or IP address (expected "
+                                     "comma-separated names such as video.example.org,10.0.0.5, or *)")
+        _positive_number("--header-timeout", self.header_timeout_s)
+        _positive_number("--body-timeout", self.body_timeout_s)
+        _int_in("--max-client-connections", self.max_client_connections, 1)
+        if isinstance(self.sessions_per_minute, bool) or not isinstance(self.sessions_per_minute, (int, float)) \
+                or not self.sessions_per_minute >= 0 or self.sessions_per_minute == float("inf"):
+            raise ValueError(f"--sessions-per-minute must be a number >= 0 (0: no limit), "
+                             f"got {self.sessions_per_minute!r}")
+        _int_in("--session-burst", self.session_burst, 1)
         _int_in("--port", self.port, 0, 65535)
         _int_in("--max-sessions", self.max_sessions, 1)
         if self.prompt_recache not in RECACHE_ON_PROMPT_CHANGE:
