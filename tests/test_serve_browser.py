@@ -1,8 +1,10 @@
 """A real browser against a real server: headless Chromium (the Debian package, driven over the
 Chrome DevTools Protocol with aiohttp's websocket client, so no browser download) opens the page
 of ``memrope serve`` on 127.0.0.1, starts a session, decodes the WebRTC video (``getStats``
-``framesDecoded``), changes the prompt and sees the new prompt's per-block events. The server
-requires an API key, which the page takes from its URL fragment."""
+``framesDecoded``), changes the prompt and sees the new prompt's per-block events; its state
+label and the server's session count follow the session (running after a prompt change, one
+session while it plays, none once stopped). The server requires an API key, which the page takes
+from its URL fragment."""
 
 from __future__ import annotations
 
@@ -31,6 +33,9 @@ CHROMIUM_FLAGS = (
     "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
 )
 NEW_PROMPT = "a white horse runs by the river at night"
+STATE = "document.getElementById('r-state').textContent"
+PROMPT_VERSION = "document.getElementById('r-prompt').textContent"
+MODEL_LINE = "document.getElementById('model').textContent"
 API_KEY = "browser-test-key-0123456789"
 
 
@@ -136,6 +141,9 @@ def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
                                      "more than 10 decoded frames")
             await page.until("window.memrope.events.some(e => e.type === 'block' && e.ttff_ms !== undefined)", 30,
                              "the first block's event")
+            playing = await page.until(f"{STATE} === 'running' && {MODEL_LINE}.includes('1/2 sessions') && "
+                                       f"[{STATE}, {MODEL_LINE}]", 10,
+                                       "the state label and the session count to show the running session")
             change = await page.evaluate(f"window.memrope.changePrompt({json.dumps(NEW_PROMPT)})", timeout_s=60)
             new_block = await page.until(
                 f"window.memrope.events.find(e => e.type === 'block' && e.prompt_version === "
@@ -143,10 +151,15 @@ def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
             later = await page.until(f"window.memrope.stats().then(s => s.framesDecoded > {first['framesDecoded']}"
                                      " && s)", 30, "frames after the prompt change")
             readout = await page.evaluate("document.getElementById('r-lag').textContent")
+            # The label says the session's state, not the last prompt event's text.
+            changed = await page.until(f"{STATE} === 'running' && {PROMPT_VERSION}.startsWith('v1 ') && "
+                                       f"[{STATE}, {PROMPT_VERSION}]", 10, "the state label back to running")
             status = http_json("GET", f"{server.url}/sessions/{session_id}", api_key=API_KEY)[2]
             await page.evaluate("window.memrope.stop()")
+            stopped = await page.until(f"{MODEL_LINE}.includes('0/2 sessions') && [{STATE}, {MODEL_LINE}]", 10,
+                                       "the session count to drop once stopped")
             return dict(keyless=keyless, session_id=session_id, first=first, change=change, new_block=new_block, later=later,
-                        readout=readout, status=status)
+                        readout=readout, status=status, playing=playing, changed=changed, stopped=stopped)
 
     try:
         seen = asyncio.run(asyncio.wait_for(drive(), 240))
@@ -165,6 +178,9 @@ def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
     assert seen["new_block"]["block"] >= seen["change"]["applies_at_block"]
     assert seen["later"]["framesDecoded"] > seen["first"]["framesDecoded"]
     assert seen["readout"].endswith(" ms"), seen["readout"]
+    assert seen["playing"][0] == "running" and "1/2 sessions" in seen["playing"][1]
+    assert seen["changed"][0] == "running" and seen["changed"][1].startswith("v1 from block ")
+    assert seen["stopped"][0] == "stopped" and "0/2 sessions" in seen["stopped"][1]
     assert seen["status"]["prompt"] == NEW_PROMPT and seen["status"]["frames_sent"] > 10
     # Stopping from the page frees the session.
     deadline = time.monotonic() + 10
