@@ -251,7 +251,6 @@ class VideoPipeline:
 
         from memrope.runtime.t2v import latent_frames_for
         from memrope.runtime.vae import VAEStream
-        from memrope.sampler import StreamingSeededNoise
 
         self._check_open()
         if seconds is not None and num_frames is not None:
@@ -268,8 +267,8 @@ class VideoPipeline:
         if outputs == Outputs():
             raise ValueError("nothing to write: pass out=, png_dir= or latents_out=")
         pipeline = MemRoPEPipeline(self.pipeline.backend, run)
-        noise = StreamingSeededNoise(run.seed, run.batch_size, pipeline.latent_frame_shape(),
-                                     pipeline.layout.block_frames, pipeline.dtype)
+        # The seed through the authors' draw order, as `memrope generate` draws it.
+        noise = self.resolved.noise("reference", pipeline.dtype, pipeline.device, run=run)
         decoder = VAEStream(self.vae, run.cache.block_frames, owns_backend=False)
         return write_video(pipeline, decoder, self.encode(prompt), noise, outputs, progress=progress)
 

@@ -367,15 +367,15 @@ class Resolved:
         return VAE_SPATIAL_STRIDE * self.run.latent_width, VAE_SPATIAL_STRIDE * self.run.latent_height
 
     def noise(self, source: str = "reference", dtype: torch.dtype | None = None,
-              device: torch.device | None = None):
+              device: torch.device | None = None, run: RunConfig | None = None):
         """The run's noise (a :class:`memrope.sampler.NoiseSource`): the ``noise`` file, else the
         seed through ``source`` (``reference``: the authors' CPU generator and draw order;
         ``streamed``: block by block at constant memory, automatic for very long videos;
-        ``device``: a generator on the device)."""
+        ``device``: a generator on the device). ``run``: another length or seed of this run."""
         from memrope.io import read_noise
         from memrope.sampler import DeviceNoise, SeededNoise, StreamingSeededNoise, TensorNoise, build_schedule
 
-        run, dtype, device = self.run, dtype or self.dtype, device or self.device
+        run, dtype, device = run or self.run, dtype or self.dtype, device or self.device
         if source not in NOISE_SOURCES:
             raise ValueError(f"--noise-source must be one of {', '.join(NOISE_SOURCES)}, got {source!r}")
         latent_shape = (run.latent_channels, run.latent_height, run.latent_width)
