@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -80,11 +81,14 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     block b decodes and is written from the stream's worker while the DiT computes block b+1)
     or anything with ``reset()`` and ``decode(x0) -> [B, T, H, W, 3]`` (the diffusers reference).
 
-    Each block is checked for NaN/Inf where its output reaches the host (no extra sync: the
-    block's flag travels with its frames); a non-finite block raises
-    :class:`memrope.errors.NonFiniteError` naming it, before anything of it is written. With
-    ``allow_nonfinite`` the run goes on and writes everything; each bad block is logged and listed
-    in the result's ``nonfinite_blocks`` (the caller reports the run as failed).
+    Each block is checked for NaN/Inf and for latents past the pipeline's ``max_abs_latent``
+    where its output reaches the host (no extra sync: the block's flag travels with its frames);
+    a failing block raises :class:`memrope.errors.NonFiniteError` naming it, before anything of
+    it is written. With ``allow_nonfinite`` the run goes on and writes everything; each bad block
+    is logged and listed in the result's ``nonfinite_blocks`` (the caller reports the run as failed).
+
+    With ``progress``, a bar on stderr; while it is shown, console logging goes through tqdm
+    (:func:`_logging_over_bar`), so a log line starts a line of its own instead of joining the bar's.
     """
     bar = None
     frames_total = num_blocks * pipeline.layout.block_frames
@@ -125,34 +129,47 @@ def stream_video(pipeline: MemRoPEPipeline, prompt_embeds: torch.Tensor, noise: 
     streamed = hasattr(decoder, "submit")
     pinned = pipeline.backend.device.type == "cuda"
     flags = [torch.zeros((), dtype=torch.float32, pin_memory=pinned) for _ in range(3)]
-    try:
-        for block in pipeline.blocks(prompt_embeds, noise, num_blocks, prompt_changes=prompt_changes):
-            # A host copy of the block's flag, ordered before the decoder's copy of x0: ready
-            # when the frames are. A ring of 3: an overlapped decoder holds at most 2 blocks.
-            flag = flags[block.index % 3]
-            flag.copy_(block.finite, non_blocking=True)
-            if latents_writer is not None:
-                host_latents = block.x0.float().cpu()  # synchronises: the flag is ready too
-                check(block, flag)
-                latents_writer.write(block.index * pipeline.layout.block_frames, host_latents)
-            if decoder is None:
-                if bar is not None:
-                    bar.update(pipeline.layout.block_frames)
-            elif streamed:
-                decoder.submit(block.x0, functools.partial(emit, block, flag))
-            else:
-                emit(block, flag, decoder.decode(block.x0))
-        if streamed:
-            decoder.flush()
-    except BaseException:
-        if streamed:  # no frame may reach the writer after this returns (it is closed next)
-            with contextlib.suppress(Exception):
+    with _logging_over_bar() if bar is not None else contextlib.nullcontext():
+        try:
+            for block in pipeline.blocks(prompt_embeds, noise, num_blocks, prompt_changes=prompt_changes):
+                # A host copy of the block's flag, ordered before the decoder's copy of x0: ready
+                # when the frames are. A ring of 3: an overlapped decoder holds at most 2 blocks.
+                flag = flags[block.index % 3]
+                flag.copy_(block.finite, non_blocking=True)
+                if latents_writer is not None:
+                    host_latents = block.x0.float().cpu()  # synchronises: the flag is ready too
+                    check(block, flag)
+                    latents_writer.write(block.index * pipeline.layout.block_frames, host_latents)
+                if decoder is None:
+                    if bar is not None:
+                        bar.update(pipeline.layout.block_frames)
+                elif streamed:
+                    decoder.submit(block.x0, functools.partial(emit, block, flag))
+                else:
+                    emit(block, flag, decoder.decode(block.x0))
+            if streamed:
                 decoder.flush()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+        except BaseException:
+            if streamed:  # no frame may reach the writer after this returns (it is closed next)
+                with contextlib.suppress(Exception):
+                    decoder.flush()
+            raise
+        finally:
+            if bar is not None:
+                bar.close()
     return StreamResult(frames_total, written, time.perf_counter() - start, sorted(nonfinite))
+
+
+def _logging_over_bar():
+    """tqdm's logging redirect (console handlers of the root logger write through ``tqdm.write``,
+    which clears the bar and redraws it after the line), when the root logger has a console
+    handler (the CLI's ``basicConfig``); otherwise nothing: the redirect would add one."""
+    if not any(isinstance(h, logging.StreamHandler) and h.stream in (sys.stdout, sys.stderr)
+               for h in logging.root.handlers):
+        return contextlib.nullcontext()
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    return logging_redirect_tqdm()
 
 
 def demo_dir() -> Path:

@@ -1,10 +1,13 @@
 """A block's clean latents must be finite and within the documented bound
 (``memrope.pipeline.MAX_ABS_LATENT``): a spike in the noise that sends them past it stops the run
 at that block, on every backend (the check runs in the loop on whatever the backend returned), in
-``memrope generate`` and in a ``memrope serve`` session."""
+``memrope generate`` and in a ``memrope serve`` session; and log lines printed while the progress
+bar is shown are not glued to it."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -111,3 +114,20 @@ def test_a_serve_session_whose_block_leaves_the_bound_ends_with_the_reason(golde
     assert message.startswith("NonFiniteError: block 0 (latent frames 0..2) produced latents out of range"), message
     assert f"> {MAX_ABS_LATENT:g}" in message, message
 
+
+def test_log_lines_are_not_glued_to_the_progress_bar(golden_dir, tmp_path):
+    """A warning logged mid-run (a NaN block kept with --allow-nonfinite) while the bar is shown
+    starts its own line: logging goes through tqdm while the bar is up."""
+    noise = _spiked_noise(golden_dir, tmp_path, 1e30, 1)  # block 1 and every later one turn NaN
+    out = tmp_path / "latents.safetensors"
+    args = _generate_args("eager", golden_dir, None, noise, out)
+    args.remove("--no-progress")
+    proc = subprocess.run([sys.executable, "-m", "memrope", *args, "--allow-nonfinite"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    lines = [line for line in proc.stderr.split("\n") if "; kept (--allow-nonfinite)" in line]
+    assert len(lines) == 9, proc.stderr  # blocks 1..9
+    assert "generating" in proc.stderr  # the bar was shown
+    for line in lines:
+        # What a terminal shows of the line: the text after its last carriage return.
+        assert line.split("\r")[-1].startswith("WARNING memrope.runtime.t2v: block "), repr(line)
