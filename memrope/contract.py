@@ -188,7 +188,8 @@ class ArtifactContract:
         }
 
     def write(self, path: Path, files: dict[str, dict] | None = None) -> None:
-        """Write ``contract.json``; ``files`` pins the artifact's graph files (size, SHA-256, mtime)."""
+        """Write ``contract.json``; ``files`` pins the files its graphs load (size and SHA-256, see
+        :func:`memrope.artifact.pin_files`)."""
         doc = self.to_json()
         if files is not None:
             doc["files"] = files
@@ -313,11 +314,11 @@ def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype:
 
 
 def read_contract_json(path: Path) -> dict[str, Any]:
-    from memrope.io import read_json
+    from memrope.io import read_json, shown
 
     raw = read_json(path, "artifact contract")
     if raw.get("contract_version") != CONTRACT_VERSION:
-        raise ValueError(f"artifact contract {path} has version {raw.get('contract_version')!r}; this "
+        raise ValueError(f"artifact contract {path} has version {shown(raw.get('contract_version'))}; this "
                          f"engine reads version {CONTRACT_VERSION}: re-export it with `memrope export`")
     return raw
 
