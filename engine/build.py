@@ -54,6 +54,7 @@ from memrope.engine.sidecar import (
     EngineMismatchError,
     EngineSidecar,
     plan_path,
+    plan_sha256,
     read_sidecar,
     sidecar_json,
     sidecar_path,
@@ -539,7 +540,10 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
 
 
 def _reusable(plan: Path, wanted: EngineSidecar) -> bool:
-    """True when ``plan`` exists and its sidecar says it was built exactly as ``wanted`` would be."""
+    """True when ``plan`` exists, its sidecar says it was built exactly as ``wanted`` would be,
+    from the same source files (SHA-256), and the plan is the one the sidecar describes."""
+    from memrope.artifact import file_sha256
+
     if not plan.is_file():
         return False
     try:
@@ -548,11 +552,15 @@ def _reusable(plan: Path, wanted: EngineSidecar) -> bool:
         logger.info("rebuilding %s: %s", plan.name, exc)
         return False
     keys = ("target", "module", "module_version", "compute_capabilities", "default_compute_capabilities",
-            "contract_hash", "graph", "dtype", "gpu_name", "build_flags")
+            "contract_hash", "graph", "dtype", "gpu_name", "source_sha256", "build_flags")
     differing = [k for k in keys if getattr(have, k) != getattr(wanted, k)]
     if differing:
         logger.info("rebuilding %s: %s differ", plan.name, ", ".join(differing))
-    return not differing
+        return False
+    if file_sha256(plan) != have.plan_sha256:
+        logger.info("rebuilding %s: it is not the plan its sidecar describes (SHA-256)", plan.name)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -642,7 +650,7 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
                                    compute_capabilities=list(built_for), contract_hash=contract.config_hash,
                                    graph=graph, dtype=contract.dtype, gpu_name=gpu_name,
                                    default_compute_capabilities=spec.compute_capabilities and not caps,
-                                   build_flags=options.flags())
+                                   source_sha256=artifact.graph_sources(graph), build_flags=options.flags())
             if not force and _reusable(plan, wanted):
                 logger.info("%s is up to date (%s %s); pass force=True to rebuild", plan, spec.title, trt.__version__)
                 results.append(BuiltPlan(graph, plan, read_sidecar(sidecar_path(plan)), rebuilt=False))
@@ -650,8 +658,9 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
             logger.info("building %s from %s (%s %s, %s, strongly typed %s, opt level %d)", plan.name,
                         artifact.graph_path(graph).name, spec.title, trt.__version__,
                         gpu_name or "compute capabilities " + ", ".join(built_for), contract.dtype, opt_level)
+            # graph_path waits until the graph's files match the pins recorded as its sources.
             serialized, report = _build_graph(trt, graph, artifact.graph_path(graph), contract.graphs[graph], options)
-            sidecar = replace(wanted, report=report)
+            sidecar = replace(wanted, report=report, plan_sha256=plan_sha256(memoryview(serialized)))
             # Entered sidecar first, so on success the plan is moved into place before its sidecar.
             sidecar_tmp = pending.enter_context(atomic_path(sidecar_path(plan)))
             plan_tmp = pending.enter_context(atomic_path(plan))

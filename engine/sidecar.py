@@ -2,11 +2,12 @@
 
 Owns: the ``<graph>.plan.json`` file written next to each ``<graph>.plan`` in an artifact directory
 (the build target, the TensorRT module and its version, the compute capabilities the plan runs on,
-the build GPU for server plans, the artifact's config hash, the graph and its dtype, the build
-flags and the build report), where plans, sidecars and TensorRT-RTX runtime caches live, the
-exact ``memrope build`` command that rebuilds a plan, and the check a runtime makes before it
-deserializes a plan. A mismatch is an :class:`EngineMismatchError` naming every differing field
-and the command to run.
+the build GPU for server plans, the artifact's config hash, the graph and its dtype, the SHA-256
+of the ONNX files the plan was built from and of the plan itself, the build flags and the build
+report), where plans, sidecars and TensorRT-RTX runtime caches live, the exact ``memrope build``
+command that rebuilds a plan, and the checks a runtime makes before it deserializes a plan
+(:func:`check_sidecar`, :func:`check_plan_bytes`). A mismatch is an :class:`EngineMismatchError`
+naming every differing field and the command to run.
 
 Targets (see :mod:`memrope.engine.build`): ``rtx`` plans are built ahead of time by TensorRT-RTX (module
 ``tensorrt_rtx``) for a list of compute capabilities and run on any RTX GPU among them; ``server``
@@ -17,16 +18,17 @@ Pure Python: nothing here imports TensorRT or touches a GPU.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from memrope.io import atomic_write
+from memrope.io import atomic_write, parse_json, read_text, shown
 
 SIDECAR_VERSION = 2
 PLAN_SUFFIX = ".plan"
@@ -84,8 +86,11 @@ class EngineSidecar:
     the GPUs it runs on (``["8.9", "12.0"]``); ``default_compute_capabilities`` is True when the
     builder's own default targets were used (TensorRT-RTX: 8.0, 8.6, 8.9, 12.0 and later).
     ``gpu_name``: the GPU a server plan was built (and tuned) on; None for rtx plans, built with
-    no GPU. ``build_flags``: the options that shaped the plan. ``report``: what the builder did
-    (layer counts, attention kernels, seconds, bytes). ``created``: ISO 8601 UTC time of the build.
+    no GPU. ``source_sha256``: ``{file: sha256}`` of the ONNX graph the plan was built from and of
+    the external weights it loads (the artifact's pins of them: a plan of another export of the
+    same config differs here). ``plan_sha256``: the plan's own bytes. ``build_flags``: the options
+    that shaped the plan. ``report``: what the builder did (layer counts, attention kernels,
+    seconds, bytes). ``created``: ISO 8601 UTC time of the build.
     """
 
     target: str
@@ -97,6 +102,8 @@ class EngineSidecar:
     dtype: str
     gpu_name: str | None = None
     default_compute_capabilities: bool = False
+    source_sha256: dict[str, str] = field(default_factory=dict)
+    plan_sha256: str | None = None
     build_flags: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
@@ -104,9 +111,15 @@ class EngineSidecar:
 
     def __post_init__(self) -> None:
         if self.target not in TARGET_MODULES:
-            raise ValueError(f"sidecar target must be one of {sorted(TARGET_MODULES)}, got {self.target!r}")
+            raise ValueError(f"sidecar target must be one of {sorted(TARGET_MODULES)}, got {shown(self.target)}")
         if self.module != TARGET_MODULES[self.target]:
-            raise ValueError(f"a {self.target} plan is built by {TARGET_MODULES[self.target]}, not {self.module!r}")
+            raise ValueError(f"a {self.target} plan is built by {TARGET_MODULES[self.target]}, not {shown(self.module)}")
+        sources = self.source_sha256
+        if not isinstance(sources, dict) or not all(isinstance(k, str) and isinstance(v, str)
+                                                    for k, v in sources.items()):
+            raise ValueError(f"source_sha256 must map file names to SHA-256 digests, got {shown(sources)}")
+        if self.plan_sha256 is not None and not isinstance(self.plan_sha256, str):
+            raise ValueError(f"plan_sha256 must be a SHA-256 digest, got {shown(self.plan_sha256)}")
 
     def runs_on(self, compute_capability: str) -> bool:
         """True when this plan was built for a GPU of ``compute_capability`` (``"8.9"``)."""
@@ -126,18 +139,20 @@ class EngineSidecar:
         if not isinstance(raw, dict):
             raise EngineMismatchError(f"{source} is not a JSON object; {hint}")
         if raw.get("sidecar_version") != SIDECAR_VERSION:
-            raise EngineMismatchError(f"{source} has sidecar version {raw.get('sidecar_version')!r}; this engine "
+            raise EngineMismatchError(f"{source} has sidecar version {shown(raw.get('sidecar_version'))}; this engine "
                                       f"reads version {SIDECAR_VERSION}; {hint}")
         names = {f.name for f in fields(cls)}
-        required = {"target", "module", "module_version", "compute_capabilities", "contract_hash", "graph", "dtype"}
+        required = {"target", "module", "module_version", "compute_capabilities", "contract_hash", "graph", "dtype",
+                    "source_sha256", "plan_sha256"}
         missing = sorted(required - set(raw))
         unknown = sorted(set(raw) - names)
         if missing or unknown:
             raise EngineMismatchError(f"{source} is not an engine sidecar this version reads (missing "
-                                      f"{missing or 'nothing'}, unknown {unknown or 'nothing'}); {hint}")
+                                      f"{missing or 'nothing'}, unknown {shown(unknown) if unknown else 'nothing'}); "
+                                      f"{hint}")
         try:
             return cls(**raw)
-        except ValueError as exc:
+        except (ValueError, TypeError) as exc:
             raise EngineMismatchError(f"{source}: {exc}; {hint}") from None
 
 
@@ -155,21 +170,28 @@ def read_sidecar(path: str | os.PathLike[str]) -> EngineSidecar:
     path = Path(path)
     hint = f"rebuild with `{rebuild_command(path.parent, '<rtx|server>')}`"
     try:
-        raw = json.loads(path.read_text())
+        text = read_text(path, "engine sidecar")
     except FileNotFoundError:
         raise FileNotFoundError(f"engine sidecar not found: {path}; {hint}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise EngineMismatchError(f"engine sidecar {path} is not valid JSON ({exc}); {hint}") from None
+    except ValueError as exc:  # not UTF-8, or larger than any sidecar
+        raise EngineMismatchError(f"{exc}; {hint}") from None
+    try:
+        raw = parse_json(text, f"engine sidecar {path}")
+    except ValueError as exc:
+        raise EngineMismatchError(f"{exc}; {hint}") from None
     return EngineSidecar.from_json(raw, source=f"engine sidecar {path}", artifact_dir=path.parent)
 
 
 def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version: str | None,
                   compute_capability: str | None = None, gpu_name: str | None = None,
-                  target: str | None = None, artifact_dir: str | os.PathLike[str] | None = None) -> None:
+                  target: str | None = None, artifact_dir: str | os.PathLike[str] | None = None,
+                  source_sha256: Mapping[str, str] | None = None) -> None:
     """Refuse a plan built for another target, TensorRT version, GPU or artifact.
 
     Args:
         contract_hash: the artifact's config hash.
+        source_sha256: ``{file: sha256}`` of the files the artifact's graph loads (its pins,
+            :meth:`memrope.artifact.Artifact.graph_sources`); None: not checked.
         module_version: the installed version of ``sidecar.module`` (None: not installed).
         compute_capability / gpu_name: the GPU here (None: not known yet, not checked).
         target: the target the caller asks for (None: whichever the plan was built for).
@@ -183,15 +205,23 @@ def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version:
     here_caps = list(sidecar.compute_capabilities) if rebuilds_rtx and not sidecar.default_compute_capabilities else []
     diffs = []
     if sidecar.target != here_target:
-        diffs.append(f"target: engine {sidecar.target!r}, asked for {here_target!r}")
+        diffs.append(f"target: engine {shown(sidecar.target)}, asked for {shown(here_target)}")
     elif module_version is None:
         diffs.append(f"module: the engine needs {sidecar.module} {sidecar.module_version}, which is not installed "
                      f"here (pip install -e '.[{'rtx' if sidecar.target == 'rtx' else 'tensorrt'}]')")
     elif sidecar.module_version != module_version:
-        diffs.append(f"module_version: engine {sidecar.module} {sidecar.module_version!r}, "
+        diffs.append(f"module_version: engine {sidecar.module} {shown(sidecar.module_version)}, "
                      f"here {module_version!r}")
     if sidecar.contract_hash != contract_hash:
-        diffs.append(f"contract_hash: engine {sidecar.contract_hash!r}, artifact {contract_hash!r}")
+        diffs.append(f"contract_hash: engine {shown(sidecar.contract_hash)}, artifact {contract_hash!r}")
+    if source_sha256 is not None and sidecar.source_sha256 != dict(source_sha256):
+        if not sidecar.source_sha256:
+            diffs.append("source_sha256: the plan records no source graph")
+        else:
+            files = sorted(n for n in set(sidecar.source_sha256) | set(source_sha256)
+                           if sidecar.source_sha256.get(n) != source_sha256.get(n))
+            diffs.append(f"source_sha256: the plan was built from another {', '.join(files)} than this artifact's "
+                         "(another export of the same config, or an edited one)")
     if compute_capability is not None and sidecar.target == here_target:
         if sidecar.target == "rtx" and not sidecar.runs_on(compute_capability):
             here_caps = sorted(set(here_caps) | {compute_capability}, key=_cc_key)
@@ -201,8 +231,28 @@ def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version:
             diffs.append(f"compute_capability: engine {', '.join(sidecar.compute_capabilities)}, "
                          f"this GPU {compute_capability}")
     if gpu_name is not None and sidecar.target == here_target == "server" and sidecar.gpu_name != gpu_name:
-        diffs.append(f"gpu_name: engine {sidecar.gpu_name!r}, here {gpu_name!r}")
+        diffs.append(f"gpu_name: engine {shown(sidecar.gpu_name)}, here {gpu_name!r}")
     if diffs:
         raise EngineMismatchError(
             f"the TensorRT {sidecar.graph} plan was built for something else ({'; '.join(diffs)}); rebuild it with "
             f"`{rebuild_command(artifact_dir, here_target, here_caps)}`")
+
+
+def plan_sha256(data: bytes | memoryview) -> str:
+    """SHA-256 of a serialized plan (``IHostMemory`` or the bytes read back)."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def check_plan_bytes(sidecar: EngineSidecar, data: bytes, plan: str | os.PathLike[str],
+                     artifact_dir: str | os.PathLike[str] | None = None) -> None:
+    """Refuse plan bytes that are not the plan ``sidecar`` describes (corrupted, or another
+    build's plan copied over), before they are deserialized.
+
+    Raises:
+        EngineMismatchError: naming the plan and the command that rebuilds it.
+    """
+    if sidecar.plan_sha256 is None or plan_sha256(data) != sidecar.plan_sha256:
+        raise EngineMismatchError(f"{plan} is not the plan its sidecar describes (SHA-256 "
+                                  f"{'not recorded' if sidecar.plan_sha256 is None else 'mismatch'}): corrupted or "
+                                  f"copied from another build; rebuild it with "
+                                  f"`{rebuild_command(artifact_dir, sidecar.target)}`")

@@ -47,6 +47,7 @@ from memrope.engine.build import (
 from memrope.engine.sidecar import (
     EngineMismatchError,
     EngineSidecar,
+    check_plan_bytes,
     check_sidecar,
     plan_path,
     read_sidecar,
@@ -92,6 +93,7 @@ def _validity_problems(trt: Any, runtime: Any, data: bytes) -> list[str]:
 def load_plan(trt: Any, runtime: Any, log: Any, plan: Path, sidecar: EngineSidecar, artifact_dir: Path) -> Any:
     """Deserialize ``plan``, or raise one plain :class:`EngineLoadError` saying why it cannot run here."""
     data = plan.read_bytes()
+    check_plan_bytes(sidecar, data, plan, artifact_dir)  # the bytes about to load are the plan that was built
     log.errors.clear()
     with native_stderr() as native:
         engine = runtime.deserialize_cuda_engine(data)
@@ -129,9 +131,10 @@ def open_plans(artifact: Artifact, graphs: tuple[str, ...], *, target: str | Non
     """Check and deserialize the plans ``memrope build`` made for ``graphs`` of ``artifact``.
 
     Every plan and sidecar must exist; the sidecars must all come from one build, for this
-    artifact's contract hash, this TensorRT module version and this GPU, and describe the graph
-    and dtype the contract expects; all of it is checked before any plan is deserialized (a
-    plan for another TensorRT or GPU can crash). Each engine's I/O must equal the contract's.
+    artifact's contract hash and source graphs (SHA-256), this TensorRT module version and this
+    GPU, and describe the graph and dtype the contract expects; each plan's bytes must be the
+    ones its sidecar recorded; all of it is checked before any plan is deserialized (a plan for
+    another TensorRT or GPU can crash). Each engine's I/O must equal the contract's.
     """
     path, contract = artifact.path, artifact.contract
     plans = {graph: plan_path(path, graph) for graph in graphs}
@@ -152,7 +155,7 @@ def open_plans(artifact: Artifact, graphs: tuple[str, ...], *, target: str | Non
     for graph, sidecar in sidecars.items():
         check_sidecar(sidecar, contract_hash=contract.config_hash, module_version=module_version(sidecar.module),
                       compute_capability=gpu[1] if gpu else None, gpu_name=gpu[0] if gpu else None,
-                      target=target, artifact_dir=path)
+                      target=target, artifact_dir=path, source_sha256=artifact.graph_sources(graph))
         if sidecar.graph != graph or sidecar.dtype != contract.dtype:
             raise EngineMismatchError(f"{sidecar_path(plans[graph])} describes the {sidecar.dtype} {sidecar.graph} "
                                       f"graph, not the {contract.dtype} {graph} graph; rebuild it with "
