@@ -12,15 +12,18 @@ Method (docs/demo_world.md has the measured accuracy):
    cover a few percent of a frame), named by the nearest background colour.
 2. Colour: each pixel is unmixed against every object colour ``c`` as ``bg + a (c - bg)``; the
    colour with the smallest residual labels the pixel and ``a`` is its coverage. Blurred edges are
-   mixtures of object and background, so they are labelled by the object they belong to. A colour
-   that covers at least 12 px per frame (at 64 x 96) and a quarter of the largest colour's pixels
-   is an object (at most two).
+   mixtures of object and background, so they are labelled by the object they belong to. Pixels
+   with coverage >= 0.5 whose four neighbours have it too are cores; a colour whose cores number
+   at least 12 px per frame (at 64 x 96) and a quarter of the largest colour's is an object (at
+   most two). Everything below looks only inside each frame's box around the object's cores
+   (grown by 5 px), so noise elsewhere in the frame neither adds objects nor moves them.
 3. Shape, from coverage-weighted cumulants of the object's pixels in the frames where it shows at
    least 75% of its typical area (so frames where the other object hides it are skipped). Blur adds
-   a Gaussian, whose third and fourth cumulants are zero, so these survive it: the largest
-   skewness over four directions (0 for ball and square, 0.57 for the triangle; "triangle" at
-   >= 0.2) and the ratio of the fourth cumulant along the axes to that along the diagonals (ball 1,
-   square 2, a square turned 45 degrees 0.5; "square" at >= 1.25 or <= 0.8). Medians over frames.
+   a Gaussian, whose third and fourth cumulants are zero, so these survive it: the asymmetry, the
+   largest third cumulant over four directions divided by (coverage >= 0.5 area)^1.5 (0 for ball
+   and square, 0.022 for the triangle; "triangle" at >= 0.01), and the ratio of the fourth
+   cumulant along the axes to that along the diagonals (ball 1, square 2, a square turned 45
+   degrees 0.5; "square" at >= 1.22 or <= 1 / 1.22). Medians over up to 8 frames.
 4. Motion, from the coverage-weighted centroid track: per-axis speed is the median displacement
    over 4-frame lags. Both axes below 0.2 px/frame (at 64 x 96) is "still"; both moving with the
    slower axis at least 40% of the faster is "bouncing" (the world's bouncing is diagonal);
@@ -49,10 +52,11 @@ from .world import (
     size_scale,
 )
 
-# Clean renders give skewness 0 / 0 / 0.57 and kurtosis ratio 1 / 2 / 1 for ball / square / triangle;
-# blur (sigma 2 px) + noise + JPEG keeps medians above 0.3 and 1.4 where they should be high.
-TRIANGLE_MIN_SKEWNESS = 0.2
-SQUARE_MIN_KURTOSIS_RATIO = 1.25
+# Clean renders give asymmetry 0 / 0 / 0.022 and kurtosis ratio 1 / 2 / 1 for ball / square /
+# triangle. Under blur (sigma 3 px) + noise (16) + JPEG (30) the per-clip medians stay apart:
+# asymmetry <= 0.007 vs >= 0.013, kurtosis ratio <= 1.16 vs >= 1.27; the thresholds sit between.
+TRIANGLE_MIN_ASYMMETRY = 0.01
+SQUARE_MIN_KURTOSIS_RATIO = 1.22
 _SHAPE_WINDOW_PAD_PX = 5.0  # at 64 x 96; holds a sigma-2 blurred edge's tail
 STILL_SPEED_PX_PER_FRAME = 0.2  # at 64 x 96; the world's slowest per-axis speed is 0.53
 DIAGONAL_RATIO = 0.4
@@ -71,7 +75,7 @@ _CHUNK_FRAMES = 64
 class ObjectReport:
     """One object as seen: colour, shape, motion names, and the measurements behind them.
 
-    ``area_px``: typical (90th percentile) pixels at coverage >= 0.5; ``skewness`` and
+    ``area_px``: typical (90th percentile) pixels at coverage >= 0.5; ``asymmetry`` and
     ``kurtosis_ratio``: the median shape features (module docstring); ``speed_px_per_frame``: length
     of the median per-axis velocity; ``visible_frames``: frames where at least 60% of the typical
     area shows (the frames the motion is read from).
@@ -81,7 +85,7 @@ class ObjectReport:
     shape: str
     motion: str
     area_px: float
-    skewness: float
+    asymmetry: float
     kurtosis_ratio: float
     speed_px_per_frame: float
     visible_frames: int
@@ -174,8 +178,37 @@ def _unmix(frames: np.ndarray, background_rgb: np.ndarray) -> tuple[np.ndarray, 
     return label, alpha, names
 
 
+def _erode(mask: np.ndarray) -> np.ndarray:
+    """``[T, H, W]`` bool: set where ``mask`` and its four in-frame neighbours are all set."""
+    core = mask.copy()
+    core[:, 1:] &= mask[:, :-1]
+    core[:, :-1] &= mask[:, 1:]
+    core[:, :, 1:] &= mask[:, :, :-1]
+    core[:, :, :-1] &= mask[:, :, 1:]
+    return core
+
+
+def _windows(core: np.ndarray, pad_px: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame, the bounding box of ``core [T, H, W]`` grown by ``pad_px``: ``[T, H, W]`` bool, and
+    ``[T]`` whether the frame has any core at all (where not, its window is empty)."""
+    _, height, width = core.shape
+    pad = int(np.ceil(pad_px))
+    rows_any = core.any(axis=2)
+    cols_any = core.any(axis=1)
+    has_core = rows_any.any(axis=1)
+    top = np.argmax(rows_any, axis=1) - pad
+    bottom = height - 1 - np.argmax(rows_any[:, ::-1], axis=1) + pad
+    left = np.argmax(cols_any, axis=1) - pad
+    right = width - 1 - np.argmax(cols_any[:, ::-1], axis=1) + pad
+    rows = np.arange(height)[None, :]
+    cols = np.arange(width)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows <= bottom[:, None]) & has_core[:, None]
+    in_cols = (cols >= left[:, None]) & (cols <= right[:, None])
+    return in_rows[:, :, None] & in_cols[:, None, :], has_core
+
+
 def _shape_features(coverage: np.ndarray, pad_px: float) -> tuple[float, float]:
-    """Skewness and kurtosis ratio of one frame's ``[H, W]`` coverage of one object (module docstring)."""
+    """Asymmetry and kurtosis ratio of one frame's ``[H, W]`` coverage of one object (module docstring)."""
     solid = coverage >= 0.5
     rows = np.flatnonzero(solid.any(axis=1))
     cols = np.flatnonzero(solid.any(axis=0))
@@ -193,22 +226,23 @@ def _shape_features(coverage: np.ndarray, pad_px: float) -> tuple[float, float]:
     moments = np.tensordot(np.stack([dx ** p * dy ** (k - p) for k in (2, 3, 4) for p in range(k, -1, -1)]),
                            weight, axes=2) / mass
     m2, m3, m4 = moments[:3], moments[3:7], moments[7:]
-    skewness, kurtosis = [], []
+    third, kurtosis = [], []
     for c, s in ((1.0, 0.0), (0.0, 1.0), (np.sqrt(0.5), np.sqrt(0.5)), (np.sqrt(0.5), -np.sqrt(0.5))):
         # Moments of z = c dx + s dy by the binomial expansion.
         k2 = c * c * m2[0] + 2 * c * s * m2[1] + s * s * m2[2]
         k3 = c ** 3 * m3[0] + 3 * c * c * s * m3[1] + 3 * c * s * s * m3[2] + s ** 3 * m3[3]
         z4 = (c ** 4 * m4[0] + 4 * c ** 3 * s * m4[1] + 6 * c * c * s * s * m4[2] + 4 * c * s ** 3 * m4[3]
               + s ** 4 * m4[4])
-        skewness.append(abs(k3) / k2 ** 1.5)
+        third.append(abs(k3))
         kurtosis.append(z4 - 3 * k2 * k2)
     diagonal = kurtosis[2] + kurtosis[3]
     ratio = (kurtosis[0] + kurtosis[1]) / diagonal if diagonal != 0 else float("nan")
-    return float(max(skewness)), float(ratio)
+    # Normalised by the solid area, not by the variance, which blur inflates.
+    return float(max(third) / np.count_nonzero(window >= 0.5) ** 1.5), float(ratio)
 
 
-def _classify_shape(skewness: float, kurtosis_ratio: float) -> str:
-    if skewness >= TRIANGLE_MIN_SKEWNESS:
+def _classify_shape(asymmetry: float, kurtosis_ratio: float) -> str:
+    if asymmetry >= TRIANGLE_MIN_ASYMMETRY:
         return "triangle"
     if kurtosis_ratio >= SQUARE_MIN_KURTOSIS_RATIO or 0 < kurtosis_ratio <= 1 / SQUARE_MIN_KURTOSIS_RATIO:
         return "square"
@@ -254,20 +288,24 @@ def evaluate(frames: np.ndarray) -> SceneReport:
 
     label, alpha, names = _unmix(frames, background_rgb)
     solid = alpha >= 0.5
-    counts = np.asarray([np.count_nonzero(solid & (label == k)) for k in range(len(names))], dtype=np.float64)
+    # Cores (solid pixels whose four neighbours are solid too) find objects; lone noise pixels are
+    # never cores, so noise neither makes objects nor, through the windows below, moves them.
+    cores = [_erode(solid & (label == k)) for k in range(len(names))]
+    counts = np.asarray([np.count_nonzero(core) for core in cores], dtype=np.float64)
     min_count = max(MIN_OBJECT_PX_PER_FRAME * scale * scale * num_frames, 0.25 * counts.max(initial=0.0))
     kept = [int(k) for k in np.argsort(-counts, kind="stable") if counts[k] >= min_count and counts[k] > 0]
     objects = []
     ys = np.arange(height, dtype=np.float64)[None, :, None]
     xs = np.arange(width, dtype=np.float64)[None, None, :]
     for k in kept[:MAX_OBJECTS]:
-        mine = label == k
+        window, has_core = _windows(cores[k], _SHAPE_WINDOW_PAD_PX * scale)
+        mine = (label == k) & window
         mask = solid & mine
         area_px = mask.sum(axis=(1, 2)).astype(np.float64)
         typical_px = float(np.percentile(area_px, 90))
         # A partly hidden object's centroid is pulled toward its visible part: track only frames
         # showing most of it, and interpolate across the rest.
-        visible = area_px >= VISIBLE_AREA_FRACTION * typical_px
+        visible = (area_px >= VISIBLE_AREA_FRACTION * typical_px) & has_core
         weight = np.where(mine & (alpha >= 0.2), alpha, 0.0)
         total = weight.sum(axis=(1, 2))
         with np.errstate(invalid="ignore", divide="ignore"):
@@ -278,12 +316,12 @@ def evaluate(frames: np.ndarray) -> SceneReport:
         whole = whole[np.unique(np.linspace(0, whole.size - 1, min(whole.size, _SHAPE_SAMPLE_FRAMES)).astype(int))]
         coverage = np.where(mine, alpha, 0.0)
         features = np.asarray([_shape_features(coverage[t], _SHAPE_WINDOW_PAD_PX * scale) for t in whole])
-        skewness, kurtosis_ratio = (np.nanmedian(features, axis=0) if np.isfinite(features).any()
-                                    else (float("nan"), float("nan")))
-        shape = _classify_shape(float(skewness), float(kurtosis_ratio))
+        asymmetry, kurtosis_ratio = (np.nanmedian(features, axis=0) if np.isfinite(features).any()
+                                     else (float("nan"), float("nan")))
+        shape = _classify_shape(float(asymmetry), float(kurtosis_ratio))
         motion, speed = _classify_motion(centres_px, visible, scale)
         objects.append(ObjectReport(color=names[k], shape=shape, motion=motion, area_px=typical_px,
-                                    skewness=float(skewness), kurtosis_ratio=float(kurtosis_ratio),
+                                    asymmetry=float(asymmetry), kurtosis_ratio=float(kurtosis_ratio),
                                     speed_px_per_frame=speed,
                                     visible_frames=int(visible.sum())))
     return SceneReport(background=background, background_rgb=tuple(float(v) for v in background_rgb),
