@@ -26,11 +26,11 @@ are a summary table. See docs/gpu_check.md.
 
 On a CUDA machine::
 
-    python bench/gpu_check.py --out out/gpu_check
+    python bench/gpu_check.py --out "$PWD/out/gpu_check"
 
 Without a GPU, the same sections at the tiny preset on the CPU check the plumbing::
 
-    python bench/gpu_check.py --smoke --out out/gpu_check_smoke
+    python bench/gpu_check.py --smoke --out "$PWD/out/gpu_check_smoke"
 """
 
 from __future__ import annotations
@@ -215,7 +215,7 @@ def summary_rows(doc: dict) -> list[str]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, help="folder for gpu_check.json, the logs and plots")
+    parser.add_argument("--out", type=Path, help="folder for gpu_check.json, the logs and plots (an absolute path)")
     parser.add_argument("--preset", default=None, help="bench preset (default: wan-1.3b; tiny with --smoke)")
     parser.add_argument("--device", default=None, help="default: cuda (cpu with --smoke)")
     parser.add_argument("--budget-s", type=float, default=450.0, help="stop starting sections after this long")
