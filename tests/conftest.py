@@ -55,6 +55,32 @@ def golden_trace(name: str) -> dict[str, torch.Tensor]:
     return load_file(str(GOLDEN / TRACES[name]))
 
 
+def golden_generate_args(out: Path, *, policy: str = "memrope_ema", backend: str = "eager",
+                         engine: Path | None = None, **options: object) -> list[str]:
+    """``memrope generate`` argv on the golden inputs (its text embeddings and noise), writing
+    latents only to ``out``, no progress bar: the golden checkpoint for ``eager``/``compiled``,
+    else the artifact ``engine``; ``--config`` is ``policy``'s YAML.
+
+    ``options`` (``**{"--flag": value}``) add or replace options: ``None`` drops one (``--noise``
+    too), ``""`` passes a bare flag (``--allow-nonfinite``).
+    """
+    if backend in ("eager", "compiled"):
+        values = {"--checkpoint": GOLDEN / "tiny_selfforcing.pt", "--model-config": GOLDEN / "config.json"}
+    else:
+        values = {"--engine": engine}
+    values.update({"--backend": backend, "--config": GOLDEN / f"{policy}.yaml",
+                   "--text-embeds": GOLDEN / "inputs.safetensors", "--noise": GOLDEN / "inputs.safetensors",
+                   "--latents-out": out})
+    values.update(options)
+    args = ["generate", "--no-decode", "--no-progress"]
+    for flag, value in values.items():
+        if value == "":
+            args.append(flag)
+        elif value is not None:
+            args += [flag, str(value)]
+    return args
+
+
 class Lazy(dict):
     """A mapping that makes each entry with ``make(key)`` on first use (so a run that selects only
     some tests pays only for what they read)."""

@@ -1,14 +1,14 @@
 """Bad input gets a one-line error naming what is wrong and what was expected (exit 2), and
-nothing is written."""
+nothing is written; a run that fails after it started writing leaves an earlier output as it was."""
 
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from conftest import golden_generate_args
+from safetensors.torch import load_file, save_file
 
 from memrope.runtime.cli import main
 
@@ -21,20 +21,8 @@ def files(golden_dir, tmp_path):
     return paths
 
 
-def _args(files, **override):
-    values = {"--checkpoint": files["tiny_selfforcing.pt"], "--model-config": files["config.json"],
-              "--config": files["memrope_ema.yaml"], "--text-embeds": files["inputs.safetensors"],
-              "--noise": files["inputs.safetensors"], "--latents-out": files["out"]}
-    values.update(override)
-    args = ["generate", "--no-decode"]
-    for key, value in values.items():
-        if value is not None:
-            args += [key, str(value)]
-    return args
-
-
 def _fails(files, capsys, match, **override):
-    assert main(_args(files, **override)) == 2
+    assert main(golden_generate_args(files["out"], **override)) == 2
     err = capsys.readouterr().err
     assert match in err, err
     assert not files["out"].exists()
@@ -86,17 +74,26 @@ def test_embeddings_of_the_wrong_shape(files, tmp_path, capsys):
 
 
 def test_decode_is_not_silently_skipped(files, capsys):
-    args = [a for a in _args(files) if a != "--no-decode"]
+    args = [a for a in golden_generate_args(files["out"]) if a != "--no-decode"]
     assert main(args) == 2
     assert "--no-decode" in capsys.readouterr().err
 
 
-def test_existing_output_survives_a_failed_run(files, tmp_path, capsys):
+def test_existing_output_survives_a_run_that_fails_mid_stream(files, tmp_path, capsys):
+    """The latents stream to a temp file that replaces the output only when the run succeeds:
+    a run that wrote blocks 0 and 1 and then failed on block 2 (noise of 1e30 there) leaves the
+    earlier result as it was, and no temp file beside it."""
+    tensors = load_file(str(files["inputs.safetensors"]))
+    tensors["noise"] = tensors["noise"].clone()
+    tensors["noise"][:, 7] = 1e30  # latent frame 7: block 2 of 3-frame blocks
+    save_file(tensors, str(tmp_path / "noisy.safetensors"))
     files["out"].parent.mkdir(parents=True)
     files["out"].write_bytes(b"previous result")
-    assert main(_args(files, **{"--checkpoint": tmp_path / "missing.pt"})) == 2
+    assert main(golden_generate_args(files["out"], **{"--noise": tmp_path / "noisy.safetensors"})) == 1
+    err = capsys.readouterr().err
+    assert "memrope generate: error: block 2 (latent frames 6..8)" in err, err  # failed mid-run, not before
     assert files["out"].read_bytes() == b"previous result"
-    shutil.rmtree(files["out"].parent)
+    assert [p.name for p in files["out"].parent.iterdir()] == [files["out"].name]
 
 
 def test_an_unreadable_tensor_file_says_why_not_that_it_is_missing(files, tmp_path, capsys):

@@ -5,12 +5,9 @@ reference differ from it by ~2e-6)."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
-from conftest import TRACES, golden_run, golden_trace
+from conftest import TRACES, golden_generate_args, golden_run, golden_trace
 from safetensors.torch import load_file
 
 from memrope.engine.eager_backend import EagerBackend
@@ -51,29 +48,12 @@ def test_python_api_matches_golden(name, golden_dit, golden_inputs):
     torch.testing.assert_close(torch.cat(latents, dim=1), trace["output_latents"], atol=ATOL, rtol=0)
 
 
-def _cli_args(name, golden_dir, out):
-    return ["generate", "--checkpoint", str(golden_dir / "tiny_selfforcing.pt"),
-            "--model-config", str(golden_dir / "config.json"), "--config", str(golden_dir / f"{name}.yaml"),
-            "--text-embeds", str(golden_dir / "inputs.safetensors"),
-            "--noise", str(golden_dir / "inputs.safetensors"),
-            "--latents-out", str(out), "--no-decode", "--backend", "eager"]
-
-
 @pytest.mark.parametrize("name", sorted(TRACES))
-def test_cli_matches_golden(name, golden_dir, tmp_path):
+def test_cli_matches_golden(name, tmp_path):
     out = tmp_path / "latents.safetensors"
-    assert main(_cli_args(name, golden_dir, out)) == 0
+    assert main(golden_generate_args(out, policy=name)) == 0
     latents = load_file(str(out))["latents"]
     torch.testing.assert_close(latents, golden_trace(name)["output_latents"], atol=ATOL, rtol=0)
-
-
-def test_console_entry_point_runs_in_a_fresh_process(golden_dir, tmp_path):
-    out = tmp_path / "latents.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "memrope", *_cli_args("memrope_ema", golden_dir, out)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    torch.testing.assert_close(load_file(str(out))["latents"], golden_trace("memrope_ema")["output_latents"],
-                               atol=ATOL, rtol=0)
 
 
 def test_seeded_noise_reproduces_the_reference_draw_order(golden_inputs):

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import golden_generate_args
 from safetensors.torch import load_file, save_file
 
 from memrope.runtime.cli import build_parser, main
@@ -23,20 +24,6 @@ ROOT = Path(__file__).resolve().parents[1]
 def golden(golden_dir):
     return {name: golden_dir / name for name in ("tiny_selfforcing.pt", "config.json", "memrope_ema.yaml",
                                                  "inputs.safetensors")}
-
-
-def _args(golden, out, **override):
-    values = {"--checkpoint": golden["tiny_selfforcing.pt"], "--model-config": golden["config.json"],
-              "--config": golden["memrope_ema.yaml"], "--text-embeds": golden["inputs.safetensors"],
-              "--noise": golden["inputs.safetensors"], "--latents-out": out}
-    values.update(override)
-    args = ["generate", "--no-decode", "--no-progress"]
-    for key, value in values.items():
-        if value == "":
-            args.append(key)
-        elif value is not None:
-            args += [key, str(value)]
-    return args
 
 
 def _one_line_error(capsys, *needles):
@@ -64,11 +51,11 @@ def test_noise_overflow_stops_at_the_block_and_writes_nothing(golden, tmp_path, 
     noisy = tmp_path / "noisy.safetensors"
     save_file(tensors, str(noisy))
     out = tmp_path / "out" / "latents.safetensors"
-    assert main(_args(golden, out, **{"--noise": noisy})) == 1
+    assert main(golden_generate_args(out, **{"--noise": noisy})) == 1
     _one_line_error(capsys, "block 2", "NaN or Inf", "likely cause")
     assert _leftovers(out.parent) == []
     # --allow-nonfinite keeps the outputs for inspection, warns per bad block, and still fails.
-    assert main(_args(golden, out, **{"--noise": noisy, "--allow-nonfinite": ""})) == 1
+    assert main(golden_generate_args(out, **{"--noise": noisy, "--allow-nonfinite": ""})) == 1
     err = capsys.readouterr().err
     failed = [line for line in err.splitlines() if line.startswith("memrope generate: error:")]
     assert len(failed) == 1 and "blocks produced NaN or Inf (blocks 2, " in failed[0], err
@@ -86,7 +73,7 @@ def test_nan_weights_are_refused_at_load(golden, tmp_path, capsys):
     bad = tmp_path / "nan.pt"
     torch.save(checkpoint, bad)
     out = tmp_path / "latents.safetensors"
-    assert main(_args(golden, out, **{"--checkpoint": bad})) == 2
+    assert main(golden_generate_args(out, **{"--checkpoint": bad})) == 2
     _one_line_error(capsys, "nan.pt", "NaN or Inf", name.removeprefix("model."))
     assert not out.exists()
 
@@ -105,7 +92,7 @@ def test_bad_output_paths_fail_in_milliseconds(golden, tmp_path, capsys, target,
     path = Path(target) if target.startswith("/") else tmp_path / target
     # The checkpoint does not exist: reaching it would be a different error, so the output check
     # provably ran first.
-    assert main(_args(golden, path, **{"--checkpoint": tmp_path / "later.pt"})) == 2
+    assert main(golden_generate_args(path, **{"--checkpoint": tmp_path / "later.pt"})) == 2
     _one_line_error(capsys, needle)
 
 
@@ -117,7 +104,7 @@ def test_a_full_disk_mid_run_is_one_line_and_leaves_nothing(golden, tmp_path):
     code = ("import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
             "resource.setrlimit(resource.RLIMIT_FSIZE, (6000, 6000)); "
             "from memrope.runtime.cli import main; sys.exit(main(sys.argv[1:]))")
-    proc = subprocess.run([sys.executable, "-c", code, *_args(golden, out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-c", code, *golden_generate_args(out)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 1, proc.stderr
     lines = [line for line in proc.stderr.splitlines() if "error:" in line]
@@ -136,7 +123,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(golden, tmp_path,
     stale_file.write_bytes(b"half a file")
     stale_dir.mkdir()
     live_file.write_bytes(b"being written by a live process")
-    assert main(_args(golden, out_dir / "latents.safetensors")) == 0
+    assert main(golden_generate_args(out_dir / "latents.safetensors")) == 0
     assert not stale_file.exists() and not stale_dir.exists() and live_file.exists()
     assert caplog.text.count("left by a killed run") == 2
 
@@ -145,7 +132,7 @@ def test_leftovers_of_a_killed_run_are_removed_by_the_next_run(golden, tmp_path,
 
 def test_unknown_device_and_truncated_graph_are_one_line(golden, artifacts, tmp_path, capsys):
     out = tmp_path / "latents.safetensors"
-    assert main(_args(golden, out, **{"--device": "tpu"})) == 2
+    assert main(golden_generate_args(out, **{"--device": "tpu"})) == 2
     _one_line_error(capsys, "--device must be cpu or cuda[:N]", "'tpu'")
     art = tmp_path / "art"
     import shutil
@@ -153,7 +140,7 @@ def test_unknown_device_and_truncated_graph_are_one_line(golden, artifacts, tmp_
     shutil.copytree(artifacts["memrope_ema"], art)
     data = (art / "step.onnx").read_bytes()
     (art / "step.onnx").write_bytes(data[: len(data) // 3])
-    args = _args(golden, out, **{"--checkpoint": None, "--model-config": None, "--engine": art,
+    args = golden_generate_args(out, **{"--checkpoint": None, "--model-config": None, "--engine": art,
                                  "--backend": "onnxruntime"})
     assert main(args) == 2
     _one_line_error(capsys, "step.onnx")
@@ -162,8 +149,8 @@ def test_unknown_device_and_truncated_graph_are_one_line(golden, artifacts, tmp_
 
 def test_verbose_works_anywhere_and_help_shows_defaults(golden, tmp_path, capsys):
     out = tmp_path / "latents.safetensors"
-    for argv in (["-v", *_args(golden, out, **{"--device": "tpu"})],
-                 [*_args(golden, out, **{"--device": "tpu"}), "-v"]):
+    for argv in (["-v", *golden_generate_args(out, **{"--device": "tpu"})],
+                 [*golden_generate_args(out, **{"--device": "tpu"}), "-v"]):
         assert main(argv) == 2
         err = capsys.readouterr().err
         assert "Traceback" in err and "--device must be cpu" in err
@@ -188,7 +175,7 @@ def test_version_and_bench_arguments_that_would_measure_nothing(capsys):
 
 def test_no_third_party_noise_on_a_clean_run(golden, tmp_path):
     out = tmp_path / "latents.safetensors"
-    proc = subprocess.run([sys.executable, "-m", "memrope", *_args(golden, out)], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "memrope", *golden_generate_args(out)], capture_output=True, text=True,
                           cwd=ROOT, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert "Warning" not in proc.stderr and "warn" not in proc.stderr.lower(), proc.stderr
@@ -200,7 +187,7 @@ def test_engine_with_another_resolutions_config_runs_at_the_artifacts_size(golde
     """--engine ART --config memrope_60s.yaml (832x480 latents, 240 frames): the artifact fixes the
     resolution before any shape is derived, so the run happens at its 4x6 latent size."""
     out = tmp_path / "latents.safetensors"
-    args = _args(golden, out, **{"--checkpoint": None, "--model-config": None, "--noise": None,
+    args = golden_generate_args(out, **{"--checkpoint": None, "--model-config": None, "--noise": None,
                                  "--engine": artifacts["memrope_ema"], "--backend": "onnxruntime",
                                  "--config": ROOT / "tests" / "data" / "configs" / "memrope_60s.yaml",
                                  "--num-frames": 6})
