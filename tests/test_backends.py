@@ -1,6 +1,7 @@
 """Every backend behind the same loop: eager, compiled (torch.compile) and ONNX Runtime agree
-call by call over 24 blocks, each reproduces the golden traces, and the loop's buffers keep
-their addresses. GPU variants are gated."""
+call by call, every output, over 24 blocks that cross the fill -> first eviction -> steady
+transitions; each reproduces the golden traces, and the loop's buffers keep their addresses.
+GPU variants are gated."""
 
 from __future__ import annotations
 
@@ -41,8 +42,19 @@ def test_compiled_reproduces_golden(name, compiled_backends, golden_inputs):
     torch.testing.assert_close(latents, golden_trace(name)["output_latents"], atol=1e-4, rtol=0)
 
 
+def _named_outputs(outputs) -> dict[str, torch.Tensor]:
+    """Every output of one call by a readable name (``memory_values.1``): nothing left out."""
+    named = {"flow": outputs.flow, "x0": outputs.x0}
+    for field in ("block_keys", "block_values", "memory_keys", "memory_values"):
+        named.update({f"{field}.{i}": t for i, t in enumerate(getattr(outputs, field))})
+    return named
+
+
 @pytest.mark.parametrize("name", ["memrope_ema", "memrope_eviction"])
-def test_backends_agree_call_by_call_over_24_blocks(name, golden_dit, compiled_backends, artifacts, golden_inputs):
+def test_backends_agree_call_by_call_across_transitions(name, golden_dit, compiled_backends, artifacts,
+                                                        golden_inputs):
+    """Compiled and ONNX Runtime against eager, every output of every call of 24 blocks: the
+    rollout crosses fill -> first eviction -> steady (and, for ema, memory init -> update)."""
     run = replace(golden_run(name), num_output_frames=3 * BLOCKS)
     backends = [EagerBackend(golden_dit, run), compiled_backends[name], OnnxRuntimeBackend(artifacts[name])]
     results = {}
@@ -50,17 +62,23 @@ def test_backends_agree_call_by_call_over_24_blocks(name, golden_dit, compiled_b
         noise = StreamingSeededNoise(0, 1, (16, 4, 6), 3)
         results[backend.name] = _run(backend, run, golden_inputs["prompt_embeds"], noise, BLOCKS)
     eager_calls, eager_latents = results["eager"]
-    assert len(eager_calls) == BLOCKS * 5
+    assert [(c.block, c.call) for c in eager_calls] == [(b, i) for b in range(BLOCKS) for i in range(5)]
+    phases = {(c.plan.roll, c.plan.memory_step if c.call == 0 else "none") for c in eager_calls}
+    assert {(False, "none"), (True, "none")} <= phases
+    layers = golden_dit.config.num_layers
+    memory_layers = layers if name == "memrope_ema" else 0
+    if memory_layers:
+        assert {(True, "init"), (True, "update")} <= phases
     for other in ("compiled", "onnxruntime"):
         calls, latents = results[other]
-        for a, b in zip(eager_calls, calls):
+        assert len(calls) == len(eager_calls), f"{other}: {len(calls)} calls recorded, eager {len(eager_calls)}"
+        for a, b in zip(eager_calls, calls, strict=True):
             assert (a.block, a.call) == (b.block, b.call)
-            pairs = [(a.outputs.flow, b.outputs.flow), (a.outputs.x0, b.outputs.x0)]
-            pairs += list(zip(a.outputs.block_keys + a.outputs.block_values + a.outputs.memory_keys,
-                              b.outputs.block_keys + b.outputs.block_values + b.outputs.memory_keys))
-            for x, y in pairs:
-                torch.testing.assert_close(y, x, atol=1e-5, rtol=0, msg=lambda m: f"{other} block {a.block} "
-                                           f"call {a.call}: {m}")
+            want, got = _named_outputs(a.outputs), _named_outputs(b.outputs)
+            assert len(want) == 2 + 2 * layers + 2 * memory_layers and got.keys() == want.keys(), sorted(got)
+            for key, expected in want.items():
+                torch.testing.assert_close(got[key], expected, atol=1e-5, rtol=0,
+                                           msg=lambda m, key=key: f"{other} block {a.block} call {a.call} {key}: {m}")
         torch.testing.assert_close(latents, eager_latents, atol=1e-5, rtol=0)
 
 
