@@ -32,7 +32,7 @@ PROVIDERS = ("auto", "cpu", "cuda", "tensorrt")
 ELEMENT_TYPES = {torch.float32: 1, torch.float16: 10, torch.bfloat16: 16, torch.int64: 7, torch.bool: 9}
 
 
-def _require_onnxruntime():
+def require_onnxruntime():
     try:
         import onnxruntime
     except ImportError as exc:
@@ -46,7 +46,7 @@ def resolve_provider(provider: str, dtype: str, artifact_path, allowed: tuple[st
     are present, else the CPU. Refuses, in one line and before any session opens, what cannot run
     here: CUDA or TensorRT without onnxruntime-gpu and a GPU, and a bf16/fp16 artifact (``dtype``)
     on the CPU, whose provider has no such kernels."""
-    ort = _require_onnxruntime()
+    ort = require_onnxruntime()
     if provider not in allowed:
         raise ValueError(f"provider must be one of {allowed}, got {provider!r}")
     available = ort.get_available_providers()
@@ -154,7 +154,7 @@ class OnnxRuntimeBackend(Backend):
 
     def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", cuda_graph: bool = True,
                  threads: int | None = None, recache: bool = True, spinning: bool | None = None):
-        ort = _require_onnxruntime()
+        ort = require_onnxruntime()
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         contract = self.artifact.contract
         provider = resolve_provider(provider, contract.dtype, self.artifact.path)

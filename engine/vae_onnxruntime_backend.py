@@ -15,7 +15,7 @@ import torch
 
 from memrope.artifact import Artifact, load_artifact
 from memrope.backend import VAEBackend
-from memrope.engine.onnxruntime_backend import ELEMENT_TYPES, _require_onnxruntime, resolve_provider
+from memrope.engine.onnxruntime_backend import ELEMENT_TYPES, require_onnxruntime, resolve_provider
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ class OnnxRuntimeVAEBackend(VAEBackend):
 
     def __init__(self, artifact: Artifact | str | Path, provider: str = "auto", threads: int | None = None,
                  spinning: bool | None = None):
-        ort = _require_onnxruntime()
+        ort = require_onnxruntime()
         self.artifact = artifact if isinstance(artifact, Artifact) else load_artifact(artifact)
         require_vae_graph(self.artifact)
         self.contract = self.artifact.contract.graphs[GRAPH]
