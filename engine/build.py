@@ -60,7 +60,7 @@ from memrope.engine.sidecar import (
     sidecar_path,
 )
 from memrope.errors import StageError
-from memrope.io import atomic_path
+from memrope.io import atomic_path, shown
 
 logger = logging.getLogger(__name__)
 
@@ -109,7 +109,7 @@ TARGETS = {
 
 def target_of(name: str) -> Target:
     if name not in TARGETS:
-        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {name!r}")
+        raise ValueError(f"--target must be one of {', '.join(TARGETS)}, got {shown(name)}")
     return TARGETS[name]
 
 
@@ -145,7 +145,7 @@ def parse_compute_capabilities(values: Sequence[str] | str | None) -> tuple[str,
     caps = [c.strip() for item in items for c in str(item).split(",") if c.strip()]
     bad = [c for c in caps if not _COMPUTE_CAPABILITY.match(c)]
     if bad:
-        raise ValueError(f"--compute-capability takes MAJOR.MINOR values such as 8.9 or 12.0, got {bad}")
+        raise ValueError(f"--compute-capability takes MAJOR.MINOR values such as 8.9 or 12.0, got {shown(bad)}")
     if not caps:
         return None
     return tuple(sorted(set(caps), key=lambda c: tuple(int(p) for p in c.split("."))))
@@ -621,7 +621,7 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
     unknown = [g for g in names if g not in contract.graphs]
     if unknown or not names or len(set(names)) != len(names):
         raise ValueError(f"--graph must name distinct graphs of the artifact ({', '.join(contract.graphs)}), "
-                         f"got {names}")
+                         f"got {shown(names)}")
 
     trt = spec.require_module()
     gpu_name = None

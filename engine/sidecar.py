@@ -56,7 +56,7 @@ def rebuild_command(artifact_dir: str | os.PathLike[str] | None, target: str,
 def plan_path(artifact_dir: str | os.PathLike[str], graph: str) -> Path:
     """``<artifact>/<graph>.plan`` for one of the artifact contract's graphs."""
     if not isinstance(graph, str) or not _GRAPH_NAME.match(graph):
-        raise ValueError(f"graph must be a contract graph name such as 'step', got {graph!r}")
+        raise ValueError(f"graph must be a contract graph name such as 'step', got {shown(graph)}")
     return Path(artifact_dir) / f"{graph}{PLAN_SUFFIX}"
 
 
