@@ -246,7 +246,7 @@ def test_motion_is_lawful(motion, speed):
             axis = 0 if motion in ("left", "right") else 1
             first_sign = np.sign(velocity[0, axis])
             assert first_sign == (1 if motion in ("right", "down") else -1)
-            # Starts in the half of its travel that leaves the longer run ahead: >= 8 frames to a wall.
+            # Starts in the half of its travel that leaves the longer run ahead: >= 8.3 frames to a wall here.
             assert np.all(np.sign(velocity[:8, axis]) == first_sign)
 
 

@@ -24,7 +24,8 @@ Method (docs/demo_world.md has the measured accuracy):
    and square, 0.022 for the triangle; "triangle" at >= 0.01), and the ratio of the fourth
    cumulant along the axes to that along the diagonals (ball 1, square 2, a square turned 45
    degrees 0.5; "square" at >= 1.22 or <= 1 / 1.22). Medians over up to 8 frames.
-4. Motion, from the coverage-weighted centroid track: per-axis speed is the median displacement
+4. Motion, from the coverage-weighted centroid track over the frames showing at least 60% of the
+   typical area (interpolated across the rest): per-axis speed is the median displacement
    over 4-frame lags. Both axes below 0.2 px/frame (at 64 x 96) is "still"; both moving with the
    slower axis at least 40% of the faster is "bouncing" (the world's bouncing is diagonal);
    otherwise the faster axis and the sign of the first 6 frames' displacement give left, right,
@@ -65,7 +66,7 @@ MIN_OBJECT_PX_PER_FRAME = 12.0  # at 64 x 96; the world's objects cover 160 to 2
 _MIN_CONTRAST = 40.0  # an object colour this close to the background cannot be told from it
 _MIN_ALPHA = 0.15  # coverage below this is mostly noise: such pixels count as background
 _SPEED_LAG_FRAMES = 4
-_DIRECTION_FRAMES = 6  # the world's earliest first reflection is 8 frames in
+_DIRECTION_FRAMES = 6  # the world's earliest first reflection is 7.7 frames in (fast triangle, vertical)
 _BACKGROUND_SAMPLE_FRAMES = 16
 _SHAPE_SAMPLE_FRAMES = 8
 _CHUNK_FRAMES = 64
