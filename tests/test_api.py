@@ -162,8 +162,15 @@ def test_the_wheel_installs_beside_a_foreign_runtime_module(tmp_path):
     wheels = tmp_path / "wheels"
     build_wheel(Path(__file__).resolve().parents[1])
     wheel = next(wheels.glob("memrope_engine-*.whl"))
-    tops = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    names = zipfile.ZipFile(wheel).namelist()
+    tops = {name.split("/")[0] for name in names}
     assert {t for t in tops if not t.endswith(".dist-info")} == {"memrope"}, tops
+    # Every module of every layer folder is in it (a subpackage missing from pyproject's list is not).
+    root = Path(__file__).resolve().parents[1]
+    for layer, package in (("memrope", "memrope"), ("export", "memrope/export"), ("engine", "memrope/engine"),
+                           ("runtime", "memrope/runtime")):
+        for path in (root / layer).rglob("*.py"):
+            assert f"{package}/{path.relative_to(root / layer).as_posix()}" in names, f"{path} is not in the wheel"
 
     foreign = tmp_path / "foreign"
     (foreign / "runtime").mkdir(parents=True)
