@@ -590,7 +590,7 @@ class BlockStream:
         # NaN and Inf, and times (max |x0| > bound) it is 0 for a block in range, the peak for one
         # out of it, and NaN or Inf for a non-finite one (NaN * 0 is NaN, Inf * 1 is Inf).
         finite = self._finite[b % 2]
-        torch.abs(x0, out=self._finite_scratch)
+        self._finite_scratch.copy_(x0).abs_()  # float32 whatever the model dtype
         torch.amax(self._finite_scratch, dim=_ALL_DIMS, out=self._abs_max)
         torch.gt(self._abs_max, self.max_abs_latent, out=self._over)
         torch.mul(self._abs_max, self._over, out=finite)

@@ -11,6 +11,7 @@ import sys
 from types import SimpleNamespace
 
 import pytest
+import torch
 from conftest import golden_run
 from safetensors.torch import load_file, save_file
 
@@ -73,6 +74,20 @@ def test_the_golden_run_stays_well_inside_the_bound(golden_dit, golden_inputs):
         block.check_finite()
         assert float(block.finite) == 0.0
         assert block.x0.abs().max() < MAX_ABS_LATENT / 100
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_the_flag_is_computed_for_low_precision_models(dtype, tiny_config, golden_inputs):
+    """A bf16 or fp16 model's x0 is checked in float32 (the scratch is float32 whatever the dtype)."""
+    from memrope.model import build_dit, random_state_dict
+
+    run = golden_run("memrope_ema")
+    dit = build_dit(tiny_config, random_state_dict(tiny_config, seed=1), dtype=dtype)
+    noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], run.cache.block_frames)
+    block = next(iter(MemRoPEPipeline(EagerBackend(dit, run), run).blocks(
+        golden_inputs["prompt_embeds"].to(dtype), noise, 1)))
+    block.check_finite()
+    assert block.x0.dtype == dtype and float(block.finite) == 0.0
 
 
 def test_the_bound_is_a_pipeline_setting(golden_dit, golden_inputs):
