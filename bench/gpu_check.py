@@ -234,6 +234,7 @@ def main() -> int:
     unknown = set(args.only.split(",")) - set(SECTIONS)
     if unknown:
         parser.error(f"--only: unknown sections {sorted(unknown)}; expected some of {', '.join(SECTIONS[1:])}")
+    args.out = args.out.resolve()  # the sections run from the repository root
     args.out.mkdir(parents=True, exist_ok=True)
     deadline = time.perf_counter() + args.budget_s
     doc = {"preset": args.preset, "device": args.device, "smoke": args.smoke, "sections": {}}

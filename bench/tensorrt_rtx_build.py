@@ -153,7 +153,7 @@ def write_markdown(doc: dict, path: Path) -> None:
               "- Attention: bf16 attention stays non-decomposable and lands on TensorRT-RTX's fused kernel "
               "(`_gemm_mha_v2`), one per attention layer, as the build log's layer listing shows. fp32 "
               "exports (not measured here) mark attention decomposable at build time, because TensorRT-RTX has "
-              "no fused fp32 kernel for it; see the README's `memrope build` section.",
+              "no fused fp32 kernel for it; see docs/export_and_engines.md.",
               ""]
     path.write_text("\n".join(lines))
 

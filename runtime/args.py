@@ -50,8 +50,8 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
     ex.add_argument("--engine", type=Path,
                     help="artifact directory from `memrope export` (onnxruntime; tensorrt after `memrope build`)")
     ex.add_argument("--verify-artifact", action="store_true",
-                    help="hash every graph file of --engine in full (default: size and mtime, hashing only "
-                         "files whose mtime changed)")
+                    help="hash every file of --engine before the run starts (default: each graph is hashed as "
+                         "it loads, its external weights in the background, and a mismatch stops the run)")
     ex.add_argument("--ort-provider", choices=("auto", "cpu", "cuda", "tensorrt"), default="auto",
                     help="ONNX Runtime execution provider (auto: CUDA with onnxruntime-gpu and a GPU, else CPU)")
     ex.add_argument("--device", default="cpu", help="cpu or cuda[:N]")

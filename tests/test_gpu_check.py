@@ -1,4 +1,4 @@
-"""bench/gpu_check.py, the prepared script for a lent GPU, runs its sections on the CPU (--smoke):
+"""bench/gpu_check.py, the GPU check anyone with a CUDA machine runs, runs its sections on the CPU (--smoke):
 the plumbing is checked here, so a lease is not spent finding a broken argument.
 
 The compiled sections are left out (torch.compile takes minutes on two cores); they run the same
@@ -48,7 +48,7 @@ def test_smoke_runs_the_sections_and_records_each(tmp_path):
     assert all(math.isfinite(e) for e in error["rel_l2_by_block"])
     assert 1e-4 < error["rel_l2_first_block"] < 0.1
 
-    # Six files at most, inside the lent machine's eight.
+    # Six files at most: a small, fixed set of results.
     assert sorted(p.name for p in out.iterdir()) == ["bench_eager.json", "bench_eager.png", "gpu_check.json",
                                                      "gpu_check.log"]
     assert proc.stdout.splitlines()[-1].startswith("bf16_error: rc 0")  # the summary, last

@@ -271,7 +271,7 @@ def test_vae_stream_surfaces_worker_errors(demo_artifact):
 # ------------------------------------------------------------------------------------------------
 
 def _read_mp4(path: Path) -> np.ndarray:
-    import av  # here, not at the top: the lent GPU machine runs this file's gpu tests without PyAV
+    import av  # here, not at the top: a GPU machine may run this file's gpu tests without PyAV
 
     with av.open(str(path)) as container:
         return np.stack([f.to_ndarray(format="rgb24") for f in container.decode(container.streams.video[0])])

@@ -591,8 +591,8 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
     from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
     server = Server(model, options, on_started)
-    # No OpenAPI schema or docs pages: they would be open routes describing the API (the README
-    # documents it).
+    # No OpenAPI schema or docs pages: they would be open routes describing the API
+    # (docs/serving.md documents it).
     app = FastAPI(title="memrope serve", lifespan=server.lifespan, openapi_url=None, docs_url=None, redoc_url=None)
     app.state.server = server
     # The last added is the outermost, checked first: Host and repeated headers, then the key,
@@ -611,7 +611,7 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
         """The framework's own errors (no such route, method not allowed, a body it cannot
         decode) in the same one-line shape as ours."""
         if exc.status_code == 404:
-            message = f"no route {request.method} {request.url.path}; see the README's memrope serve API"
+            message = f"no route {request.method} {request.url.path}; see docs/serving.md for the memrope serve API"
         elif exc.status_code == 405:
             # Every route on this path (the framework's Allow header names only the first).
             methods = sorted({m for route in request.app.router.routes
