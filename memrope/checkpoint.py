@@ -17,7 +17,6 @@ the offending keys and, for key or shape mismatches, the config that was assumed
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import pickle
@@ -232,11 +231,12 @@ def _read_sharded_safetensors(index: Path, *, meta: bool = False) -> StateDict:
 
     The shards must sit next to the index and hold exactly the keys the index assigns them.
     """
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
-        raise ValueError(f"shard index {index} is unreadable: expected JSON with a 'weight_map' "
-                         f"object ({type(exc).__name__}: {exc})") from exc
+    from memrope.io import read_json
+
+    raw = read_json(index, "shard index")  # bounded in size and nesting, one-line errors
+    if "weight_map" not in raw:
+        raise ValueError(f"shard index {index} is unreadable: expected JSON with a 'weight_map' object")
+    weight_map = raw["weight_map"]
     if not isinstance(weight_map, Mapping) or not all(
             isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise ValueError(f"shard index {index}: 'weight_map' must map tensor names to file names")
