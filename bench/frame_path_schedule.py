@@ -78,7 +78,7 @@ def measure(artifact_dir: Path, rounds: int) -> list[dict]:
             marks = [time.perf_counter()]
             for _ in pipeline.blocks(embeds, noise, SEGMENT):
                 marks.append(time.perf_counter())
-            return [(b - a) * 1e3 for a, b in zip(marks[1:-1], marks[2:])]
+            return [(b - a) * 1e3 for a, b in zip(marks[1:-1], marks[2:], strict=True)]
         if kind == "vae_alone":
             stream = streams["alone"]
             stream.reset()
@@ -89,7 +89,7 @@ def measure(artifact_dir: Path, rounds: int) -> list[dict]:
         writer, start = _ArrivalWriter(), time.perf_counter()
         stream_video(pipeline, embeds, noise, SEGMENT, streams[kind == "overlap"], writer, progress=False)
         arrivals = [start, *writer.arrivals]
-        return [(b - a) * 1e3 for a, b in zip(arrivals[1:-1], arrivals[2:-1])]
+        return [(b - a) * 1e3 for a, b in zip(arrivals[1:-1], arrivals[2:-1], strict=False)]
 
     try:
         for name in SCHEDULES:  # warm-up: one segment of each kind, not kept

@@ -131,7 +131,7 @@ def bf16_error(preset_name: str, device: str, backend: str, blocks: int, seed: i
     start = time.perf_counter()
     reference = trajectory(torch.float32, "eager")
     low = trajectory(torch.bfloat16, backend)
-    errors = [float((a - b).norm() / b.norm()) for a, b in zip(low, reference)]
+    errors = [float((a - b).norm() / b.norm()) for a, b in zip(low, reference, strict=True)]
     finite = all(bool(torch.isfinite(x).all()) for x in low + reference)
     return {"backend": backend, "dtype": "bfloat16", "reference": "eager float32, TF32 off", "blocks": blocks,
             "rel_l2_by_block": errors, "rel_l2_max": max(errors), "rel_l2_first_block": errors[0],

@@ -134,8 +134,8 @@ async def run_level(server: ServerProcess, sessions: int, window_s: float, timeo
         await asyncio.sleep(window_s)
         m1, t1 = await _metrics(server), time.monotonic()
         elapsed = t1 - t0
-        fps = [(v.frames - f0) / elapsed for v, f0 in zip(viewers, frames0)]
-        window_events = [e for v, n0 in zip(viewers, events0) for e in v.block_events()[n0:]]
+        fps = [(v.frames - f0) / elapsed for v, f0 in zip(viewers, frames0, strict=True)]
+        window_events = [e for v, n0 in zip(viewers, events0, strict=True) for e in v.block_events()[n0:]]
         lags = [e["lag_ms"] for e in window_events]
         gens = [e["generation_ms"] for e in window_events]
         await asyncio.gather(*(v.stop() for v in viewers))
@@ -272,7 +272,7 @@ def plot(doc: dict, path: Path) -> None:
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
     panels = [("total_blocks_per_s", "total blocks/s"), ("per_session_fps", "frames/s per session (median)"),
               ("ttff_ms", "time to first frame, ms (median)"), ("lag_ms_p90", "p90 lag, ms")]
-    for ax, (key, label) in zip(axes.flat, panels):
+    for ax, (key, label) in zip(axes.flat, panels, strict=True):
         for preset, result in doc["presets"].items():
             xs = [level["sessions"] for level in result["levels"]]
             ys = [statistics.median(level[key]) if isinstance(level[key], list) else (level[key] or 0)

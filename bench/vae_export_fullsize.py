@@ -85,7 +85,7 @@ def child_ort(workdir: Path) -> dict:
         start = time.perf_counter()
         outs = session.run(None, {"latents": latents, "first_frame": np.array([first]), **feeds})
         out[label] = round(time.perf_counter() - start, 1)
-        feeds = dict(zip(contract.input_names[2:], outs[2:]))
+        feeds = dict(zip(contract.input_names[2:], outs[2:], strict=True))
     out["frames_shape"] = list(outs[0].shape)
     return out
 

@@ -57,7 +57,7 @@ def measure(preset_name: str, blocks: int, workdir: Path) -> dict:
             for k in range(0, 3, t):
                 outs = session.run(None, {"latents": latents[:, k:k + t], "first_frame": np.array([b == 0 and k == 0]),
                                           **caches})
-                caches = dict(zip(contract.input_names[2:], outs[2:]))
+                caches = dict(zip(contract.input_names[2:], outs[2:], strict=True))
             times.append((time.perf_counter() - start) * 1e3)
         last_stage = max(s.shape for s in contract.inputs[2:] if s.shape[3] == preset.height)
         out["steps"][t] = {"block_ms_median": statistics.median(times[2:]), "block_ms": times,

@@ -245,7 +245,7 @@ class DeferredInterrupt:
         self._signal: int | None = None
         self._previous: dict[int, Any] = {}
 
-    def __enter__(self) -> "DeferredInterrupt":
+    def __enter__(self) -> DeferredInterrupt:
         from memrope.errors import raise_terminated
 
         if threading.current_thread() is threading.main_thread():

@@ -134,7 +134,7 @@ class EngineSidecar:
 
     @classmethod
     def from_json(cls, raw: Any, source: str = "sidecar", artifact_dir: str | os.PathLike[str] | None = None
-                  ) -> "EngineSidecar":
+                  ) -> EngineSidecar:
         hint = f"rebuild with `{rebuild_command(artifact_dir, '<rtx|server>')}`"
         if not isinstance(raw, dict):
             raise EngineMismatchError(f"{source} is not a JSON object; {hint}")

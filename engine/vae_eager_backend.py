@@ -40,5 +40,5 @@ class EagerVAEBackend(VAEBackend):
     @torch.no_grad()
     def run(self, feeds: dict[str, torch.Tensor], outputs: dict[str, torch.Tensor]) -> None:
         results = self.module(*(feeds[name] for name in self._inputs))
-        for name, tensor in zip(self._outputs, results):
+        for name, tensor in zip(self._outputs, results, strict=True):
             outputs[name].copy_(tensor)

@@ -22,10 +22,11 @@ import math
 import os
 import tempfile
 from collections import ChainMap
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from functools import lru_cache
 from importlib import resources
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import onnx
 from onnx import AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto
@@ -67,13 +68,13 @@ _CONTROL_INPUTS: dict[str, Any] = {
     "Split": (1,), "ConstantOfShape": (0,), "Pad": (1, 2, 3), "TopK": (1,), "CumSum": (1,),
     "Range": _ALL, "Trilu": (1,), "OneHot": (0, 1), "Resize": (1, 2, 3),
     "RotaryEmbedding": (3,), "TensorScatter": (2,), "Dropout": (1, 2),
-    **{op: (1,) for op in _REDUCE}}
+    **dict.fromkeys(_REDUCE, (1,))}
 # Outputs whose types the spec fixes (BOOL results, INT64 shapes and indices).
 _CONTROL_OUTPUTS: dict[str, Any] = {"Shape": _ALL, "Size": _ALL, "NonZero": _ALL, "TopK": (1,),
-                                    **{op: _ALL for op in _BOOL_OUT}}
+                                    **dict.fromkeys(_BOOL_OUT, _ALL)}
 # Inputs TensorRT needs as build-time constants (initializer or Constant node).
 _CONST_INPUTS = {"Squeeze": 1, "Unsqueeze": 1, "CumSum": 1, "OneHot": 1,
-                 **{op: 1 for op in _REDUCE}}
+                 **dict.fromkeys(_REDUCE, 1)}
 
 
 class TensorRTAuditError(ValueError):

@@ -31,7 +31,7 @@ class StepGraph(nn.Module):
         self.output_names = contract.output_names
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = dict(zip(self.input_names, inputs))
+        feeds = dict(zip(self.input_names, inputs, strict=True))
         args = step_arguments(feeds, self.step.config.num_layers, self.step.layout.has_memory)
         named = named_step_outputs(self.step(*args))
         return tuple(named[name] for name in self.output_names)
@@ -59,7 +59,7 @@ class RecacheGraph(nn.Module):
         self.output_names = contract.output_names
 
     def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        feeds = dict(zip(self.input_names, inputs))
+        feeds = dict(zip(self.input_names, inputs, strict=True))
         args = recache_arguments(feeds, self.step.config.num_layers, self.step.layout.has_memory)
         named = named_recache_outputs(*self.step.recache(*args))
         return tuple(named[name] for name in self.output_names)

@@ -80,8 +80,8 @@ def run_onnxruntime_stream(session, contract: GraphContract, latents: torch.Tens
     steps = []
     for i in range(0, latents.shape[1], t):
         feeds = {"latents": latents[:, i:i + t].numpy(), "first_frame": np.array([i == 0]), **caches}
-        outs = dict(zip(contract.output_names, session.run(contract.output_names, feeds)))
-        caches = {spec.name: outs[name] for spec, name in zip(contract.inputs[2:], present)}
+        outs = dict(zip(contract.output_names, session.run(contract.output_names, feeds), strict=True))
+        caches = {spec.name: outs[name] for spec, name in zip(contract.inputs[2:], present, strict=True)}
         steps.append(outs)
     return steps
 
@@ -114,7 +114,7 @@ def validate_vae_graph(path: Path, module: WanStreamingDecoder, contract: GraphC
             frame_err = int(np.abs(out[0][:, skip:].numpy().astype(np.int16)
                                    - got["frames"][:, skip:].astype(np.int16)).max())
             cache_err = max(float(np.abs(c.numpy() - got[name]).max())
-                            for c, name in zip(caches, contract.output_names[2:]))
+                            for c, name in zip(caches, contract.output_names[2:], strict=True))
             rows.append({"step": k, "first_frame": k == 0, "pixels_max_abs_error": pixel_err,
                          "frames_max_level_diff": frame_err, "cache_max_abs_error": cache_err})
             if pixel_err > atol or frame_err > 1:

@@ -61,7 +61,7 @@ def _eager_runner(module: torch.nn.Module, graph: GraphContract, name: str):
                 start = time.perf_counter()
                 outs = module(*args)
                 self.inference_time = time.perf_counter() - start
-            return OrderedDict((n, o.numpy()) for n, o in zip(graph.output_names, outs))
+            return OrderedDict((n, o.numpy()) for n, o in zip(graph.output_names, outs, strict=True))
 
         def deactivate_impl(self):
             pass
@@ -166,9 +166,9 @@ def _compare(runners, feeds: list[dict], labels: list[str], atol: float) -> tupl
         G_LOGGER.module_severity = severity
     (_, eager_iters), (_, ort_iters) = results[0], results[1]
     rows, failures = [], []
-    for label, eager, ort in zip(labels, eager_iters, ort_iters):
+    for label, eager, ort in zip(labels, eager_iters, ort_iters, strict=True):
         errors = {name: float(np.max(np.abs(eager[name].astype(np.float64) - ort[name].astype(np.float64))))
-                  if eager[name].size else 0.0 for name in eager.keys()}
+                  if eager[name].size else 0.0 for name in eager}
         worst = max(errors, key=errors.get)
         rows.append({"call": label, "max_abs_error": errors[worst], "worst_output": worst, "errors": errors})
         failures += [f"{label}: {name} max abs error {err:.3e} > {atol:.0e}"

@@ -52,7 +52,7 @@ class CacheLayout:
     cache_frames: int
 
     @classmethod
-    def build(cls, config: CacheConfig, frame_tokens: int, num_output_frames: int | None = None) -> "CacheLayout":
+    def build(cls, config: CacheConfig, frame_tokens: int, num_output_frames: int | None = None) -> CacheLayout:
         if frame_tokens <= 0:
             raise ValueError(f"frame_tokens must be positive, got {frame_tokens}")
         if config.policy == "global":
@@ -67,7 +67,7 @@ class CacheLayout:
         return cls(config=config, frame_tokens=frame_tokens, cache_frames=cache_frames)
 
     @classmethod
-    def for_run(cls, model: WanConfig, run: RunConfig) -> "CacheLayout":
+    def for_run(cls, model: WanConfig, run: RunConfig) -> CacheLayout:
         """The layout of ``run``'s cache for ``model`` (tokens per frame from the latent grid)."""
         return cls.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width),
                          run.num_output_frames)
@@ -228,7 +228,7 @@ class CacheControls:
     memory_update: torch.Tensor
 
     @classmethod
-    def allocate(cls, layout: CacheLayout, device: torch.device | str = "cpu") -> "CacheControls":
+    def allocate(cls, layout: CacheLayout, device: torch.device | str = "cpu") -> CacheControls:
         return cls(
             key_positions=torch.arange(layout.context_frames, dtype=torch.int64, device=device),
             key_valid=torch.zeros(layout.context_frames, dtype=torch.bool, device=device),

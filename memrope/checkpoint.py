@@ -278,9 +278,9 @@ def _read_safetensors(path: Path, *, meta: bool = False) -> StateDict:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             if not meta:
-                return {key: handle.get_tensor(key) for key in handle.keys()}
+                return {key: handle.get_tensor(key) for key in handle.keys()}  # noqa: SIM118 - safe_open is not iterable
             out = {}
-            for key in handle.keys():
+            for key in handle.keys():  # noqa: SIM118 - safe_open is not iterable
                 view = handle.get_slice(key)
                 dtype = _SAFETENSORS_DTYPES.get(view.get_dtype())
                 if dtype is None:

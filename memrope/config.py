@@ -14,9 +14,10 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from memrope.io import shown
 
@@ -91,17 +92,17 @@ class WanConfig:
         return p_t * p_h * p_w * self.out_dim
 
     @classmethod
-    def from_json(cls, path: str | Path) -> "WanConfig":
+    def from_json(cls, path: str | Path) -> WanConfig:
         """Read Wan's ``config.json`` (optionally with ``text_dim``; the 1.3B default is 4096)."""
         from memrope.io import read_json
 
         return cls.from_dict(read_json(path, "model config"), source=str(path))
 
     @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> "WanConfig":
+    def from_dict(cls, raw: Mapping[str, Any], source: str = "config") -> WanConfig:
         if not isinstance(raw, Mapping):
             raise ValueError(f"{source}: expected a JSON object, got {type(raw).__name__}")
-        known = {f for f in cls.__dataclass_fields__}
+        known = set(cls.__dataclass_fields__)
         kwargs: dict[str, Any] = {}
         for key, value in raw.items():
             if key in known:
@@ -275,7 +276,7 @@ class RunConfig:
     def num_blocks(self) -> int:
         return self.num_output_frames // self.cache.block_frames
 
-    def with_frames(self, num_output_frames: int) -> "RunConfig":
+    def with_frames(self, num_output_frames: int) -> RunConfig:
         return replace(self, num_output_frames=num_output_frames)
 
     def to_dict(self) -> dict[str, Any]:

@@ -355,9 +355,9 @@ def named_recache_outputs(keys: list[torch.Tensor], values: list[torch.Tensor]) 
 def named_step_outputs(out: StepOutputs) -> dict[str, torch.Tensor]:
     """``StepOutputs`` -> the contract's output names."""
     named = {"flow": out.flow, "x0": out.x0}
-    for i, (k, v) in enumerate(zip(out.block_keys, out.block_values)):
+    for i, (k, v) in enumerate(zip(out.block_keys, out.block_values, strict=True)):
         named[present_key(i)], named[present_value(i)] = k, v
-    for i, (k, v) in enumerate(zip(out.memory_keys, out.memory_values)):
+    for i, (k, v) in enumerate(zip(out.memory_keys, out.memory_values, strict=True)):
         named[present_memory_key(i)], named[present_memory_value(i)] = k, v
     return named
 

@@ -15,6 +15,7 @@ message (:func:`shown`), so a hostile 400-byte file costs milliseconds and one s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -142,9 +143,8 @@ def atomic_path(path: str | os.PathLike[str]) -> Iterator[Path]:
 
 def atomic_write(path: str | os.PathLike[str], data: bytes | str | memoryview) -> Path:
     """Write ``data`` (bytes, text, or a buffer such as TensorRT's IHostMemory) atomically."""
-    with atomic_path(path) as tmp:
-        with open(tmp, "w" if isinstance(data, str) else "wb") as handle:
-            handle.write(data)
+    with atomic_path(path) as tmp, open(tmp, "w" if isinstance(data, str) else "wb") as handle:
+        handle.write(data)
     return Path(path)
 
 
@@ -489,7 +489,7 @@ class SafetensorsStreamWriter:
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         try:
-            self._file = open(self._tmp, "wb")
+            self._file = open(self._tmp, "wb")  # noqa: SIM115 - open for the writer's life, closed by close()
             self._file.write(len(header).to_bytes(8, "little") + header)
             self._file.truncate(self._data_start + nbytes)
         except BaseException as exc:
@@ -543,12 +543,10 @@ class SafetensorsStreamWriter:
         file = getattr(self, "_file", None)
         if file is not None and not file.closed:
             file.close()
-        try:
+        with contextlib.suppress(BaseException):  # atomic_path re-raises; the caller raises its own
             self._atomic.__exit__(type(exc), exc, exc.__traceback__)
-        except BaseException:  # noqa: BLE001 - atomic_path re-raises; the caller raises its own
-            pass
 
-    def __enter__(self) -> "SafetensorsStreamWriter":
+    def __enter__(self) -> SafetensorsStreamWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

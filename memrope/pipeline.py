@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -186,7 +186,7 @@ class MemRoPEPipeline:
 
     def stream(self, prompt_embeds: torch.Tensor, noise: NoiseSource, *, max_blocks: int | None = None,
                on_call: Callable[[CallRecord], None] | None = None,
-               prompt_changes: Sequence[PromptChange] = ()) -> "BlockStream":
+               prompt_changes: Sequence[PromptChange] = ()) -> BlockStream:
         """A new stream of blocks for ``prompt_embeds [B, L <= text_len, text_dim]``, with
         ``prompt_changes`` scheduled on it (:meth:`BlockStream.set_prompt`); see :class:`BlockStream`."""
         stream = BlockStream(self, prompt_embeds, noise, max_blocks=max_blocks, on_call=on_call)

@@ -61,7 +61,7 @@ class RopeTables:
         self.spatial_cos = torch.cos(spatial).float()
         self.spatial_sin = torch.sin(spatial).float()
 
-    def to(self, device: torch.device | str) -> "RopeTables":
+    def to(self, device: torch.device | str) -> RopeTables:
         for name in ("temporal_cos", "temporal_sin", "spatial_cos", "spatial_sin"):
             setattr(self, name, getattr(self, name).to(device))
         return self

@@ -76,7 +76,7 @@ class PromptTimeline:
                                  "non-empty string")
         if self.segments[0].frame != 0:
             raise ValueError(f"{where}: the first prompt must start at frame 0, not {self.segments[0].frame}")
-        for i, (a, b) in enumerate(zip(self.segments, self.segments[1:]), start=1):
+        for i, (a, b) in enumerate(zip(self.segments, self.segments[1:], strict=False), start=1):
             if b.frame == a.frame:
                 raise ValueError(f"{where}: frame {b.frame} is duplicated (entries {i - 1} and {i})")
             if b.frame < a.frame:
@@ -95,7 +95,7 @@ class PromptTimeline:
         """Raise ValueError if a prompt would never play: it takes effect at or past the end of a
         ``num_frames``-frame video, or at the same block as the next one."""
         starts = self.start_blocks(block_frames)
-        for i, (seg, block) in enumerate(zip(self.segments, starts)):
+        for i, (seg, block) in enumerate(zip(self.segments, starts, strict=True)):
             if block * block_frames >= num_frames:
                 raise ValueError(f"{self.source}: frame {seg.frame} (entry {i}) is past the end: it would take effect "
                                  f"at frame {block * block_frames}, and the video has {num_frames} latent frames")
@@ -115,7 +115,7 @@ class PromptTimeline:
             raise ValueError(f"{len(embeds)} embeddings for {len(self.segments)} prompts")
         starts = self.start_blocks(block_frames)
         return [PromptChange(block, e, recache=recache, memory=memory, transition_blocks=transition_blocks)
-                for block, e in zip(starts[1:], embeds[1:])]
+                for block, e in zip(starts[1:], embeds[1:], strict=True)]
 
 
 def read_timeline_yaml(path: str | Path) -> PromptTimeline:
@@ -176,7 +176,7 @@ def read_longlive_prompts(jsonl: str | Path, switch_frame_indices: Sequence[int]
                          f"expected one more prompt than indices")
     frames = [0, *switch_frame_indices]
     recache = None if global_sink is None else ("recent" if global_sink else "all")
-    return PromptTimeline(tuple(PromptSegment(f, p) for f, p in zip(frames, prompts)), where, recache)
+    return PromptTimeline(tuple(PromptSegment(f, p) for f, p in zip(frames, prompts, strict=False)), where, recache)
 
 
 def interactive_keys(config: str | Path) -> dict[str, Any]:

@@ -476,14 +476,7 @@ def encode_cached(encoder_factory: Callable[[], TextEncoder], prompts: Sequence[
 # Tiny download-free model
 # --------------------------------------------------------------------------------------------
 
-_TINY_WORDS = (
-    "a an the and of in on at with to is are from by for over under into through near "
-    "cat dog bird fish horse person man woman child car boat train city street forest river "
-    "sea sky sun moon night day rain snow light fire water tree flower mountain road house "
-    "red blue green yellow black white small big slow fast old young happy "
-    "runs walks flies swims jumps sits looks camera video shot scene view close wide"
-    " fox trotting fresh dawn stops"
-).split()
+_TINY_WORDS = ["a", "an", "the", "and", "of", "in", "on", "at", "with", "to", "is", "are", "from", "by", "for", "over", "under", "into", "through", "near", "cat", "dog", "bird", "fish", "horse", "person", "man", "woman", "child", "car", "boat", "train", "city", "street", "forest", "river", "sea", "sky", "sun", "moon", "night", "day", "rain", "snow", "light", "fire", "water", "tree", "flower", "mountain", "road", "house", "red", "blue", "green", "yellow", "black", "white", "small", "big", "slow", "fast", "old", "young", "happy", "runs", "walks", "flies", "swims", "jumps", "sits", "looks", "camera", "video", "shot", "scene", "view", "close", "wide", "fox", "trotting", "fresh", "dawn", "stops"]
 
 
 def build_tiny_tokenizer(directory: str | os.PathLike[str]):

@@ -195,7 +195,7 @@ class Mp4Writer:
         logger.debug("discarded the partial video for %s", self.path)
 
     # -- context manager -------------------------------------------------------------------------
-    def __enter__(self) -> "Mp4Writer":
+    def __enter__(self) -> Mp4Writer:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

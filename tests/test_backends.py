@@ -78,7 +78,7 @@ def test_backends_agree_call_by_call_across_transitions(name, golden_dit, compil
             assert len(want) == 2 + 2 * layers + 2 * memory_layers and got.keys() == want.keys(), sorted(got)
             for key, expected in want.items():
                 torch.testing.assert_close(got[key], expected, atol=1e-5, rtol=0,
-                                           msg=lambda m, key=key: f"{other} block {a.block} call {a.call} {key}: {m}")
+                                           msg=lambda m, key=key, other=other, a=a: f"{other} block {a.block} call {a.call} {key}: {m}")
         torch.testing.assert_close(latents, eager_latents, atol=1e-5, rtol=0)
 
 

@@ -67,7 +67,7 @@ def _tagged_run(layout, blocks):
 
 def test_fifo_order_and_sink_stability_eviction():
     states = _tagged_run(_layout(policy="eviction"), 12)
-    for b, (plan, frames) in enumerate(states):
+    for b, (_plan, frames) in enumerate(states):
         if b >= 4:
             assert frames == [0, 1, 2] + list(range(3 * b - 6, 3 * b + 3))
 
@@ -75,7 +75,7 @@ def test_fifo_order_and_sink_stability_eviction():
 def test_fifo_order_and_first_eviction_ema():
     states = _tagged_run(_layout(), 12)
     assert states[3][1] == list(range(12))
-    for b, (plan, frames) in enumerate(states[4:], start=4):
+    for b, (_plan, frames) in enumerate(states[4:], start=4):
         # Memory slots keep stale frames 3, 4 (never remembered, spec 7.1); the tail is FIFO.
         assert frames == [0, 1, 2, 3, 4] + list(range(3 * b - 4, 3 * b + 3))
 

@@ -182,7 +182,7 @@ def test_wan_directory_sharded(cfg, tmp_path):
     weight_map = {}
     for name, shard_keys in shards.items():
         save_file({k: base[k] for k in shard_keys}, str(tmp_path / name))
-        weight_map.update({k: name for k in shard_keys})
+        weight_map.update(dict.fromkeys(shard_keys, name))
     total = sum(t.numel() * t.element_size() for t in base.values())
     (tmp_path / WAN_INDEX_FILE).write_text(
         json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
@@ -192,7 +192,7 @@ def test_wan_directory_sharded(cfg, tmp_path):
 def test_sharded_index_inconsistent_with_shard_raises(cfg, tmp_path):
     base = random_state(cfg)
     save_file(base, str(tmp_path / "shard.safetensors"))
-    weight_map = {k: "shard.safetensors" for k in list(base)[1:]}
+    weight_map = dict.fromkeys(list(base)[1:], "shard.safetensors")
     (tmp_path / WAN_INDEX_FILE).write_text(json.dumps({"weight_map": weight_map}))
     with pytest.raises(ValueError, match="patch_embedding.weight"):
         load_dit_state_dict(tmp_path, cfg)

@@ -278,7 +278,7 @@ def _accuracy(scored: list[dict]) -> dict[str, float]:
 
 
 def test_evaluator_reads_the_worlds_clips(eval_clips, eval_reports):
-    scored = [score(report, scene) for (scene, _, _), report in zip(eval_clips, eval_reports)]
+    scored = [score(report, scene) for (scene, _, _), report in zip(eval_clips, eval_reports, strict=True)]
     accuracy = _accuracy(scored)
     assert min(accuracy.values()) >= 0.98, accuracy
 
@@ -306,7 +306,7 @@ def test_evaluator_measures_speed_and_two_objects():
 
 
 def test_wrong_clips_score_low(eval_clips, eval_reports):
-    swapped_colors = dict(zip(OBJECT_COLORS, list(OBJECT_COLORS)[1:] + list(OBJECT_COLORS)[:1]))
+    swapped_colors = dict(zip(OBJECT_COLORS, list(OBJECT_COLORS)[1:] + list(OBJECT_COLORS)[:1], strict=True))
     wrong_color, mirrored_motion, mismatched = [], [], []
     for n, (scene, seed, frames) in enumerate(eval_clips[::2]):
         obj = scene.objects[0]

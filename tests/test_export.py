@@ -63,7 +63,7 @@ def test_ema_and_rope_are_computed_by_graph_ops(artifacts, golden_dit):
 
     def run(f):
         names = [o.name for o in session.get_outputs()]
-        return dict(zip(names, session.run(None, {k: v.numpy() for k, v in f.items()})))
+        return dict(zip(names, session.run(None, {k: v.numpy() for k, v in f.items()}), strict=True))
 
     out = run(feeds)
     # EMA: the graph's memory equals the core's update from the parked (evicted) slots.

@@ -97,7 +97,7 @@ def laughs(levels: int, width: int = 9, base: int = 9, key: str = "l") -> str:
 def _timeline_bomb(inputs: Inputs) -> list[str]:
     """369 bytes standing for 9**7 prompts (the probe's was 357)."""
     lines = ["- {frame: 0, prompt: &a [x,x,x,x,x,x,x,x,x]}"]
-    lines += [f"- {{frame: {i}, prompt: &{b} [{','.join([f'*{a}'] * 9)}]}}" for i, (a, b) in enumerate(zip("abcdef", "bcdefg"), 1)]
+    lines += [f"- {{frame: {i}, prompt: &{b} [{','.join([f'*{a}'] * 9)}]}}" for i, (a, b) in enumerate(zip("abcdef", "bcdefg", strict=True), 1)]
     timeline = inputs.file("timeline.yaml", "\n".join(lines) + "\n")
     assert timeline.stat().st_size < 400
     return inputs.generate("--prompts", str(timeline))

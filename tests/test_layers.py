@@ -61,7 +61,7 @@ def _modules() -> dict[str, tuple[str, Path]]:
 def test_every_import_goes_down_or_sideways():
     upward = []
     checked = 0
-    for name, (layer, path) in _modules().items():
+    for _name, (layer, path) in _modules().items():
         rank = LAYERS.index(layer)
         for lineno, module in _imports(path):
             target = _layer(module)

@@ -71,7 +71,7 @@ def test_one_exported_program_serves_every_block(golden_dit, golden_inputs):
         args = tuple(feeds[name] for name in contract.input_names)
         if "program" not in exported:
             exported["program"] = torch.export.export(flat, args, strict=True).module()
-        return dict(zip(contract.output_names, exported["program"](*args)))
+        return dict(zip(contract.output_names, exported["program"](*args), strict=True))
 
     pipeline.backend.step = exported_step
     noise = TensorNoise(golden_inputs["noise"], golden_inputs["intermediate_noise"], 3)

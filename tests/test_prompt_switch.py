@@ -192,13 +192,13 @@ def test_onnxruntime_matches_eager_per_call_across_switches(golden_dit, artifact
     eager_calls, eager_recaches, eager_latents = records["eager"]
     ort_calls, ort_recaches, ort_latents = records["onnxruntime"]
     assert len(eager_calls) == len(ort_calls) == 9 * 5 and len(eager_recaches) == len(ort_recaches) == 3
-    for a, b in zip(eager_calls, ort_calls):
+    for a, b in zip(eager_calls, ort_calls, strict=True):
         pairs = [(a.outputs.flow, b.outputs.flow), (a.outputs.x0, b.outputs.x0)]
         pairs += list(zip(a.outputs.block_keys + a.outputs.block_values + a.outputs.memory_keys,
-                          b.outputs.block_keys + b.outputs.block_values + b.outputs.memory_keys))
+                          b.outputs.block_keys + b.outputs.block_values + b.outputs.memory_keys, strict=True))
         for x, y in pairs:
             torch.testing.assert_close(y, x, atol=1e-5, rtol=0, msg=lambda m, a=a: f"block {a.block} call {a.call}: {m}")
-    for a, b in zip(eager_recaches, ort_recaches):
+    for a, b in zip(eager_recaches, ort_recaches, strict=True):
         for name, tensor in a["outputs"].items():
             torch.testing.assert_close(b["outputs"][name], tensor, atol=1e-5, rtol=0, msg=lambda m, name=name: f"{name}: {m}")
     torch.testing.assert_close(ort_latents, eager_latents, atol=1e-5, rtol=0)

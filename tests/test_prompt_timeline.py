@@ -147,7 +147,7 @@ def test_timeline_and_longlive_files_give_the_same_video(demo_dir, golden_dir, t
     """A timeline switching at frames 6 and 9 equals LongLive's indices 4 and 7 (blocks of 3: the
     first block starting at or after them), and blocks before the first switch equal the
     one-prompt run."""
-    timeline = _write_timeline(tmp_path / "t.yaml", [{"frame": f, "prompt": p} for f, p in zip((0, 6, 9), PROMPTS)])
+    timeline = _write_timeline(tmp_path / "t.yaml", [{"frame": f, "prompt": p} for f, p in zip((0, 6, 9), PROMPTS, strict=True)])
     ours = _generate(demo_dir, golden_dir, tmp_path / "ours.safetensors", "--prompts", str(timeline))
     jsonl = tmp_path / "prompts.jsonl"
     jsonl.write_text(json.dumps({"prompts": ["unused"] * 3}) + "\n" + json.dumps({"prompts": PROMPTS}) + "\n")
@@ -183,7 +183,7 @@ def test_timeline_video_with_the_demo_model(tmp_path, monkeypatch):
 
 
 def test_onnxruntime_generate_with_a_timeline_matches_eager(artifacts, demo_dir, golden_dir, tmp_path):
-    timeline = _write_timeline(tmp_path / "t.yaml", [{"frame": f, "prompt": p} for f, p in zip((0, 7, 13), PROMPTS)])
+    timeline = _write_timeline(tmp_path / "t.yaml", [{"frame": f, "prompt": p} for f, p in zip((0, 7, 13), PROMPTS, strict=True)])
     common = ["--config", str(golden_dir / "memrope_ema.yaml"), "--model-dir", str(demo_dir), "--prompts",
               str(timeline), "--num-frames", "18", "--recache", "all", "--text-cache", str(tmp_path / "text"),
               "--no-decode"]

@@ -284,10 +284,9 @@ def test_png_frames_appear_whole_and_replace_only_an_earlier_runs_frames(tmp_pat
     (frames / "notes.txt").unlink()
 
     before = sorted(p.name for p in frames.iterdir())
-    with pytest.raises(RuntimeError, match="the decoder failed"):
-        with PngFolderWriter(frames) as writer:
-            writer.write(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), 0)
-            raise RuntimeError("the decoder failed")
+    with pytest.raises(RuntimeError, match="the decoder failed"), PngFolderWriter(frames) as writer:
+        writer.write(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), 0)
+        raise RuntimeError("the decoder failed")
     assert sorted(p.name for p in frames.iterdir()) == before
     assert _leftovers(tmp_path) == ["frames"]
 
@@ -304,9 +303,8 @@ def test_png_frames_appear_whole_and_replace_only_an_earlier_runs_frames(tmp_pat
 
     video.os.replace = failing_replace
     try:
-        with pytest.raises(OSError, match="No space left"):
-            with PngFolderWriter(frames) as writer:
-                writer.write(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), 0)
+        with pytest.raises(OSError, match="No space left"), PngFolderWriter(frames) as writer:
+            writer.write(torch.zeros(2, 16, 16, 3, dtype=torch.uint8), 0)
     finally:
         video.os.replace = real_replace
     assert sorted(p.name for p in frames.iterdir()) == before

@@ -54,7 +54,7 @@ def _drain(socks: list[socket.socket], timeout_s: float) -> list[tuple[bytes, fl
     import selectors
 
     start = time.monotonic()
-    got: dict[socket.socket, bytes] = {sock: b"" for sock in socks}
+    got: dict[socket.socket, bytes] = dict.fromkeys(socks, b"")
     closed_at: dict[socket.socket, float] = {}
     with selectors.DefaultSelector() as selector:
         for sock in socks:
@@ -101,8 +101,8 @@ def test_idle_connections_time_out_and_each_client_has_a_connection_cap(server):
     answers = _drain(socks, HEADER_TIMEOUT_S + 8)
     assert all(closed is not None for _, closed in answers), [closed for _, closed in answers]
     statuses = [_status_and_error(answer) for answer, _ in answers]
-    refused = [(s, e, closed) for (s, e), (_, closed) in zip(statuses, answers) if s == 429]
-    timed_out = [(s, e, closed) for (s, e), (_, closed) in zip(statuses, answers) if s == 408]
+    refused = [(s, e, closed) for (s, e), (_, closed) in zip(statuses, answers, strict=True) if s == 429]
+    timed_out = [(s, e, closed) for (s, e), (_, closed) in zip(statuses, answers, strict=True) if s == 408]
     assert len(refused) == extra and len(timed_out) == CLIENT_CONNECTIONS + 1, statuses
     assert statuses[-1][0] == 408  # the other address is not capped by this one's connections
     assert all(e.startswith(f"too many connections from 127.0.0.1: {CLIENT_CONNECTIONS} open, at most "

@@ -58,7 +58,7 @@ class StunServer:
                 response.attributes["XOR-MAPPED-ADDRESS"] = (self.MAPPED_HOST, addr[1])
                 self.sock.sendto(bytes(response), addr)
 
-    def __enter__(self) -> "StunServer":
+    def __enter__(self) -> StunServer:
         self._thread.start()
         return self
 

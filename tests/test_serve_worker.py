@@ -99,7 +99,7 @@ class InProcessServer:
         self._uvicorn = uvicorn.Server(uvicorn_config(self.app))
         self._thread = threading.Thread(target=self._uvicorn.run, kwargs={"sockets": [self._sock]}, daemon=True)
 
-    def __enter__(self) -> "InProcessServer":
+    def __enter__(self) -> InProcessServer:
         self._thread.start()
         deadline = time.monotonic() + 60
         while not self._uvicorn.started:

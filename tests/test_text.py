@@ -66,7 +66,7 @@ def _wan_reference(state: dict[str, torch.Tensor], ids: torch.Tensor, mask: torc
     rel = torch.arange(length)[None, :] - torch.arange(length)[:, None]
     layers = len({k.split(".")[1] for k in state if k.startswith("blocks.")})
     for i in range(layers):
-        p = lambda name: state[f"blocks.{i}.{name}"]  # noqa: E731
+        p = lambda name, i=i: state[f"blocks.{i}.{name}"]  # noqa: E731
         h = norm(x, p("norm1.weight"))
         q, k, v = (torch.nn.functional.linear(h, p(f"attn.{n}.weight")).view(b, length, num_heads, -1)
                    for n in "qkv")

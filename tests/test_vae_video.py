@@ -232,12 +232,11 @@ def test_mp4_writer_incremental(tmp_path):
 
 def test_mp4_writer_failure_leaves_nothing(tmp_path):
     out = tmp_path / "clip.mp4"
-    with pytest.raises(RuntimeError, match="boom"):
-        with Mp4Writer(out, width=48, height=32) as writer:
-            for _ in range(20):  # past x264's lookahead, so the temp file really exists
-                writer.write(np.zeros((4, 32, 48, 3), np.uint8))
-            assert [p.name for p in tmp_path.iterdir()] != []
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), Mp4Writer(out, width=48, height=32) as writer:
+        for _ in range(20):  # past x264's lookahead, so the temp file really exists
+            writer.write(np.zeros((4, 32, 48, 3), np.uint8))
+        assert [p.name for p in tmp_path.iterdir()] != []
+        raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
 
     writer = Mp4Writer(out, width=48, height=32)
@@ -280,7 +279,7 @@ def test_png_frames_are_lossless(tmp_path):
     frames = np.random.default_rng(0).integers(0, 256, (3, 32, 48, 3), dtype=np.uint8)
     paths = write_png_frames(tmp_path, frames, 7)
     assert [p.name for p in paths] == ["frame_000007.png", "frame_000008.png", "frame_000009.png"]
-    for path, frame in zip(paths, frames):
+    for path, frame in zip(paths, frames, strict=True):
         with av.open(str(path)) as container:
             image = next(container.decode(video=0)).to_ndarray(format="rgb24")
         assert np.array_equal(image, frame)

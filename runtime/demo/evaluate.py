@@ -350,7 +350,7 @@ def score(report: SceneReport, scene: Scene | str) -> dict[str, float | bool]:
     for order in itertools.permutations(range(len(seen)), len(scene.objects)):
         checks = [(got is not None and got.color == want.color, got is not None and got.shape == want.shape,
                    got is not None and got.motion == want.motion)
-                  for want, got in zip(scene.objects, (seen[i] for i in order))]
+                  for want, got in zip(scene.objects, (seen[i] for i in order), strict=False)]
         if not best or sum(map(sum, checks)) > sum(map(sum, best)):
             best = checks
     background_ok = report.background == scene.background

@@ -263,7 +263,7 @@ def _resolve(background: str | None, objects: list[dict]) -> Scene:
         background = DEFAULT_BACKGROUND
     taken = {background, *(c for c in explicit_colors if c is not None)}
     resolved = []
-    for obj, color in zip(objects, explicit_colors):
+    for obj, color in zip(objects, explicit_colors, strict=True):
         if color is None:
             color = next(c for c in DEFAULT_COLOR_ORDER if c not in taken)
             taken.add(color)

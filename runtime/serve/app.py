@@ -26,6 +26,7 @@ media (``memrope.runtime.serve.webrtc``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import ipaddress
 import json
@@ -461,10 +462,8 @@ class Server:
         """Worker thread: a session's block failed and its stream is released."""
         def end() -> None:
             asyncio.ensure_future(self.end(session, f"error: {message}", "error"))
-        try:
+        with contextlib.suppress(RuntimeError):  # the loop is gone: the server is stopping anyway
             self.loop.call_soon_threadsafe(end)
-        except RuntimeError:  # the loop is gone: the server is stopping anyway
-            pass
 
     async def _reap(self) -> None:
         """End sessions not heard from for the heartbeat timeout, and sessions whose video did not

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import subprocess
@@ -179,10 +180,8 @@ class Viewer:
                 raise TimeoutError(f"waited {timeout_s:g} s for {what}; got {self.frames} frames, "
                                    f"{len(self.events)} events (last: {self.events[-1:]})")
             self._changed.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._changed.wait(), min(left, 0.25))
-            except asyncio.TimeoutError:
-                pass
 
     async def wait_frames(self, count: int, timeout_s: float) -> int:
         return await self.wait_for(lambda: self.frames >= count and self.frames, timeout_s, f"{count} frames")

@@ -19,6 +19,7 @@ Does not own scheduling (the worker), HTTP or WebRTC (the app), or the model.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -122,10 +123,8 @@ class Session:
 
     def _signal(self) -> None:
         """Wake a consumer waiting in :meth:`next_frame` (from any thread)."""
-        try:
+        with contextlib.suppress(RuntimeError):  # the event loop has shut down: nobody is waiting
             self._loop.call_soon_threadsafe(self._frame_ready.set)
-        except RuntimeError:  # the event loop has shut down: nobody is waiting
-            pass
 
     # -- worker side -------------------------------------------------------------------------------
 
@@ -200,7 +199,5 @@ class Session:
                         self.first_frame_at = time.monotonic()
                     return Frame(chunk.frames[index], chunk, index, depth)
                 self._frame_ready.clear()
-            try:
+            with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._frame_ready.wait(), poll_s)
-            except asyncio.TimeoutError:
-                pass

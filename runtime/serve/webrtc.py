@@ -75,7 +75,7 @@ def _check_candidate(value: str) -> str | None:
     extensions = bits[8:]
     if len(extensions) % 2:
         return "an extension attribute without a value"
-    for name, extension in zip(extensions[::2], extensions[1::2]):
+    for name, extension in zip(extensions[::2], extensions[1::2], strict=True):
         if name == "raddr" and not _address(extension):
             return f"raddr {extension!r} is not an IP address or an mDNS .local name"
         if name == "rport" and not _port(extension, 0):
@@ -130,9 +130,8 @@ def check_offer(sdp: str) -> None:
             if problem:
                 raise ValueError(f"SDP line {number}: DTLS fingerprint {line[:100]!r}: {problem}")
             fingerprints.append(line.removeprefix("a=fingerprint:").split()[0].lower())
-        elif line.startswith("a=sctp-port:"):
-            if not _port(line.removeprefix("a=sctp-port:").strip(), 1):
-                raise ValueError(f"SDP line {number} {line[:80]!r}: the SCTP port must be an integer in [1, 65535]")
+        elif line.startswith("a=sctp-port:") and not _port(line.removeprefix("a=sctp-port:").strip(), 1):
+            raise ValueError(f"SDP line {number} {line[:80]!r}: the SCTP port must be an integer in [1, 65535]")
     if fingerprints and not any(f in VERIFIED_FINGERPRINTS for f in fingerprints):
         raise ValueError(f"the offer's DTLS fingerprints use {', '.join(sorted(set(fingerprints)))}; this server "
                          f"verifies {', '.join(VERIFIED_FINGERPRINTS)} (a browser sends sha-256)")
