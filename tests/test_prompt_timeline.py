@@ -5,6 +5,7 @@ one-line message naming the problem, exit 2, before any model is loaded, writing
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -223,3 +224,39 @@ def test_values_in_timeline_errors_are_capped(tmp_path):
     with pytest.raises(ValueError) as err:
         parse_switch_indices(["x" * 10_000], "cfg")
     assert len(str(err.value)) < 200
+
+
+def _interactive_config(tmp_path: Path, switch: str, frames: int) -> Path:
+    """LongLive's interactive config, its data_path a jsonl next to it, switching at ``switch``."""
+    text = (CONFIGS / "longlive_interactive_inference.yaml").read_text()
+    text = text.replace("longlive_models/prompts/interactive_example.jsonl", "prompts.jsonl")
+    text = text.replace("switch_frame_indices: 40, 80, 120, 160, 200", f"switch_frame_indices: {switch}")
+    text = text.replace("num_output_frames: 240", f"num_output_frames: {frames}")
+    (tmp_path / "prompts.jsonl").write_text(json.dumps({"prompts": PROMPTS[:2]}) + "\n")
+    config = tmp_path / "interactive.yaml"
+    config.write_text(text)
+    return config
+
+
+def test_a_longlive_config_without_a_text_encoder_names_its_data_path(golden_dir, tmp_path, capsys):
+    """The prompts came from the config's data_path, not from --prompts: the error says so."""
+    config = _interactive_config(tmp_path, "3", 9)
+    assert main(["generate", "--checkpoint", str(golden_dir / "tiny_selfforcing.pt"), "--model-config",
+                 str(golden_dir / "config.json"), "--config", str(config), "--use-ema", "--no-decode", "--latents-out",
+                 str(tmp_path / "out.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{config}'s data_path needs a text encoder" in err and "--prompts" not in err, err
+    assert len(err.splitlines()) == 1 and not (tmp_path / "out.safetensors").exists()
+
+
+def test_the_cache_policy_is_said_before_the_models_load(tmp_path, caplog, monkeypatch):
+    """A LongLive config runs LongLive's own policy (eviction): the run says so before it starts."""
+    monkeypatch.setenv("MEMROPE_CACHE", str(tmp_path / "cache"))
+    config = _interactive_config(tmp_path, "3", 9)
+    with caplog.at_level(logging.INFO, logger="memrope"):
+        assert main(["generate", "--preset", "tiny", "--config", str(config), "--no-decode", "--no-progress",
+                     "--latents-out", str(tmp_path / "out.safetensors")]) == 0
+    messages = [r.getMessage() for r in caplog.records]
+    policy = next(i for i, m in enumerate(messages) if "cache policy eviction" in m)
+    loads = [i for i, m in enumerate(messages) if "loading umT5" in m or "encoding" in m]
+    assert loads and policy < min(loads), messages
