@@ -95,14 +95,19 @@ def test_unwritable_output_and_corrupt_model_folder(cache_dir, tmp_path, capsys)
     blocker = tmp_path / "file.txt"
     blocker.write_text("not a folder")
     assert main(["generate", "--preset", "tiny", "--prompt", "x", "--out", str(blocker / "v.mp4"), "--no-progress"]) == 2
-    assert "is not a directory" in capsys.readouterr().err
+    assert capsys.readouterr().err == f"memrope generate: error: --out {blocker / 'v.mp4'}: {blocker} is not a directory\n"
+    # A Wan folder with only its config.json: the first part the run needs (the prompt's tokenizer)
+    # is named as missing, with the files either layout would have.
     broken = tmp_path / "broken"
     broken.mkdir()
     (broken / "config.json").write_text((ensure_demo_model() / "config.json").read_text())
     assert main(["generate", "--model-dir", str(broken), "--preset", "tiny", "--prompt", "x",
                  "--out", str(tmp_path / "v.mp4"), "--no-progress"]) == 2
     err = capsys.readouterr().err
-    assert "text_encoder" in err or "vae" in err or "diffusion_pytorch_model" in err
+    assert err.startswith(f"memrope generate: error: no tokenizer in {broken}: expected either the Diffusers "
+                          f"layout ({broken}/text_encoder/ with config.json and model weights, plus "
+                          f"{broken}/tokenizer/) or Wan's original layout"), err
+    assert len(err.splitlines()) == 1, err
     assert not (tmp_path / "v.mp4").exists()
 
 
