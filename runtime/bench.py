@@ -18,6 +18,13 @@ Timing: one warm-up rollout (compilation, allocator and cache warm-up) is exclud
 rollout records every call. On CPU ``perf_counter`` around each call; on a GPU CUDA events
 around each call, read after one synchronisation per block (a block's frames leave the device
 there in a real run anyway). Host overhead is the block's wall time outside the backend calls.
+
+Threads: every worker runs a fixed number of intra-op CPU threads (:func:`bench_threads`: 1
+unless asked, recorded in the document's meta), PyTorch's and ONNX Runtime's alike. Left at one
+per core, on a host where anything else runs, each parallel op waits for a team thread the
+scheduler has taken off its core: a tiny-preset block then swings from tens of milliseconds to
+seconds with the neighbours' load, and sections measured seconds apart (the DiT-only rollout, the
+serial end-to-end blocks that contain that same DiT) disagree by an order of magnitude.
 """
 
 from __future__ import annotations
@@ -181,11 +188,26 @@ def bench_vae(preset: BenchPreset, seed: int = 0):
         return AutoencoderKLWan(**BENCH_VAES[preset.vae]).eval().requires_grad_(False)
 
 
+def bench_threads(threads: int | None = None) -> int:
+    """Intra-op CPU threads of each bench worker: ``threads``, else ``OMP_NUM_THREADS``, else 1
+    (one thread's timings hold on a shared host; see the module docstring)."""
+    if threads is None:
+        env = os.environ.get("OMP_NUM_THREADS", "").strip()
+        try:
+            threads = int(env) if env else 1
+        except ValueError:
+            raise ValueError(f"OMP_NUM_THREADS must be a positive integer, got {env!r}") from None
+    if threads < 1:
+        raise ValueError(f"bench threads must be a positive integer, got {threads}")
+    return threads
+
+
 def make_bench_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConfig, device: torch.device,
-                       dtype: torch.dtype, workdir: Path) -> Backend:
+                       dtype: torch.dtype, workdir: Path, threads: int | None = None) -> Backend:
     """Backend ``name`` for the bench, through the one loader (:mod:`memrope.runtime.load`):
     eager and compiled run the preset's random weights; ONNX Runtime and TensorRT run an
-    artifact of them exported once into ``workdir`` (with the bench VAE)."""
+    artifact of them exported once into ``workdir`` (with the bench VAE); ``threads``: ONNX
+    Runtime's intra-op threads (``None``: its default)."""
     from memrope.runtime.load import LoadRequest, resolve
 
     dtype_name = str(dtype).removeprefix("torch.")
@@ -210,7 +232,7 @@ def make_bench_backend(name: str, preset: BenchPreset, model: WanConfig, run: Ru
 
         build_engines(artifact)
     return resolve(LoadRequest(engine=artifact, backend=name, device=str(device), decode=False, text=False,
-                               ort_provider="cpu" if device.type == "cpu" else "cuda")).load_backend()
+                               ort_provider="cpu" if device.type == "cpu" else "cuda")).load_backend(ort_threads=threads)
 
 
 def availability(name: str, device: torch.device) -> str | None:
@@ -236,17 +258,19 @@ def availability(name: str, device: torch.device) -> str | None:
 
 
 def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: int, device: str, dtype: str,
-                  workdir: str, seed: int = 0, e2e_blocks: int = 0) -> dict:
-    """Run one backend (in this process) and return its measurements."""
+                  workdir: str, seed: int = 0, e2e_blocks: int = 0, threads: int = 1) -> dict:
+    """Run one backend (in this process, on ``threads`` intra-op CPU threads) and return its
+    measurements."""
     from memrope.sampler import StreamingSeededNoise
 
+    torch.set_num_threads(threads)
     torch.manual_seed(seed)
     dev = torch.device(device)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = model_preset(preset.model)
     run = bench_run_config(model, preset.height, preset.width, blocks)
     device_baseline = _device_used_bytes(dev)
-    backend = TimedBackend(make_bench_backend(name, preset, model, run, dev, torch_dtype, Path(workdir)))
+    backend = TimedBackend(make_bench_backend(name, preset, model, run, dev, torch_dtype, Path(workdir), threads))
     g = torch.Generator().manual_seed(seed + 1)
     embeds = torch.randn(1, model.text_len, model.text_dim, generator=g)
     latent = (run.latent_channels, run.latent_height, run.latent_width)
@@ -275,7 +299,7 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
         frame_path = None
         if e2e_blocks:
             frame_path = bench_frame_path(name, preset, run, backend, embeds, e2e_blocks, warmup_blocks,
-                                          Path(workdir), seed)
+                                          Path(workdir), seed, threads)
     peak_host_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     # Whole-device usage above the baseline covers ONNX Runtime's and TensorRT's own allocations,
     # which torch's allocator statistics do not see.
@@ -283,6 +307,7 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
     work = work_per_call(model, pipeline.layout, torch.empty((), dtype=backend.dtype).element_size())
     result = summarise(name, block_ms, call_ms, calls_per_block, pipeline.layout.block_frames, work,
                        peak_host_mb, peak_device_mb)
+    result["threads"] = torch.get_num_threads()
     if frame_path is not None:
         result["frame_path"] = frame_path
     return result
@@ -318,7 +343,7 @@ def _text_encoding_ms(model: WanConfig, workdir: Path) -> dict[str, float]:
     return out
 
 
-def _vae_backend(name: str, preset: BenchPreset, run: RunConfig, dit_backend: Backend):
+def _vae_backend(name: str, preset: BenchPreset, run: RunConfig, dit_backend: Backend, threads: int | None = None):
     from memrope.runtime.vae import make_vae_backend
 
     kind = VAE_FOR_BACKEND[name]
@@ -330,11 +355,11 @@ def _vae_backend(name: str, preset: BenchPreset, run: RunConfig, dit_backend: Ba
         return EagerVAEBackend(module, run)
     artifact = dit_backend.inner.artifact
     provider = "cpu" if dit_backend.device.type == "cpu" else "cuda"
-    return make_vae_backend(kind, run, artifact=artifact, provider=provider)
+    return make_vae_backend(kind, run, artifact=artifact, provider=provider, threads=threads)
 
 
 def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBackend, embeds: torch.Tensor,
-                     blocks: int, warmup_blocks: int, workdir: Path, seed: int) -> dict:
+                     blocks: int, warmup_blocks: int, workdir: Path, seed: int, threads: int | None = None) -> dict:
     """VAE per block alone, then DiT + VAE end to end without and with overlap, and the time to
     first frame (see the module docstring). Milliseconds; per-block series included."""
     from memrope.runtime.vae import StreamingVAEDecoder, VAEStream
@@ -348,7 +373,7 @@ def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: Ti
     out: dict = {"vae_backend": VAE_FOR_BACKEND[name], "blocks": blocks}
 
     # 1. The VAE alone, block by block (warm-up blocks first, not timed).
-    vae_backend = _vae_backend(name, preset, run, backend)
+    vae_backend = _vae_backend(name, preset, run, backend, threads)
     out["vae_cache_bytes"] = sum(spec.nbytes for spec in vae_backend.contract.inputs[2:])
     with VAEStream(vae_backend, lay.block_frames, overlap=False) as stream:
         for x in vae_inputs:
@@ -372,9 +397,9 @@ def bench_frame_path(name: str, preset: BenchPreset, run: RunConfig, backend: Ti
         from memrope.engine.onnxruntime_backend import OnnxRuntimeBackend
 
         dit = TimedBackend(OnnxRuntimeBackend(backend.inner.artifact, provider="cpu", spinning=False,
-                                              recache=False))
+                                              recache=False, threads=threads))
     with dit if dit is not backend else nullcontext():
-        out.update(_end_to_end(name, preset, run, dit, embeds, blocks, warmup_blocks, seed))
+        out.update(_end_to_end(name, preset, run, dit, embeds, blocks, warmup_blocks, seed, threads))
 
     # 3. Time to first frame: text encoding + the first block's DiT and decode (serial run).
     text = _text_encoding_ms(backend.model, workdir)
@@ -388,7 +413,7 @@ E2E_SEGMENT_BLOCKS = 6
 
 
 def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBackend, embeds: torch.Tensor,
-                blocks: int, warmup_blocks: int, seed: int) -> dict:
+                blocks: int, warmup_blocks: int, seed: int, threads: int | None = None) -> dict:
     """``{"serial": ..., "overlap": ...}``: stream_video block times into a timestamping writer.
 
     The two modes alternate in segments of :data:`E2E_SEGMENT_BLOCKS` blocks (serial, overlapped,
@@ -409,7 +434,7 @@ def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBa
     rounds = max(1, blocks // segment)
     pipeline = MemRoPEPipeline(backend, replace(run, num_output_frames=lay.block_frames * segment))
     per_block = pipeline.schedule.num_steps + 1
-    streams = {overlap: VAEStream(_vae_backend(name, preset, run, backend), lay.block_frames, overlap=overlap)
+    streams = {overlap: VAEStream(_vae_backend(name, preset, run, backend, threads), lay.block_frames, overlap=overlap)
                for overlap in (False, True)}
     series = {overlap: {"e2e": [], "steady": [], "dit": [], "vae": [], "frames": 0} for overlap in streams}
     try:
@@ -501,11 +526,13 @@ def _worker(queue, *args) -> None:
 
 def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_blocks: int = 3, device: str = "cpu",
               dtype: str = "float32", peak_tflops: float | None = None, workdir: Path | None = None,
-              e2e_blocks: int = 0) -> dict:
-    """Every requested backend in its own process, same loop and inputs; returns the JSON document."""
+              e2e_blocks: int = 0, threads: int | None = None) -> dict:
+    """Every requested backend in its own process, same loop, inputs and intra-op CPU threads
+    (:func:`bench_threads` of ``threads``); returns the JSON document."""
     if blocks < 4:
         raise ValueError(f"--blocks must be at least 4 (a steady state needs a few blocks), got {blocks}")
     bench_run_config(model_preset(preset.model), preset.height, preset.width, blocks)  # validates the size
+    threads = bench_threads(threads)
     dev = torch.device(device)
     results = []
     ctx = mp.get_context("spawn")
@@ -520,7 +547,7 @@ def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_bloc
             logger.info("benchmarking %s (%d blocks after %d warm-up blocks)", name, blocks, warmup_blocks)
             queue = ctx.Queue()
             proc = ctx.Process(target=_worker, args=(queue, name, preset, blocks, warmup_blocks, device, dtype, str(work),
-                                                     0, e2e_blocks))
+                                                     0, e2e_blocks, threads))
             proc.start()
             result = queue.get()
             proc.join()
@@ -532,7 +559,8 @@ def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_bloc
             if peak_tflops:
                 result["peak_fraction"] = result["achieved_tflops"] / peak_tflops
             results.append(result)
-    doc = {"meta": {**_meta(preset, device, dtype, blocks, warmup_blocks, peak_tflops), "e2e_blocks": e2e_blocks},
+    doc = {"meta": {**_meta(preset, device, dtype, blocks, warmup_blocks, peak_tflops), "e2e_blocks": e2e_blocks,
+                    "threads": threads},
            "results": results}
     if e2e_blocks:
         doc["frame_path_targets"] = frame_path_targets(results)
@@ -610,6 +638,8 @@ def print_table(doc: dict) -> None:
                      f"{r['host_overhead_pct']:.2f}", f"{r['peak_host_mb']:.0f}", f"{r['flatness']:.3f}",
                      f"{r['achieved_tflops']:.4f}"))
     _print_rows(rows)
+    if "threads" in doc["meta"]:
+        print(f"intra-op CPU threads per backend: {doc['meta']['threads']}")
     paths = [r for r in doc["results"] if r.get("available") and "frame_path" in r]
     if paths:
         print()

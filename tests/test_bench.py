@@ -99,3 +99,31 @@ def test_bad_bench_arguments(capsys):
     assert "unknown backends" in capsys.readouterr().err
     assert main(["bench", "--height", "30", "--blocks", "5", "--backends", "eager"]) == 2
     assert "multiple of 16" in capsys.readouterr().err
+
+
+def test_dit_alone_is_no_slower_than_serial_dit_and_decode(doc):
+    """A serial end-to-end block is its DiT calls and then its decode, so the DiT-only rollout's
+    block (the frame-path table's "DiT ms/block") cannot be slower than it beyond noise. It was 3
+    to 25 times slower while the workers ran one OpenMP thread per core on a shared 2-core host:
+    blocks swung between tens of milliseconds and seconds with the other processes' load, and the
+    two sections, seconds apart, saw different load."""
+    measured = [r for r in doc["results"] if r.get("available")]
+    for r in measured:
+        serial = r["frame_path"]["serial"]
+        assert r["block_ms_median"] <= 1.15 * serial["block_ms_median"], (r["backend"], r["block_ms"], serial)
+    # Each worker ran the intra-op threads the document records.
+    assert {r["threads"] for r in measured} == {doc["meta"]["threads"]}
+
+
+def test_bench_threads(monkeypatch):
+    from memrope.runtime.bench import bench_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert bench_threads() == 1 and bench_threads(4) == 4
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert bench_threads() == 3 and bench_threads(1) == 1
+    with pytest.raises(ValueError, match="positive"):
+        bench_threads(0)
+    monkeypatch.setenv("OMP_NUM_THREADS", "many")
+    with pytest.raises(ValueError, match="OMP_NUM_THREADS"):
+        bench_threads()
