@@ -30,7 +30,8 @@ from typing import Any
 
 from memrope.io import atomic_write, parse_json, read_text, shown
 
-SIDECAR_VERSION = 2
+# 3: the SHA-256 of the source graph (and its weights) and of the plan are recorded and checked.
+SIDECAR_VERSION = 3
 PLAN_SUFFIX = ".plan"
 RUNTIME_CACHE_SUFFIX = ".rtxcache"
 TARGET_MODULES = {"rtx": "tensorrt_rtx", "server": "tensorrt"}

@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator, Sequence
-from contextlib import ExitStack
+from contextlib import ExitStack, closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -113,7 +113,11 @@ class VideoStream:
 
         self._owner = owner
         self._stream = stream
-        self._decoder = VAEStream(owner.vae, owner.pipeline.layout.block_frames, owns_backend=False)
+        try:
+            self._decoder = VAEStream(owner.vae, owner.pipeline.layout.block_frames, owns_backend=False)
+        except BaseException:
+            stream.close()
+            raise
         self._decoder.reset()
         self.blocks = 0
 
@@ -121,6 +125,7 @@ class VideoStream:
         return self
 
     def __next__(self) -> np.ndarray:
+        self._owner._check_open()
         block = self._stream.next_block()
         frames = self._decoder.decode(block.x0)[0].numpy().copy()  # the decoder's host ring is reused
         block.check_finite()  # the frames are on the host: reading the flag costs no extra sync
@@ -155,6 +160,9 @@ class VideoPipeline:
     """
 
     def __init__(self, resolved: Resolved, backend, text_encoder, vae):
+        if resolved.run.cache.policy == "global":
+            raise ValueError("a VideoPipeline streams without end, so its cache must be a window: the run config's "
+                             "local_attn_size must be positive (policy 'global' grows with the video)")
         self.resolved = resolved
         self.pipeline = MemRoPEPipeline(backend, resolved.run)
         self.text_encoder = text_encoder
@@ -202,17 +210,13 @@ class VideoPipeline:
         request = LoadRequest(backend=backend or "eager", vae_backend=vae_backend, device=device, dtype=dtype,
                               config=config, height=height, width=width, text=True, decode=True, **fields)
         resolved = resolve(request)
-        text = vae = None
-        try:
-            text = resolved.load_text_encoder()
-            vae = resolved.load_vae_backend()
-            dit = resolved.load_backend()
-        except BaseException:
-            for part in (text, vae):
-                if part is not None:
-                    part.close()
-            raise
-        return cls(resolved, dit, text, vae)
+        with ExitStack() as loaded:  # a part that fails to load frees those loaded before it
+            text = loaded.enter_context(closing(resolved.load_text_encoder()))
+            vae = loaded.enter_context(closing(resolved.load_vae_backend()))
+            dit = loaded.enter_context(closing(resolved.load_backend()))
+            pipe = cls(resolved, dit, text, vae)
+            loaded.pop_all()
+        return pipe
 
     @property
     def run(self):
@@ -250,7 +254,7 @@ class VideoPipeline:
         from dataclasses import replace
 
         from memrope.runtime.t2v import latent_frames_for
-        from memrope.runtime.vae import VAEStream
+        from memrope.runtime.vae import VAEStream, overlap_by_default
 
         self._check_open()
         if seconds is not None and num_frames is not None:
@@ -262,6 +266,8 @@ class VideoPipeline:
             run = run.with_frames(num_frames)
         if seed is not None:
             run = replace(run, seed=seed)
+        if self.resolved.artifact is not None:
+            run = self.resolved.artifact.check_run(run)
         outputs = Outputs(*(None if p is None else Path(p) for p in (out, png_dir, latents_out)))
         outputs.check(run)
         if outputs == Outputs():
@@ -269,17 +275,21 @@ class VideoPipeline:
         pipeline = MemRoPEPipeline(self.pipeline.backend, run)
         # The seed through the authors' draw order, as `memrope generate` draws it.
         noise = self.resolved.noise("reference", pipeline.dtype, pipeline.device, run=run)
-        decoder = VAEStream(self.vae, run.cache.block_frames, owns_backend=False)
+        decoder = None
+        if outputs.video is not None or outputs.png_dir is not None:
+            r = self.resolved.request
+            decoder = VAEStream(self.vae, run.cache.block_frames, owns_backend=False,
+                                overlap=overlap_by_default(self.resolved.device, r.backend, r.vae_backend))
         return write_video(pipeline, decoder, self.encode(prompt), noise, outputs, progress=progress)
 
     def close(self) -> None:
-        """Free the models (idempotent)."""
+        """Free the models (idempotent); every part is closed even if one fails to."""
         if self._closed:
             return
         self._closed = True
-        self.text_encoder.close()
-        self.vae.close()
-        self.pipeline.backend.close()
+        with ExitStack() as parts:
+            for part in (self.pipeline.backend, self.vae, self.text_encoder):
+                parts.callback(part.close)
 
     def __enter__(self) -> VideoPipeline:
         return self
@@ -320,3 +330,4 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
     dit = resolved.load_dit()
     return export_artifact(dit, run, out, height=request.height, width=request.width, batch=batch,
                            validate=validate, force=force, vae=vae)
+

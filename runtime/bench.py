@@ -29,6 +29,7 @@ serial end-to-end blocks that contain that same DiT) disagree by an order of mag
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import io
 import json
@@ -452,7 +453,7 @@ def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBa
                              segment, stream, writer, progress=False)
                 calls = backend.drain()
                 arrivals = [start, *writer.arrivals]
-                e2e = [(b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:])]
+                e2e = [(b - a) * 1e3 for a, b in zip(arrivals, arrivals[1:], strict=False)]
                 s = series[overlap]
                 s["e2e"] += e2e
                 s["steady"] += e2e[1:-1] if segment > 2 else e2e[1:]
@@ -460,7 +461,7 @@ def _end_to_end(name: str, preset: BenchPreset, run: RunConfig, backend: TimedBa
                 s["vae"] += stream.decode_ms[decoded + 1:]
                 s["frames"] += writer.frames
 
-            def this_round(overlap: bool, key: str) -> float:
+            def this_round(overlap: bool, key: str, before: dict = before) -> float:
                 return statistics.median(series[overlap][key][before[overlap][key]:])
 
             by_round.append(this_round(True, "steady") / max(this_round(False, "dit"), this_round(False, "vae")))
@@ -487,7 +488,7 @@ def summarise(name: str, block_ms: list[float], call_ms: list[list[float]], call
     steady_calls = [c for b in steady for c in call_ms[b]]
     blocks_steady = [block_ms[b] for b in steady]
     host_ms = [block_ms[b] - sum(call_ms[b]) for b in steady]
-    stages = ["step%d" % i for i in range(calls_per_block - 1)] + ["context"]
+    stages = [f"step{i}" for i in range(calls_per_block - 1)] + ["context"]
     stage_ms = {s: statistics.median(call_ms[b][i] for b in steady) for i, s in enumerate(stages)}
     n = len(block_ms)
     window = max(2, min(10, n // 4))
@@ -549,7 +550,12 @@ def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_bloc
             proc = ctx.Process(target=_worker, args=(queue, name, preset, blocks, warmup_blocks, device, dtype, str(work),
                                                      0, e2e_blocks, threads))
             proc.start()
-            result = queue.get()
+            try:
+                result = queue.get()
+            except BaseException:  # Ctrl-C or SIGTERM here: the worker must not outlive the bench
+                proc.terminate()
+                proc.join()
+                raise
             proc.join()
             if "error" in result:
                 logger.error("%s failed: %s", name, result["error"])
@@ -609,10 +615,8 @@ def _meta(preset: BenchPreset, device: str, dtype: str, blocks: int, warmup: int
 
     versions = {}
     for pkg in ("torch", "onnxruntime", "onnxruntime-gpu", "tensorrt", "onnx"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             versions[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
     model = model_preset(preset.model)
@@ -658,7 +662,7 @@ def print_table(doc: dict) -> None:
 def _print_rows(rows: list[tuple]) -> None:
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths)).rstrip())
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
 
 
 def require_matplotlib():
@@ -699,7 +703,7 @@ def plot(doc: dict, path: Path) -> None:
         values = [r["host_overhead_ms_per_call"] * r["calls_per_block"] if stage == "host" else r["stage_ms_median"][stage]
                   for r in results]
         right.bar([r["backend"] for r in results], values, bottom=bottom, label=stage)
-        bottom = [b + v for b, v in zip(bottom, values)]
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     right.set_ylabel("median ms per block")
     right.set_title("per-stage breakdown")
     right.legend(fontsize=8)

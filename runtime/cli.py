@@ -18,7 +18,9 @@ import argparse
 import logging
 import signal
 import sys
+import threading
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 from memrope.errors import Terminated, raise_terminated
@@ -80,7 +82,8 @@ def _add_generate(sub: argparse._SubParsersAction, common: argparse.ArgumentPars
     out.add_argument("--no-decode", action="store_true", help="skip the VAE (latents only)")
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     out.add_argument("--allow-nonfinite", action="store_true",
-                     help="keep going when a block holds NaN/Inf and keep the outputs, warning for each bad "
+                     help="keep going when a block holds NaN/Inf or latents out of range and keep the outputs, "
+                          "warning for each bad "
                           "block; the run still fails (exit 1). Default: stop at the first, naming it, and write "
                           "nothing")
     add_execution_args(p)
@@ -146,22 +149,19 @@ def cmd_generate(args: argparse.Namespace) -> int:
     else:
         embeds = resolved.text_embeddings(args.prompt, args.text_embeds, args.text_cache)
 
+    noise = resolved.noise(args.noise_source)
+
     # 3. Models, then the run: every output is streamed to a temp file, renamed on success.
-    decoder = resolved.load_vae_stream(overlap=args.vae_overlap) if decode else None
-    try:
-        backend = resolved.load_backend()
-    except BaseException:
+    with ExitStack() as models:
+        decoder = resolved.load_vae_stream(overlap=args.vae_overlap) if decode else None
         if decoder is not None:
-            decoder.close()
-        raise
-    start = time.perf_counter()
-    with backend:
+            models.callback(decoder.close)  # write_video closes it; closing twice is harmless
+        backend = models.enter_context(resolved.load_backend())
         pipeline = MemRoPEPipeline(backend, run)
-        result = write_video(pipeline, decoder, embeds, resolved.noise(args.noise_source, backend.dtype,
-                                                                        backend.device),
-                             outputs, prompt_changes=prompt_changes, progress=not args.no_progress,
-                             allow_nonfinite=args.allow_nonfinite)
-    elapsed = time.perf_counter() - start
+        start = time.perf_counter()
+        result = write_video(pipeline, decoder, embeds, noise, outputs, prompt_changes=prompt_changes,
+                             progress=not args.no_progress, allow_nonfinite=args.allow_nonfinite)
+        elapsed = time.perf_counter() - start
     latent_shape = [run.batch_size, run.num_output_frames, *pipeline.latent_frame_shape()]
     width, height = resolved.frame_size
     written = [f"{args.out}: {result.video_frames} frames at {VIDEO_FPS} fps "
@@ -174,7 +174,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if result.nonfinite_blocks:
         bad = result.nonfinite_blocks
         shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
-        print(f"memrope generate: error: {len(bad)} of {run.num_blocks} blocks produced NaN or Inf (blocks {shown}); "
+        print(f"memrope generate: error: {len(bad)} of {run.num_blocks} blocks were non-finite or out of range "
+              f"(blocks {shown}); "
               "the outputs were kept (--allow-nonfinite), the run failed", file=sys.stderr)
         return 1
     return 0
@@ -286,6 +287,8 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     p.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="model dtype")
     p.add_argument("--peak-tflops", type=float, help="device peak, to report the achieved fraction")
+    p.add_argument("--threads", type=int,
+                   help="CPU threads per backend (torch and ONNX Runtime); default $OMP_NUM_THREADS, else 1")
     p.add_argument("--json-out", type=Path, help="write the results document here (JSON)")
     p.add_argument("--plot", type=Path, help="PNG: per-block latency and per-stage breakdown")
     p.set_defaults(func=cmd_bench)
@@ -294,20 +297,20 @@ def _add_bench(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
 def cmd_bench(args: argparse.Namespace) -> int:
     import json
 
-    from memrope.runtime.bench import bench_options, plot, print_table, run_bench, summary_rows, write_json
+    from memrope.runtime import bench
 
-    preset, backends = bench_options(args.preset, args.backends, height=args.height, width=args.width,
-                                     warmup_blocks=args.warmup_blocks, e2e_blocks=args.e2e_blocks,
-                                     device=args.device, peak_tflops=args.peak_tflops, json_out=args.json_out,
-                                     plot_out=args.plot)
-    doc = run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype, args.peak_tflops,
-                    e2e_blocks=args.e2e_blocks)
-    print_table(doc)
+    preset, backends = bench.bench_options(args.preset, args.backends, height=args.height, width=args.width,
+                                           warmup_blocks=args.warmup_blocks, e2e_blocks=args.e2e_blocks,
+                                           device=args.device, peak_tflops=args.peak_tflops,
+                                           json_out=args.json_out, plot_out=args.plot)
+    doc = bench.run_bench(preset, backends, args.blocks, args.warmup_blocks, args.device, args.dtype,
+                          args.peak_tflops, e2e_blocks=args.e2e_blocks, threads=bench.bench_threads(args.threads))
+    bench.print_table(doc)
     if args.json_out:
-        write_json(doc, args.json_out)
+        bench.write_json(doc, args.json_out)
     if args.plot:
-        plot(doc, args.plot)
-    print(json.dumps(summary_rows(doc)))
+        bench.plot(doc, args.plot)
+    print(json.dumps(bench.summary_rows(doc)))
     if not any(r.get("available") for r in doc["results"]):
         print("memrope bench: error: no backend could be measured here (see the reasons above)", file=sys.stderr)
         return 1
@@ -351,7 +354,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    signal.signal(signal.SIGTERM, raise_terminated)  # cleaned up as Ctrl-C is, then exit 143
+    main_thread = threading.current_thread() is threading.main_thread()
+    # SIGTERM is cleaned up as Ctrl-C is, then exits 143 (the previous handler is put back after).
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
     try:
         if not verbose:
             quiet_third_party()
@@ -371,6 +376,9 @@ def main(argv: list[str] | None = None) -> int:
         code = 2 if isinstance(exc, _INPUT_ERRORS) else 1
         print(f"memrope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
         return code
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
 
 
 def _one_line(exc: BaseException) -> str:

@@ -185,12 +185,8 @@ class Resolved:
 
     @property
     def dtype(self) -> torch.dtype:
-        return DTYPES[self.request.dtype]
-
-    @property
-    def demo(self) -> bool:
-        """Whether this runs the embedded demo model (``--preset tiny`` with nothing else)."""
-        return self.model_dir is not None and self.request.model_dir is None
+        """The DiT's dtype: the request's, or an exported backend's artifact's."""
+        return DTYPES[self.artifact.contract.dtype if self.request.exported else self.request.dtype]
 
     @property
     def dit_checkpoint(self) -> Path | None:

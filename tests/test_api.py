@@ -1,6 +1,6 @@
 """The Python API (``memrope.VideoPipeline``) and the loader behind it and the CLI: streams with a
-prompt change, ``generate`` on the CLI's own write path, an exported artifact, ``--height/--width``,
-and SIGTERM."""
+prompt change, ``generate`` on the CLI's own write path, an exported artifact, ``--height/--width``, and the
+installed package (``python -m memrope``, a wheel beside foreign top-level modules)."""
 
 from __future__ import annotations
 
@@ -82,6 +82,10 @@ def test_generate_writes_what_the_cli_writes(pipe, tmp_path):
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="nothing to write"):
         pipe.generate(PROMPT, seconds=1)
+    only = pipe.generate(PROMPT, seconds=2, latents_out=tmp_path / "only.safetensors")  # no decode at all
+    assert only.video_frames == 0
+    torch.testing.assert_close(load_file(str(tmp_path / "only.safetensors"))["latents"],
+                               load_file(str(api_latents))["latents"], rtol=0, atol=0)
 
 
 def test_an_exported_artifact_streams_like_eager(pipe, demo_artifact):

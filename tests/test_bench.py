@@ -39,7 +39,7 @@ def test_schema_and_consistency(doc):
         assert all(math.isfinite(v) and v >= 0 for v in scalars)
         assert len(r["block_ms"]) == 8 and all(len(c) == 5 for c in r["call_ms"])
         # Measured, not derived: the calls run inside their block, so they cannot outlast it.
-        for block, calls in zip(r["block_ms"], r["call_ms"]):
+        for block, calls in zip(r["block_ms"], r["call_ms"], strict=True):
             assert 0 < sum(calls) <= block
         assert set(r["stage_ms_median"]) == {"step0", "step1", "step2", "step3", "context"}
 

@@ -9,7 +9,7 @@ Every import in every module (top level and inside functions) is parsed:
 - ``bench/`` scripts sit above every layer: they may import any, and nothing imports them.
 
 Two entry points may name the top layer from ``memrope/``: ``memrope/__main__.py`` (``python -m
-memrope`` runs the CLI) and the lazy public names of ``memrope/__init__.py`` (``memrope.Pipeline``
+memrope`` runs the CLI) and the lazy public names of ``memrope/__init__.py`` (``memrope.VideoPipeline``
 and friends, imported on first use, from :mod:`memrope.runtime.api`)."""
 
 from __future__ import annotations

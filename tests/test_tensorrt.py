@@ -144,7 +144,7 @@ def test_read_sidecar_errors(tmp_path):
     old = {"tensorrt_version": "10.15.1.29", "gpu_name": "NVIDIA H100", "compute_capability": "9.0",
            "contract_hash": "abc", "graph": "step", "dtype": "bfloat16"}  # what version 1 wrote
     (tmp_path / "old.json").write_text(json.dumps(old))
-    with pytest.raises(EngineMismatchError, match="sidecar version None; this engine reads version 2"):
+    with pytest.raises(EngineMismatchError, match="sidecar version None; this engine reads version 3"):
         read_sidecar(tmp_path / "old.json")
     (tmp_path / "mixed.json").write_text(json.dumps({**SIDECAR.to_json(), "module": "tensorrt"}))
     with pytest.raises(EngineMismatchError, match="a rtx plan is built by tensorrt_rtx"):

@@ -356,17 +356,19 @@ class Server:
                                      transition_blocks=body.transition_blocks)
         except ValueError as exc:
             raise ApiError(422, str(exc)) from None
+        # A full server refuses before the rate limit spends a token: a client retrying politely after
+        # 503s keeps its burst for when a slot frees.
+        if len(self.sessions) >= self.options.max_sessions:
+            self.stats.add("sessions_rejected")
+            retry = self.options.retry_after_s
+            raise ApiError(503, f"server full: {len(self.sessions)} of {self.options.max_sessions} sessions in use; "
+                                f"retry in {retry} s", headers={"Retry-After": str(retry)})
         wait_s = self.rate_limit.take(client)
         if wait_s > 0:
             self.stats.count_refused("rate_limited")
             retry = math.ceil(wait_s)
             raise ApiError(429, f"too many new sessions from {client}: at most {self.options.session_burst} at once, "
                                 f"then {self.options.sessions_per_minute:g} a minute (--sessions-per-minute); "
-                                f"retry in {retry} s", headers={"Retry-After": str(retry)})
-        if len(self.sessions) >= self.options.max_sessions:
-            self.stats.add("sessions_rejected")
-            retry = self.options.retry_after_s
-            raise ApiError(503, f"server full: {len(self.sessions)} of {self.options.max_sessions} sessions in use; "
                                 f"retry in {retry} s", headers={"Retry-After": str(retry)})
         prompt = self._check_prompt(body.prompt)
         session = Session(secrets.token_urlsafe(9), prompt, options, self.loop)
