@@ -47,25 +47,22 @@ def _percentile(values: list[float], q: float) -> float | None:
     return percentile(values, q)
 
 
-def _cache_root() -> Path:
-    return Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
-
-
 def mid_model_dir() -> tuple[Path, Path]:
     """A model folder for the mid preset (random DiT, tiny umT5 of the mid text width, tiny VAE)
     and a run YAML at the mid bench resolution; built once under $MEMROPE_CACHE."""
     from memrope.checkpoint import save_dit_state_dict_safetensors
     from memrope.config import model_preset
     from memrope.model import random_state_dict
+    from memrope.runtime.t2v import cache_root
     from memrope.runtime.text import build_tiny_text_model
     from memrope.runtime.vae import build_tiny_vae
 
-    directory = _cache_root() / "serve-bench-mid-v1"
+    directory = cache_root() / "serve-bench-mid-v1"
     run_yaml = directory / "run.yaml"
     if run_yaml.is_file():
         return directory, run_yaml
     cfg = model_preset("mid")
-    tmp = Path(tempfile.mkdtemp(prefix=".serve-bench-mid.", dir=_cache_root()))
+    tmp = Path(tempfile.mkdtemp(prefix=".serve-bench-mid.", dir=cache_root()))
     build_tiny_text_model(tmp, d_model=cfg.text_dim, text_len=cfg.text_len, seed=0)
     build_tiny_vae(tmp, z_dim=cfg.in_dim, seed=0)
     save_dit_state_dict_safetensors(random_state_dict(cfg, seed=1234), tmp / "diffusion_pytorch_model.safetensors")

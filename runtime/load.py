@@ -19,7 +19,6 @@ the same names as keyword arguments.
 from __future__ import annotations
 
 import logging
-import os
 import re
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,12 +39,6 @@ NOISE_SOURCES = ("reference", "streamed", "device")
 # elements per run the loop draws block by block instead (constant memory).
 REFERENCE_NOISE_MAX_ELEMENTS = 1 << 28
 _DEVICE = re.compile(r"^(cpu|cuda(:\d+)?)$")
-
-
-def cache_root() -> Path:
-    """Where the demo model and the prompt-embedding cache live: ``$MEMROPE_CACHE`` or
-    ``~/.cache/memrope``."""
-    return Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
 
 
 def torch_device(name: str) -> torch.device:
@@ -322,6 +315,8 @@ class Resolved:
                 logger.warning("%s %r is %d tokens long (end-of-text included); the model reads the first "
                                "text_len=%d and drops the rest", flag, text if len(text) <= 60 else text[:57] + "...",
                                tokens, text_len)
+        from memrope.runtime.t2v import cache_root
+
         cache_dir = cache_dir or cache_root() / "text"
         embeds = encode_cached(lambda: TextEncoder.from_model_dir(model_dir, text_len=text_len),
                                [p for p in prompts for _ in range(self.run.batch_size)], cache_dir,

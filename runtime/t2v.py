@@ -172,10 +172,15 @@ def _logging_over_bar():
     return logging_redirect_tqdm()
 
 
+def cache_root() -> Path:
+    """Where the demo model and the prompt-embedding cache live: ``$MEMROPE_CACHE`` or
+    ``~/.cache/memrope``."""
+    return Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
+
+
 def demo_dir() -> Path:
     """Where the embedded demo model lives (generated on first use)."""
-    root = Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
-    return root / DEMO_VERSION
+    return cache_root() / DEMO_VERSION
 
 
 def ensure_demo_model(directory: Path | None = None) -> Path:

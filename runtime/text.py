@@ -476,7 +476,13 @@ def encode_cached(encoder_factory: Callable[[], TextEncoder], prompts: Sequence[
 # Tiny download-free model
 # --------------------------------------------------------------------------------------------
 
-_TINY_WORDS = ["a", "an", "the", "and", "of", "in", "on", "at", "with", "to", "is", "are", "from", "by", "for", "over", "under", "into", "through", "near", "cat", "dog", "bird", "fish", "horse", "person", "man", "woman", "child", "car", "boat", "train", "city", "street", "forest", "river", "sea", "sky", "sun", "moon", "night", "day", "rain", "snow", "light", "fire", "water", "tree", "flower", "mountain", "road", "house", "red", "blue", "green", "yellow", "black", "white", "small", "big", "slow", "fast", "old", "young", "happy", "runs", "walks", "flies", "swims", "jumps", "sits", "looks", "camera", "video", "shot", "scene", "view", "close", "wide", "fox", "trotting", "fresh", "dawn", "stops"]
+_TINY_WORDS = ["a", "an", "the", "and", "of", "in", "on", "at", "with", "to", "is", "are", "from", "by", "for",
+               "over", "under", "into", "through", "near", "cat", "dog", "bird", "fish", "horse", "person", "man",
+               "woman", "child", "car", "boat", "train", "city", "street", "forest", "river", "sea", "sky", "sun",
+               "moon", "night", "day", "rain", "snow", "light", "fire", "water", "tree", "flower", "mountain",
+               "road", "house", "red", "blue", "green", "yellow", "black", "white", "small", "big", "slow", "fast",
+               "old", "young", "happy", "runs", "walks", "flies", "swims", "jumps", "sits", "looks", "camera",
+               "video", "shot", "scene", "view", "close", "wide", "fox", "trotting", "fresh", "dawn", "stops"]
 
 
 def build_tiny_tokenizer(directory: str | os.PathLike[str]):
@@ -571,7 +577,7 @@ class PromptEncoder:
 
     A server cannot reload a multi-GB encoder on every prompt change (``memrope.runtime.text.encode_cached``
     builds and closes one per miss, which suits the one-shot CLI), so this keeps it open and keeps
-    the last ``capacity`` prompts' embeddings in memory. :meth:`count_tokens` runs on a second
+    the last ``capacity`` prompts' embeddings in memory. :meth:`check` counts tokens on a second
     tokenizer instance so request handlers can check lengths while the encoder thread encodes
     (a fast tokenizer is not safe to share across threads while it pads and truncates).
     """
