@@ -68,3 +68,36 @@ def test_serve(tmp_path):
     line = proc.stdout.readline()  # printed once the server accepts clients
     assert line.startswith("memrope serve: http://127.0.0.1:"), line
     _terminate(proc, "serve")
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def test_bench_stops_its_worker(tmp_path):
+    """The bench measures each backend in a worker process: SIGTERM to the bench ends the worker
+    too, so nothing keeps running after it exits."""
+    proc = _start(["bench", "--preset", "tiny", "--backends", "eager", "--blocks", "100000", "--warmup-blocks", "1",
+                   "--e2e-blocks", "0"], tmp_path)
+    workers: list[int] = []
+
+    def started() -> bool:
+        workers[:] = _children(proc.pid)
+        return bool(workers)
+
+    _wait_for(started, proc, "bench worker")
+    time.sleep(2.0)  # the worker is measuring
+    _terminate(proc, "bench")
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(Path(f"/proc/{pid}").exists() for pid in workers):
+        time.sleep(0.2)
+    assert not any(Path(f"/proc/{pid}").exists() for pid in workers), f"bench workers {workers} outlived it"

@@ -323,9 +323,12 @@ def test_a_rejected_graph_is_one_error_naming_the_layer_and_nothing_is_written(r
 
 
 @needs_rtx
-def test_ctrl_c_during_a_build_exits_130_and_writes_nothing(built, tmp_path):
+@pytest.mark.parametrize("signum, code, said", [(signal.SIGINT, 130, "interrupted"),
+                                                (signal.SIGTERM, 143, "terminated (SIGTERM)")])
+def test_a_signal_during_a_build_stops_it_and_writes_nothing(built, tmp_path, signum, code, said):
     """TensorRT calls our logger from inside the build and swallows a KeyboardInterrupt raised
-    there; Ctrl-C must still stop ``memrope build`` (exit 130) before any plan is written."""
+    there; Ctrl-C (exit 130) or SIGTERM (exit 143) must still stop ``memrope build`` before any
+    plan is written."""
     path = tmp_path / "art"
     shutil.copytree(built["memrope_ema", "float32"][0], path)  # fp32 step: the longest build here (~2 s)
 
@@ -347,7 +350,7 @@ def test_ctrl_c_during_a_build_exits_130_and_writes_nothing(built, tmp_path):
                 seen.append(lines.get(timeout=1))
         assert seen and "building step.plan" in seen[-1], "".join(seen)
         time.sleep(0.3)  # past parsing (~50 ms), inside build_serialized_network
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(signum)
         proc.wait(timeout=120)
         out = proc.stdout.read()
         reader.join(timeout=30)
@@ -358,8 +361,8 @@ def test_ctrl_c_during_a_build_exits_130_and_writes_nothing(built, tmp_path):
     while not lines.empty():
         seen.append(lines.get())
     err = "".join(seen)
-    assert proc.returncode == 130, err
-    assert err.rstrip().endswith("memrope build: interrupted") and "Traceback" not in err, err
+    assert proc.returncode == code, err
+    assert err.rstrip().endswith(f"memrope build: {said}") and "Traceback" not in err, err
     assert "KeyboardInterrupt" not in err and "built step.plan" not in err and out == "", err
     assert state() == before  # byte for byte, same files: no plan, sidecar or temp file added or replaced
 
