@@ -25,12 +25,12 @@ Recipe (docs/demo_training.md has the measured numbers):
    channels 0-2 and the clip's RGB averaged over each latent frame's 8 x 8 x (1 or 4) pixels
    (:func:`pooled_clips`); plus :data:`LATENT_L2_WEIGHT` * mean(mu^2), the mean part of a KL
    term, which only keeps the latent scale from drifting (latents are normalised afterwards).
-   The anchor is what makes a few hundred steps enough: without it the randomly initialised
-   encoder's codes for black, blue and green backgrounds differ by ~2% of their size, the decoder
-   learns to ignore them and outputs one dark colour for all three; the anchor gives the encoder
-   a target that does not go through the decoder, so colours separate from the first steps (at
-   32 x 48, 300 steps: reconstruction loss 0.19 with the anchor, 0.44 without). It also makes the
-   latent partly a small video, which a DiT learns more easily than an arbitrary code.
+   Without the anchor the decoder learns an average picture first and then ignores its input
+   (the encoder's codes differ by ~2% after the first steps), so its gradient to the encoder
+   vanishes; the anchor gives the encoder a target that does not go through the decoder. Of the
+   variants tried it lowered the loss most (at 32 x 48 after 300 steps, 0.20 vs 0.44), but at
+   64 x 96 the decoder still merged dark backgrounds after 560 steps: docs/demo_training.md
+   has the numbers and the next steps. It also makes the latent partly a small video.
 4. AdamW, warm-up then cosine decay to a tenth, gradient norm clipped at 1.
 5. Latent statistics: per-channel mean and std of ``mu`` over :data:`STATS_CLIPS` clips drawn
    from a stream disjoint from the training clips.
@@ -85,7 +85,7 @@ STATS_SEED_OFFSET = 1_000_000  # stats clips come from the stream seed + this, n
 EVAL_FRAMES = 33               # 9 latent frames: three of the engine's 3-latent blocks
 EVAL_SEEDS = (0, 1)
 DECODE_BLOCK_LATENTS = 3       # latent frames per streaming decode call (the demo's DiT block)
-DEFAULT_STEPS = 1800
+DEFAULT_STEPS = 1800           # the time budget: 0.7-0.8 s/step on one thread, 21-24 min; quality unmeasured
 
 
 def vae_config(*, z_dim: int = Z_DIM, base_dim: int = BASE_DIM) -> dict:
