@@ -99,9 +99,11 @@ class Mp4Writer:
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         try:
-            # Byte-for-byte reproducible files: a fixed encoder thread count (x264's output depends
-            # on its thread count, which "auto" derives from the machine's load-independent core
-            # count but also from the slice/frame threading mode), and no version or time stamps.
+            # As reproducible as x264 allows: a fixed encoder thread count (x264's output depends on
+            # its thread count, which "auto" derives from the machine's core count and the threading
+            # mode) and no version or time stamps. Two processes encoding the same frames have still
+            # been seen to write different bitstreams (a run that first loaded the text encoder,
+            # against one that did not), so tests compare frames, not MP4 bytes.
             self._container = av.open(str(self._tmp), mode="w", format="mp4", options={"fflags": "+bitexact"})
             rate = Fraction(fps).limit_denominator(1001)
             self._stream = self._container.add_stream("libx264", rate=rate)
