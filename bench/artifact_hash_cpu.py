@@ -79,17 +79,9 @@ def timed(fn, repeats: int, before=None) -> dict:
             "spread_s": round(max(seconds) - min(seconds), 3)}
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
-
-
 def main() -> int:
+    from memrope.runtime.bench import cpu_name  # the machine line every results file uses
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dtype", default="bfloat16", help="which export's sizes the temp file takes")
     parser.add_argument("--workdir", type=Path, default=Path(tempfile.gettempdir()))
@@ -135,7 +127,7 @@ def main() -> int:
                             "step_text_recache_and_vae": estimate(dit + step + vae)}
     doc = {
         "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                 "host": platform.node(), "cpu": cpu_model(), "cpus": os.cpu_count(),
+                 "host": platform.node(), "cpu": cpu_name(), "cpus": os.cpu_count(),
                  "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3, 1),
                  "platform": platform.platform(), "python": platform.python_version(),
                  "openssl": ssl.OPENSSL_VERSION, "workdir": str(args.workdir), "repeats": args.repeats,
