@@ -209,3 +209,22 @@ def test_session_creation_is_rate_limited_per_client(server):
         assert http_json("DELETE", f"{server.url}/sessions/{session['id']}")[0] == 200
     m = server.metrics()
     assert m['memrope_serve_requests_refused_total{kind="rate_limited"}'] == 1
+
+
+def test_a_full_server_refuses_before_the_rate_limit_spends_a_token(server):
+    """A client retrying while the server is full gets 503s, not a 429 once its burst is spent, and
+    is admitted at once when a slot frees: the capacity check comes before the rate limit."""
+    filled = []
+    for source in ("127.0.0.4", "127.0.0.5"):  # other clients take both slots (--max-sessions 2)
+        status, _, session = _create(server.url, source=source)
+        assert status == 201, session
+        filled.append(session["id"])
+    try:
+        polite = [_create(server.url, source="127.0.0.3")[0] for _ in range(SESSION_BURST + 2)]
+        assert polite == [503] * (SESSION_BURST + 2), polite
+    finally:
+        for session_id in filled:
+            http_json("DELETE", f"{server.url}/sessions/{session_id}")
+    status, _, session = _create(server.url, source="127.0.0.3")  # its burst is intact
+    assert status == 201, session
+    assert http_json("DELETE", f"{server.url}/sessions/{session['id']}")[0] == 200
