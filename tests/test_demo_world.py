@@ -18,6 +18,9 @@ from memrope.runtime.demo.world import (
     EVAL_PROMPTS,
     MOTIONS,
     OBJECT_COLORS,
+    REFERENCE_HEIGHT,
+    REFERENCE_WIDTH,
+    SHAPE_SIZES_PX,
     SHAPES,
     SPEEDS_PX_PER_FRAME,
     Scene,
@@ -375,3 +378,21 @@ def test_degrade_is_deterministic_and_checks_its_arguments():
                             (dict(jpeg_quality=0), "jpeg_quality=0 must be in 1..100")]:
         with pytest.raises(ValueError, match=message):
             degrade(frames, **kwargs)
+
+
+@pytest.mark.parametrize("motion, start", [("right", "left edge"), ("left", "right edge"), ("down", "top edge"),
+                                           ("up", "bottom edge"), ("bouncing", "centre"), ("still", "centre")])
+def test_the_canonical_start_depends_on_the_motion_alone(motion, start):
+    # seed=None: the start the demo model is trained on, the same for every colour, shape and background.
+    scenes = [Scene(background=b, objects=(SceneObject(color=c, shape=s, motion=motion),))
+              for b, c, s in (("black", "red", "ball"), ("white", "blue", "triangle"))]
+    starts = [trajectories(scene, 2, seed=None)[0, 0] for scene in scenes]
+    half = SHAPE_SIZES_PX["ball"] / 2
+    x, y = starts[0]
+    expected = {"left edge": (half, REFERENCE_HEIGHT / 2), "right edge": (REFERENCE_WIDTH - half, REFERENCE_HEIGHT / 2),
+                "top edge": (REFERENCE_WIDTH / 2, half), "bottom edge": (REFERENCE_WIDTH / 2, REFERENCE_HEIGHT - half),
+                "centre": (REFERENCE_WIDTH / 2, REFERENCE_HEIGHT / 2)}[start]
+    assert (x, y) == pytest.approx(expected)
+    assert starts[1][0] == pytest.approx(REFERENCE_WIDTH / 2) or start != "centre"
+    assert np.array_equal(render(scenes[0], 9, seed=None), render(scenes[0], 9, seed=None))
+    assert not np.array_equal(render(scenes[0], 9, seed=None), render(scenes[0], 9, seed=3))

@@ -467,15 +467,19 @@ def _reflect(position_px: np.ndarray, low_px: float, high_px: float) -> np.ndarr
 
 
 def trajectories(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGHT,
-                 width: int = REFERENCE_WIDTH, seed: int = 0) -> np.ndarray:
+                 width: int = REFERENCE_WIDTH, seed: int | None = 0) -> np.ndarray:
     """Bounding-box centres of every object in every frame, ``[N, T, 2]`` (x, y) in pixels.
 
     The seed picks each object's start (uniform over where it fits; for left/right/up/down, in the
     half of its travel that leaves the longer run ahead) and, for "bouncing", one of the four
-    diagonals. Positions follow ``start + velocity * t`` folded at the walls.
+    diagonals. ``seed=None`` is the canonical start the demo model is trained on, a function of
+    the motion alone: left/right/up/down from the far end of the travel, on the frame's centre
+    line; bouncing from the centre towards the lower right; still at the centre. Positions follow
+    ``start + velocity * t`` folded at the walls.
     """
     _check_size(num_frames, height, width)
-    rng = np.random.default_rng(seed)
+    canonical = seed is None
+    rng = np.random.default_rng(0 if canonical else seed)
     scale = size_scale(height, width)
     t = np.arange(num_frames, dtype=np.float64)
     out = np.empty((len(scene.objects), num_frames, 2), dtype=np.float64)
@@ -485,15 +489,24 @@ def trajectories(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGH
         u_x, u_y = rng.random(2)
         diagonal = rng.integers(4)
         speed = 0.0 if obj.motion == "still" else SPEEDS_PX_PER_FRAME[obj.speed] * scale
+        if canonical:  # the centre; left/right/up/down start at the far end of their travel
+            u_x = u_y = 0.5
+            diagonal = 3
+            if obj.motion in ("left", "right"):
+                u_x = 0.0 if obj.motion == "right" else 1.0
+            elif obj.motion in ("up", "down"):
+                u_y = 0.0 if obj.motion == "down" else 1.0
         x0 = x_low + u_x * (x_high - x_low)
         y0 = y_low + u_y * (y_high - y_low)
         vx = vy = 0.0
         if obj.motion in ("left", "right"):
             vx = speed if obj.motion == "right" else -speed
-            x0 = x_low + (0.5 * u_x if vx > 0 else 0.5 + 0.5 * u_x) * (x_high - x_low)
+            if not canonical:
+                x0 = x_low + (0.5 * u_x if vx > 0 else 0.5 + 0.5 * u_x) * (x_high - x_low)
         elif obj.motion in ("up", "down"):
             vy = speed if obj.motion == "down" else -speed
-            y0 = y_low + (0.5 * u_y if vy > 0 else 0.5 + 0.5 * u_y) * (y_high - y_low)
+            if not canonical:
+                y0 = y_low + (0.5 * u_y if vy > 0 else 0.5 + 0.5 * u_y) * (y_high - y_low)
         elif obj.motion == "bouncing":
             vx = speed / np.sqrt(2.0) * (1 if diagonal & 1 else -1)
             vy = speed / np.sqrt(2.0) * (1 if diagonal & 2 else -1)
@@ -522,8 +535,9 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, scale: float) -> np.nd
 
 
 def render(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGHT, width: int = REFERENCE_WIDTH,
-           seed: int = 0) -> np.ndarray:
-    """Render ``scene`` for ``num_frames`` frames: uint8 RGB ``[T, H, W, 3]``, deterministic per seed.
+           seed: int | None = 0) -> np.ndarray:
+    """Render ``scene`` for ``num_frames`` frames: uint8 RGB ``[T, H, W, 3]``, deterministic per seed
+    (``None``: the canonical start, see :func:`trajectories`).
 
     ``scene`` may also be a prompt string (read with :func:`parse_prompt`).
 
