@@ -155,3 +155,31 @@ def test_psnr_and_the_learning_rate_schedule():
 def test_bad_settings_are_refused(tmp_path, bad):
     with pytest.raises(ValueError):
         tv.train_vae(tmp_path, **{"steps": 1, "progress": False, **bad})
+
+
+def test_a_pinned_latent_trains_the_encoder_and_decoder_towards_the_code(tmp_path):
+    # The recipe's mode: the encoder regresses to the patch code, the decoder decodes the code.
+    from memrope.runtime.demo.codec import PatchPCACodec
+
+    code = PatchPCACodec.fit(seed=0, clips=4)
+    generator = set_seed(0)
+    vae = tv.build_vae(base_dim=4, seed=0)
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=3e-3)
+    frames = np.stack([c.frames for c in sample_batch(0, 0, 2, 5, height=32, width=48)])
+    clips = frames_to_tensor(list(frames))
+    codes = code.encode(frames).permute(0, 2, 1, 3, 4).contiguous()
+    first = None
+    for _ in range(25):
+        loss, parts = tv.pinned_loss(vae, clips, codes, generator)
+        first = first or parts
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert parts["encoder_mse"] < 0.8 * first["encoder_mse"], (first, parts)
+    assert parts["l1"] + parts["mse"] < 0.8 * (first["l1"] + first["mse"]), (first, parts)
+
+    result = tv.train_vae(tmp_path, steps=2, seed=0, threads=1, progress=False, eval_prompts=(), command="pytest",
+                          latent_code=code, **TINY)
+    assert result["config"]["latents_mean"] == [0.0] * 16 and result["config"]["latents_std"] == [1.0] * 16
+    manifest = json.loads((tmp_path / "vae" / "manifest.json").read_text())
+    assert manifest["extra"]["latent"] == "pinned to patch-pca" and manifest["steps"] == 2

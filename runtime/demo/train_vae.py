@@ -142,6 +142,28 @@ def training_loss(vae, clips: torch.Tensor, generator: torch.Generator, latent_n
     return loss, {"l1": l1.item(), "mse": mse.item(), "latent_l2": latent_l2.item(), "anchor": anchor.item()}
 
 
+def pinned_loss(vae, clips: torch.Tensor, codes: torch.Tensor, generator: torch.Generator,
+                latent_noise: float = LATENT_NOISE) -> tuple[torch.Tensor, dict[str, float]]:
+    """The loss of one batch when the latent is pinned to a fixed code (:class:`PatchPCACodec`).
+
+    ``clips`` ``[B, 3, T, H, W]`` in [-1, 1]; ``codes`` ``[B, C, F, h, w]``: the pinned code of the
+    same clips, normalised (unit variance per channel), which is the DiT's latent space as is.
+    Two regressions that share no gradient: the encoder's posterior mean to the code (MSE), and
+    the decoder, run as the streaming decoder runs it, from the code plus Gaussian noise of
+    ``latent_noise`` (the code's std is 1) to the clip (L1 + MSE). The decoder never waits for
+    the encoder to make its codes distinct, the failure of the free autoencoder at this budget
+    (docs/demo_training.md), and the DiT trains on the code at the same time as the VAE.
+    """
+    mu = encode_mean(vae, clips)
+    encoder_mse = (mu - codes).square().mean()
+    z = codes + latent_noise * torch.randn(codes.shape, generator=generator, dtype=codes.dtype)
+    pixels = decode_unclamped(vae, z)
+    l1 = (pixels - clips).abs().mean()
+    mse = (pixels - clips).square().mean()
+    loss = l1 + mse + encoder_mse
+    return loss, {"l1": l1.item(), "mse": mse.item(), "encoder_mse": encoder_mse.item()}
+
+
 def pooled_clips(clips: torch.Tensor, latent_frames: int) -> torch.Tensor:
     """``[B, 3, T, H, W]`` -> ``[B, 3, F, H / 8, W / 8]``: each latent frame's pixels averaged, the
     way the VAE groups them (latent frame 0 is video frame 0, latent frame k frames 4k-3 .. 4k)."""
@@ -220,7 +242,8 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
               num_frames: int = TRAIN_FRAMES, height: int = REFERENCE_HEIGHT, width: int = REFERENCE_WIDTH,
               learning_rate_peak: float = LEARNING_RATE, stats_clips: int = STATS_CLIPS,
               eval_prompts: Sequence[str] = EVAL_PROMPTS, eval_seeds: Sequence[int] = EVAL_SEEDS,
-              eval_frames: int = EVAL_FRAMES, command: str | Sequence[str] | None = None) -> dict:
+              eval_frames: int = EVAL_FRAMES, command: str | Sequence[str] | None = None,
+              latent_code=None, max_seconds: float | None = None) -> dict:
     """Train the demo VAE and write ``out_dir/vae/`` (Diffusers layout + ``manifest.json``).
 
     The folder appears whole or not at all (built beside it, then renamed; an existing ``vae/`` is
@@ -233,6 +256,12 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
     (median wall seconds per step, first 3 steps excluded), ``train_s``, ``threads``, ``config``
     (the VAE config written, latent statistics included), ``metrics`` (see
     :func:`evaluate_reconstruction`; absent without eval prompts), ``vae_dir``.
+
+    ``max_seconds``: stop after the first step past that many seconds of training (the steps done
+    are saved and recorded; the learning-rate schedule is the one of ``steps``).
+    ``latent_code``: a :class:`memrope.runtime.demo.codec.PatchPCACodec` pins the latent to its
+    code (:func:`pinned_loss`; the written ``latents_mean`` / ``latents_std`` are 0 / 1, since the
+    code is the DiT's latent as is); ``None`` trains a free autoencoder (:func:`training_loss`).
 
     Raises:
         ValueError: ``steps`` < 1, ``num_frames`` not 4k + 1, or sizes the world cannot render.
@@ -261,11 +290,15 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
     try:
         for step in range(steps):
             start = time.perf_counter()
-            clips = frames_to_tensor([c.frames for c in sample_batch(seed, step, batch_clips, num_frames,
-                                                                     height=height, width=width)])
+            batch = [c.frames for c in sample_batch(seed, step, batch_clips, num_frames, height=height, width=width)]
+            clips = frames_to_tensor(batch)
             for group in optimizer.param_groups:
                 group["lr"] = learning_rate(step, steps, learning_rate_peak)
-            loss, parts = training_loss(vae, clips, generator)
+            if latent_code is None:
+                loss, parts = training_loss(vae, clips, generator)
+            else:
+                codes = latent_code.encode(np.stack(batch)).permute(0, 2, 1, 3, 4).contiguous()
+                loss, parts = pinned_loss(vae, clips, codes, generator)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP_NORM)
@@ -275,6 +308,9 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
             if bar is not None:
                 bar.set_postfix(loss=f"{losses[-1]:.4f}", s_per_step=f"{step_times[-1]:.2f}")
                 bar.update(1)
+            if max_seconds is not None and time.perf_counter() - train_start > max_seconds:
+                logger.info("stopping after %d of %d steps: max_seconds=%s reached", step + 1, steps, max_seconds)
+                break
     finally:
         if bar is not None:
             bar.close()
@@ -282,8 +318,12 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
     step_s = float(np.median(step_times[3:] if len(step_times) > 3 else step_times))
 
     vae.eval()
-    mean, std = latent_statistics(vae, seed + STATS_SEED_OFFSET, clips=stats_clips, num_frames=num_frames,
-                                  height=height, width=width)
+    if latent_code is None:
+        mean, std = latent_statistics(vae, seed + STATS_SEED_OFFSET, clips=stats_clips, num_frames=num_frames,
+                                      height=height, width=width)
+    else:
+        channels = vae.config.z_dim
+        mean, std = [0.0] * channels, [1.0] * channels
     vae.register_to_config(latents_mean=mean, latents_std=std)
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -303,12 +343,13 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
         summary = {"config": config, "batch_clips": batch_clips, "num_frames": num_frames,
                    "height": height, "width": width, "learning_rate": learning_rate_peak,
                    "latent_noise": LATENT_NOISE, "latent_l2_weight": LATENT_L2_WEIGHT,
-                   "anchor_weight": ANCHOR_WEIGHT,
+                   "anchor_weight": ANCHOR_WEIGHT if latent_code is None else None,
+                   "latent": "free" if latent_code is None else f"pinned to {latent_code.name}",
                    "threads": threads, "step_s": step_s, "train_s": train_s, "loss_parts": parts,
                    **({"metrics": metrics} if metrics is not None else {})}
         write_manifest(staging / DIFFUSERS_VAE_DIR,
                        command if command is not None else f"train_vae(steps={steps}, seed={seed})",
-                       {"init": seed, "data": seed, "stats": seed + STATS_SEED_OFFSET}, steps, losses,
+                       {"init": seed, "data": seed, "stats": seed + STATS_SEED_OFFSET}, len(losses), losses,
                        extra=json.loads(json.dumps(summary, default=float)))
         if final.exists():
             old = partial_path(final, "old")
@@ -319,8 +360,8 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
             (staging / DIFFUSERS_VAE_DIR).rename(final)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    logger.info("wrote the trained VAE (%d steps, %.2f s/step) to %s", steps, step_s, final)
-    return {"losses": losses, "loss_parts": parts, "steps": steps, "step_s": step_s, "train_s": train_s,
+    logger.info("wrote the trained VAE (%d steps, %.2f s/step) to %s", len(losses), step_s, final)
+    return {"losses": losses, "loss_parts": parts, "steps": len(losses), "step_s": step_s, "train_s": train_s,
             "threads": threads, "config": config, **({"metrics": metrics} if metrics is not None else {}),
             "vae_dir": str(final)}
 
@@ -333,12 +374,24 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0, help="initialisation and data seed (default 0)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--base-dim", type=int, default=BASE_DIM, help=f"VAE width (default {BASE_DIM})")
+    parser.add_argument("--latent-code", type=Path, default=None,
+                        help="pin the latent to this patch code (a PatchPCACodec .safetensors file); default: free")
+    parser.add_argument("--lr", type=float, default=LEARNING_RATE, help=f"peak learning rate (default {LEARNING_RATE})")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop after this many minutes of training (the steps done are saved)")
     parser.add_argument("--no-eval", action="store_true", help="skip PSNR and the evaluator on EVAL_PROMPTS")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    latent_code = None
+    if args.latent_code is not None:
+        from .codec import PatchPCACodec
+
+        latent_code = PatchPCACodec.load(args.latent_code)
     result = train_vae(args.out, steps=args.steps, seed=args.seed, threads=args.threads, progress=not args.quiet,
                        base_dim=args.base_dim, eval_prompts=() if args.no_eval else EVAL_PROMPTS,
+                       learning_rate_peak=args.lr, latent_code=latent_code,
+                       max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
                        command=["python", "-m", "memrope.runtime.demo.train_vae",
                                 *(sys.argv[1:] if argv is None else argv)])
     summary = {k: result[k] for k in ("steps", "step_s", "train_s", "threads", "vae_dir")}
