@@ -20,7 +20,7 @@ from memrope.model import MemRoPEStep, WanCausalDiT, build_dit, random_state_dic
 from memrope.pipeline import MemRoPEPipeline
 from memrope.runtime.demo import train_dit as td
 from memrope.runtime.demo.evaluate import evaluate, score
-from memrope.runtime.demo.world import render
+from memrope.runtime.demo.world import Scene, SceneObject, render
 from memrope.runtime.text import build_tiny_text_model
 from memrope.sampler import SeededNoise, build_schedule
 
@@ -147,3 +147,40 @@ def test_train_config_rejects_bad_values():
         td.TrainConfig(batch_size=8, pool_clips=4)
     with pytest.raises(TypeError, match="vae_dir_or_module"):
         td.make_codec(3.5)
+
+
+def test_foreground_mask_marks_the_object_and_nothing_else(codec):
+    scene = Scene(background="blue", objects=(SceneObject(color="yellow", shape="square", motion="right"),))
+    frames = render(scene, td.video_frames(3), height=64, width=96, seed=None)[None]
+    mask = td.foreground_mask(codec.encode(frames))  # [1, 3, 1, 8, 12]
+    assert mask.shape == (1, 3, 1, 8, 12)
+    # The square (14 px) starts at the left edge on the centre line and moves right 1.5 px/frame.
+    for t in range(3):
+        rows, cols = torch.nonzero(mask[0, t, 0], as_tuple=True)
+        assert 1 <= len(rows) <= 9, (t, len(rows))
+        centre_x = 7 + 1.5 * 4 * t  # latent frame t reads video frame 4t
+        assert set(rows.tolist()) <= {2, 3, 4, 5} and cols.min() * 8 <= centre_x + 8 and cols.max() * 8 >= centre_x - 16
+    empty = np.full((1, td.video_frames(3), 64, 96, 3), 128, dtype=np.uint8)  # a gray background alone
+    assert td.foreground_mask(codec.encode(empty)).sum() == 0
+
+
+def test_a_zero_first_block_weight_leaves_block_zero_out(codec, text_encoder):
+    cfg = CONFIG.model_config(text_dim=text_encoder.d_model)
+    dit = WanCausalDiT(cfg)
+    dit.load_state_dict(random_state_dict(cfg, seed=3))
+    run = td.demo_run(2)
+    step = MemRoPEStep(dit, CacheLayout.for_run(cfg, run), run.latent_height, run.latent_width)
+    latents, embeds = _fixed_batch(codec, text_encoder, blocks=2)
+    schedule = build_schedule(run.sampler)
+    with torch.no_grad():
+        plain = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1))
+        ones = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1),
+                            first_block_weight=torch.ones(len(latents)))
+        zeros = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1),
+                             first_block_weight=torch.zeros(len(latents)))
+        weighted = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1),
+                                foreground_weight=4.0)
+    torch.testing.assert_close(ones.per_block, plain.per_block)
+    assert zeros.per_block[0] == 0 and zeros.per_block[1] == pytest.approx(float(plain.per_block[1]), rel=1e-5)
+    # Random weights miss the object more than the flat background: weighting it raises the loss.
+    assert weighted.per_block.min() > 0 and not torch.allclose(weighted.per_block, plain.per_block)

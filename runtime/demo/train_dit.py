@@ -41,12 +41,13 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from memrope.cache import MEMORY_NONE, CacheControls, CacheLayout, CachePolicy
 from memrope.checkpoint import load_dit_state_dict, save_dit_state_dict_safetensors
 from memrope.config import RunConfig, WanConfig, model_preset
-from memrope.io import atomic_write, read_safetensors, save_safetensors_atomic
+from memrope.io import atomic_write
 from memrope.model import MemRoPEStep, WanCausalDiT, build_dit
 from memrope.sampler import Schedule, build_schedule
 
 from . import evaluate as world_eval
 from . import world
+from .codec import DEMO_HEIGHT, DEMO_WIDTH, SPATIAL_STRIDE, TEMPORAL_STRIDE, LatentCodec, PatchPCACodec
 
 logger = logging.getLogger(__name__)
 
@@ -55,12 +56,9 @@ RECORD_FILE = "train_dit.json"
 CODEC_FILE = "stand_in_codec.safetensors"
 STAND_IN = "stand-in"
 
-DEMO_HEIGHT, DEMO_WIDTH = 64, 96   # pixels (latent 8 x 12 with the 8x VAE)
-SPATIAL_STRIDE, TEMPORAL_STRIDE = 8, 4
-# The tiny tokenizer spells the world's words (ball, triangle, background, moving, ...) letter by
-# letter: the world's prompts are 43 tokens on average and up to ~78, so 16 cuts off the motion
-# and the background. 64 keeps all 50 evaluation prompts (51 at most) and 98% of random ones whole.
-DEFAULT_TEXT_LEN = 64
+# The tiny tokenizer has the world's words as whole pieces: the 50 evaluation prompts are 11 tokens
+# on average (15 at most) and random phrasings 24 at most, so 32 keeps every prompt whole.
+DEFAULT_TEXT_LEN = 32
 
 
 def _require(ok: bool, message: str) -> None:
@@ -81,12 +79,23 @@ class TrainConfig:
     warm-up over ``warmup_steps`` and a cosine decay to ``final_lr_fraction`` of ``lr``. With
     ``max_seconds``, training stops after the first step past that many seconds (the weights of
     the steps done are saved; the record says how many).
+
+    ``canonical_probability``: the fraction of clips rendered from the world's canonical start
+    (``world.render(seed=None)``); the others start where their render seed puts them and their
+    first block is left out of the loss (see :func:`clip_loss`). ``foreground_weight``: latent
+    positions where the clip differs from its background weigh ``1 + foreground_weight`` in the
+    loss (see :func:`foreground_mask`). ``context_noise``: the clean context row of each clip gets
+    Gaussian noise of a standard deviation drawn uniformly from ``[0, context_noise]`` per clip
+    (see :func:`clip_loss`).
     """
 
     batch_size: int = 8
+    canonical_probability: float = 0.5
+    foreground_weight: float = 4.0
+    context_noise: float = 0.3
     clip_blocks: int = 4
-    long_clip_blocks: int = 7
-    long_clip_probability: float = 0.25
+    long_clip_blocks: int = 8
+    long_clip_probability: float = 0.5
     two_objects_probability: float = 0.0
     pool_clips: int = 128
     fresh_clips_per_step: int = 8
@@ -113,9 +122,14 @@ class TrainConfig:
             value = getattr(self, name)
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                      f"TrainConfig.{name}={value!r} must be a non-negative int")
-        for name in ("long_clip_probability", "two_objects_probability", "final_lr_fraction"):
+        for name in ("long_clip_probability", "two_objects_probability", "final_lr_fraction",
+                     "canonical_probability"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, f"TrainConfig.{name}={value!r} must be in [0, 1]")
+        _require(self.context_noise >= 0,
+                 f"TrainConfig.context_noise={self.context_noise!r} must be non-negative")
+        _require(self.foreground_weight >= 0,
+                 f"TrainConfig.foreground_weight={self.foreground_weight!r} must be non-negative")
         _require(self.lr > 0 and self.weight_decay >= 0 and self.grad_clip > 0,
                  f"TrainConfig lr={self.lr!r}, weight_decay={self.weight_decay!r}, grad_clip={self.grad_clip!r}: "
                  "lr and grad_clip must be positive, weight_decay non-negative")
@@ -157,109 +171,8 @@ def video_frames(latent_frames: int) -> int:
 
 
 # --------------------------------------------------------------------------------------------
-# Latent codecs
+# Latent codecs (the patch code and the interface live in memrope.runtime.demo.codec)
 # --------------------------------------------------------------------------------------------
-
-class LatentCodec:
-    """Video frames <-> the DiT's normalised latents.
-
-    ``encode(frames)``: uint8 ``[B, Tv, H, W, 3]`` with ``Tv = 1 + 4 (T - 1)`` -> float32
-    ``[B, T, C, H / 8, W / 8]``. ``decode(latents)``: the inverse direction, uint8 numpy
-    ``[B, 1 + 4 (T - 1), H, W, 3]``.
-    """
-
-    name = "codec"
-    latent_channels = 16
-
-    def encode(self, frames: np.ndarray) -> torch.Tensor:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:  # pragma: no cover - interface
-        raise NotImplementedError
-
-    def describe(self) -> dict:
-        return {"name": self.name, "latent_channels": self.latent_channels}
-
-
-def _patches(frames: np.ndarray) -> np.ndarray:
-    """uint8 ``[N, H, W, 3]`` -> float32 ``[N, H/8, W/8, 192]`` in [-1, 1] (row, column, channel)."""
-    n, height, width, _ = frames.shape
-    s = SPATIAL_STRIDE
-    x = frames.astype(np.float32) / 127.5 - 1.0
-    x = x.reshape(n, height // s, s, width // s, s, 3).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, height // s, width // s, s * s * 3)
-
-
-def _unpatch(patches: np.ndarray) -> np.ndarray:
-    n, h, w, _ = patches.shape
-    s = SPATIAL_STRIDE
-    x = patches.reshape(n, h, w, s, s, 3).transpose(0, 1, 3, 2, 4, 5)
-    return x.reshape(n, h * s, w * s, 3)
-
-
-class PatchPCACodec(LatentCodec):
-    """Stand-in latent space until the demo's VAE is trained: a linear code of each 8 x 8 RGB
-    patch (its first ``channels`` principal components over world frames, each scaled to unit
-    variance), with latent frame ``k`` reading video frame ``4k`` (the last frame a causal Wan
-    latent covers) and decoding held for the 4 video frames it covers.
-
-    Same geometry as the Wan VAE (16 channels, 8x spatial, 4x temporal with the first frame
-    alone), so the DiT and the engine run unchanged; not a Wan VAE, so it cannot ship in the demo
-    folder. Round trips of the 50 evaluation prompts score 100% on every attribute.
-    """
-
-    name = "patch-pca"
-
-    def __init__(self, mean: torch.Tensor, components: torch.Tensor, scale: torch.Tensor):
-        self.mean = mean.float()               # [192]
-        self.components = components.float()   # [C, 192], orthonormal rows
-        self.scale = scale.float()             # [C]
-        self.latent_channels = int(components.shape[0])
-
-    @classmethod
-    def fit(cls, seed: int = 0, clips: int = 150, channels: int = 16) -> PatchPCACodec:
-        """Principal components of patches of ``clips`` random world clips (deterministic per seed)."""
-        rng = np.random.default_rng(seed)
-        rows = []
-        for _ in range(clips):
-            scene = world.random_scene(rng, two_objects_probability=0.2)
-            frames = world.render(scene, 41, height=DEMO_HEIGHT, width=DEMO_WIDTH,
-                                  seed=int(rng.integers(1 << 31)))[::TEMPORAL_STRIDE]
-            rows.append(_patches(frames).reshape(-1, SPATIAL_STRIDE * SPATIAL_STRIDE * 3))
-        data = np.concatenate(rows).astype(np.float64)
-        mean = data.mean(axis=0)
-        _, singular, vt = np.linalg.svd(data - mean, full_matrices=False)
-        scale = singular[:channels] / math.sqrt(data.shape[0])
-        return cls(torch.from_numpy(mean), torch.from_numpy(vt[:channels]), torch.from_numpy(scale))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {"mean": self.mean, "components": self.components, "scale": self.scale}
-
-    @classmethod
-    def load(cls, path: str | Path) -> PatchPCACodec:
-        tensors = read_safetensors(path, "stand-in latent codec")
-        return cls(tensors["mean"], tensors["components"], tensors["scale"])
-
-    def save(self, path: str | Path) -> Path:
-        return save_safetensors_atomic(self.state_dict(), path)
-
-    def encode(self, frames: np.ndarray) -> torch.Tensor:
-        b, tv = frames.shape[:2]
-        picked = frames[:, ::TEMPORAL_STRIDE]
-        t = picked.shape[1]
-        patches = torch.from_numpy(_patches(picked.reshape(b * t, *frames.shape[2:])))
-        codes = (patches - self.mean) @ self.components.T / self.scale  # [B*T, h, w, C]
-        return codes.reshape(b, t, *codes.shape[1:]).permute(0, 1, 4, 2, 3).contiguous()
-
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        b, t, c, h, w = latents.shape
-        codes = latents.detach().float().cpu().permute(0, 1, 3, 4, 2).reshape(b * t, h, w, c)
-        patches = (codes * self.scale) @ self.components + self.mean
-        images = np.clip(np.rint((_unpatch(patches.numpy()) + 1.0) * 127.5), 0, 255).astype(np.uint8)
-        images = images.reshape(b, t, *images.shape[1:])
-        held = np.repeat(images[:, 1:], TEMPORAL_STRIDE, axis=1)
-        return np.concatenate([images[:, :1], held], axis=1)
-
 
 class WanVAECodec(LatentCodec):
     """A Wan VAE (diffusers ``AutoencoderKLWan``): the encoder's mode, normalised per channel as
@@ -290,12 +203,14 @@ class WanVAECodec(LatentCodec):
 
 def make_codec(vae_dir_or_module, seed: int = 0) -> LatentCodec:
     """The codec for ``vae_dir_or_module``: a :class:`LatentCodec` as is; ``"stand-in"`` fits a
-    :class:`PatchPCACodec`; a path to a model folder (``vae/`` or ``Wan2.1_VAE.pth``) or an
+    :class:`PatchPCACodec`; a ``.safetensors`` file loads a saved one; a path to a model folder (``vae/`` or ``Wan2.1_VAE.pth``) or an
     ``AutoencoderKLWan`` module gives a :class:`WanVAECodec`."""
     if isinstance(vae_dir_or_module, LatentCodec):
         return vae_dir_or_module
     if isinstance(vae_dir_or_module, str) and vae_dir_or_module == STAND_IN:
         return PatchPCACodec.fit(seed)
+    if isinstance(vae_dir_or_module, (str, Path)) and Path(vae_dir_or_module).suffix == ".safetensors":
+        return PatchPCACodec.load(vae_dir_or_module)
     if isinstance(vae_dir_or_module, (str, Path)):
         from memrope.runtime.vae import load_vae
 
@@ -320,45 +235,49 @@ class ClipPool:
     """
 
     def __init__(self, codec: LatentCodec, text_encoder, size: int, max_blocks: int, rng: np.random.Generator,
-                 block_frames: int = 3, two_objects_probability: float = 0.0):
+                 block_frames: int = 3, two_objects_probability: float = 0.0, canonical_probability: float = 0.0):
         self.codec, self.text_encoder, self.rng = codec, text_encoder, rng
         self.latent_frames = max_blocks * block_frames
         self.two_objects_probability = two_objects_probability
+        self.canonical_probability = canonical_probability
         self.prompts: list[str] = [""] * size
-        latents, embeds, prompts = self._make(size)
-        self.latents, self.embeds = latents, embeds
+        latents, embeds, prompts, canonical = self._make(size)
+        self.latents, self.embeds, self.canonical = latents, embeds, canonical
         self.prompts = prompts
         self.clips_made = size
 
-    def _make(self, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        prompts, frames = [], []
+    def _make(self, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
+        prompts, frames, canonical = [], [], []
         for _ in range(count):
             scene = world.random_scene(self.rng, two_objects_probability=self.two_objects_probability)
             prompts.append(world.phrase(scene, self.rng))
+            seed = int(self.rng.integers(1 << 31))
+            canonical.append(bool(self.rng.random() < self.canonical_probability))
             frames.append(world.render(scene, video_frames(self.latent_frames), height=DEMO_HEIGHT,
-                                       width=DEMO_WIDTH, seed=int(self.rng.integers(1 << 31))))
+                                       width=DEMO_WIDTH, seed=None if canonical[-1] else seed))
         latents = self.codec.encode(np.stack(frames))
         embeds = self.text_encoder.encode(prompts).clone()  # out of inference mode: the pool is written in place
-        return latents.clone(), embeds, prompts
+        return latents.clone(), embeds, prompts, torch.tensor(canonical)
 
     def refresh(self, count: int) -> None:
         """Replace ``count`` clips, picked at random, with new ones."""
         if count == 0:
             return
         slots = self.rng.choice(len(self.prompts), size=count, replace=False)
-        latents, embeds, prompts = self._make(count)
+        latents, embeds, prompts, canonical = self._make(count)
         index = torch.from_numpy(slots)
         self.latents[index] = latents
         self.embeds[index] = embeds
+        self.canonical[index] = canonical
         for slot, prompt in zip(slots, prompts, strict=True):
             self.prompts[int(slot)] = prompt
         self.clips_made += count
 
-    def sample(self, batch: int, blocks: int, block_frames: int = 3) -> tuple[torch.Tensor, torch.Tensor]:
-        """``batch`` distinct clips: their first ``blocks`` blocks ``[B, blocks * F, C, H, W]`` and
-        embeddings ``[B, L, D]``."""
+    def sample(self, batch: int, blocks: int, block_frames: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``batch`` distinct clips: their first ``blocks`` blocks ``[B, blocks * F, C, H, W]``,
+        embeddings ``[B, L, D]`` and whether each starts canonically, bool ``[B]``."""
         index = torch.from_numpy(self.rng.choice(len(self.prompts), size=batch, replace=False))
-        return self.latents[index, :blocks * block_frames], self.embeds[index]
+        return self.latents[index, :blocks * block_frames], self.embeds[index], self.canonical[index]
 
 
 # --------------------------------------------------------------------------------------------
@@ -400,8 +319,25 @@ class ClipLoss:
     memory_values: list[torch.Tensor] = field(default_factory=list)
 
 
+FOREGROUND_THRESHOLD = 1.0  # latent L2 distance (unit-variance channels) from the background code
+
+
+def foreground_mask(latents: torch.Tensor, threshold: float = FOREGROUND_THRESHOLD) -> torch.Tensor:
+    """Where a clip shows something other than its background: float ``[B, T, 1, H, W]``, 1 where
+    a latent position's code is more than ``threshold`` (L2 over channels) from the frame's
+    background code (the per-channel median over the frame's positions), else 0.
+
+    An object covers about 3% of the frame, so an unweighted loss spends nearly all of a step on
+    the background, which the model learns in the first hundred steps (docs/demo_training_dit.md).
+    """
+    background = latents.flatten(3).median(dim=3).values[..., None, None]  # [B, T, C, 1, 1]
+    distance = (latents - background).norm(dim=2, keepdim=True)
+    return (distance > threshold).to(latents.dtype)
+
+
 def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prompt_embeds: torch.Tensor,
-              generator: torch.Generator) -> ClipLoss:
+              generator: torch.Generator, *, first_block_weight: torch.Tensor | None = None,
+              foreground_weight: float = 0.0, context_noise: float = 0.0) -> ClipLoss:
     """Teacher-forced flow-matching loss of a clip, block by block through the engine's cache.
 
     For block ``b``: the plan of :class:`CachePolicy` (fill, then roll with the EMA memory), the
@@ -419,8 +355,20 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
         latents: ``[B, n * F, C, H, W]`` clean latents of ``n`` whole blocks from a video's start.
         prompt_embeds: ``[B, L, D]`` (zero-padded to the DiT's text_len inside).
         generator: where the noise comes from.
+        first_block_weight: ``[B]`` weights of each clip's block 0 in the loss (default 1). A clip
+            that does not start at the world's canonical start has a block 0 the text does not
+            determine (where the object starts); it is weighted 0, and only its later blocks,
+            which the cache determines, teach the model.
+        foreground_weight: positions of :func:`foreground_mask` weigh ``1 + foreground_weight``.
+        context_noise: the clean context row (whose keys/values go into the cache) gets Gaussian
+            noise of std ``u * context_noise``, ``u`` uniform in [0, 1) per clip. At inference the
+            cache holds the model's own imperfect blocks; a model that only ever saw exact
+            contexts amplifies their errors block after block once the window rolls (measured:
+            clean first blocks, then growing patch noise from the first eviction on). The targets
+            stay the clean next blocks, so the model learns to correct, not copy, the error.
     Returns:
-        :class:`ClipLoss`; ``loss`` is the mean over blocks and steps.
+        :class:`ClipLoss`; ``loss`` is the mean over blocks and steps of the weighted mean squared
+        error (weights normalised per block, so a block's loss is an average).
     """
     dit, lay = step.dit, step.layout
     cfg = dit.config
@@ -452,6 +400,9 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
 
     policy = CachePolicy(lay)
     per_step = []
+    context_std = None
+    if context_noise:
+        context_std = context_noise * torch.rand((batch, 1, 1, 1, 1), generator=generator, dtype=torch.float32)
     for b in range(num_blocks):
         plan = policy.next_block()
         if plan.roll:
@@ -462,11 +413,19 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
         x0 = latents[:, b * block_frames:(b + 1) * block_frames].to(torch.float32)
         eps = torch.randn((steps, *x0.shape), generator=generator, dtype=torch.float32).to(device)
         noisy = (1 - sigma) * x0 + sigma * eps  # float32, as the sampler's re-noising
-        inputs = torch.cat([noisy.reshape(steps * batch, *x0.shape[1:]), x0]).to(dtype)
+        context = x0
+        if context_std is not None:
+            context = x0 + context_std.to(device) * torch.randn(x0.shape, generator=generator, dtype=torch.float32).to(device)
+        inputs = torch.cat([noisy.reshape(steps * batch, *x0.shape[1:]), context]).to(dtype)
         out = step(inputs, timestep, unused_sigma, _tile(keys, rows), _tile(values, rows), cross_k, cross_v,
                    controls, _tile(mem_keys, rows) if mem_keys else None, _tile(mem_values, rows) if mem_values else None)
         flow = out.flow[:steps * batch].float().reshape(steps, *x0.shape)
-        per_step.append(((flow - (eps - x0)) ** 2).mean(dim=(1, 2, 3, 4, 5)))
+        weight = 1.0 + foreground_weight * foreground_mask(x0) if foreground_weight else torch.ones_like(x0[:, :, :1])
+        if b == 0 and first_block_weight is not None:
+            weight = weight * first_block_weight.to(weight).view(batch, 1, 1, 1, 1)
+        weight = weight.expand_as(x0)
+        error = ((flow - (eps - x0)) ** 2 * weight).sum(dim=(1, 2, 3, 4, 5))
+        per_step.append(error / weight.sum().clamp_min(1e-6))
         clean = slice(steps * batch, rows * batch)
         keys = [_write(k, plan.write_frame, new[clean], lay) for k, new in zip(keys, out.block_keys, strict=True)]
         values = [_write(v, plan.write_frame, new[clean], lay) for v, new in zip(values, out.block_values, strict=True)]
@@ -522,7 +481,8 @@ def _write_model_config(cfg: WanConfig, path: Path, note: str) -> None:
 
 def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed: int, threads: int = 1,
               progress: bool = True, config: TrainConfig | None = None,
-              init_weights: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu") -> dict:
+              init_weights: dict[str, torch.Tensor] | None = None, device: str | torch.device = "cpu",
+              save_every: int | None = None) -> dict:
     """Train the demo DiT and write it to ``out_dir``; return the training record.
 
     Args:
@@ -538,6 +498,8 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
         init_weights: start from these weights instead of a fresh initialisation.
         device: where the DiT trains (data, text encoding and noise draws stay on the CPU, so a
             seed gives the same clips and noise on any device).
+        save_every: also write the weights and ``config.json`` every this many steps (atomically),
+            so a run can be scored while it trains.
     Returns:
         ``{"config", "model", "codec", "steps", "seconds", "seconds_per_step", "losses": [[step,
         loss, per-step losses...], ...], "final_loss", "weights"}``.
@@ -557,7 +519,8 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
         if codec.latent_channels != model_cfg.in_dim:
             raise ValueError(f"the codec has {codec.latent_channels} latent channels, the DiT takes {model_cfg.in_dim}")
         pool = ClipPool(codec, text_encoder, cfg.pool_clips, cfg.max_blocks, rng,
-                        two_objects_probability=cfg.two_objects_probability)
+                        two_objects_probability=cfg.two_objects_probability,
+                        canonical_probability=cfg.canonical_probability)
         run = demo_run(cfg.max_blocks)
         layout = CacheLayout.for_run(model_cfg, run)
         schedule = build_schedule(run.sampler)
@@ -591,10 +554,12 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
                 pool.refresh(cfg.fresh_clips_per_step if i else 0)
                 long = rng.random() < cfg.long_clip_probability
                 blocks = cfg.long_clip_blocks if long else cfg.clip_blocks
-                latents, embeds = pool.sample(cfg.batch_size, blocks)
+                latents, embeds, canonical = pool.sample(cfg.batch_size, blocks)
                 latents, embeds = latents.to(device), embeds.to(device)
                 with sdpa_kernel(kernels):
-                    result = clip_loss(step_module, schedule, latents, embeds, noise)
+                    result = clip_loss(step_module, schedule, latents, embeds, noise,
+                                       first_block_weight=canonical.float().to(device),
+                                       foreground_weight=cfg.foreground_weight, context_noise=cfg.context_noise)
                     optimiser.zero_grad(set_to_none=True)
                     result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.grad_clip)
@@ -610,6 +575,12 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
                 if bar is not None:
                     bar.update(1)
                 done = i + 1
+                if save_every and done % save_every == 0 and done < steps:
+                    out_dir.mkdir(parents=True, exist_ok=True)
+                    save_dit_state_dict_safetensors({k: v.detach().to("cpu", copy=True) for k, v in dit.state_dict().items()},
+                                                    out_dir / WEIGHTS_FILE)
+                    _write_model_config(model_cfg, out_dir / "config.json",
+                                        f"memrope demo DiT after {done} of {steps} steps (training)")
                 if cfg.max_seconds is not None and time.perf_counter() - train_start > cfg.max_seconds:
                     if done % cfg.log_every:
                         mean = torch.stack(window).mean(dim=0)
@@ -747,6 +718,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--eval-prompts", type=int, default=10,
                         help="score the engine on this many of the 50 evaluation prompts afterwards (0: skip)")
     parser.add_argument("--eval-seconds", type=float, default=10.0)
+    parser.add_argument("--save-every", type=int, default=None,
+                        help="also write the weights every this many steps (to score a run while it trains)")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -761,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                          max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
     codec = make_codec(args.vae, seed=args.seed)
     record = train_dit(codec, text_dir, args.out, steps=args.steps, seed=args.seed, threads=args.threads,
-                       progress=not args.no_progress, config=config, device=args.device)
+                       progress=not args.no_progress, config=config, device=args.device, save_every=args.save_every)
     summary = {k: record[k] for k in ("steps", "seconds", "seconds_per_step", "final_loss", "weights")}
     if args.eval_prompts > 0:
         torch.set_num_threads(args.threads)
