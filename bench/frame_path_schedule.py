@@ -114,14 +114,13 @@ def measure(artifact_dir: Path, rounds: int) -> list[dict]:
 
 
 def export(preset_name: str, workdir: Path) -> Path:
-    from memrope.config import model_preset
     from memrope.export.onnx_export import export_artifact
     from memrope.model import build_dit, random_state_dict
-    from memrope.runtime.bench import BENCH_PRESETS, bench_run_config, bench_vae
+    from memrope.runtime.bench import BENCH_PRESETS, bench_model, bench_run_config, bench_vae
     from memrope.vae import WanStreamingDecoder
 
     preset = BENCH_PRESETS[preset_name]
-    model = model_preset(preset.model)
+    model = bench_model(preset)
     run = bench_run_config(model, preset.height, preset.width, 4)
     path = workdir / preset_name
     export_artifact(build_dit(model, random_state_dict(model)), run, path, height=preset.height, width=preset.width,

@@ -98,18 +98,17 @@ def bf16_error(preset_name: str, device: str, backend: str, blocks: int, seed: i
     off), same random weights, prompt embeddings and noise. Runs in its own process."""
     import torch
 
-    from memrope.config import model_preset
     from memrope.engine.compiled_backend import CompiledBackend
     from memrope.engine.eager_backend import EagerBackend
     from memrope.model import build_dit, random_state_dict
     from memrope.pipeline import MemRoPEPipeline
-    from memrope.runtime.bench import BENCH_PRESETS, bench_run_config
+    from memrope.runtime.bench import BENCH_PRESETS, bench_model, bench_run_config
     from memrope.sampler import StreamingSeededNoise
 
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     preset = BENCH_PRESETS[preset_name]
-    model = model_preset(preset.model)
+    model = bench_model(preset)
     run = bench_run_config(model, preset.height, preset.width, blocks)
     weights = random_state_dict(model, seed=1234 + seed)
     embeds = torch.randn(1, model.text_len, model.text_dim, generator=torch.Generator().manual_seed(seed + 1))

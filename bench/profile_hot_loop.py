@@ -65,9 +65,9 @@ def _inside_backend(event) -> bool:
 
 def profile_backend(name: str, preset_name: str, warm_blocks: int, profiled_blocks: int) -> dict:
     preset = BENCH_PRESETS[preset_name]
-    from memrope.config import model_preset
+    from memrope.runtime.bench import bench_model
 
-    model = model_preset(preset.model)
+    model = bench_model(preset)
     blocks = warm_blocks + profiled_blocks
     run = bench_run_config(model, preset.height, preset.width, blocks)
     with tempfile.TemporaryDirectory() as work:

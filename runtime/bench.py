@@ -70,15 +70,20 @@ BACKENDS = ("eager", "compiled", "onnxruntime", "tensorrt")
 
 @dataclass(frozen=True)
 class BenchPreset:
+    """A bench size: the ``model`` preset's architecture and random weights at ``height`` x
+    ``width`` pixels with the ``vae`` of :data:`BENCH_VAES`, or, with ``trained``, the embedded
+    demo model's own architecture, weights and VAE (:func:`memrope.runtime.t2v.ensure_demo_model`)."""
+
     model: str
     height: int
     width: int
     vae: str = "tiny"    # a key of BENCH_VAES
+    trained: bool = False
 
 
 BENCH_PRESETS = {
     "tiny": BenchPreset("tiny", 32, 48),
-    "demo": BenchPreset("tiny", 64, 96),              # the embedded demo's model and video size
+    "demo": BenchPreset("tiny", 64, 96, trained=True),  # the embedded demo model at its video size
     "mid": BenchPreset("mid", 96, 128, vae="mid"),
     "wan-1.3b": BenchPreset("wan-1.3b", 480, 832, vae="wan2.1"),
 }
@@ -180,9 +185,25 @@ def _percentile(values: list[float], q: float) -> float:
     return ordered[lo] + (ordered[hi] - ordered[lo]) * (k - lo)
 
 
+def bench_model(preset: BenchPreset) -> WanConfig:
+    """The DiT architecture the preset runs."""
+    if preset.trained:
+        from memrope.runtime.t2v import ensure_demo_model
+
+        return WanConfig.from_json(ensure_demo_model() / "config.json")
+    return model_preset(preset.model)
+
+
 def bench_vae(preset: BenchPreset, seed: int = 0):
-    """The preset's random-weight diffusers ``AutoencoderKLWan`` (float32, CPU, seeded)."""
+    """The preset's diffusers ``AutoencoderKLWan`` (float32, CPU): random weights (seeded), or the
+    demo model's trained VAE for a ``trained`` preset."""
     from diffusers import AutoencoderKLWan
+
+    if preset.trained:
+        from memrope.runtime.t2v import ensure_demo_model
+        from memrope.runtime.vae import load_vae
+
+        return load_vae(ensure_demo_model()).float().eval().requires_grad_(False)
 
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -206,21 +227,26 @@ def bench_threads(threads: int | None = None) -> int:
 def make_bench_backend(name: str, preset: BenchPreset, model: WanConfig, run: RunConfig, device: torch.device,
                        dtype: torch.dtype, workdir: Path, threads: int | None = None) -> Backend:
     """Backend ``name`` for the bench, through the one loader (:mod:`memrope.runtime.load`):
-    eager and compiled run the preset's random weights; ONNX Runtime and TensorRT run an
-    artifact of them exported once into ``workdir`` (with the bench VAE); ``threads``: ONNX
-    Runtime's intra-op threads (``None``: its default)."""
+    eager and compiled run the preset's weights (random, or the demo model's for a ``trained``
+    preset); ONNX Runtime and TensorRT run an artifact of them exported once into ``workdir``
+    (with the bench VAE); ``threads``: ONNX Runtime's intra-op threads (``None``: its default)."""
     from memrope.runtime.load import LoadRequest, resolve
 
     dtype_name = str(dtype).removeprefix("torch.")
-    base = LoadRequest(preset=preset.model, run=run, backend="eager", device=str(device), dtype=dtype_name,
-                       decode=False, text=False)
+    model_dir = None
+    if preset.trained:
+        from memrope.runtime.t2v import ensure_demo_model
+
+        model_dir = ensure_demo_model()
+    base = LoadRequest(preset=preset.model, model_dir=model_dir, run=run, backend="eager", device=str(device),
+                       dtype=dtype_name, decode=False, text=False)
     if name in ("eager", "compiled"):
         return resolve(replace(base, backend=name)).load_backend()
     from memrope.export.onnx_export import export_artifact
 
     # ONNX Runtime's CPU provider has no bf16/fp16 kernels.
     export_dtype = torch.float32 if device.type == "cpu" else dtype
-    artifact = workdir / f"{preset.model}_{export_dtype}".replace("torch.", "")
+    artifact = workdir / f"{'demo' if preset.trained else preset.model}_{export_dtype}".replace("torch.", "")
     if not artifact.exists():
         from memrope.vae import WanStreamingDecoder
 
@@ -268,7 +294,7 @@ def bench_backend(name: str, preset: BenchPreset, blocks: int, warmup_blocks: in
     torch.manual_seed(seed)
     dev = torch.device(device)
     torch_dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    model = model_preset(preset.model)
+    model = bench_model(preset)
     run = bench_run_config(model, preset.height, preset.width, blocks)
     device_baseline = _device_used_bytes(dev)
     backend = TimedBackend(make_bench_backend(name, preset, model, run, dev, torch_dtype, Path(workdir), threads))
@@ -532,7 +558,7 @@ def run_bench(preset: BenchPreset, backends: list[str], blocks: int, warmup_bloc
     (:func:`bench_threads` of ``threads``); returns the JSON document."""
     if blocks < 4:
         raise ValueError(f"--blocks must be at least 4 (a steady state needs a few blocks), got {blocks}")
-    bench_run_config(model_preset(preset.model), preset.height, preset.width, blocks)  # validates the size
+    bench_run_config(bench_model(preset), preset.height, preset.width, blocks)  # validates the size
     threads = bench_threads(threads)
     dev = torch.device(device)
     results = []
@@ -619,12 +645,13 @@ def _meta(preset: BenchPreset, device: str, dtype: str, blocks: int, warmup: int
             versions[pkg] = md.version(pkg)
     cpu = cpu_name()
     gpu = torch.cuda.get_device_name() if device.startswith("cuda") and torch.cuda.is_available() else None
-    model = model_preset(preset.model)
+    model = bench_model(preset)
     run = bench_run_config(model, preset.height, preset.width, blocks)
     layout = CacheLayout.build(run.cache, frame_tokens(model, run.latent_height, run.latent_width))
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "machine": {"cpu": cpu, "cores": os.cpu_count(), "gpu": gpu, "platform": platform.platform()},
-            "versions": versions, "preset": {"model": preset.model, "height": preset.height, "width": preset.width,
+            "versions": versions, "preset": {"model": preset.model, "trained": preset.trained,
+                                             "height": preset.height, "width": preset.width,
                                              "model_config": model.__dict__},
             "cache_layout": layout.describe(), "device": device, "dtype": dtype, "blocks": blocks,
             "warmup_blocks": warmup, "peak_tflops": peak_tflops}
