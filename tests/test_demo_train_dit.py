@@ -184,3 +184,20 @@ def test_a_zero_first_block_weight_leaves_block_zero_out(codec, text_encoder):
     assert zeros.per_block[0] == 0 and zeros.per_block[1] == pytest.approx(float(plain.per_block[1]), rel=1e-5)
     # Random weights miss the object more than the flat background: weighting it raises the loss.
     assert weighted.per_block.min() > 0 and not torch.allclose(weighted.per_block, plain.per_block)
+
+
+def test_an_anchored_clip_starts_where_its_first_noise_is_largest(codec, text_encoder):
+    noise = torch.zeros(3, 16, 8, 12)
+    noise[0, 0, 4:6, 8:10] = 3.0  # token (row 2, column 4) of the 4 x 6 token grid
+    assert td.noise_anchor_px(noise) == (4 * 16 + 8, 2 * 16 + 8)
+    noise[1, 0, 0:2, 0:2] = 9.0   # later frames and other channels do not count
+    noise[0, 1, 0:2, 0:2] = 9.0
+    assert td.noise_anchor_px(noise) == (72.0, 40.0)
+
+    pool = td.ClipPool(codec, text_encoder, 6, 1, np.random.default_rng(3), anchor_probability=1.0)
+    assert pool.canonical.all() and pool.first_noise.shape == (6, 3, 16, 8, 12)
+    for latents, first_noise in zip(pool.latents, pool.first_noise, strict=True):
+        x_px, y_px = td.noise_anchor_px(first_noise)
+        rows, cols = torch.nonzero(td.foreground_mask(latents[None])[0, 0, 0], as_tuple=True)
+        # The object's latent pixels in frame 0 surround the anchor (8 px per latent pixel).
+        assert abs(float(cols.float().mean()) * 8 + 4 - x_px) <= 12 and abs(float(rows.float().mean()) * 8 + 4 - y_px) <= 12

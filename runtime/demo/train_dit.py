@@ -82,7 +82,9 @@ class TrainConfig:
 
     ``canonical_probability``: the fraction of clips rendered from the world's canonical start
     (``world.render(seed=None)``); the others start where their render seed puts them and their
-    first block is left out of the loss (see :func:`clip_loss`). ``foreground_weight``: latent
+    first block is left out of the loss (see :func:`clip_loss`), except ``anchor_probability`` of
+    them, whose object starts at :func:`noise_anchor_px` of the noise their first block is
+    denoised from (so that block is a function of the prompt and that noise). ``foreground_weight``: latent
     positions where the clip differs from its background weigh ``1 + foreground_weight`` in the
     loss (see :func:`foreground_mask`). ``context_noise``: the clean context row of each clip gets
     Gaussian noise of a standard deviation drawn uniformly from ``[0, context_noise]`` per clip
@@ -91,6 +93,7 @@ class TrainConfig:
 
     batch_size: int = 8
     canonical_probability: float = 0.5
+    anchor_probability: float = 0.0
     foreground_weight: float = 4.0
     context_noise: float = 0.3
     clip_blocks: int = 4
@@ -123,9 +126,12 @@ class TrainConfig:
             _require(isinstance(value, int) and not isinstance(value, bool) and value >= 0,
                      f"TrainConfig.{name}={value!r} must be a non-negative int")
         for name in ("long_clip_probability", "two_objects_probability", "final_lr_fraction",
-                     "canonical_probability"):
+                     "canonical_probability", "anchor_probability"):
             value = getattr(self, name)
             _require(0.0 <= value <= 1.0, f"TrainConfig.{name}={value!r} must be in [0, 1]")
+        _require(self.canonical_probability + self.anchor_probability <= 1.0,
+                 f"TrainConfig.canonical_probability + anchor_probability = "
+                 f"{self.canonical_probability + self.anchor_probability!r} must be <= 1")
         _require(self.context_noise >= 0,
                  f"TrainConfig.context_noise={self.context_noise!r} must be non-negative")
         _require(self.foreground_weight >= 0,
@@ -225,6 +231,24 @@ def make_codec(vae_dir_or_module, seed: int = 0) -> LatentCodec:
 # Data
 # --------------------------------------------------------------------------------------------
 
+def noise_anchor_px(first_noise: torch.Tensor, patch: tuple[int, int] = (2, 2)) -> tuple[float, float]:
+    """Where an object placed by the noise starts: the centre ``(x, y)`` in pixels of the DiT token
+    (``patch`` latent pixels) whose first-step noise ``[F, C, h, w]`` (a block's, at t = 1000) has
+    the largest sum over channel 0 of its first frame.
+
+    The DiT has no absolute position (a strided patch embedding and RoPE's offsets), so from pure
+    noise it cannot put an object at a fixed place; it can find the token where the noise is
+    largest (an attention softmax over positions) and draw there. A clip rendered from this start
+    makes the first block a function of the prompt and the noise, which regression can learn.
+    """
+    field = first_noise[0, 0].float()
+    h, w = field.shape
+    ph, pw = patch
+    tokens = field.reshape(h // ph, ph, w // pw, pw).sum(dim=(1, 3))
+    i, j = divmod(int(tokens.argmax()), tokens.shape[1])
+    return float((j * pw + pw / 2) * SPATIAL_STRIDE), float((i * ph + ph / 2) * SPATIAL_STRIDE)
+
+
 class ClipPool:
     """World clips as the DiT trains on them: clean latents and prompt embeddings.
 
@@ -235,49 +259,63 @@ class ClipPool:
     """
 
     def __init__(self, codec: LatentCodec, text_encoder, size: int, max_blocks: int, rng: np.random.Generator,
-                 block_frames: int = 3, two_objects_probability: float = 0.0, canonical_probability: float = 0.0):
+                 block_frames: int = 3, two_objects_probability: float = 0.0, canonical_probability: float = 0.0,
+                 anchor_probability: float = 0.0):
         self.codec, self.text_encoder, self.rng = codec, text_encoder, rng
+        self.block_frames = block_frames
+        self.anchor_probability = anchor_probability
         self.latent_frames = max_blocks * block_frames
         self.two_objects_probability = two_objects_probability
         self.canonical_probability = canonical_probability
         self.prompts: list[str] = [""] * size
-        latents, embeds, prompts, canonical = self._make(size)
-        self.latents, self.embeds, self.canonical = latents, embeds, canonical
+        latents, embeds, prompts, canonical, first_noise = self._make(size)
+        self.latents, self.embeds, self.canonical, self.first_noise = latents, embeds, canonical, first_noise
         self.prompts = prompts
         self.clips_made = size
 
-    def _make(self, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor]:
-        prompts, frames, canonical = [], [], []
+    def _make(self, count: int) -> tuple[torch.Tensor, torch.Tensor, list[str], torch.Tensor, torch.Tensor]:
+        prompts, frames, known, noises = [], [], [], []
+        shape = (self.block_frames, self.codec.latent_channels, DEMO_HEIGHT // SPATIAL_STRIDE, DEMO_WIDTH // SPATIAL_STRIDE)
         for _ in range(count):
             scene = world.random_scene(self.rng, two_objects_probability=self.two_objects_probability)
             prompts.append(world.phrase(scene, self.rng))
             seed = int(self.rng.integers(1 << 31))
-            canonical.append(bool(self.rng.random() < self.canonical_probability))
-            frames.append(world.render(scene, video_frames(self.latent_frames), height=DEMO_HEIGHT,
-                                       width=DEMO_WIDTH, seed=None if canonical[-1] else seed))
+            first_noise = torch.from_numpy(self.rng.standard_normal(shape, dtype=np.float32))
+            draw = self.rng.random()
+            canonical = draw < self.canonical_probability
+            anchored = not canonical and draw < self.canonical_probability + self.anchor_probability
+            start = noise_anchor_px(first_noise) if anchored else None
+            frames.append(world.render(scene, video_frames(self.latent_frames), height=DEMO_HEIGHT, width=DEMO_WIDTH,
+                                       seed=None if canonical else seed, start_px=start))
+            known.append(canonical or anchored)
+            noises.append(first_noise)
         latents = self.codec.encode(np.stack(frames))
         embeds = self.text_encoder.encode(prompts).clone()  # out of inference mode: the pool is written in place
-        return latents.clone(), embeds, prompts, torch.tensor(canonical)
+        return latents.clone(), embeds, prompts, torch.tensor(known), torch.stack(noises)
 
     def refresh(self, count: int) -> None:
         """Replace ``count`` clips, picked at random, with new ones."""
         if count == 0:
             return
         slots = self.rng.choice(len(self.prompts), size=count, replace=False)
-        latents, embeds, prompts, canonical = self._make(count)
+        latents, embeds, prompts, canonical, first_noise = self._make(count)
         index = torch.from_numpy(slots)
         self.latents[index] = latents
         self.embeds[index] = embeds
         self.canonical[index] = canonical
+        self.first_noise[index] = first_noise
         for slot, prompt in zip(slots, prompts, strict=True):
             self.prompts[int(slot)] = prompt
         self.clips_made += count
 
-    def sample(self, batch: int, blocks: int, block_frames: int = 3) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(self, batch: int, blocks: int, block_frames: int = 3) -> tuple[torch.Tensor, ...]:
         """``batch`` distinct clips: their first ``blocks`` blocks ``[B, blocks * F, C, H, W]``,
-        embeddings ``[B, L, D]`` and whether each starts canonically, bool ``[B]``."""
+        embeddings ``[B, L, D]``, whether each one's first block is known from the prompt (and
+        its first noise), bool ``[B]``, and the noise the first block is denoised from at its
+        first step, ``[B, F, C, H, W]``."""
         index = torch.from_numpy(self.rng.choice(len(self.prompts), size=batch, replace=False))
-        return self.latents[index, :blocks * block_frames], self.embeds[index], self.canonical[index]
+        return (self.latents[index, :blocks * block_frames], self.embeds[index], self.canonical[index],
+                self.first_noise[index])
 
 
 # --------------------------------------------------------------------------------------------
@@ -337,7 +375,8 @@ def foreground_mask(latents: torch.Tensor, threshold: float = FOREGROUND_THRESHO
 
 def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prompt_embeds: torch.Tensor,
               generator: torch.Generator, *, first_block_weight: torch.Tensor | None = None,
-              foreground_weight: float = 0.0, context_noise: float = 0.0) -> ClipLoss:
+              foreground_weight: float = 0.0, context_noise: float = 0.0,
+              first_noise: torch.Tensor | None = None) -> ClipLoss:
     """Teacher-forced flow-matching loss of a clip, block by block through the engine's cache.
 
     For block ``b``: the plan of :class:`CachePolicy` (fill, then roll with the EMA memory), the
@@ -366,6 +405,8 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
             contexts amplifies their errors block after block once the window rolls (measured:
             clean first blocks, then growing patch noise from the first eviction on). The targets
             stay the clean next blocks, so the model learns to correct, not copy, the error.
+        first_noise: ``[B, F, C, H, W]``, the noise of block 0's first step (t = 1000, where the
+            input is the noise itself); default: drawn like the others.
     Returns:
         :class:`ClipLoss`; ``loss`` is the mean over blocks and steps of the weighted mean squared
         error (weights normalised per block, so a block's loss is an average).
@@ -412,6 +453,8 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
         controls.set(lay, plan, first_call=True)
         x0 = latents[:, b * block_frames:(b + 1) * block_frames].to(torch.float32)
         eps = torch.randn((steps, *x0.shape), generator=generator, dtype=torch.float32).to(device)
+        if b == 0 and first_noise is not None:
+            eps[0] = first_noise.to(eps)
         noisy = (1 - sigma) * x0 + sigma * eps  # float32, as the sampler's re-noising
         context = x0
         if context_std is not None:
@@ -520,7 +563,7 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
             raise ValueError(f"the codec has {codec.latent_channels} latent channels, the DiT takes {model_cfg.in_dim}")
         pool = ClipPool(codec, text_encoder, cfg.pool_clips, cfg.max_blocks, rng,
                         two_objects_probability=cfg.two_objects_probability,
-                        canonical_probability=cfg.canonical_probability)
+                        canonical_probability=cfg.canonical_probability, anchor_probability=cfg.anchor_probability)
         run = demo_run(cfg.max_blocks)
         layout = CacheLayout.for_run(model_cfg, run)
         schedule = build_schedule(run.sampler)
@@ -554,12 +597,13 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
                 pool.refresh(cfg.fresh_clips_per_step if i else 0)
                 long = rng.random() < cfg.long_clip_probability
                 blocks = cfg.long_clip_blocks if long else cfg.clip_blocks
-                latents, embeds, canonical = pool.sample(cfg.batch_size, blocks)
+                latents, embeds, canonical, first_noise = pool.sample(cfg.batch_size, blocks)
                 latents, embeds = latents.to(device), embeds.to(device)
                 with sdpa_kernel(kernels):
                     result = clip_loss(step_module, schedule, latents, embeds, noise,
                                        first_block_weight=canonical.float().to(device),
-                                       foreground_weight=cfg.foreground_weight, context_noise=cfg.context_noise)
+                                       foreground_weight=cfg.foreground_weight, context_noise=cfg.context_noise,
+                                       first_noise=first_noise.to(device))
                     optimiser.zero_grad(set_to_none=True)
                     result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.grad_clip)
@@ -709,6 +753,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after this many minutes of training (the weights of the steps done are saved)")
     parser.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    parser.add_argument("--canonical-probability", type=float, default=TrainConfig.canonical_probability,
+                        help="clips from the world's canonical start")
+    parser.add_argument("--anchor-probability", type=float, default=TrainConfig.anchor_probability,
+                        help="clips whose object starts where the first block's first noise is largest")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN)
     parser.add_argument("--dim", type=int, default=None, help="DiT width (default: the tiny preset's 64)")
@@ -729,7 +777,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from memrope.runtime.t2v import ensure_demo_model
 
         text_dir = ensure_demo_model()
-    config = TrainConfig(batch_size=args.batch_size, lr=args.lr, text_len=args.text_len, dim=args.dim,
+    config = TrainConfig(batch_size=args.batch_size, canonical_probability=args.canonical_probability,
+                         anchor_probability=args.anchor_probability, lr=args.lr, text_len=args.text_len, dim=args.dim,
                          num_layers=args.num_layers, num_heads=args.num_heads, ffn_dim=args.ffn_dim,
                          max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
     codec = make_codec(args.vae, seed=args.seed)

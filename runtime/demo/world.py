@@ -467,15 +467,18 @@ def _reflect(position_px: np.ndarray, low_px: float, high_px: float) -> np.ndarr
 
 
 def trajectories(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGHT,
-                 width: int = REFERENCE_WIDTH, seed: int | None = 0) -> np.ndarray:
+                 width: int = REFERENCE_WIDTH, seed: int | None = 0,
+                 start_px: tuple[float, float] | None = None) -> np.ndarray:
     """Bounding-box centres of every object in every frame, ``[N, T, 2]`` (x, y) in pixels.
 
     The seed picks each object's start (uniform over where it fits; for left/right/up/down, in the
     half of its travel that leaves the longer run ahead) and, for "bouncing", one of the four
     diagonals. ``seed=None`` is the canonical start the demo model is trained on, a function of
     the motion alone: left/right/up/down from the far end of the travel, on the frame's centre
-    line; bouncing from the centre towards the lower right; still at the centre. Positions follow
-    ``start + velocity * t`` folded at the walls.
+    line; bouncing from the centre towards the lower right; still at the centre. ``start_px``
+    ``(x, y)``: the first object starts there instead (moved inside the walls if it does not
+    fit; bouncing towards the lower right). Positions follow ``start + velocity * t`` folded at
+    the walls.
     """
     _check_size(num_frames, height, width)
     canonical = seed is None
@@ -496,20 +499,26 @@ def trajectories(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGH
                 u_x = 0.0 if obj.motion == "right" else 1.0
             elif obj.motion in ("up", "down"):
                 u_y = 0.0 if obj.motion == "down" else 1.0
+        placed = start_px is not None and n == 0
+        if placed:
+            diagonal = 3
         x0 = x_low + u_x * (x_high - x_low)
         y0 = y_low + u_y * (y_high - y_low)
         vx = vy = 0.0
         if obj.motion in ("left", "right"):
             vx = speed if obj.motion == "right" else -speed
-            if not canonical:
+            if not canonical and not placed:
                 x0 = x_low + (0.5 * u_x if vx > 0 else 0.5 + 0.5 * u_x) * (x_high - x_low)
         elif obj.motion in ("up", "down"):
             vy = speed if obj.motion == "down" else -speed
-            if not canonical:
+            if not canonical and not placed:
                 y0 = y_low + (0.5 * u_y if vy > 0 else 0.5 + 0.5 * u_y) * (y_high - y_low)
         elif obj.motion == "bouncing":
             vx = speed / np.sqrt(2.0) * (1 if diagonal & 1 else -1)
             vy = speed / np.sqrt(2.0) * (1 if diagonal & 2 else -1)
+        if placed:
+            x0 = float(np.clip(start_px[0], x_low, x_high))
+            y0 = float(np.clip(start_px[1], y_low, y_high))
         out[n, :, 0] = _reflect(x0 + vx * t, x_low, x_high)
         out[n, :, 1] = _reflect(y0 + vy * t, y_low, y_high)
     return out
@@ -535,9 +544,9 @@ def _coverage(shape: str, dx: np.ndarray, dy: np.ndarray, scale: float) -> np.nd
 
 
 def render(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGHT, width: int = REFERENCE_WIDTH,
-           seed: int | None = 0) -> np.ndarray:
+           seed: int | None = 0, start_px: tuple[float, float] | None = None) -> np.ndarray:
     """Render ``scene`` for ``num_frames`` frames: uint8 RGB ``[T, H, W, 3]``, deterministic per seed
-    (``None``: the canonical start, see :func:`trajectories`).
+    (``None``: the canonical start; ``start_px``: the first object's start; see :func:`trajectories`).
 
     ``scene`` may also be a prompt string (read with :func:`parse_prompt`).
 
@@ -549,7 +558,7 @@ def render(scene: Scene, num_frames: int, *, height: int = REFERENCE_HEIGHT, wid
         scene = parse_prompt(scene)
     if not isinstance(scene, Scene):
         raise TypeError(f"scene must be a Scene or a prompt string, got {type(scene).__name__}")
-    centres_px = trajectories(scene, num_frames, height=height, width=width, seed=seed)
+    centres_px = trajectories(scene, num_frames, height=height, width=width, seed=seed, start_px=start_px)
     scale = size_scale(height, width)
     frames = np.empty((num_frames, height, width, 3), dtype=np.uint8)
     frames[...] = BACKGROUND_COLORS[scene.background]
