@@ -351,6 +351,7 @@ class ClipLoss:
     loss: torch.Tensor
     per_step: torch.Tensor
     per_block: torch.Tensor
+    table: torch.Tensor = field(default_factory=lambda: torch.empty(0))  # [n, R]: per block and step
     keys: list[torch.Tensor] = field(default_factory=list)
     values: list[torch.Tensor] = field(default_factory=list)
     memory_keys: list[torch.Tensor] = field(default_factory=list)
@@ -480,8 +481,8 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
     def detached(tensors: list[torch.Tensor] | None) -> list[torch.Tensor]:
         return [t.detach() for t in tensors or []]
 
-    return ClipLoss(table.mean(), table.detach().mean(dim=0), table.detach().mean(dim=1), detached(keys),
-                    detached(values), detached(mem_keys), detached(mem_values))
+    return ClipLoss(table.mean(), table.detach().mean(dim=0), table.detach().mean(dim=1), table.detach(),
+                    detached(keys), detached(values), detached(mem_keys), detached(mem_values))
 
 
 # --------------------------------------------------------------------------------------------
