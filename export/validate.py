@@ -28,6 +28,9 @@ from memrope.sampler import StreamingSeededNoise
 
 logger = logging.getLogger(__name__)
 
+# Per call, an output may differ by this much times max(1, its largest eager magnitude): float32
+# rounding grows with the values, and a trained model's flows reach tens where random weights'
+# stay near 1 (the demo model's differ by 1.2e-5 at magnitudes around 20).
 PER_CALL_ATOL = 1e-5
 
 
@@ -154,27 +157,30 @@ def validation_blocks(step: MemRoPEStep) -> int:
 
 
 def _compare(runners, feeds: list[dict], labels: list[str], atol: float) -> tuple[list[dict], list[str]]:
-    from polygraphy.comparator import Comparator, SimpleCompareFunc
+    from polygraphy.comparator import Comparator
     from polygraphy.logger import G_LOGGER
 
     severity = G_LOGGER.module_severity
     G_LOGGER.module_severity = G_LOGGER.ERROR
     try:
         results = Comparator.run(runners, data_loader=feeds)
-        accuracy = Comparator.compare_accuracy(results, compare_func=SimpleCompareFunc(atol=atol, rtol=0.0))
     finally:
         G_LOGGER.module_severity = severity
     (_, eager_iters), (_, ort_iters) = results[0], results[1]
     rows, failures = [], []
     for label, eager, ort in zip(labels, eager_iters, ort_iters, strict=True):
-        errors = {name: float(np.max(np.abs(eager[name].astype(np.float64) - ort[name].astype(np.float64))))
+        errors = {name: float("inf") if ort[name].shape != eager[name].shape else
+                  float(np.max(np.abs(eager[name].astype(np.float64) - ort[name].astype(np.float64))))
                   if eager[name].size else 0.0 for name in eager}
+        tolerances = {name: atol * max(1.0, float(np.max(np.abs(eager[name]))) if eager[name].size else 1.0)
+                      for name in eager}
         worst = max(errors, key=errors.get)
         rows.append({"call": label, "max_abs_error": errors[worst], "worst_output": worst, "errors": errors})
-        failures += [f"{label}: {name} max abs error {err:.3e} > {atol:.0e}"
-                     for name, err in errors.items() if err > atol]
-    if not bool(accuracy) and not failures:
-        failures.append("Polygraphy's comparator reported a mismatch (see its log)")
+        failures += [f"{label}: {name} max abs error {err:.3e} > {tolerances[name]:.1e} "
+                     f"({atol:.0e} x max(1, max |eager|))"
+                     for name, err in errors.items() if not err <= tolerances[name]]  # NaN fails too
+        failures += [f"{label}: {name} shape {list(ort[name].shape)} != eager {list(eager[name].shape)}"
+                     for name in eager if ort[name].shape != eager[name].shape]
     return rows, failures
 
 
