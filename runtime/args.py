@@ -34,8 +34,8 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                      help="DiT weights: Self-Forcing/LongLive .pt, a Wan2.1 .safetensors or a Wan2.1 folder")
     src.add_argument("--model-config", type=Path, help="Wan config.json (default: the checkpoint folder's)")
     src.add_argument("--preset", choices=PRESETS,
-                     help="architecture preset; without --checkpoint the weights are RANDOM ('tiny' without "
-                          "--checkpoint is the embedded demo model)")
+                     help="architecture preset; without --checkpoint the weights are RANDOM, except 'tiny' with "
+                          "text or video: the embedded demo model, trained on a toy world of moving shapes")
     src.add_argument("--lora", type=Path, help="LongLive LoRA .pt merged into the weights at load")
     src.add_argument("--use-ema", dest="use_ema", action="store_true", default=None,
                      help="load generator_ema (default: the YAML's use_ema)")

@@ -34,8 +34,9 @@ logger = logging.getLogger(__name__)
 
 VIDEO_FPS = 16                    # Wan2.1
 MAX_SECONDS = 6 * 3600.0          # beyond this, a typo is likelier than a wish
-DEMO_VERSION = "demo-v2"           # v2: the tiny tokenizer knows the demo prompts' words (fox, trotting, ...)
-DEMO_PROMPT = "a red fox trotting through fresh snow at dawn"
+# v3: the model trained on the demo world (memrope/runtime/demo/weights), copied from the package.
+DEMO_VERSION = "demo-v3"
+DEMO_PROMPT = "a red ball bouncing on a blue background"
 DEMO_LATENT = (8, 12)             # latent height, width of the demo (64 x 96 pixels)
 
 
@@ -183,39 +184,47 @@ def demo_dir() -> Path:
     return cache_root() / DEMO_VERSION
 
 
-def ensure_demo_model(directory: Path | None = None) -> Path:
-    """Build the tiny demo model folder (random weights, fixed seeds) once, atomically.
+def shipped_demo_model() -> Path:
+    """The trained demo model as the package ships it (read-only: :func:`ensure_demo_model` copies it)."""
+    return Path(__file__).resolve().parent / "demo" / "weights"
+
+
+def ensure_demo_model(directory: Path | None = None, *, source: Path | None = None) -> Path:
+    """The embedded demo model's folder: a checked copy of the package's trained model, made once,
+    atomically.
 
     The folder has the Wan2.1 layout the real models use: ``config.json`` and
-    ``diffusion_pytorch_model.safetensors`` (a tiny DiT), ``text_encoder/`` + ``tokenizer/`` (a
-    tiny umT5 with a tokenizer built in code) and ``vae/`` (a tiny Wan VAE). Its weights are
-    RANDOM: the frames it produces are not meaningful pictures; it exists to show and test the
-    machinery end to end without downloads.
-    """
-    import json
+    ``diffusion_pytorch_model.safetensors`` (a small causal Wan DiT), ``text_encoder/`` +
+    ``tokenizer/`` (a tiny umT5, random and frozen, with a tokenizer built in code) and ``vae/`` (a
+    small Wan VAE). The DiT and the VAE were trained on the demo world
+    (:mod:`memrope.runtime.demo.world`: coloured balls, squares and triangles moving over a plain
+    background) by ``python -m memrope.runtime.demo.train``; its ``manifest.json`` records how, and
+    the SHA-256 of every weight file, which is checked before the copy. ``source``: where the
+    trained model is copied from (default :func:`shipped_demo_model`).
 
-    from memrope.checkpoint import save_dit_state_dict_safetensors
-    from memrope.config import model_preset
+    Raises:
+        RuntimeError: the package's model is missing a file or a weight file does not match its
+            manifest (a broken install).
+    """
     from memrope.io import clean_leftovers, partial_path
-    from memrope.model import random_state_dict
-    from memrope.runtime.text import build_tiny_text_model
-    from memrope.runtime.vae import build_tiny_vae
+    from memrope.runtime.demo.train_common import MANIFEST_FILE, check_manifest
 
     directory = Path(directory) if directory is not None else demo_dir()
     if (directory / "config.json").is_file():
         return directory
-    cfg = model_preset("tiny")
+    source = Path(source) if source is not None else shipped_demo_model()
+    if not (source / MANIFEST_FILE).is_file() or not (source / "config.json").is_file():
+        raise RuntimeError(f"the packaged demo model is missing from {source} (config.json and {MANIFEST_FILE} "
+                           "expected): reinstall memrope-engine")
+    problems = check_manifest(source)
+    if problems:
+        raise RuntimeError(f"the packaged demo model in {source} does not match its {MANIFEST_FILE}: "
+                           f"{'; '.join(problems)}: reinstall memrope-engine")
     directory.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(directory.parent)
     tmp = partial_path(directory)
-    tmp.mkdir()
     try:
-        build_tiny_text_model(tmp, layout="diffusers", d_model=cfg.text_dim, text_len=cfg.text_len, seed=0)
-        build_tiny_vae(tmp, layout="diffusers", seed=0, z_dim=cfg.in_dim)
-        save_dit_state_dict_safetensors(random_state_dict(cfg, seed=1234), tmp / "diffusion_pytorch_model.safetensors")
-        raw = {k: getattr(cfg, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "in_dim",
-                                             "out_dim", "text_len", "text_dim", "eps", "model_type")}
-        (tmp / "config.json").write_text(json.dumps({**raw, "_note": "memrope demo: RANDOM weights"}, indent=1))
+        shutil.copytree(source, tmp, ignore=shutil.ignore_patterns("__pycache__", ".*"))
         try:
             tmp.rename(directory)
         except OSError:
@@ -225,5 +234,5 @@ def ensure_demo_model(directory: Path | None = None) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    logger.info("built the demo model (random weights) in %s", directory)
+    logger.info("copied the trained demo model to %s", directory)
     return directory

@@ -482,7 +482,15 @@ _TINY_WORDS = ["a", "an", "the", "and", "of", "in", "on", "at", "with", "to", "i
                "moon", "night", "day", "rain", "snow", "light", "fire", "water", "tree", "flower", "mountain",
                "road", "house", "red", "blue", "green", "yellow", "black", "white", "small", "big", "slow", "fast",
                "old", "young", "happy", "runs", "walks", "flies", "swims", "jumps", "sits", "looks", "camera",
-               "video", "shot", "scene", "view", "close", "wide", "fox", "trotting", "fresh", "dawn", "stops"]
+               "video", "shot", "scene", "view", "close", "wide", "fox", "trotting", "fresh", "dawn", "stops",
+               # The demo world's words (memrope.runtime.demo.world), so its prompts are ~13 tokens,
+               # not ~43 spelled letter by letter: shapes, colours, motions, speeds, backgrounds.
+               "ball", "balls", "circle", "disc", "dot", "square", "box", "block", "triangle", "gray", "grey",
+               "left", "right", "up", "down", "moving", "moves", "move", "bouncing", "bounces", "around",
+               "still", "standing", "resting", "sitting", "stationary", "rising", "rises", "falling", "falls",
+               "sinks", "drifts", "drifting", "slides", "slowly", "quickly", "gently", "rapidly", "background",
+               "backdrop", "walls", "off", "that", "plain", "against", "travelling", "floating", "sinking", "staying",
+               "leftwards", "rightwards", "upwards", "downwards", "diagonally", "frame", "front", "quick"]
 
 
 def build_tiny_tokenizer(directory: str | os.PathLike[str]):

@@ -169,15 +169,15 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
 
 
 def test_long_prompt_warns_that_it_is_truncated(cache_dir, tmp_path, caplog):
-    # The demo model reads text_len=16 tokens; a longer prompt runs (as Wan does) with a warning
+    # The demo model reads text_len=32 tokens; a longer prompt runs (as Wan does) with a warning
     # that says what is dropped, given before the run.
-    long_prompt = " ".join(["a red fox runs through the snow"] * 4)
+    long_prompt = " ".join(["a red fox runs through the snow"] * 6)
     out = tmp_path / "long.mp4"
     with caplog.at_level(logging.WARNING):
         assert main(["generate", "--preset", "tiny", "--prompt", long_prompt, "--num-frames", "9", "--out", str(out),
                      "--no-progress"]) == 0
-    assert "tokens long" in caplog.text and "text_len=16" in caplog.text and out.is_file()
+    assert "tokens long" in caplog.text and "text_len=32" in caplog.text and out.is_file()
     # The demo's own prompt fits (no warning on the README's first command).
     from memrope.runtime.text import load_tokenizer, prompt_tokens
 
-    assert prompt_tokens(load_tokenizer(ensure_demo_model()), DEMO_PROMPT) <= 16
+    assert prompt_tokens(load_tokenizer(ensure_demo_model()), DEMO_PROMPT) <= 32

@@ -40,7 +40,8 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     p = sub.add_parser("serve", parents=[common], formatter_class=Formatter, help="serve live video to browsers over WebRTC (many sessions, one model)",
                        description="Serve text-to-video live: each browser session gets its own cache and a "
                                    "WebRTC video track; one model worker runs every session block by block. "
-                                   "Without model options it serves the embedded tiny demo (RANDOM weights). "
+                                   "Without model options it serves the embedded demo model (trained on a toy world of "
+                                   "coloured shapes moving over plain backgrounds). "
                                    "With $MEMROPE_SERVE_API_KEY set, every /sessions request needs "
                                    "'Authorization: Bearer <key>' (the page takes it as /#key=<key>).")
     add_model_args(p)
