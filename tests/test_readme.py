@@ -200,5 +200,5 @@ def test_the_readme_python_example_runs_as_written(tmp_path_factory):
                           timeout=COMMAND_TIMEOUT_S)
     assert proc.returncode == 0, f"the README's Python example failed ({proc.returncode}):\n" \
                                  f"{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}"
-    assert (work / "out" / "fox.mp4").stat().st_size > 0
+    assert (work / "out" / "triangle.mp4").stat().st_size > 0
     assert [line.split()[0] for line in proc.stdout.splitlines()] == [str(b) for b in range(6)]
