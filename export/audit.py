@@ -68,10 +68,15 @@ _CONTROL_INPUTS: dict[str, Any] = {
     "Split": (1,), "ConstantOfShape": (0,), "Pad": (1, 2, 3), "TopK": (1,), "CumSum": (1,),
     "Range": _ALL, "Trilu": (1,), "OneHot": (0, 1), "Resize": (1, 2, 3),
     "RotaryEmbedding": (3,), "TensorScatter": (2,), "Dropout": (1, 2),
+    # Q/DQ: the table's types are those of input 0 (the tensor quantized or dequantized); the scale,
+    # zero point and output are checked in _restrictions.
+    "QuantizeLinear": (1, 2), "DequantizeLinear": (1, 2),
     **dict.fromkeys(_REDUCE, (1,))}
 # Outputs whose types the spec fixes (BOOL results, INT64 shapes and indices).
 _CONTROL_OUTPUTS: dict[str, Any] = {"Shape": _ALL, "Size": _ALL, "NonZero": _ALL, "TopK": (1,),
+                                    "QuantizeLinear": _ALL, "DequantizeLinear": _ALL,
                                     **dict.fromkeys(_BOOL_OUT, _ALL)}
+_QUANTIZED = {T.INT8, T.FLOAT8E4M3FN, T.INT4, T.FLOAT4E2M1}  # what TensorRT's Q/DQ quantize to
 # Inputs TensorRT needs as build-time constants (initializer or Constant node).
 _CONST_INPUTS = {"Squeeze": 1, "Unsqueeze": 1, "CumSum": 1, "OneHot": 1,
                  **dict.fromkeys(_REDUCE, 1)}
@@ -312,6 +317,16 @@ class _Auditor:
             if i < len(ins) and ins[i] and ins[i] not in consts:
                 bad(f"{label}: input {i} '{ins[i]}' must be an initializer or Constant "
                     "(TensorRT needs it at build time)")
+        if op in ("QuantizeLinear", "DequantizeLinear"):
+            for i in (1, 2):
+                if i < len(ins) and ins[i] and ins[i] not in consts:
+                    bad(f"{label}: input {i} '{ins[i]}' (scale/zero point) must be an initializer or Constant")
+            scale = types.get(ins[1]) if len(ins) > 1 else None
+            if scale is not None and scale.elem_type not in (T.FLOAT, T.FLOAT16, T.BFLOAT16):
+                bad(f"{label}: scale '{ins[1]}' is {type_name(scale.elem_type)}, expected FP32, FP16 or BF16")
+            low = types.get(outs[0] if op == "QuantizeLinear" else ins[0])
+            if low is not None and low.elem_type not in _QUANTIZED:
+                bad(f"{label}: quantizes to {type_name(low.elem_type)}, not one of TensorRT's INT8, FP8, INT4, FP4")
         if op == "Attention":
             for i in range(min(4, len(ins))):
                 if ins[i] and rank(i) != 4:
