@@ -107,6 +107,8 @@ class EngineSidecar:
     plan_sha256: str | None = None
     build_flags: dict[str, Any] = field(default_factory=dict)
     report: dict[str, Any] = field(default_factory=dict)
+    # The artifact's quantization (mode, ModelOpt version, calibration hash), None when not quantized.
+    quantization: dict[str, Any] | None = None
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     sidecar_version: int = SIDECAR_VERSION
 
@@ -183,10 +185,25 @@ def read_sidecar(path: str | os.PathLike[str]) -> EngineSidecar:
     return EngineSidecar.from_json(raw, source=f"engine sidecar {path}", artifact_dir=path.parent)
 
 
+def _quantization_key(record: Mapping[str, Any] | None) -> tuple | None:
+    if not isinstance(record, Mapping):
+        return None
+    return record.get("mode"), record.get("modelopt"), record.get("calibration_sha256")
+
+
+def _quantization_text(record: Mapping[str, Any] | None) -> str:
+    key = _quantization_key(record)
+    if key is None:
+        return "not quantized"
+    mode, version, calibration = key
+    return f"{mode} (ModelOpt {version}, calibration {str(calibration)[:12]})"
+
+
 def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version: str | None,
                   compute_capability: str | None = None, gpu_name: str | None = None,
                   target: str | None = None, artifact_dir: str | os.PathLike[str] | None = None,
-                  source_sha256: Mapping[str, str] | None = None) -> None:
+                  source_sha256: Mapping[str, str] | None = None,
+                  quantization: Mapping[str, Any] | None = None) -> None:
     """Refuse a plan built for another target, TensorRT version, GPU or artifact.
 
     Args:
@@ -196,6 +213,7 @@ def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version:
         module_version: the installed version of ``sidecar.module`` (None: not installed).
         compute_capability / gpu_name: the GPU here (None: not known yet, not checked).
         target: the target the caller asks for (None: whichever the plan was built for).
+        quantization: the artifact's quantization record (its contract's; None: not quantized).
 
     Raises:
         EngineMismatchError: naming every field that differs and the exact command to rebuild.
@@ -213,6 +231,9 @@ def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version:
     elif sidecar.module_version != module_version:
         diffs.append(f"module_version: engine {sidecar.module} {shown(sidecar.module_version)}, "
                      f"here {module_version!r}")
+    if _quantization_key(sidecar.quantization) != _quantization_key(quantization):
+        diffs.append(f"quantization: engine {_quantization_text(sidecar.quantization)}, "
+                     f"artifact {_quantization_text(quantization)}")
     if sidecar.contract_hash != contract_hash:
         diffs.append(f"contract_hash: engine {shown(sidecar.contract_hash)}, artifact {contract_hash!r}")
     if source_sha256 is not None and sidecar.source_sha256 != dict(source_sha256):

@@ -155,7 +155,8 @@ def open_plans(artifact: Artifact, graphs: tuple[str, ...], *, target: str | Non
     for graph, sidecar in sidecars.items():
         check_sidecar(sidecar, contract_hash=contract.config_hash, module_version=module_version(sidecar.module),
                       compute_capability=gpu[1] if gpu else None, gpu_name=gpu[0] if gpu else None,
-                      target=target, artifact_dir=path, source_sha256=artifact.graph_sources(graph))
+                      target=target, artifact_dir=path, source_sha256=artifact.graph_sources(graph),
+                      quantization=contract.quantization)
         if sidecar.graph != graph or sidecar.dtype != contract.dtype:
             raise EngineMismatchError(f"{sidecar_path(plans[graph])} describes the {sidecar.dtype} {sidecar.graph} "
                                       f"graph, not the {contract.dtype} {graph} graph; rebuild it with "

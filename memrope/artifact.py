@@ -124,7 +124,7 @@ class Artifact:
         c = self.contract
         wanted = specialise_run(run, self.model, c.height, c.width, run.batch_size)
         if artifact_hash(self.model, wanted, c.dtype, wanted.batch_size, c.height, c.width,
-                         vae=c.vae) != c.config_hash:
+                         vae=c.vae, quantization=c.quantization) != c.config_hash:
             diffs = [f"{name}: artifact {a!r}, requested {b!r}"
                      for name, a, b in (("cache", self.run.cache, wanted.cache),
                                         ("sampler", self.run.sampler, wanted.sampler),
@@ -358,10 +358,14 @@ def load_artifact(path: str | os.PathLike[str], *, verify: bool = False) -> Arti
         model = WanConfig.from_dict(config["model"])
         run = run_config_from_dict(config["run"])
         vae = VAEDecoderConfig.from_dict(config["vae"]) if config.get("vae") is not None else None
+        quantization = config.get("quantization")
+        if quantization is not None and not isinstance(quantization, dict):
+            raise TypeError(f"quantization must be an object, got {type(quantization).__name__}")
     except (KeyError, TypeError) as exc:
         raise ArtifactMismatchError(f"artifact config {path / CONFIG_FILE} is unreadable: {exc}") from None
     layout = CacheLayout.for_run(model, run)
-    contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"], vae=vae)
+    contract = build_contract(model, run, layout, raw["dtype"], raw["batch"], raw["height"], raw["width"], vae=vae,
+                              quantization=quantization)
     if raw.get("config_hash") != contract.config_hash or config.get("config_hash") != contract.config_hash:
         raise ArtifactMismatchError(f"artifact {path}: the config hash in contract.json/config.json does "
                                     "not match its configuration (edited or stale); re-export it")

@@ -155,6 +155,8 @@ class ArtifactContract:
     layout: dict
     graphs: dict[str, GraphContract]
     vae: VAEDecoderConfig | None = None   # set when the artifact has a ``vae_decode`` graph
+    # set when the DiT graphs carry Q/DQ: mode, ModelOpt version, calibration hash (export.quantize)
+    quantization: dict | None = None
 
     @property
     def step(self) -> GraphContract:
@@ -170,7 +172,8 @@ class ArtifactContract:
 
     @property
     def config_hash(self) -> str:
-        return artifact_hash(self.model, self.run, self.dtype, self.batch, self.height, self.width, vae=self.vae)
+        return artifact_hash(self.model, self.run, self.dtype, self.batch, self.height, self.width, vae=self.vae,
+                             quantization=self.quantization)
 
     def to_json(self) -> dict[str, Any]:
         def graph(g: GraphContract) -> dict:
@@ -185,6 +188,7 @@ class ArtifactContract:
             "width": self.width,
             "cache_layout": self.layout,
             "graphs": {name: graph(g) for name, g in self.graphs.items()},
+            **({} if self.quantization is None else {"quantization": self.quantization}),
         }
 
     def write(self, path: Path, files: dict[str, dict] | None = None) -> None:
@@ -197,15 +201,18 @@ class ArtifactContract:
 
 
 def artifact_hash(model: WanConfig, run: RunConfig, dtype: str, batch: int, height: int, width: int,
-                  vae: VAEDecoderConfig | None = None) -> str:
+                  vae: VAEDecoderConfig | None = None, quantization: dict | None = None) -> str:
     """Hash of what the graphs were specialised on. ``num_output_frames`` and ``seed`` only
     matter for the ``global`` policy (its cache is sized by the video length). An artifact
-    with a VAE decoder also hashes its config (without one, the hash is unchanged)."""
+    with a VAE decoder also hashes its config, and a quantized one its quantization record (mode,
+    ModelOpt version, calibration hash); without them, the hash is unchanged."""
     cache_frames = run.num_output_frames if run.cache.policy == "global" else None
     parts = [model, run.cache, run.sampler, run.latent_channels, run.latent_height,
              run.latent_width, cache_frames, dtype, batch, height, width, CONTRACT_VERSION]
     if vae is not None:
         parts += ["vae_decode", vae, STEP_LATENT_FRAMES]
+    if quantization is not None:
+        parts += ["quantization", quantization]
     return config_hash(*parts)
 
 
@@ -303,14 +310,15 @@ def vae_decode_contract(vae: VAEDecoderConfig, run: RunConfig, dtype: str, batch
 
 
 def build_contract(model: WanConfig, run: RunConfig, layout: CacheLayout, dtype: str, batch: int,
-                   height: int, width: int, vae: VAEDecoderConfig | None = None) -> ArtifactContract:
+                   height: int, width: int, vae: VAEDecoderConfig | None = None,
+                   quantization: dict | None = None) -> ArtifactContract:
     """The contract of an export at ``height`` x ``width`` pixels (latent = pixels / 8), with a
     ``vae_decode`` graph when ``vae`` is given."""
     graphs = {"step": step_contract(model, run, layout, dtype, batch), "text": text_contract(model, dtype, batch),
               "recache": recache_contract(model, run, layout, dtype, batch)}
     if vae is not None:
         graphs["vae_decode"] = vae_decode_contract(vae, run, dtype, batch)
-    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), graphs, vae)
+    return ArtifactContract(model, run, dtype, batch, height, width, layout.describe(), graphs, vae, quantization)
 
 
 def read_contract_json(path: Path) -> dict[str, Any]:
