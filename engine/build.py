@@ -411,6 +411,63 @@ def _inspector_layers(trt: Any, serialized: Any, log: Any) -> list[tuple[str, st
             else (str(layer), "") for layer in info.get("Layers", [])]
 
 
+_LOW_PRECISION = ("FP8", "Int8", "Int4", "FP4")  # engine datatypes of quantized tensors, as listed
+
+
+def _layer_records(listing: str) -> list[dict[str, Any]]:
+    """Each engine layer of the builder's listing: name, type, the datatypes of its inputs and
+    constants, and the ONNX nodes it was built from (its ``[ONNX Layer: ...]`` metadata)."""
+    records = []
+    for line in listing.splitlines():
+        match = re.match(r"Name: (.*?), LayerType: ([^,]*)", line)
+        if not match:
+            continue
+        head = line.split("Outputs:", 1)[0]  # inputs and constants: what the layer reads
+        records.append({"name": match.group(1), "type": match.group(2),
+                        "reads": set(re.findall(r"Datatype: (\w+)", head)),
+                        "onnx": set(re.findall(r"\[ONNX Layer: ([^\]]*)\]", line))})
+    return records
+
+
+def _quantized_gemms(graph: str, onnx_path: Path, listing: str | None) -> dict[str, Any]:
+    """Where the builder put the graph's quantized MatMuls (those reading a dequantized weight),
+    counted from the engine's layer listing: the engine layers that read FP8, INT8 or INT4, and
+    for each MatMul whether the layer that runs it reads a low-precision tensor (a low-precision
+    GEMM) or not (the builder dequantized the weight and multiplies in the base dtype).
+
+    Raises :class:`EngineBuildError` naming the MatMuls that do not run in low precision.
+    """
+    from memrope.export.quantize import qdq_census
+
+    census = qdq_census(onnx_path)
+    matmuls = census["quantized_matmuls"]
+    if listing is None:
+        return {"quantized_matmuls": len(matmuls), "verified": False,
+                "why": "the builder log had no layer listing"}
+    records = _layer_records(listing)
+    low = [r for r in records if r["reads"] & set(_LOW_PRECISION)]
+    by_type = Counter(t for r in low for t in r["reads"] & set(_LOW_PRECISION))
+
+    def runs_low(matmul: str) -> bool:
+        # The layers built from this MatMul that multiply: a GEMM, or a fusion ending in a fully
+        # connected layer ("...Fc"); a separate dequantizing kernel does not count.
+        built = [r for r in records if matmul in r["onnx"]]
+        multiply = [r for r in built if r["type"] == "gemm" or r["name"].split("_myl")[0].endswith("Fc")] or built
+        return bool(multiply) and all(r["reads"] & set(_LOW_PRECISION) for r in multiply)
+
+    missing = [f"{m} ({layer})" for m, layer in matmuls.items() if not runs_low(m)]
+    if missing:
+        raise EngineBuildError(
+            f"the builder ignored the Q/DQ of {len(missing)} of the {graph} graph's {len(matmuls)} quantized MatMuls "
+            f"({_shown(missing)}): they run in the base dtype, not in a low-precision GEMM ({onnx_path}); "
+            "no plan was written")
+    return {"quantized_matmuls": len(matmuls), "verified": True, "low_precision_layers": len(low),
+            "layers_reading": dict(sorted(by_type.items())),
+            "layer_types": dict(Counter(r["type"] for r in low)),
+            "onnx_q_dq": {"QuantizeLinear": census["QuantizeLinear"], "DequantizeLinear": census["DequantizeLinear"],
+                          "weights": census["weights"]}}
+
+
 def _attention_summary(attention_layers: int, decomposable: int, fused: list[str]) -> str:
     if attention_layers == 0:
         return "no attention layers"
@@ -486,8 +543,10 @@ def _builder_failure(trt: Any, graph: str, onnx_path: Path, network: Any, attent
 
 
 def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
-                 options: BuildOptions) -> tuple[Any, dict[str, Any]]:
-    """Parse and build one graph; returns the serialized plan and the build report."""
+                 options: BuildOptions, quantized: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Parse and build one graph; returns the serialized plan and the build report. With
+    ``quantized``, every MatMul that reads a dequantized weight must run in a low-precision GEMM
+    (:func:`_quantized_gemms`), or the build fails naming it."""
     title = f"{options.target.title} {trt.__version__}"
     log = collecting_logger(trt)
     builder = trt.Builder(log)
@@ -527,6 +586,7 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
     if layers is None and options.target.builds_on_gpu:
         layers = _inspector_layers(trt, serialized, log)
     fused = [name for name, _ in layers or [] if _FUSED_ATTENTION_KERNEL.search(name)]
+    quantization = _quantized_gemms(graph, onnx_path, log.layer_listing) if quantized else None
     report = {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(seconds, 3),
               "plan_bytes": serialized.nbytes,
               "network_layers": network.num_layers, "attention_layers": len(attentions),
@@ -536,6 +596,8 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
               "fused_attention_kernels": fused if layers is not None else None,
               "attention": (_attention_summary(len(attentions), decomposable, fused) if layers is not None
                             else "unknown: the builder log had no layer listing")}
+    if quantization is not None:
+        report["quantization"] = quantization
     return serialized, report
 
 
@@ -650,7 +712,8 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
                                    compute_capabilities=list(built_for), contract_hash=contract.config_hash,
                                    graph=graph, dtype=contract.dtype, gpu_name=gpu_name,
                                    default_compute_capabilities=spec.compute_capabilities and not caps,
-                                   source_sha256=artifact.graph_sources(graph), build_flags=options.flags())
+                                   source_sha256=artifact.graph_sources(graph), build_flags=options.flags(),
+                                   quantization=contract.quantization)
             if not force and _reusable(plan, wanted):
                 logger.info("%s is up to date (%s %s); pass force=True to rebuild", plan, spec.title, trt.__version__)
                 results.append(BuiltPlan(graph, plan, read_sidecar(sidecar_path(plan)), rebuilt=False))
@@ -659,7 +722,8 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
                         artifact.graph_path(graph).name, spec.title, trt.__version__,
                         gpu_name or "compute capabilities " + ", ".join(built_for), contract.dtype, opt_level)
             # graph_path waits until the graph's files match the pins recorded as its sources.
-            serialized, report = _build_graph(trt, graph, artifact.graph_path(graph), contract.graphs[graph], options)
+            serialized, report = _build_graph(trt, graph, artifact.graph_path(graph), contract.graphs[graph], options,
+                                              quantized=contract.quantization is not None)
             sidecar = replace(wanted, report=report, plan_sha256=plan_sha256(memoryview(serialized)))
             # Entered sidecar first, so on success the plan is moved into place before its sidecar.
             sidecar_tmp = pending.enter_context(atomic_path(sidecar_path(plan)))

@@ -168,6 +168,12 @@ class OnnxRuntimeBackend(Backend):
             options.intra_op_num_threads = threads
         if spinning is False:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        quantization = contract.quantization or {}
+        if quantization.get("activations") == "int8":
+            # ONNX Runtime 1.31's CPU Q/DQ fusions reject signed-int8 activation Q/DQ feeding a
+            # reshaped MatMul ("output_dtype INT8 does not match y_zero_point type UINT8"): run
+            # the graph as written (dequantize, then multiply in float).
+            options.add_session_config_entry("session.disable_quant_qdq", "1")
         step_providers = self._providers(provider, cuda_graph)
         text_providers = self._providers(provider, cuda_graph=False)
         self.step_session = ort.InferenceSession(str(self.artifact.step_path), options, providers=step_providers)

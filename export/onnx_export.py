@@ -50,6 +50,24 @@ class ExportResult:
     audit: dict
     validation: dict
 
+    def summary(self) -> str:
+        """One line: what was written, how big, and what was checked."""
+        sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in self.files.items()
+                          if name.endswith((".onnx", ".data")))
+        check = self.validation.get("skipped") or f"max abs error vs eager {self.validation['max_abs_error']:.2e}"
+        if self.validation.get("rel_l2") is not None:
+            check += (f" (quantized activations round differently at code boundaries: worst relative L2 error "
+                      f"{self.validation['max_relative_l2']:.1e}, bound {self.validation['rel_l2']:.0e})")
+        if "vae_decode" in self.validation:
+            check += f"; vae_decode pixels {self.validation['vae_decode']['pixels_max_abs_error']:.2e}"
+        quantized = ""
+        if self.contract.quantization is not None:
+            q = self.contract.quantization
+            quantized = (f"; quantized {q['mode']} ({q['quantized_layers']} Linear layers, ModelOpt {q['modelopt']}, "
+                         f"calibration {q['calibration_sha256'][:12]})")
+        return (f"wrote {self.path} in {self.seconds:.1f} s: step graph {self.step_nodes} nodes; {sizes}; "
+                f"TensorRT audit passed; validation: {check}{quantized}")
+
 
 def example_inputs(graph: GraphContract, layout: CacheLayout) -> tuple[torch.Tensor, ...]:
     """Valid-looking inputs of ``graph`` in contract order, for tracing (values do not shape the
@@ -102,9 +120,15 @@ def check_export_target(out_dir: str | os.PathLike[str], force: bool) -> None:
 def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLike[str], *,
                     height: int, width: int, batch: int = 1, validate: bool = True,
                     force: bool = False, validation_blocks: int | None = None,
-                    validation_atol: float | None = None, vae=None) -> ExportResult:
+                    validation_atol: float | None = None, vae=None, quantize: str | None = None,
+                    calibration=None) -> ExportResult:
     """Export ``dit`` (already in the export dtype, on CPU) for ``run`` at ``height`` x ``width``;
     with ``vae`` (a ``memrope.vae.WanStreamingDecoder`` in the same dtype) also ``vae_decode.onnx``.
+
+    ``quantize`` (a mode of :data:`memrope.export.quantize.MODES`) quantizes the DiT's attention
+    and FFN Linear layers **in place** with ModelOpt, calibrated by driving the eager block loop
+    over ``calibration`` (a :class:`memrope.export.quantize.Calibration`), and the graphs carry
+    explicit Q/DQ; the contract records the mode, the ModelOpt version and the calibration hash.
 
     Raises:
         ValueError: bad resolution/batch, or ``out_dir`` exists and ``force`` is False, or it is
@@ -112,6 +136,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         ExportError: the exporter failed or the graph does not honour the contract.
         TensorRTAuditError: a graph uses something TensorRT 10.15's parser does not support.
         ExportMismatchError: ONNX Runtime disagrees with eager PyTorch (fp32 exports).
+        QuantizationError: ``quantize`` without calibration data, or ModelOpt is missing.
     """
     from memrope.export.audit import audit_onnx
 
@@ -124,9 +149,17 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         raise ValueError(f"cannot export a model in {dit.dtype}")
     run = specialise_run(run, model_cfg, height, width, batch)
     layout = CacheLayout.for_run(model_cfg, run)
-    contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width,
-                              vae=None if vae is None else vae.config)
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
+    quantization, translations = None, None
+    if quantize is not None:
+        from memrope.export.quantize import QuantizationError, calibration_loop, quantize_dit, translation_table
+
+        if calibration is None:
+            raise QuantizationError("a quantized export needs calibration data (prompts driven through the block loop)")
+        quantization = quantize_dit(dit, quantize, calibration_loop(step, run, calibration), calibration).to_json()
+        translations = translation_table()
+    contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width,
+                              vae=None if vae is None else vae.config, quantization=quantization)
     step_graph = StepGraph(step, contract.step).eval()
     text_graph = TextGraph(dit).eval()
     recache_graph = RecacheGraph(step, contract.recache).eval()
@@ -139,13 +172,19 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         with torch.no_grad():
             logger.info("exporting the step graph (%s, %dx%d, batch %d)", dtype_name, height, width, batch)
             export_graph(step_graph, example_step_inputs(contract, layout), tmp / STEP_FILE,
-                          contract.step.input_names, contract.step.output_names, param_bytes(dit))
+                          contract.step.input_names, contract.step.output_names, param_bytes(dit), translations)
             logger.info("exporting the text graph")
             export_graph(text_graph, (contract.text.inputs[0].zeros(),), tmp / graph_file("text"),
-                          contract.text.input_names, contract.text.output_names, param_bytes(dit))
+                          contract.text.input_names, contract.text.output_names, param_bytes(dit), translations)
             logger.info("exporting the recache graph (%d tail frames)", layout.tail_frames)
             export_graph(recache_graph, example_inputs(contract.recache, layout), tmp / graph_file("recache"),
-                          contract.recache.input_names, contract.recache.output_names, param_bytes(dit))
+                          contract.recache.input_names, contract.recache.output_names, param_bytes(dit),
+                          translations)
+        if quantization is not None and quantization["int4_block_size"]:
+            from memrope.export.quantize import pack_int4_weights
+
+            for graph in ("step", "text", "recache"):
+                pack_int4_weights(tmp / graph_file(graph))
         if vae is not None:
             from memrope.export.vae_export import export_vae_graph
 
@@ -164,11 +203,13 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             validation = {"skipped": f"ONNX Runtime on CPU has no {dtype_name} kernels; validate the "
                                      "float32 export of the same config"}
         elif validate:
-            from memrope.export.validate import PER_CALL_ATOL, validate_artifact_graphs
+            from memrope.export.validate import PER_CALL_ATOL, QDQ_RELATIVE_L2, validate_artifact_graphs
 
+            quantized_activations = quantization is not None and quantization["activations"] is not None
             validation = validate_artifact_graphs(
                 tmp, step, text_graph, contract, run, blocks=validation_blocks,
-                atol=PER_CALL_ATOL if validation_atol is None else validation_atol)
+                atol=PER_CALL_ATOL if validation_atol is None else validation_atol,
+                rel_l2=QDQ_RELATIVE_L2 if quantized_activations else None)
             if vae is not None:
                 from memrope.export.vae_export import validate_vae_graph
 
@@ -179,7 +220,8 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         contract.write(tmp / CONTRACT_FILE, files=pin_files(tmp))
         (tmp / CONFIG_FILE).write_text(json.dumps(
             {"config_hash": contract.config_hash, "model": asdict(model_cfg), "run": run.to_dict(),
-             **({} if vae is None else {"vae": vae.config.to_dict()})},
+             **({} if vae is None else {"vae": vae.config.to_dict()}),
+             **({} if quantization is None else {"quantization": quantization})},
             indent=1, default=str) + "\n")
         (tmp / "versions.json").write_text(json.dumps(_versions(), indent=1) + "\n")
 

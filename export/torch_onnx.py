@@ -23,15 +23,17 @@ class ExportError(StageError):
 
 
 def export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: list[str],
-                 output_names: list[str], weight_bytes: int) -> None:
+                 output_names: list[str], weight_bytes: int, translations: dict | None = None) -> None:
     """``module(*args)`` as ONNX at ``path`` (torch's dynamo exporter, opset 23, weights in an
     external ``.data`` file past protobuf's 2 GB limit), its I/O names checked against the
-    contract's and the model checked by path. Raises :class:`ExportError`."""
+    contract's and the model checked by path. ``translations``: torch.onnx's custom translation
+    table for custom ops (a quantized export's Q/DQ). Raises :class:`ExportError`."""
     external = weight_bytes > PROTOBUF_LIMIT_BYTES * 0.9
     try:
         torch.onnx.export(module, args, str(path), dynamo=True, opset_version=OPSET,
                           input_names=input_names, output_names=output_names,
-                          external_data=external, optimize=True, verbose=False)
+                          external_data=external, optimize=True, verbose=False,
+                          custom_translation_table=translations)
     except Exception as exc:  # the exporter raises many types; report them as one stage failure
         raise ExportError(f"torch.onnx.export failed for {path.name}: {exc}") from exc
     import onnx
@@ -48,5 +50,5 @@ def export_graph(module: torch.nn.Module, args: tuple, path: Path, input_names: 
 
 
 def param_bytes(module: torch.nn.Module) -> int:
-    """Bytes of ``module``'s parameters."""
-    return sum(p.numel() * p.element_size() for p in module.parameters())
+    """Bytes of ``module``'s parameters and buffers (a quantized layer's weights are buffers)."""
+    return sum(t.numel() * t.element_size() for t in (*module.parameters(), *module.buffers()))

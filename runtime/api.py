@@ -303,12 +303,19 @@ class VideoPipeline:
 
 
 def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, validate: bool = True,
-                 force: bool = False):
+                 force: bool = False, quantize: str | None = None,
+                 calibration_prompts: str | Path | list[str] | None = None, calibration_blocks: int | None = None):
     """``memrope export``: the DiT of ``request`` (its ``height``/``width`` are required) as an
     ONNX artifact in ``out`` (step, text and recache graphs; the model folder's VAE as
     ``vae_decode`` when ``request.decode``), audited against TensorRT's parser and, in fp32,
     validated against eager. Bad sizes and checkpoints fail before any weight loads. Returns
-    :class:`memrope.export.onnx_export.ExportResult`."""
+    :class:`memrope.export.onnx_export.ExportResult`.
+
+    ``quantize``: a mode of :data:`memrope.export.quantize.MODES`, calibrated on
+    ``calibration_prompts`` (a list, or a file of one prompt per line; default
+    :func:`memrope.runtime.prompts.calibration_prompts`) encoded by the model folder's text
+    encoder, each driven through ``calibration_blocks`` blocks (default: until the first eviction,
+    plus 2)."""
     from memrope.artifact import specialise_run
     from memrope.export.onnx_export import check_export_target, export_artifact
     from memrope.io import check_output_path
@@ -320,8 +327,30 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
         raise ValueError(f"--model-dir must be a Wan2.1 model folder, got {request.model_dir}")
     if request.height is None:
         raise ValueError("export needs --height and --width (pixels, multiples of 16)")
+    prompts = None
+    if quantize is not None:
+        from memrope.export.quantize import check_mode, modelopt_version
+        from memrope.runtime.prompts import read_calibration_prompts
+
+        check_mode(quantize)
+        modelopt_version()
+        if calibration_blocks is not None and calibration_blocks < 1:
+            raise ValueError(f"--calibration-blocks must be at least 1, got {calibration_blocks}")
+        prompts = read_calibration_prompts(calibration_prompts)
     resolved = resolve(request)
     run = specialise_run(resolved.run, resolved.model, request.height, request.width, batch)
+    calibration = None
+    if quantize is not None:
+        from memrope.cache import CacheLayout
+        from memrope.export.quantize import Calibration
+        from memrope.runtime.prompts import calibration_prompts as default_prompts
+
+        demo = request.preset == "tiny" and request.checkpoint is None and request.model_dir is None
+        prompts = prompts or default_prompts(demo=demo)
+        layout = CacheLayout.for_run(resolved.model, run)
+        blocks = calibration_blocks or layout.cache_frames // layout.block_frames + 2
+        calibration = Calibration(prompts, resolved.encode_prompts(prompts, flag="--calibration-prompts"), blocks,
+                                  seed=run.seed)
     vae = None
     if resolved.model_dir is not None and request.decode:
         from memrope.runtime.vae import streaming_decoder_module
@@ -329,5 +358,5 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
         vae = streaming_decoder_module(resolved.model_dir, dtype=resolved.dtype)
     dit = resolved.load_dit()
     return export_artifact(dit, run, out, height=request.height, width=request.width, batch=batch,
-                           validate=validate, force=force, vae=vae)
+                           validate=validate, force=force, vae=vae, quantize=quantize, calibration=calibration)
 

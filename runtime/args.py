@@ -59,6 +59,28 @@ def add_execution_args(p: argparse.ArgumentParser) -> None:
                     help="model dtype (exported backends run their artifact's dtype)")
 
 
+def quantize_options(args: argparse.Namespace) -> dict:
+    """The keyword arguments of :func:`memrope.runtime.api.export_model` that the quantization options set."""
+    return {"quantize": args.quantize, "calibration_prompts": args.calibration_prompts,
+            "calibration_blocks": args.calibration_blocks}
+
+
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """``memrope export``'s quantization options (``memrope.export.quantize``)."""
+    from memrope.export.quantize import MODES
+
+    g = p.add_argument_group("quantization (NVIDIA ModelOpt; pip install -e '.[quantize]')")
+    g.add_argument("--quantize", choices=tuple(MODES),
+                   help="quantize the attention and FFN Linear layers, with explicit Q/DQ in the graphs: "
+                        "fp8 (weights and activations; Ada, Blackwell), int8 (weights and activations), "
+                        "int8-wo or int4-wo (weights only; Ampere on); --dtype is what stays unquantized")
+    g.add_argument("--calibration-prompts", type=Path, metavar="FILE",
+                   help="calibration prompts, one per line (default: 8 built-in prompts; the demo world's for the "
+                        "embedded demo)")
+    g.add_argument("--calibration-blocks", type=int, metavar="N",
+                   help="blocks of the loop per calibration prompt (default: until the first eviction, plus 2)")
+
+
 def load_request(args: argparse.Namespace, **overrides) -> LoadRequest:
     """The :class:`LoadRequest` of a parsed command line: every option named like a request field
     is taken (options a subcommand lacks keep the field's default); ``overrides`` win."""
@@ -81,3 +103,4 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")

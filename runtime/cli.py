@@ -186,6 +186,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
 # ------------------------------------------------------------------------------------------------
 
 def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
+    from memrope.runtime.args import add_quantize_args
+
     p = sub.add_parser("export", parents=[common], formatter_class=Formatter,
                        help="export the step, text and recache graphs (and the VAE decoder) to an ONNX artifact",
                        description="Export one DiT call with explicit cache I/O (opset 23, static shapes), "
@@ -207,21 +209,17 @@ def _add_export(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
                    help="Wan2.1 folder: its VAE is exported as vae_decode.onnx (and its DiT weights are used "
                         "when --checkpoint is not given); --preset tiny without one exports the embedded demo")
     p.add_argument("--no-vae", dest="vae", action="store_false", help="do not export the VAE of --model-dir")
+    add_quantize_args(p)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     from memrope.runtime.api import export_model
+    from memrope.runtime.args import quantize_options
 
     result = export_model(load_request(args, text=True, decode=args.vae, device="cpu"), args.out,
-                          batch=args.batch, validate=args.validate, force=args.force)
-    sizes = ", ".join(f"{name} {size / 1e6:.1f} MB" for name, size in result.files.items()
-                      if name.endswith((".onnx", ".data")))
-    check = result.validation.get("skipped") or f"max abs error vs eager {result.validation['max_abs_error']:.2e}"
-    if "vae_decode" in result.validation:
-        check += f"; vae_decode pixels {result.validation['vae_decode']['pixels_max_abs_error']:.2e}"
-    print(f"wrote {result.path} in {result.seconds:.1f} s: step graph {result.step_nodes} nodes; {sizes}; "
-          f"TensorRT audit passed; validation: {check}")
+                          batch=args.batch, validate=args.validate, force=args.force, **quantize_options(args))
+    print(result.summary())
     return 0
 
 
@@ -260,9 +258,11 @@ def cmd_build(args: argparse.Namespace) -> int:
         if not built.rebuilt:
             print(f"{built.plan}: up to date ({sidecar.module} {sidecar.module_version}, {where}); --force rebuilds")
             continue
+        quantized = report.get("quantization") or {}
+        low = ", ".join(f"{n} reading {t}" for t, n in quantized.get("layers_reading", {}).items())
         print(f"{built.plan}: {report['plan_bytes'] / 1e6:.1f} MB in {report['build_seconds']:.1f} s "
-              f"({sidecar.module} {sidecar.module_version}, {where}; {report['engine_layers'] or '?'} engine layers; "
-              f"attention: {report['attention']})")
+              f"({sidecar.module} {sidecar.module_version}, {where}; {report['engine_layers'] or '?'} engine layers"
+              f"{f' ({low})' if low else ''}; attention: {report['attention']})")
     return 0
 
 

@@ -257,3 +257,52 @@ def timeline_from_args(args: argparse.Namespace) -> PromptTimeline | None:
 
 def recache_mode(args: argparse.Namespace, timeline: PromptTimeline) -> str:
     return args.recache or timeline.recache_default or "recent"
+
+
+# Calibration prompts of a quantized export (``memrope export --quantize``) for a real model: varied
+# subjects, motion, light and camera, as the models' users write them. Not the evaluation prompts.
+CALIBRATION_PROMPTS = (
+    "A golden retriever runs across a green park on a sunny afternoon, the camera following at ground level.",
+    "A city street at night in the rain, neon signs reflected on the wet road as cars pass slowly.",
+    "Waves roll onto a rocky shore at sunset, spray catching the orange light, a wide static shot.",
+    "A woman in a red coat walks through a snowy forest, snow falling gently, a slow tracking shot.",
+    "A close-up of a hummingbird hovering at a purple flower, its wings a blur, soft morning light.",
+    "A sailboat crosses a calm blue bay under white clouds, seen from a drone high above.",
+    "A chef slices vegetables on a wooden board in a busy kitchen, steam rising behind him.",
+    "A timelapse of clouds moving over mountain peaks, shadows sweeping across the valleys.",
+)
+CALIBRATION_SEED = 9000  # the demo world's calibration prompts are drawn with seeds 9000, 9001, ...
+
+
+def calibration_prompts(*, demo: bool, count: int = 8) -> list[str]:
+    """The default calibration prompts: :data:`CALIBRATION_PROMPTS`, or for the embedded demo model
+    ``count`` prompts of its world (:func:`memrope.runtime.demo.world.random_prompt`, seeded; never its
+    evaluation prompts)."""
+    if not demo:
+        return list(CALIBRATION_PROMPTS[:count])
+    import numpy as np
+
+    from memrope.runtime.demo.world import random_prompt
+
+    return [random_prompt(np.random.default_rng(CALIBRATION_SEED + i)) for i in range(count)]
+
+
+def read_calibration_prompts(source: str | Path | Sequence[str] | None) -> list[str] | None:
+    """``--calibration-prompts``: a list as given, or a file of one prompt per line (blank lines and
+    lines starting with ``#`` skipped); ``None`` stays ``None`` (the defaults)."""
+    if source is None:
+        return None
+    if isinstance(source, (str, Path)):
+        path = Path(source)
+        if not path.is_file():
+            raise FileNotFoundError(f"--calibration-prompts {path}: no such file (expected one prompt per line)")
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise ValueError(f"--calibration-prompts {path}: not UTF-8 text (expected one prompt per line)") from None
+        prompts = [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    else:
+        prompts = [str(p) for p in source]
+    if not prompts:
+        raise ValueError(f"--calibration-prompts {source}: no prompts (expected one prompt per line)")
+    return prompts
