@@ -196,7 +196,7 @@ def _quantization_text(record: Mapping[str, Any] | None) -> str:
     if key is None:
         return "not quantized"
     mode, version, calibration = key
-    return f"{mode} (ModelOpt {version}, calibration {str(calibration)[:12]})"
+    return f"{mode} (ModelOpt {version}, {'calibration ' + str(calibration)[:12] if calibration else 'weight-only'})"
 
 
 def check_sidecar(sidecar: EngineSidecar, *, contract_hash: str, module_version: str | None,

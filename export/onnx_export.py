@@ -63,8 +63,9 @@ class ExportResult:
         quantized = ""
         if self.contract.quantization is not None:
             q = self.contract.quantization
+            calibrated = f"calibration {q['calibration_sha256'][:12]}" if q["calibration_sha256"] else "weight-only"
             quantized = (f"; quantized {q['mode']} ({q['quantized_layers']} Linear layers, ModelOpt {q['modelopt']}, "
-                         f"calibration {q['calibration_sha256'][:12]})")
+                         f"{calibrated})")
         return (f"wrote {self.path} in {self.seconds:.1f} s: step graph {self.step_nodes} nodes; {sizes}; "
                 f"TensorRT audit passed; validation: {check}{quantized}")
 
@@ -127,7 +128,8 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
 
     ``quantize`` (a mode of :data:`memrope.export.quantize.MODES`) quantizes the DiT's attention
     and FFN Linear layers **in place** with ModelOpt, calibrated by driving the eager block loop
-    over ``calibration`` (a :class:`memrope.export.quantize.Calibration`), and the graphs carry
+    over ``calibration`` (a :class:`memrope.export.quantize.Calibration`; weight-only modes need
+    none), and the graphs carry
     explicit Q/DQ; the contract records the mode, the ModelOpt version and the calibration hash.
 
     Raises:
@@ -152,11 +154,10 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
     quantization, translations = None, None
     if quantize is not None:
-        from memrope.export.quantize import QuantizationError, calibration_loop, quantize_dit, translation_table
+        from memrope.export.quantize import calibration_loop, quantize_dit, translation_table
 
-        if calibration is None:
-            raise QuantizationError("a quantized export needs calibration data (prompts driven through the block loop)")
-        quantization = quantize_dit(dit, quantize, calibration_loop(step, run, calibration), calibration).to_json()
+        loop = None if calibration is None else calibration_loop(step, run, calibration)
+        quantization = quantize_dit(dit, quantize, loop, calibration).to_json()
         translations = translation_table()
     contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width,
                               vae=None if vae is None else vae.config, quantization=quantization)

@@ -140,7 +140,7 @@ class QuantizationRecord:
 
     mode: str
     modelopt: str
-    calibration_sha256: str
+    calibration_sha256: str | None  # None for weight-only modes: no calibration data
     calibration: dict
     layers: list[str]
     int4_block_size: int | None = None
@@ -360,17 +360,25 @@ def calibration_loop(step, run, calibration: Calibration) -> Callable[[], None]:
     return calibrate
 
 
-def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None], calibration: Calibration,
-                 ) -> QuantizationRecord:
+def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None] | None = None,
+                 calibration: Calibration | None = None) -> QuantizationRecord:
     """Quantize ``dit`` in place: ModelOpt inserts quantizers into the :data:`QUANTIZED_LAYERS`,
     ``calibrate()`` drives the block loop over the calibration set (ModelOpt records each input's
     range), and each quantized Linear becomes a :class:`QDQLinear` holding ModelOpt's weights.
+
+    Weight-only modes need no calibration data: ModelOpt reads the weights' ranges from the weights
+    (the same ranges a calibration run would record), so ``calibrate`` and ``calibration`` are not
+    used and the record says so; modes that quantize activations require both.
 
     Raises :class:`QuantizationError` when ModelOpt is missing or its result cannot be carried.
     """
     mode = check_mode(mode_name)
     version = modelopt_version()
     import modelopt.torch.quantization as mtq
+
+    if not mode.weight_only and (calibrate is None or calibration is None):
+        raise QuantizationError(f"--quantize {mode.name} quantizes activations: it needs calibration data "
+                                "(prompts driven through the block loop)")
 
     names = quantized_layer_names(dit)
     if not names:
@@ -389,7 +397,8 @@ def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None], 
     pipeline_log.setLevel(max(level, logging.WARNING))
     try:
         with contextlib.redirect_stdout(printed):
-            mtq.quantize(targets, _modelopt_config(mode, block_size), lambda _model: calibrate())
+            mtq.quantize(targets, _modelopt_config(mode, block_size),
+                         None if mode.weight_only else (lambda _model: calibrate()))
     finally:
         pipeline_log.setLevel(level)
     for line in printed.getvalue().splitlines():
@@ -397,10 +406,14 @@ def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None], 
     for name in names:
         parent, _, child = name.rpartition(".")
         setattr(dit.get_submodule(parent), child, _convert(dit.get_submodule(name), mode, block_size, dtype, name))
+    if mode.weight_only:
+        calibration_sha256, described = None, {"weights_only": "ModelOpt read the weights' ranges; no activations"}
+    else:
+        calibration_sha256 = calibration.sha256()
+        described = {"prompts": len(calibration.prompts), "blocks_per_prompt": calibration.blocks,
+                     "seed": calibration.seed}
     return QuantizationRecord(
-        mode=mode.name, modelopt=version, calibration_sha256=calibration.sha256(),
-        calibration={"prompts": len(calibration.prompts), "blocks_per_prompt": calibration.blocks,
-                     "seed": calibration.seed},
+        mode=mode.name, modelopt=version, calibration_sha256=calibration_sha256, calibration=described,
         layers=names, int4_block_size=block_size or None,
         kept=["time_embedding", "time_projection", "modulation", "norms", "rope", "memory_ema", "cache_write",
               "patch_embedding", "text_embedding", "head"])

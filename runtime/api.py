@@ -311,11 +311,11 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
     validated against eager. Bad sizes and checkpoints fail before any weight loads. Returns
     :class:`memrope.export.onnx_export.ExportResult`.
 
-    ``quantize``: a mode of :data:`memrope.export.quantize.MODES`, calibrated on
-    ``calibration_prompts`` (a list, or a file of one prompt per line; default
-    :func:`memrope.runtime.prompts.calibration_prompts`) encoded by the model folder's text
+    ``quantize``: a mode of :data:`memrope.export.quantize.MODES`. Modes that quantize activations
+    (fp8, int8) are calibrated on ``calibration_prompts`` (a list, or a file of one prompt per line;
+    default :func:`memrope.runtime.prompts.calibration_prompts`) encoded by the model folder's text
     encoder, each driven through ``calibration_blocks`` blocks (default: until the first eviction,
-    plus 2)."""
+    plus 2); weight-only modes read the weights alone."""
     from memrope.artifact import specialise_run
     from memrope.export.onnx_export import check_export_target, export_artifact
     from memrope.io import check_output_path
@@ -327,12 +327,12 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
         raise ValueError(f"--model-dir must be a Wan2.1 model folder, got {request.model_dir}")
     if request.height is None:
         raise ValueError("export needs --height and --width (pixels, multiples of 16)")
-    prompts = None
+    prompts, activations = None, False
     if quantize is not None:
         from memrope.export.quantize import check_mode, modelopt_version
         from memrope.runtime.prompts import read_calibration_prompts
 
-        check_mode(quantize)
+        activations = not check_mode(quantize).weight_only
         modelopt_version()
         if calibration_blocks is not None and calibration_blocks < 1:
             raise ValueError(f"--calibration-blocks must be at least 1, got {calibration_blocks}")
@@ -340,11 +340,14 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
     resolved = resolve(request)
     run = specialise_run(resolved.run, resolved.model, request.height, request.width, batch)
     calibration = None
-    if quantize is not None:
+    if activations:  # weight-only modes read the weights' ranges: no prompts, no text encoder
         from memrope.cache import CacheLayout
         from memrope.export.quantize import Calibration
         from memrope.runtime.prompts import calibration_prompts as default_prompts
 
+        if resolved.model_dir is None:
+            raise ValueError(f"--quantize {quantize} calibrates activations on encoded prompts, so it needs a text "
+                             "encoder: pass --model-dir WAN_DIR (int8-wo and int4-wo need none)")
         demo = request.preset == "tiny" and request.checkpoint is None and request.model_dir is None
         prompts = prompts or default_prompts(demo=demo)
         layout = CacheLayout.for_run(resolved.model, run)

@@ -75,10 +75,11 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
                         "fp8 (weights and activations; Ada, Blackwell), int8 (weights and activations), "
                         "int8-wo or int4-wo (weights only; Ampere on); --dtype is what stays unquantized")
     g.add_argument("--calibration-prompts", type=Path, metavar="FILE",
-                   help="calibration prompts, one per line (default: 8 built-in prompts; the demo world's for the "
-                        "embedded demo)")
+                   help="fp8/int8 calibration prompts, one per line (default: 8 built-in prompts; the demo world's "
+                        "for the embedded demo); weight-only modes need none")
     g.add_argument("--calibration-blocks", type=int, metavar="N",
-                   help="blocks of the loop per calibration prompt (default: until the first eviction, plus 2)")
+                   help="fp8/int8: blocks of the loop per calibration prompt (default: until the first eviction, "
+                        "plus 2)")
 
 
 def load_request(args: argparse.Namespace, **overrides) -> LoadRequest:

@@ -47,7 +47,8 @@ def test_a_plan_of_another_quantization_is_refused(tmp_path):
     build_engines(fp8.path, target="rtx", compute_capabilities=["8.9"], graphs=["text"])
     for name in ("text.plan", "text.plan.json"):
         shutil.copy(fp8.path / name, int4.path / name)
-    with pytest.raises(EngineMismatchError, match=r"quantization: engine fp8 \(ModelOpt .*\), artifact int4-wo"):
+    with pytest.raises(EngineMismatchError, match=r"quantization: engine fp8 \(ModelOpt .*, calibration \w+\), "
+                                                  r"artifact int4-wo \(ModelOpt .*, weight-only\)"):
         open_plans(load_artifact(int4.path), ("text",), target="rtx")
 
 
