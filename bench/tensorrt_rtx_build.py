@@ -7,9 +7,13 @@ did with attention (from the sidecar's build report). Multi-GB artifacts are wri
 ``--workdir`` and deleted afterwards. Each preset's export and build hold ``/tmp/memrope-heavy.lock``
 (``flock``), so no other heavy job on the machine runs at the same time.
 
-Results: ``bench/results/tensorrt_rtx_build.json`` and ``docs/tensorrt_rtx_build.md``.
+Results: ``bench/results/tensorrt_rtx_build.json`` and ``docs/tensorrt_rtx_build.md``; with
+``--quantize MODE`` (a weight-only mode: the random-weight presets have no text encoder to calibrate
+activations with) the export is quantized and the results go to ``..._<MODE>.json`` / ``.md``, with
+the layers each plan runs in low precision and the step plan's size against the bf16 one's.
 
 Usage: python bench/tensorrt_rtx_build.py [--presets tiny,mid,wan-1.3b] [--workdir /tmp/memrope_rtx_build]
+       [--quantize int4-wo] [--compute-capability 8.9,12.0]
 """
 
 from __future__ import annotations
@@ -64,12 +68,14 @@ def run_child(args: list[str]) -> dict:
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
-def measure(preset_name: str, workdir: Path, keep: bool) -> dict:
+def measure(preset_name: str, workdir: Path, keep: bool, quantize: str | None = None,
+            compute_capability: str | None = None) -> dict:
     """Export (or reuse a kept export with its measurement) and build one preset; delete it unless ``keep``."""
     preset = BENCH_PRESETS[preset_name]
-    out = workdir / f"{preset_name}_{preset.width}x{preset.height}_bf16"
+    out = workdir / f"{preset_name}_{preset.width}x{preset.height}_bf16{'_' + quantize if quantize else ''}"
     kept = workdir / f"{out.name}.export.json"
-    result = {"preset": preset_name, "height": preset.height, "width": preset.width, "dtype": "bfloat16"}
+    result = {"preset": preset_name, "height": preset.height, "width": preset.width, "dtype": "bfloat16",
+              "quantize": quantize}
     with heavy_lock():
         if out.is_dir() and kept.is_file():
             result["export"] = {**json.loads(kept.read_text()), "reused": True}
@@ -78,12 +84,14 @@ def measure(preset_name: str, workdir: Path, keep: bool) -> dict:
         else:
             result["export"] = run_child(["export", "--preset", preset_name, "--height", str(preset.height),
                                           "--width", str(preset.width), "--dtype", "bfloat16", "--no-validate",
-                                          "--force", "--out", str(out)])
+                                          "--force", "--out", str(out),
+                                          *(["--quantize", quantize] if quantize else [])])
             kept.write_text(json.dumps(result["export"]))
         if result["export"]["exit_code"] == 0:
             result["onnx_mb"] = {p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(out.iterdir())
                                  if ".onnx" in p.name}
-            result["build"] = run_child(["build", str(out), "--target", "rtx"])
+            result["build"] = run_child(["build", str(out), "--target", "rtx",
+                                         *(["--compute-capability", compute_capability] if compute_capability else [])])
             if result["build"]["exit_code"] == 0:
                 result["graphs"] = {}
                 for sidecar_file in sorted(out.glob("*.plan.json")):
@@ -94,7 +102,8 @@ def measure(preset_name: str, workdir: Path, keep: bool) -> dict:
                         "build_s": report["build_seconds"], "engine_layers": report["engine_layers"],
                         "attention_layers": report["attention_layers"], "attention": report["attention"],
                         "module": f"{sidecar['module']} {sidecar['module_version']}",
-                        "compute_capabilities": sidecar["compute_capabilities"]}
+                        "compute_capabilities": sidecar["compute_capabilities"],
+                        "quantization": report.get("quantization")}
         if not keep:
             shutil.rmtree(out, ignore_errors=True)
             kept.unlink(missing_ok=True)
@@ -103,7 +112,9 @@ def measure(preset_name: str, workdir: Path, keep: bool) -> dict:
 
 def write_markdown(doc: dict, path: Path) -> None:
     meta = doc["meta"]
-    lines = ["# TensorRT-RTX ahead-of-time builds (no GPU): tiny, mid and Wan2.1-1.3B at 832x480, bf16", "",
+    quantize = meta.get("quantize")
+    precision = f"bf16 with {quantize} Linear layers" if quantize else "bf16"
+    lines = [f"# TensorRT-RTX ahead-of-time builds (no GPU): tiny, mid and Wan2.1-1.3B at 832x480, {precision}", "",
              f"Measured {meta['date']} on {meta['machine']} ({meta['cpus']} CPUs, {meta['ram_gb']} GB RAM, no GPU), "
              f"{meta['tensorrt_rtx']}, torch {meta['torch']}. Produced by `python bench/tensorrt_rtx_build.py` "
              "(random weights; each step in its own process; peak RSS from `wait4`).", "",
@@ -126,7 +137,24 @@ def write_markdown(doc: dict, path: Path) -> None:
                      f"| {step['attention']} | {load} | {export['wall_s']} s ({export.get('cpu_s')} s) "
                      f"| {export['peak_rss_gb']} GB |")
     full = next((r for r in doc["results"] if r["preset"] == "wan-1.3b" and "graphs" in r), None)
-    if full is not None:
+    if quantize:
+        lines += ["", "Layers in low precision, per plan (the build report, counted from the engine's layer listing):"]
+        for r in doc["results"]:
+            for graph, g in r.get("graphs", {}).items():
+                q = g.get("quantization") or {}
+                if q.get("quantized_matmuls"):
+                    lines.append(f"- {r['preset']} {graph}: {q['quantized_matmuls']} quantized MatMuls in "
+                                 f"{q['low_precision_layers']} engine layers reading {q['layers_reading']}")
+        bf16 = ROOT / "bench" / "results" / "tensorrt_rtx_build.json"
+        if bf16.is_file():
+            base = {r["preset"]: r for r in json.loads(bf16.read_text())["results"]}
+            for r in doc["results"]:
+                old = base.get(r["preset"], {}).get("graphs", {}).get("step")
+                new = r.get("graphs", {}).get("step")
+                if old and new:
+                    lines.append(f"- {r['preset']} step plan: {new['plan_mb']} MB against bf16's {old['plan_mb']} MB "
+                                 f"({new['plan_mb'] / old['plan_mb']:.2f}x)")
+    if full is not None and not quantize:
         step = full["graphs"]["step"]
         seconds, peak = step["parse_s"] + step["build_s"], full["build"]["peak_rss_gb"]
         verdict = "met" if seconds < TARGET_STEP_SECONDS and peak <= TARGET_PEAK_GB else "NOT met"
@@ -163,6 +191,8 @@ def main() -> int:
     parser.add_argument("--presets", default="tiny,mid,wan-1.3b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/memrope_rtx_build"))
     parser.add_argument("--note", action="append", default=[], help="a remark to record with the results")
+    parser.add_argument("--quantize", choices=("int8-wo", "int4-wo"), help="quantize the export (weight-only)")
+    parser.add_argument("--compute-capability", help="build for these compute capabilities (e.g. 8.9,12.0)")
     parser.add_argument("--keep-exports", action="store_true",
                         help="keep the exports (and their measurements) in --workdir; a later run builds them again "
                              "without re-exporting")
@@ -176,11 +206,14 @@ def main() -> int:
             "ram_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 1024 ** 3),
             "cpu_model": cpu_name(),
             "tensorrt_rtx": f"tensorrt_rtx {tensorrt_rtx.__version__}", "torch": torch.__version__,
-            "platform": platform.platform(), "notes": args.note}
-    results = [measure(name, args.workdir, args.keep_exports) for name in args.presets.split(",")]
+            "platform": platform.platform(), "notes": args.note, "quantize": args.quantize,
+            "compute_capability": args.compute_capability}
+    results = [measure(name, args.workdir, args.keep_exports, args.quantize, args.compute_capability)
+               for name in args.presets.split(",")]
     doc = {"meta": meta, "results": results}
-    (ROOT / "bench" / "results" / "tensorrt_rtx_build.json").write_text(json.dumps(doc, indent=1) + "\n")
-    write_markdown(doc, ROOT / "docs" / "tensorrt_rtx_build.md")
+    suffix = f"_{args.quantize}" if args.quantize else ""
+    (ROOT / "bench" / "results" / f"tensorrt_rtx_build{suffix}.json").write_text(json.dumps(doc, indent=1) + "\n")
+    write_markdown(doc, ROOT / "docs" / f"tensorrt_rtx_build{suffix}.md")
     summary = [{"preset": r["preset"], "build": {k: r.get("build", {}).get(k) for k in ("wall_s", "peak_rss_gb")},
                 "plans_mb": {g: v["plan_mb"] for g, v in r.get("graphs", {}).items()}} for r in results]
     print(json.dumps(summary))
