@@ -340,6 +340,9 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
     resolved = resolve(request)
     run = specialise_run(resolved.run, resolved.model, request.height, request.width, batch)
     calibration = None
+    if quantize is not None and not activations and (prompts or calibration_blocks):
+        logger.warning("--quantize %s is weight-only: ModelOpt reads the weights' ranges, so --calibration-prompts "
+                       "and --calibration-blocks are not used", quantize)
     if activations:  # weight-only modes read the weights' ranges: no prompts, no text encoder
         from memrope.cache import CacheLayout
         from memrope.export.quantize import Calibration

@@ -276,8 +276,8 @@ CALIBRATION_SEED = 9000  # the demo world's calibration prompts are drawn with s
 
 def calibration_prompts(*, demo: bool, count: int = 8) -> list[str]:
     """The default calibration prompts: :data:`CALIBRATION_PROMPTS`, or for the embedded demo model
-    ``count`` prompts of its world (:func:`memrope.runtime.demo.world.random_prompt`, seeded; never its
-    evaluation prompts)."""
+    ``count`` prompts of its world (:func:`memrope.runtime.demo.world.random_prompt`, seeded; none of
+    them is one of its 50 evaluation prompts)."""
     if not demo:
         return list(CALIBRATION_PROMPTS[:count])
     import numpy as np

@@ -243,3 +243,13 @@ def test_bad_quantize_requests_fail_before_loading(tmp_path, capsys):
                  "--quantize", "int8"]) == 2
     assert "needs a text encoder: pass --model-dir WAN_DIR (int8-wo and int4-wo need none)" in capsys.readouterr().err
     assert not any(tmp_path.glob("[abcd]"))
+
+
+def test_default_calibration_prompts_are_not_evaluation_prompts():
+    from memrope.runtime.demo.world import EVAL_PROMPTS, parse_prompt
+    from memrope.runtime.prompts import CALIBRATION_PROMPTS, calibration_prompts
+
+    demo = calibration_prompts(demo=True)
+    assert len(demo) == 8 and len(set(demo)) == 8 and not set(demo) & set(EVAL_PROMPTS)
+    assert all(parse_prompt(p).objects for p in demo)  # sentences of the demo world, which it reads
+    assert calibration_prompts(demo=False) == list(CALIBRATION_PROMPTS)
