@@ -17,8 +17,13 @@ Four parts, each runnable alone (``--part``), each writing ``bench/results/demo_
   (mean absolute Laplacian).
 - ``vae``: the trained VAE decoder on ONNX Runtime against eager, fp32, on the DiT's own latents
   of 10 prompts: PSNR (dB).
+- ``quantized`` (``--mode fp8|int8|int8-wo|int4-wo``): a float32 export of the demo model quantized in
+  that mode (``memrope export --quantize``, default calibration) run by ONNX Runtime: the fidelity
+  part's 50 prompts, and for the first ``--psnr-prompts`` of them the PSNR of its decoded frames
+  against eager bf16's (same prompt and seed). Writes ``demo_quality_quantized_<mode>.json``.
 
-Usage: python bench/demo_quality.py --part fidelity|switch|horizon|vae|report [--threads 1]
+Usage: python bench/demo_quality.py --part fidelity|switch|horizon|vae|quantized|report [--threads 1]
+       [--mode fp8]
 The model is the embedded demo model (``memrope.runtime.t2v.ensure_demo_model``).
 """
 
@@ -42,6 +47,7 @@ RESULTS = ROOT / "bench" / "results"
 DOC = ROOT / "docs" / "demo_quality.md"
 FPS = 16
 ATTRIBUTES = ("background", "color", "shape", "motion")
+QUANTIZED_MODES = ("fp8", "int8", "int8-wo", "int4-wo")
 FIRST_BLOCK_FRAMES = 9  # video frames of a video's first block (1 + 4 x 2)
 SWITCH_FROM = "a red ball moving right on a blue background"
 SWITCH_TO = "a green square moving left on a white background"
@@ -103,17 +109,56 @@ def part_fidelity(seconds: float = 10.0) -> dict:
         for name, make in configs.items():
             started = time.perf_counter()
             with make() as pipe:
-                rows = []
-                for p in EVAL_PROMPTS:
-                    frames = _stream_frames(pipe, p, blocks)
-                    first_block = _score(frames[:FIRST_BLOCK_FRAMES], p)
-                    rows.append({"prompt": p, **_score(frames, p), "first_block_background": first_block["background"]})
+                rows, _ = _fidelity_rows(pipe, EVAL_PROMPTS, blocks)
             results[name] = {"per_attribute": {a: float(np.mean([r[a] for r in rows])) for a in ATTRIBUTES},
                              "first_block_background": float(np.mean([r["first_block_background"] for r in rows])),
                              "overall": float(np.mean([r["overall"] for r in rows])),
                              "seconds": round(time.perf_counter() - started, 1), "clips": rows}
             print(name, results[name]["per_attribute"], results[name]["overall"], flush=True)
     return {"seconds_per_clip": seconds, "blocks": blocks, "seed": 0, "results": results}
+
+
+def _fidelity_rows(pipe, prompts, blocks: int, keep: int = 0) -> tuple[list[dict], list[np.ndarray]]:
+    """Scores of each prompt's clip (and the first ``keep`` clips' frames)."""
+    rows, kept = [], []
+    for i, p in enumerate(prompts):
+        frames = _stream_frames(pipe, p, blocks)
+        first_block = _score(frames[:FIRST_BLOCK_FRAMES], p)
+        rows.append({"prompt": p, **_score(frames, p), "first_block_background": first_block["background"]})
+        if i < keep:
+            kept.append(frames)
+    return rows, kept
+
+
+def _psnr(frames: np.ndarray, reference: np.ndarray) -> float:
+    """PSNR (dB) of uint8 ``frames`` against ``reference``."""
+    mse = float(np.mean((frames.astype(np.float64) - reference.astype(np.float64)) ** 2))
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def part_quantized(mode: str = "fp8", seconds: float = 10.0, psnr_prompts: int = 10) -> dict:
+    from memrope.runtime.api import export_model
+    from memrope.runtime.demo.world import EVAL_PROMPTS
+    from memrope.runtime.load import LoadRequest
+    from memrope.runtime.t2v import ensure_demo_model, latent_frames_for
+
+    blocks = latent_frames_for(seconds, 3) // 3
+    with tempfile.TemporaryDirectory() as tmp:
+        artifact = Path(tmp) / f"demo_{mode}"
+        export = export_model(LoadRequest(preset="tiny", height=64, width=96), artifact, quantize=mode)
+        started = time.perf_counter()
+        with _pipeline_from(artifact, ensure_demo_model()) as pipe:
+            rows, frames = _fidelity_rows(pipe, EVAL_PROMPTS, blocks, keep=psnr_prompts)
+        seconds_quantized = round(time.perf_counter() - started, 1)
+    with _pipeline(dtype="bfloat16") as pipe:
+        psnr = [_psnr(f, _stream_frames(pipe, p, blocks)) for f, p in zip(frames, EVAL_PROMPTS, strict=False)]
+    result = {"per_attribute": {a: float(np.mean([r[a] for r in rows])) for a in ATTRIBUTES},
+              "first_block_background": float(np.mean([r["first_block_background"] for r in rows])),
+              "overall": float(np.mean([r["overall"] for r in rows])), "seconds": seconds_quantized, "clips": rows,
+              "psnr_vs_bf16_db": psnr, "quantization": export.contract.quantization}
+    print(mode, result["per_attribute"], result["overall"], "PSNR vs bf16", np.round(psnr, 1).tolist(), flush=True)
+    return {"mode": mode, "seconds_per_clip": seconds, "blocks": blocks, "seed": 0, "psnr_prompts": psnr_prompts,
+            "backend": "onnxruntime fp32 (the quantized graphs)", "result": result}
 
 
 def _pipeline_from(artifact: Path, model_dir: Path, **options):
@@ -281,12 +326,22 @@ def write_report() -> Path:
                   f"{m['cpu']}, torch {m['torch']}, {m['threads']} thread(s).", "",
                   "| backend | background | colour | shape | motion | overall | background, first block only | wall s |",
                   "|---|---|---|---|---|---|---|---|"]
-        for name, r in fidelity["results"].items():
+        quantized = {f"onnxruntime fp32, {q['mode']} (quantized)": {**q["result"], "date": q["machine"]["date"]}
+                     for q in (_load(f"quantized_{mode}") for mode in QUANTIZED_MODES) if q}
+        for name, r in {**fidelity["results"], **quantized}.items():
             a = r["per_attribute"]
             lines.append(f"| {name} | {a['background']:.2f} | {a['color']:.2f} | {a['shape']:.2f} | "
                          f"{a['motion']:.2f} | {r['overall']:.3f} | {r['first_block_background']:.2f} | "
                          f"{r['seconds']:.0f} |")
         lines.append("")
+        for name, r in quantized.items():
+            psnr = np.array(r["psnr_vs_bf16_db"])
+            lines.append(f"- {name} (measured {r['date']}): decoded frames against eager bf16's (same prompt and seed, first "
+                         f"{len(psnr)} prompts): PSNR {np.median(psnr):.1f} dB median, {psnr.min():.1f} to "
+                         f"{psnr.max():.1f} dB; `python bench/demo_quality.py --part quantized --mode "
+                         f"{r['quantization']['mode']}`, docs/quantization.md.")
+        if quantized:
+            lines.append("")
     switch = _load("switch")
     if switch:
         lines += ["## Prompt switch", "",
@@ -365,7 +420,8 @@ def part_frames(seconds: float = 4.0, every: int = 8, scale: int = 2) -> dict:
     return {"prompts": list(FRAME_PROMPTS), "seconds": seconds, "every": every, "image": str(path.relative_to(ROOT))}
 
 
-PARTS = {"frames": part_frames, "fidelity": part_fidelity, "switch": part_switch, "horizon": part_horizon, "vae": part_vae}
+PARTS = {"frames": part_frames, "fidelity": part_fidelity, "switch": part_switch, "horizon": part_horizon, "vae": part_vae,
+         "quantized": part_quantized}
 
 
 def main(argv=None) -> int:
@@ -375,6 +431,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=10.0, help="horizon: minutes of video per policy")
     parser.add_argument("--prompts", type=int, default=len(HORIZON_PROMPTS),
                         help="horizon: how many of HORIZON_PROMPTS (in order)")
+    parser.add_argument("--mode", default="fp8", help="quantized: the --quantize mode")
+    parser.add_argument("--psnr-prompts", type=int, default=10, help="quantized: clips compared with eager bf16")
     args = parser.parse_args(argv)
     import torch
 
@@ -383,10 +441,14 @@ def main(argv=None) -> int:
         print(write_report())
         return 0
     started = time.perf_counter()
-    payload = (PARTS[args.part](minutes=args.minutes, prompts=HORIZON_PROMPTS[:args.prompts]) if args.part == "horizon"
-               else PARTS[args.part]())
+    if args.part == "horizon":
+        payload = part_horizon(minutes=args.minutes, prompts=HORIZON_PROMPTS[:args.prompts])
+    elif args.part == "quantized":
+        payload = part_quantized(args.mode, psnr_prompts=args.psnr_prompts)
+    else:
+        payload = PARTS[args.part]()
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print(_write(args.part, payload))
+    print(_write(f"quantized_{args.mode}" if args.part == "quantized" else args.part, payload))
     return 0
 
 

@@ -3,7 +3,7 @@ carry the result as explicit ONNX QuantizeLinear/DequantizeLinear (Q/DQ) that Te
 into FP8, INT8 and INT4 GEMMs.
 
 Owns: the quantization modes (:data:`MODES`), which layers are quantized (:data:`QUANTIZED_LAYERS`),
-the calibration on real block-loop inputs (:func:`quantize_dit`), the graph form of a quantized
+the calibration on real block-loop inputs (:func:`calibration_loop`, :func:`quantize_dit`), the graph form of a quantized
 Linear (:class:`QDQLinear`, two custom torch ops and their ONNX translation), the INT4 packing of
 an exported graph (:func:`pack_int4_weights`) and the Q/DQ census of a graph (:func:`qdq_census`).
 Does not own the export itself (:mod:`memrope.export.onnx_export`) or the prompts (the runtime
@@ -31,6 +31,8 @@ Modes (ModelOpt's own configs, restricted to the layers above):
   ``mtq.FP8_DEFAULT_CFG``. TensorRT-RTX builds FP8 GEMMs for Ada (8.9) and Blackwell (12.0).
 - ``int8``: INT8 weights (per output channel) and activations (per tensor): ``mtq.INT8_DEFAULT_CFG``.
 - ``int8-wo``: INT8 weights per output channel, activations in the base dtype: ``mtq.INT8_WEIGHT_ONLY_CFG``.
+  TensorRT-RTX 1.7 dequantizes the self-attention's q, k and v to fuse them into one bf16 GEMM, so
+  ``memrope build`` refuses these graphs (:mod:`memrope.engine.build`); ONNX Runtime runs them.
 - ``int4-wo``: INT4 weights in blocks of 128 input channels (fewer where a layer is narrower), the
   activations in the base dtype: ``mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG`` (weight-only GEMMs from Ampere on).
 
