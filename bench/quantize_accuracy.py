@@ -86,8 +86,10 @@ def _setup(model: str, workdir: Path):
     return resolved.load_dit(), run, CacheLayout.for_run(resolved.model, run), encode
 
 
-def _rollout(step, run, layout, embeds, blocks: int, seed: int = 0, record: list | None = None):
-    """x0 of every block ``[blocks, ...]``; with ``record``, each call's named inputs are appended."""
+def _rollout(step, run, layout, embeds, blocks: int, seed: int = 0, record: list | None = None,
+             record_calls: int = 0):
+    """x0 of every block ``[blocks, ...]``; with ``record``, the first ``record_calls`` calls' named
+    inputs are appended (each holds a copy of the whole cache: record no more than measured)."""
     import torch
 
     from memrope.backend import StepModuleBackend
@@ -98,7 +100,8 @@ def _rollout(step, run, layout, embeds, blocks: int, seed: int = 0, record: list
     if record is not None:
         class Recording(type(eager)):
             def step(self, named):
-                record.append({k: v.clone() for k, v in named.items()})
+                if len(record) < record_calls:
+                    record.append({k: v.clone() for k, v in named.items()})
                 return super().step(named)
         eager = Recording(step)
     pipeline = MemRoPEPipeline(eager, run)
@@ -131,10 +134,13 @@ def measure(model: str, blocks: int, call_blocks: int) -> dict:
 
     reference = make_step(base)
     calls: list[dict] = []
-    refs = [_rollout(reference, run, layout, e, blocks, record=calls if i == 0 else None)
-            for i, e in enumerate(evals)]
-    calls_per_block = len(calls) // blocks
-    calls = calls[:call_blocks * calls_per_block]
+    from memrope.backend import StepModuleBackend
+    from memrope.pipeline import MemRoPEPipeline
+
+    # The denoising steps and the context pass.
+    calls_per_block = MemRoPEPipeline(StepModuleBackend(reference), run).schedule.num_steps + 1
+    refs = [_rollout(reference, run, layout, e, blocks, record=calls if i == 0 else None,
+                     record_calls=call_blocks * calls_per_block) for i, e in enumerate(evals)]
     with torch.no_grad():
         ref_calls = [_step_x0(reference, c) for c in calls]
     variants = {"bf16": None, **{m: m for m in MODES}}

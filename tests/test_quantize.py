@@ -172,9 +172,6 @@ def test_the_graph_carries_modelopt_s_own_quantization():
         holder = nn.Module()
         holder.layer = copy.deepcopy(layer)
 
-        def calibrate(holder=holder):
-            holder.layer(calibration)
-
         class Calib:
             prompts, prompt_embeds, blocks, seed = ["p"], [torch.zeros(1)], 1, 0
 
