@@ -99,6 +99,18 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
                      help="what a prompt change re-caches when the session does not say: 'recent' re-encodes "
                           "the window's tail under the new prompt (LongLive's re-cache, one extra call); "
                           "anything but 'none' keeps the backend's recache graph loaded")
+    ray = p.add_argument_group("cluster (Ray Serve; the 'cluster' extra)")
+    ray.add_argument("--ray", action="store_true",
+                     help="serve from engine replicas on a Ray Serve cluster: each replica is a whole server (model "
+                          "worker, sessions, WebRTC media); one ingress answers the page and the API at --host:--port "
+                          "and forwards each session's calls to the replica that owns it (docs/cluster.md)")
+    ray.add_argument("--ray-address", metavar="ADDR",
+                     help="the Ray cluster to join (HOST:PORT of its head, or 'auto' for the one `ray start` made "
+                          "here); default: start a one-machine Ray for this command")
+    ray.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
+    ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each engine replica reserves (default 1)")
+    ray.add_argument("--replica-gpus", type=float,
+                     help="GPUs each engine replica reserves (default 1 with --device cuda, else 0)")
     p.set_defaults(func=cmd_serve, no_decode=False)
 
 
@@ -122,6 +134,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
                             sessions_per_minute=args.sessions_per_minute, session_burst=args.session_burst)
     options.check_tls()
     require_serve_packages()
+    if args.ray:
+        return _serve_cluster(args, options)
     from memrope.runtime.args import load_request
     from memrope.runtime.serve.app import listen, run_server
     from memrope.runtime.serve.model import load_serve_model
@@ -145,4 +159,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
         run_server(model, options, on_ready=ready, sock=sock)
     finally:
         model.close()
+    return 0
+
+
+def _serve_cluster(args: argparse.Namespace, options) -> int:
+    """``memrope serve --ray``: the same server on Ray Serve (memrope.runtime.serve.cluster)."""
+    import dataclasses
+
+    from memrope.runtime.args import load_request
+    from memrope.runtime.serve.app import listen
+
+    if importlib.util.find_spec("ray") is None or importlib.util.find_spec("ray.serve") is None:
+        raise ImportError("memrope serve --ray needs Ray Serve: pip install 'memrope-engine[cluster]'")
+    gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if str(args.device).startswith("cuda") else 0.0)
+    from memrope.runtime.serve.cluster import ClusterOptions, run_cluster
+
+    cluster = ClusterOptions(address=args.ray_address, replicas=args.replicas, replica_cpus=args.replica_cpus,
+                             replica_gpus=gpus)
+    with listen(options) as sock:  # a taken port fails here, before Ray starts; port 0 picks one
+        options = dataclasses.replace(options, port=sock.getsockname()[1])
+    request = load_request(args, recache=args.prompt_recache != "none")
+    # Replicas may run on other machines, in other directories: every path is made absolute.
+    request = dataclasses.replace(request, **{f.name: getattr(request, f.name).resolve()
+                                             for f in dataclasses.fields(request)
+                                             if isinstance(getattr(request, f.name), Path)})
+
+    def ready(url: str) -> None:
+        print(f"memrope serve: {url} (Ray Serve: {cluster.replicas} engine replicas, up to {options.max_sessions} "
+              f"sessions each{', API key required' if options.api_key else ''})", flush=True)
+
+    run_cluster(request, options, cluster, on_ready=ready)
     return 0

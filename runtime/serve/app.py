@@ -293,8 +293,10 @@ class SessionRateLimit:
 class Server:
     """The live sessions and everything that happens to them on the event loop."""
 
-    def __init__(self, model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None):
+    def __init__(self, model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None,
+                 id_prefix: str = ""):
         self.model, self.options, self.on_started = model, options, on_started
+        self.id_prefix = id_prefix  # a cluster replica's name: its sessions' ids say who owns them
         self.stats = ServeStats()
         self.sessions: dict[str, Session] = {}
         self.ended: OrderedDict[str, dict] = OrderedDict()
@@ -371,7 +373,8 @@ class Server:
                                 f"then {self.options.sessions_per_minute:g} a minute (--sessions-per-minute); "
                                 f"retry in {retry} s", headers={"Retry-After": str(retry)})
         prompt = self._check_prompt(body.prompt)
-        session = Session(secrets.token_urlsafe(9), prompt, options, self.loop)
+        # 128 random bits: a session id is the only thing naming a session on the API key's side.
+        session = Session(self.id_prefix + secrets.token_urlsafe(16), prompt, options, self.loop)
         self.sessions[session.id] = session  # holds the slot while the prompt encodes
         try:
             embeds = await self.loop.run_in_executor(self._text_pool, self.model.text.encode, prompt)
@@ -570,7 +573,44 @@ class Server:
         session.connect_by = max(session.connect_by or 0.0, time.monotonic() + self.options.connect_timeout_s)
         return {"sdp": answer.sdp, "type": answer.type}
 
-    def health(self) -> tuple[int, dict]:
+    # -- the API, one method per route (the HTTP routes and the cluster's replicas call these) --------
+
+    async def api_create(self, body: CreateSession, client: str) -> dict:
+        session = await self.create(body, client)
+        width, height = self.model.frame_size
+        return {**session.snapshot(), "fps": self.model.fps, "width": width, "height": height,
+                "heartbeat_timeout_s": self.options.heartbeat_timeout_s,
+                "connect_timeout_s": self.options.connect_timeout_s, "ice_servers": self.options.ice_servers()}
+
+    async def api_list(self) -> dict:
+        return {"sessions": [s.snapshot() for s in self.sessions.values()], "max_sessions": self.options.max_sessions}
+
+    async def api_get(self, session_id: str) -> dict:
+        if session_id in self.ended and session_id not in self.sessions:
+            return self.ended[session_id]
+        return self.live(session_id, touch=False).snapshot()
+
+    async def api_offer(self, session_id: str, body: Offer) -> dict:
+        return await self.answer(self.live(session_id), body)
+
+    async def api_prompt(self, session_id: str, body: PromptChange) -> dict:
+        return await self.change_prompt(self.live(session_id), body)
+
+    async def api_pause(self, session_id: str, paused: bool) -> dict:
+        return self.set_paused(self.live(session_id), paused)
+
+    async def api_heartbeat(self, session_id: str) -> None:
+        self.live(session_id)
+
+    async def api_stop(self, session_id: str) -> dict:
+        await self.end(self.live(session_id), "stopped by the client", "stopped")
+        return self.ended[session_id]
+
+    async def metrics(self) -> bytes:
+        from prometheus_client import generate_latest
+        return generate_latest(self.registry)
+
+    async def health(self) -> tuple[int, dict]:
         alive = self.worker is not None and self.worker.alive
         width, height = self.model.frame_size
         doc = {"status": "ok" if alive else "model worker stopped", "sessions": len(self.sessions),
@@ -587,21 +627,26 @@ def _page() -> str:
 
 
 def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[], None] | None = None) -> FastAPI:
-    """The FastAPI app serving ``model``. The model worker starts (and warms up) with the app's
-    lifespan; ``on_started()`` is called once it is ready for clients."""
-    from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+    """The FastAPI app serving ``model`` in this process. The model worker starts (and warms up)
+    with the app's lifespan; ``on_started()`` is called once it is ready for clients."""
+    return build_app(Server(model, options, on_started), options)
 
-    server = Server(model, options, on_started)
+
+def build_app(api, options: ServerOptions) -> FastAPI:
+    """The HTTP face of ``api``: a :class:`Server` (one process) or the cluster's ingress
+    (``memrope.runtime.serve.cluster``), which answer the same calls (``lifespan``, ``stats``,
+    ``health()``, ``metrics()`` and the ``api_*`` methods), so both are served by the same routes,
+    guards and error shapes."""
     # No OpenAPI schema or docs pages: they would be open routes describing the API
     # (docs/serving.md documents it).
-    app = FastAPI(title="memrope serve", lifespan=server.lifespan, openapi_url=None, docs_url=None, redoc_url=None)
-    app.state.server = server
+    app = FastAPI(title="memrope serve", lifespan=api.lifespan, openapi_url=None, docs_url=None, redoc_url=None)
+    app.state.server = api
     # The last added is the outermost, checked first: Host and repeated headers, then the key,
     # then the body.
-    app.add_middleware(BodyLimit, timeout_s=options.body_timeout_s, stats=server.stats)
+    app.add_middleware(BodyLimit, timeout_s=options.body_timeout_s, stats=api.stats)
     if options.api_key:
-        app.add_middleware(RequireApiKey, key=options.api_key, stats=server.stats)
-    app.add_middleware(RequestGuard, options=options, stats=server.stats)
+        app.add_middleware(RequireApiKey, key=options.api_key, stats=api.stats)
+    app.add_middleware(RequestGuard, options=options, stats=api.stats)
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
@@ -643,57 +688,49 @@ def create_app(model: ServeModel, options: ServerOptions, on_started: Callable[[
 
     @app.api_route("/healthz", methods=["GET", "HEAD"])
     async def healthz():
-        status, doc = server.health()
+        status, doc = await api.health()
         return JSONResponse(doc, status_code=status)
 
     @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def metrics():
-        return Response(generate_latest(server.registry), media_type=CONTENT_TYPE_LATEST)
+        from prometheus_client import CONTENT_TYPE_LATEST
+        return Response(await api.metrics(), media_type=CONTENT_TYPE_LATEST)
 
     @app.post("/sessions", status_code=201)
     async def create_session(body: CreateSession, request: Request):
-        session = await server.create(body, request.client.host if request.client else "unknown")
-        width, height = model.frame_size
-        return {**session.snapshot(), "fps": model.fps, "width": width, "height": height,
-                "heartbeat_timeout_s": options.heartbeat_timeout_s, "connect_timeout_s": options.connect_timeout_s,
-                "ice_servers": options.ice_servers()}
+        return await api.api_create(body, request.client.host if request.client else "unknown")
 
     @app.get("/sessions")
     async def list_sessions():
-        return {"sessions": [s.snapshot() for s in server.sessions.values()],
-                "max_sessions": options.max_sessions}
+        return await api.api_list()
 
     @app.get("/sessions/{session_id}")
     async def get_session(session_id: str):
-        if session_id in server.ended and session_id not in server.sessions:
-            return server.ended[session_id]
-        return server.live(session_id, touch=False).snapshot()
+        return await api.api_get(session_id)
 
     @app.post("/sessions/{session_id}/offer")
     async def offer(session_id: str, body: Offer):
-        return await server.answer(server.live(session_id), body)
+        return await api.api_offer(session_id, body)
 
     @app.post("/sessions/{session_id}/prompt")
     async def prompt(session_id: str, body: PromptChange):
-        return await server.change_prompt(server.live(session_id), body)
+        return await api.api_prompt(session_id, body)
 
     @app.post("/sessions/{session_id}/pause")
     async def pause(session_id: str):
-        return server.set_paused(server.live(session_id), True)
+        return await api.api_pause(session_id, True)
 
     @app.post("/sessions/{session_id}/resume")
     async def resume(session_id: str):
-        return server.set_paused(server.live(session_id), False)
+        return await api.api_pause(session_id, False)
 
     @app.post("/sessions/{session_id}/heartbeat", status_code=204)
     async def heartbeat(session_id: str):
-        server.live(session_id)
+        await api.api_heartbeat(session_id)
         return Response(status_code=204)
 
     async def stop(session_id: str):
-        session = server.live(session_id)
-        await server.end(session, "stopped by the client", "stopped")
-        return server.ended[session_id]
+        return await api.api_stop(session_id)
 
     app.post("/sessions/{session_id}/stop")(stop)
     app.delete("/sessions/{session_id}")(stop)

@@ -37,24 +37,44 @@ class ServeError(Exception):
         self.status, self.message, self.retry_after = status, message, retry_after
 
 
+class SessionEnded(RuntimeError):
+    """The session ended (the server said why) while the viewer was waiting on it."""
+
+    def __init__(self, session_id: str, reason: str):
+        super().__init__(f"session {session_id} ended: {reason}")
+        self.session_id, self.reason = session_id, reason
+
+
 class Viewer:
     """One client of one session.
+
+    The server tells a viewer why its session ended with an ``ended`` event on the data channel.
+    A server that can no longer send it (a cluster replica that died) is noticed by silence: with
+    nothing received for ``silence_s`` (no frame, no event), the viewer asks the API for the
+    session, which answers why it ended; a failed request (the API restarting) is not an answer,
+    and the viewer keeps watching. Once the session has ended, :meth:`wait_for` raises
+    :class:`SessionEnded` instead of waiting out its timeout.
 
     Args:
         base_url: the server, e.g. ``http://127.0.0.1:8000``.
         read: pull the received video (False: connect but never read a frame).
         heartbeat_s: heartbeat period on the data channel (REST before the channel opens).
+        silence_s: quiet seconds before the viewer asks whether its session still exists
+          (default: three heartbeats, at least 2 s).
         api_key: sent as ``Authorization: Bearer`` to a server that requires one.
         ssl_context: how to verify an HTTPS server (default: the system's CAs).
     """
 
     def __init__(self, base_url: str, *, read: bool = True, heartbeat_s: float = 1.0, api_key: str | None = None,
-                 ssl_context=None):
+                 ssl_context=None, silence_s: float | None = None):
         import aiohttp
 
         self.base_url = base_url.rstrip("/")
         self.read = read
         self.heartbeat_s = heartbeat_s
+        self.silence_s = silence_s if silence_s is not None else max(3 * heartbeat_s, 2.0)
+        self.ended_reason: str | None = None  # why the session ended, once known
+        self.last_heard = time.monotonic()  # the last frame or event
         # Idle pooled connections close before the server's keep-alive ends (see SERVER_KEEPALIVE_S).
         connector = aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S,
                                          ssl=True if ssl_context is None else ssl_context)
@@ -145,15 +165,18 @@ class Viewer:
         try:
             while True:
                 await track.recv()
-                self.frame_times.append(time.monotonic())
+                self.last_heard = time.monotonic()
+                self.frame_times.append(self.last_heard)
                 self._changed.set()
         except MediaStreamError:
             pass
 
     async def _heartbeat(self) -> None:
-        while True:
+        while self.ended_reason is None:
             if self.channel is not None and self.channel.readyState == "open":
                 self.channel.send('{"type": "heartbeat"}')
+                if time.monotonic() - self.last_heard > self.silence_s:
+                    await self._ask_if_ended()
             elif self.session is not None:
                 try:
                     await self.request("POST", f"/sessions/{self.id}/heartbeat")
@@ -161,8 +184,34 @@ class Viewer:
                     return
             await asyncio.sleep(self.heartbeat_s)
 
+    async def _ask_if_ended(self) -> None:
+        """The server has been silent: ask the API whether the session still exists."""
+        import aiohttp
+
+        self.last_heard = time.monotonic()  # one question per silent period
+        try:
+            status = await self.status()
+        except ServeError as exc:
+            if exc.status in (404, 409):
+                self._ended(exc.message)
+            return
+        except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+            return  # the API is not answering (restarting): not a sign the session ended
+        if status.get("state") == "ended":
+            self._ended(status.get("reason") or "ended")
+
+    def _ended(self, reason: str) -> None:
+        if self.ended_reason is None:
+            self.events.append({"type": "ended", "reason": reason, "from": "api"})
+            self.ended_reason = reason
+            self._changed.set()
+
     def _on_message(self, message) -> None:
-        self.events.append(json.loads(message))
+        event = json.loads(message)
+        self.last_heard = time.monotonic()
+        self.events.append(event)
+        if event.get("type") == "ended":
+            self.ended_reason = event.get("reason") or "ended"
         self._changed.set()
 
     # -- waiting -----------------------------------------------------------------------------------
@@ -175,6 +224,8 @@ class Viewer:
             value = condition()
             if value:
                 return value
+            if self.ended_reason is not None:
+                raise SessionEnded(self.session["id"] if self.session else "?", self.ended_reason)
             left = deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError(f"waited {timeout_s:g} s for {what}; got {self.frames} frames, "

@@ -168,3 +168,71 @@ def make_registry(stats: ServeStats, max_sessions: int):
     registry.register(_Collector())
     ProcessCollector(registry=registry)
     return registry
+
+
+def cluster_metrics(reports: list[dict], placements: dict[str, int], refusals: dict[str, int],
+                    lost: dict[str, int], edge: ServeStats) -> bytes:
+    """The cluster's ``/metrics`` in Prometheus text: every engine replica's own metrics with a
+    ``replica`` label (from ``reports``, one per replica: its id, node, session counts, recent
+    block times and its exposition text), then the cluster's totals (``memrope_cluster_*``):
+    replicas, sessions, blocks/s and p50/p90 block latency over every replica's recent blocks,
+    placements per replica, new sessions refused (``full``: every slot in use; ``rate_limited``),
+    calls lost to a replica that died or did not answer, and the ingress's own edge refusals."""
+    from prometheus_client import CollectorRegistry, generate_latest
+    from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+    from prometheus_client.metrics_core import Metric
+    from prometheus_client.parser import text_string_to_metric_families
+
+    class _Collector:
+        def collect(self):
+            families: dict[str, Metric] = {}
+            for report in reports:
+                if "metrics" not in report:
+                    continue
+                for family in text_string_to_metric_families(report["metrics"]):
+                    merged = families.setdefault(family.name, Metric(family.name, family.documentation, family.type))
+                    for sample in family.samples:
+                        merged.add_sample(sample.name, {"replica": report["replica"], **sample.labels}, sample.value)
+            yield from families.values()
+            live = [r for r in reports if "metrics" in r]
+            yield GaugeMetricFamily("memrope_cluster_replicas", "Engine replicas answering", value=len(live))
+            yield GaugeMetricFamily("memrope_cluster_sessions", "Sessions on every replica",
+                                    value=sum(r["sessions"] for r in live))
+            yield GaugeMetricFamily("memrope_cluster_max_sessions", "Session slots on every replica",
+                                    value=sum(r["max_sessions"] for r in live))
+            yield GaugeMetricFamily("memrope_cluster_blocks_per_second",
+                                    f"Blocks per second on every replica (each over its last {RATE_WINDOW_S:.0f} s)",
+                                    value=sum(r["blocks_per_second"] for r in live))
+            latency = GaugeMetricFamily("memrope_cluster_block_latency_seconds", "Per-block generation + decode "
+                                        f"time over every replica's last {LATENCY_WINDOW} blocks", labels=["quantile"])
+            values = [s for r in live for s in r["block_seconds"]]
+            for q in (0.5, 0.9):
+                value = percentile(values, q)
+                latency.add_metric([str(q)], float("nan") if value is None else value)
+            yield latency
+            placed = CounterMetricFamily("memrope_cluster_placements", "New sessions placed, by replica",
+                                         labels=["replica"])
+            for replica, count in sorted(placements.items()):
+                placed.add_metric([replica], count)
+            yield placed
+            refused = CounterMetricFamily("memrope_cluster_sessions_refused", "New sessions refused, by why",
+                                          labels=["kind"])
+            for kind, count in refusals.items():
+                refused.add_metric([kind], count)
+            yield refused
+            failed = CounterMetricFamily("memrope_cluster_calls_lost", "Calls whose replica died or did not answer",
+                                         labels=["kind"])
+            for kind, count in lost.items():
+                failed.add_metric([kind], count)
+            yield failed
+            edge_refused = CounterMetricFamily("memrope_cluster_requests_refused",
+                                               "Requests refused at the ingress, by why", labels=["kind"])
+            for kind, count in edge.refused.items():
+                edge_refused.add_metric([kind], count)
+            yield edge_refused
+            yield CounterMetricFamily("memrope_cluster_unauthorized_requests",
+                                      "/sessions requests refused with 401 at the ingress", value=edge.unauthorized)
+
+    registry = CollectorRegistry()
+    registry.register(_Collector())
+    return generate_latest(registry)
