@@ -177,3 +177,43 @@ def demo_artifact(tmp_path_factory):
 
     path = built_once(tmp_path_factory, "demo", build)
     return path / "demo", path / "art"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """A two-node Ray cluster on this machine, on 127.0.0.1: ``ray start --head`` and a worker
+    node joining it, each offering one CPU, so two engine replicas of one CPU each land on
+    different nodes, with Ray's token authentication (a fresh token in ``$RAY_AUTH_TOKEN``, set
+    for this test process and so for the servers it starts). Yields the head's address; ``ray
+    stop`` at the end."""
+    import secrets
+    import shutil
+    import socket
+    import subprocess
+    import sys
+
+    pytest.importorskip("ray.serve", reason="the cluster extra is not installed (pip install 'memrope-engine[cluster]')")
+    ray = shutil.which("ray", path=str(Path(sys.executable).parent))
+    if ray is None:
+        pytest.skip("the `ray` command is not installed beside this Python (the cluster extra)")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    saved = {name: os.environ.get(name) for name in ("RAY_USAGE_STATS_ENABLED", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    os.environ.update(RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
+    env = dict(os.environ)
+    common = ["--node-ip-address=127.0.0.1", "--num-cpus=1", "--num-gpus=0", "--disable-usage-stats"]
+    address = f"127.0.0.1:{port}"
+    try:
+        subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
+                       env=env, check=True, capture_output=True, timeout=180)
+        subprocess.run([ray, "start", f"--address={address}", *common], env=env, check=True, capture_output=True,
+                       timeout=180)
+        yield address
+    finally:
+        subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value

@@ -13,7 +13,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / ".ci" / "floors.py"
-EXTRAS = "onnx,video,dev,rtx,serve,quantize"
+EXTRAS = "onnx,video,dev,rtx,serve,quantize,cluster"
 
 
 def _floors():
