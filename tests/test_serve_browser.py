@@ -117,14 +117,18 @@ async def _devtools_url(profile: Path, browser: subprocess.Popen, timeout_s: flo
     raise RuntimeError("Chromium has no page target")
 
 
-@pytest.fixture(scope="module")
-def server():
-    with ServerProcess("--max-sessions", "2", "--heartbeat-timeout", "4",
+@pytest.fixture(scope="module", params=["one process", "ray cluster"])
+def server(request):
+    """The server the browser opens: ``memrope serve``, and ``memrope serve --ray`` with one
+    engine replica on the two-node Ray cluster of ``conftest.ray_cluster`` (the same page and API;
+    the media comes from the replica)."""
+    cluster = () if request.param == "one process" else (
+        "--ray", "--ray-address", request.getfixturevalue("ray_cluster"), "--replicas", "1")
+    with ServerProcess(*cluster, "--max-sessions", "2", "--heartbeat-timeout", "4", start_timeout_s=300,
                        env=dict(os.environ, **{API_KEY_ENV: API_KEY})) as proc:
         yield proc
 
 
-@pytest.mark.slow  # a browser test: CI's slow step
 def _scene_of(pixels: list) -> dict:
     """The background and object colours the evaluator reads in one page frame ``[w, h, rgba]``."""
     width, height, data = pixels
@@ -133,6 +137,7 @@ def _scene_of(pixels: list) -> dict:
     return {"background": report.background, "colors": sorted(o.color for o in report.objects)}
 
 
+@pytest.mark.slow  # a browser test: CI's slow step
 def test_browser_plays_the_stream_and_changes_the_prompt(server, tmp_path):
     chromium = _chromium()
     profile = tmp_path / "profile"
