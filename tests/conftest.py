@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -179,11 +180,23 @@ def demo_artifact(tmp_path_factory):
     return path / "demo", path / "art"
 
 
+@dataclass(frozen=True)
+class RayCluster:
+    address: str          # the head's HOST:PORT
+    worker_raylet: int    # the process id of the worker node's raylet (killing it takes the node away)
+
+
+def _raylet_pids() -> set[int]:
+    import subprocess
+    found = subprocess.run(["pgrep", "-x", "raylet"], capture_output=True, text=True).stdout.split()
+    return {int(pid) for pid in found}
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory):
     """A two-node Ray cluster on this machine, on 127.0.0.1: ``ray start --head`` and a worker
     node joining it, each offering one CPU, so two engine replicas of one CPU each land on
-    different nodes, with Ray's token authentication (a fresh token in ``$RAY_AUTH_TOKEN``, set
+    different nodes (a :class:`RayCluster`), with Ray's token authentication (a fresh token in ``$RAY_AUTH_TOKEN``, set
     for this test process and so for the servers it starts). Yields the head's address; ``ray
     stop`` at the end."""
     import secrets
@@ -207,9 +220,11 @@ def ray_cluster(tmp_path_factory):
     try:
         subprocess.run([ray, "start", "--head", f"--port={port}", "--include-dashboard=false", *common],
                        env=env, check=True, capture_output=True, timeout=180)
+        raylets = _raylet_pids()
         subprocess.run([ray, "start", f"--address={address}", *common], env=env, check=True, capture_output=True,
                        timeout=180)
-        yield address
+        (worker_raylet,) = _raylet_pids() - raylets
+        yield RayCluster(address, worker_raylet)
     finally:
         subprocess.run([ray, "stop", "--force"], env=env, capture_output=True, timeout=120)
         for name, value in saved.items():

@@ -123,7 +123,7 @@ def server(request):
     engine replica on the two-node Ray cluster of ``conftest.ray_cluster`` (the same page and API;
     the media comes from the replica)."""
     cluster = () if request.param == "one process" else (
-        "--ray", "--ray-address", request.getfixturevalue("ray_cluster"), "--replicas", "1")
+        "--ray", "--ray-address", request.getfixturevalue("ray_cluster").address, "--replicas", "1")
     with ServerProcess(*cluster, "--max-sessions", "2", "--heartbeat-timeout", "4", start_timeout_s=300,
                        env=dict(os.environ, **{API_KEY_ENV: API_KEY})) as proc:
         yield proc

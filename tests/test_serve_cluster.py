@@ -32,7 +32,7 @@ NEW_PROMPT = "a blue ball moving up on a yellow background"
 
 @pytest.fixture(scope="module")
 def cluster_server(ray_cluster):
-    with ServerProcess("--ray", "--ray-address", ray_cluster, "--replicas", "2", "--max-sessions", "3",
+    with ServerProcess("--ray", "--ray-address", ray_cluster.address, "--replicas", "2", "--max-sessions", "3",
                        "--heartbeat-timeout", "5", "--sessions-per-minute", "0", start_timeout_s=300,
                        stop_timeout_s=60) as proc:
         yield proc
@@ -153,3 +153,109 @@ def test_sessions_spread_follow_their_replica_and_survive_another_replicas_death
     after = seen["metrics_after"]
     assert after["memrope_cluster_replicas"] == 2
     assert after['memrope_cluster_calls_lost_total{kind="replica_gone"}'] >= 3
+
+
+def _two_viewers_playing(server, prompts=PROMPTS[:2]):
+    """Two new sessions, once the earlier tests' sessions are gone (placement by free slots then
+    puts them on different replicas)."""
+    async def start() -> list[Viewer]:
+        deadline = time.monotonic() + 60
+        while server.get("/healthz")[2].get("sessions") and time.monotonic() < deadline:
+            await asyncio.sleep(0.5)
+        viewers = [Viewer(server.url, heartbeat_s=0.5) for _ in prompts]
+        for viewer, prompt in zip(viewers, prompts, strict=True):
+            await viewer.start(prompt)
+        await asyncio.gather(*(v.wait_frames(8, 120) for v in viewers))
+        return viewers
+    return start()
+
+
+def test_sessions_play_on_while_the_ingress_restarts(cluster_server):
+    """The ingress carries no media and no heartbeats: its death stops control requests for a
+    while (what they get meanwhile is recorded) and nothing else."""
+    server = cluster_server
+
+    async def run() -> dict:
+        seen: dict = {"meanwhile": []}
+        viewers = await _two_viewers_playing(server)
+        try:
+            pid = server.get("/healthz")[2]["ingress_pid"]
+            frames = [v.frames for v in viewers]
+            killed_at = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            # Control requests until the restarted ingress answers again (at most 120 s).
+            while time.monotonic() - killed_at < 120:
+                try:
+                    await viewers[0].status()
+                    break
+                except ServeError as exc:
+                    seen["meanwhile"].append(f"HTTP {exc.status}")
+                except Exception as exc:  # noqa: BLE001 - recorded: what a client sees while the ingress is down
+                    seen["meanwhile"].append(type(exc).__name__)
+                await asyncio.sleep(0.5)
+            seen["back_after_s"] = time.monotonic() - killed_at
+            seen["new_ingress_pid"] = server.get("/healthz")[2]["ingress_pid"]
+            seen["frames_gained"] = [v.frames - n for v, n in zip(viewers, frames, strict=True)]
+            seen["ended"] = [v.ended_reason for v in viewers]
+            seen["change"] = await viewers[1].change_prompt(NEW_PROMPT)
+            seen["status"] = await viewers[1].status()
+            seen["pid"] = pid
+            return seen
+        finally:
+            for viewer in viewers:
+                await viewer.close()
+
+    seen = asyncio.run(asyncio.wait_for(run(), 300))
+    assert seen["new_ingress_pid"] != seen["pid"]
+    assert seen["back_after_s"] < 120, seen
+    # The sessions played through it: frames kept coming for as long as the ingress was away.
+    expected = int(seen["back_after_s"] * 16 * 0.3)  # 16 fps, generously shared by two sessions on 2 cores
+    assert all(gained >= expected for gained in seen["frames_gained"]), seen
+    assert seen["ended"] == [None, None]
+    assert seen["change"]["prompt_version"] == 1 and seen["status"]["prompt"] == NEW_PROMPT
+    print(f"ingress back after {seen['back_after_s']:.1f} s; control requests meanwhile: {seen['meanwhile']}")
+
+
+def test_a_node_leaving_ends_its_sessions_and_the_rest_go_on(cluster_server, ray_cluster):
+    """The worker node's raylet is killed (the node leaves the cluster, its processes with it):
+    sessions there end with the reason; the head node's go on. Last: the cluster keeps one node."""
+    server = cluster_server
+    replicas = _replicas(server)
+    assert len(replicas) == 2, replicas
+
+    async def run() -> dict:
+        seen: dict = {}
+        viewers = await _two_viewers_playing(server)
+        try:
+            owners = [v.id.split(".")[0] for v in viewers]
+            assert len(set(owners)) == 2, f"both sessions on one replica: {owners}"
+            nodes = {r["replica"]: r["node"] for r in replicas.values()}
+            frames = [v.frames for v in viewers]
+            left_at = time.monotonic()
+            os.kill(ray_cluster.worker_raylet, signal.SIGKILL)
+
+            async def outcome(viewer: Viewer, before: int):
+                try:
+                    await viewer.wait_for(lambda: viewer.frames >= before + 16 * 20 and "playing", 120,
+                                          "20 s more of video")
+                    return "playing", time.monotonic() - left_at
+                except SessionEnded as exc:
+                    return exc.reason, time.monotonic() - left_at
+            seen["outcomes"] = await asyncio.gather(*(outcome(v, n) for v, n in zip(viewers, frames, strict=True)))
+            seen["owners"], seen["nodes"] = owners, nodes
+            seen["health"] = server.get("/healthz")
+            return seen
+        finally:
+            for viewer in viewers:
+                await viewer.close()
+
+    seen = asyncio.run(asyncio.wait_for(run(), 300))
+    results = dict(zip(seen["owners"], seen["outcomes"], strict=True))
+    ended = {owner: r for owner, r in results.items() if r[0] != "playing"}
+    playing = {owner: r for owner, r in results.items() if r[0] == "playing"}
+    assert len(ended) == 1 and len(playing) == 1, results
+    (gone, (reason, after_s)), = ended.items()
+    assert f"engine replica {gone} stopped" in reason, reason
+    print(f"a node left: its session ended after {after_s:.1f} s ({reason})")
+    status, _, health = seen["health"]
+    assert status == 200 and health["healthy_replicas"] >= 1

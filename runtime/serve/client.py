@@ -75,6 +75,7 @@ class Viewer:
         self.silence_s = silence_s if silence_s is not None else max(3 * heartbeat_s, 2.0)
         self.ended_reason: str | None = None  # why the session ended, once known
         self.last_heard = time.monotonic()  # the last frame or event
+        self._asking: asyncio.Future | None = None  # a liveness question to the API in flight
         # Idle pooled connections close before the server's keep-alive ends (see SERVER_KEEPALIVE_S).
         connector = aiohttp.TCPConnector(keepalive_timeout=CLIENT_KEEPALIVE_S,
                                          ssl=True if ssl_context is None else ssl_context)
@@ -172,16 +173,24 @@ class Viewer:
             pass
 
     async def _heartbeat(self) -> None:
+        import aiohttp
+
         while self.ended_reason is None:
             if self.channel is not None and self.channel.readyState == "open":
                 self.channel.send('{"type": "heartbeat"}')
-                if time.monotonic() - self.last_heard > self.silence_s:
-                    await self._ask_if_ended()
-            elif self.session is not None:
+                if time.monotonic() - self.last_heard > self.silence_s and (self._asking is None or self._asking.done()):
+                    # Its own task: an API that is slow to answer must not hold up the heartbeats.
+                    self._asking = asyncio.ensure_future(self._ask_if_ended())
+                    self._tasks.append(self._asking)
+            elif self.session is not None:  # no channel (yet, or any more): over REST
                 try:
                     await self.request("POST", f"/sessions/{self.id}/heartbeat")
-                except ServeError:
-                    return
+                except ServeError as exc:
+                    if exc.status in (404, 409):
+                        self._ended(exc.message)
+                    # anything else (the API restarting, a replica not answering): try again
+                except (aiohttp.ClientError, asyncio.TimeoutError, OSError):
+                    pass
             await asyncio.sleep(self.heartbeat_s)
 
     async def _ask_if_ended(self) -> None:

@@ -60,6 +60,9 @@ INGRESS = "MemropeIngress"
 # wait for its replica before the ingress gives up on it (a replica that stopped answering).
 ROUTING_STATS_PERIOD_S = 0.5
 CALL_TIMEOUT_S = 30.0
+# How long the router counts a placement it made against its replica's reported free slots, at
+# most (a report taken after the placement replaces it).
+PLACEMENT_MEMORY_S = 60.0
 # Calls one engine replica takes at once (creates, offers, prompt changes, heartbeats, metrics).
 ENGINE_MAX_ONGOING = 256
 _ID = re.compile(r"^([A-Za-z0-9]{1,32})\.[A-Za-z0-9_-]{8,64}$")
@@ -109,17 +112,18 @@ class SessionRouter(RequestRouter):
 
     def initialize_state(self, max_sessions: int = 4, **kwargs) -> None:
         self.max_sessions = max_sessions
-        self._placed: dict[str, list[float]] = {}  # replica -> wall times of placements not yet reported
+        # Placements not yet seen in a report: request -> (replica, wall time placed).
+        self._placed: dict[str, tuple[str, float]] = {}
         import memrope.runtime.serve.cluster as home  # the module itself, however this class was unpickled
         home._ROUTERS.add(self)
 
     def free_slots(self, replica: RunningReplica) -> int:
+        """The replica's free slots as last reported, less the sessions placed on it since."""
         stats = replica.routing_stats or {}
         uid = replica.replica_id.unique_id
         reported_at = float(stats.get("reported_at", 0.0))
-        placed = [t for t in self._placed.get(uid, ()) if t > reported_at]
-        self._placed[uid] = placed
-        return int(stats.get("free_slots", self.max_sessions)) - len(placed)
+        placed = sum(1 for owner, at in self._placed.values() if owner == uid and at > reported_at)
+        return int(stats.get("free_slots", self.max_sessions)) - placed
 
     def replica_ids(self) -> set[str]:
         return {replica_id.unique_id for replica_id in self.curr_replicas}
@@ -135,11 +139,15 @@ class SessionRouter(RequestRouter):
         excluded = set(kwargs.get("exclude") or ())
         ranked = sorted((r for r in candidate_replicas if r.replica_id.unique_id not in excluded),
                         key=self.free_slots, reverse=True)
+        if ranked and pending_request is not None and kwargs.get("op") == "create":
+            now = time.time()
+            # One entry per attempt (a retry after "full" excludes one more replica); chosen again
+            # after a backoff, the same entry.
+            key = f"{pending_request.metadata.internal_request_id}/{len(excluded)}"
+            self._placed[key] = (ranked[0].replica_id.unique_id, now)
+            for stale in [k for k, (_, at) in self._placed.items() if at < now - PLACEMENT_MEMORY_S]:
+                del self._placed[stale]
         return [[r] for r in ranked]
-
-    def on_request_routed(self, pending_request: PendingRequest, replica_id, result) -> None:
-        if pending_request.kwargs.get("op") == "create":
-            self._placed.setdefault(replica_id.unique_id, []).append(time.time())
 
 
 _BODIES: dict[str, type[BaseModel]] = {"create": CreateSession, "offer": Offer, "prompt": PromptChange}
@@ -234,7 +242,7 @@ class ClusterApi:
 
         replica = kwargs.get("replica")
         try:
-            return await asyncio.wait_for(self.engine.call.remote(op, **kwargs), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(self.engine.call.remote(op=op, **kwargs), CALL_TIMEOUT_S)
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             self.lost["replica_gone"] += 1
             raise self._gone(kwargs.get("session_id"), replica) from None
@@ -351,7 +359,8 @@ class ClusterApi:
     async def health(self) -> tuple[int, dict]:
         reports = await self._fan_out("report")
         healthy = [r for r in reports if r.get("healthy")]
-        doc = {"status": "ok" if healthy else "no healthy engine replica", "replicas": len(reports),
+        doc = {"status": "ok" if healthy else "no healthy engine replica", "ingress_pid": os.getpid(),
+               "replicas": len(reports),
                "healthy_replicas": len(healthy), "sessions": sum(r.get("sessions", 0) for r in reports),
                "max_sessions": sum(r.get("max_sessions", 0) for r in healthy),
                "engine_replicas": [{k: r.get(k) for k in ("replica", "node", "pid", "healthy", "sessions", "error")}
