@@ -58,7 +58,7 @@ ENGINE = "MemropeEngine"
 INGRESS = "MemropeIngress"
 # How often each engine replica reports its free slots to the routers, and how long a call may
 # wait for its replica before the ingress gives up on it (a replica that stopped answering).
-ROUTING_STATS_PERIOD_S = 0.5
+ROUTING_STATS_PERIOD_S = 1.0
 CALL_TIMEOUT_S = 30.0
 # How long the router counts a placement it made against its replica's reported free slots, at
 # most (a report taken after the placement replaces it).
@@ -151,6 +151,8 @@ class SessionRouter(RequestRouter):
 
 
 _BODIES: dict[str, type[BaseModel]] = {"create": CreateSession, "offer": Offer, "prompt": PromptChange}
+# The calls an engine replica answers: Server's api_* methods.
+_OPS = frozenset({"create", "list", "get", "offer", "prompt", "pause", "heartbeat", "stop"})
 
 
 class Engine:
@@ -167,6 +169,9 @@ class Engine:
         # The ingress owns the rate limit (a client's sessions land on many replicas).
         options = _replace(options, sessions_per_minute=0.0)
         self.server = Server(self.model, options, id_prefix=f"{self.replica}.")
+        if not (options.binds_all or options.binds_loopback):
+            # --host names the head's address; this replica's media leaves from its own node.
+            self.server.ice_host_addresses = [ray.util.get_node_ip_address()]
         self._lifespan = self.server.lifespan(None)
         await self._lifespan.__aenter__()  # worker started and warmed up: healthy from here
         logger.info("engine replica %s on node %s ready", self.replica, self.node)
@@ -176,6 +181,8 @@ class Engine:
         """The API call ``op`` (an ``api_*`` method of :class:`Server`), answered as
         ``{"status", "body"}`` or ``{"status", "error", "headers"}``; ``replica`` and ``exclude``
         are for the router."""
+        if op not in _OPS:
+            raise ValueError(f"unknown engine call {op!r}; expected one of {sorted(_OPS)}")
         try:
             args = [] if session_id is None else [session_id]
             if op in _BODIES:
@@ -415,7 +422,7 @@ def run_cluster(request, options: ServerOptions, cluster: ClusterOptions, *, on_
             request_router_config=RequestRouterConfig(
                 request_router_class=SessionRouter, request_router_kwargs={"max_sessions": options.max_sessions},
                 request_routing_stats_period_s=ROUTING_STATS_PERIOD_S, request_routing_stats_timeout_s=5.0),
-            health_check_period_s=2.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=15.0)
+            health_check_period_s=5.0, health_check_timeout_s=30.0, graceful_shutdown_timeout_s=15.0)
         ingress = serve.deployment(Ingress, name=INGRESS, num_replicas=1, ray_actor_options={"num_cpus": 0},
                                    max_ongoing_requests=1024)
         serve.run(ingress.bind(engine.bind(request, options), options), name=APP_NAME, route_prefix="/",
