@@ -106,6 +106,27 @@ class ServeStats:
         return recent / window
 
 
+def _counts(name: str, doc: str, label: str, counts: dict[str, float]):
+    """A counter family with one sample per ``label`` value."""
+    from prometheus_client.core import CounterMetricFamily
+
+    family = CounterMetricFamily(name, doc, labels=[label])
+    for value, count in counts.items():
+        family.add_metric([value], count)
+    return family
+
+
+def _quantiles(name: str, doc: str, values: list[float]):
+    """A gauge family of the p50 and p90 of ``values`` (NaN when there are none)."""
+    from prometheus_client.core import GaugeMetricFamily
+
+    family = GaugeMetricFamily(name, doc, labels=["quantile"])
+    for q in (0.5, 0.9):
+        value = percentile(values, q)
+        family.add_metric([str(q)], float("nan") if value is None else value)
+    return family
+
+
 def make_registry(stats: ServeStats, max_sessions: int):
     """A prometheus-client registry exposing ``stats`` (and this process's memory and CPU)."""
     from prometheus_client import CollectorRegistry, ProcessCollector
@@ -133,27 +154,16 @@ def make_registry(stats: ServeStats, max_sessions: int):
                     ("unauthorized_requests", "/sessions requests refused with 401 (no or wrong API key)",
                      stats.unauthorized)):
                 yield CounterMetricFamily(f"memrope_serve_{name}", doc, value=value)
-            ended = CounterMetricFamily("memrope_serve_sessions_ended", "Sessions ended, by why", labels=["kind"])
-            for kind, count in stats.sessions_ended.items():
-                ended.add_metric([kind], count)
-            yield ended
-            refused = CounterMetricFamily("memrope_serve_requests_refused",
-                                          "Requests and connections refused at the edge, by why", labels=["kind"])
-            for kind, count in stats.refused.items():
-                refused.add_metric([kind], count)
-            yield refused
+            yield _counts("memrope_serve_sessions_ended", "Sessions ended, by why", "kind", stats.sessions_ended)
+            yield _counts("memrope_serve_requests_refused", "Requests and connections refused at the edge, by why",
+                          "kind", stats.refused)
             yield GaugeMetricFamily("memrope_serve_blocks_per_second",
                                     f"Blocks generated per second over the last {RATE_WINDOW_S:.0f} s",
                                     value=stats.blocks_per_second())
             for name, doc, values in (
                     ("block_latency_seconds", "Per-block generation + decode time", stats.block_seconds()),
                     ("lag_seconds", "Time from a block's decode to its first frame's playout", stats.lags())):
-                family = GaugeMetricFamily(f"memrope_serve_{name}", f"{doc} (quantiles of the last "
-                                           f"{LATENCY_WINDOW})", labels=["quantile"])
-                for q in (0.5, 0.9):
-                    value = percentile(values, q)
-                    family.add_metric([str(q)], float("nan") if value is None else value)
-                yield family
+                yield _quantiles(f"memrope_serve_{name}", f"{doc} (quantiles of the last {LATENCY_WINDOW})", values)
             yield GaugeMetricFamily("memrope_serve_queue_depth_blocks", "Decoded blocks queued, all sessions",
                                     value=sum(depths))
             yield GaugeMetricFamily("memrope_serve_queue_depth_max_blocks", "Longest session queue",
@@ -203,33 +213,15 @@ def cluster_metrics(reports: list[dict], placements: dict[str, int], refusals: d
             yield GaugeMetricFamily("memrope_cluster_blocks_per_second",
                                     f"Blocks per second on every replica (each over its last {RATE_WINDOW_S:.0f} s)",
                                     value=sum(r["blocks_per_second"] for r in live))
-            latency = GaugeMetricFamily("memrope_cluster_block_latency_seconds", "Per-block generation + decode "
-                                        f"time over every replica's last {LATENCY_WINDOW} blocks", labels=["quantile"])
-            values = [s for r in live for s in r["block_seconds"]]
-            for q in (0.5, 0.9):
-                value = percentile(values, q)
-                latency.add_metric([str(q)], float("nan") if value is None else value)
-            yield latency
-            placed = CounterMetricFamily("memrope_cluster_placements", "New sessions placed, by replica",
-                                         labels=["replica"])
-            for replica, count in sorted(placements.items()):
-                placed.add_metric([replica], count)
-            yield placed
-            refused = CounterMetricFamily("memrope_cluster_sessions_refused", "New sessions refused, by why",
-                                          labels=["kind"])
-            for kind, count in refusals.items():
-                refused.add_metric([kind], count)
-            yield refused
-            failed = CounterMetricFamily("memrope_cluster_calls_lost", "Calls whose replica died or did not answer",
-                                         labels=["kind"])
-            for kind, count in lost.items():
-                failed.add_metric([kind], count)
-            yield failed
-            edge_refused = CounterMetricFamily("memrope_cluster_requests_refused",
-                                               "Requests refused at the ingress, by why", labels=["kind"])
-            for kind, count in edge.refused.items():
-                edge_refused.add_metric([kind], count)
-            yield edge_refused
+            yield _quantiles("memrope_cluster_block_latency_seconds", "Per-block generation + decode time over "
+                             f"every replica's last {LATENCY_WINDOW} blocks",
+                             [s for r in live for s in r["block_seconds"]])
+            yield _counts("memrope_cluster_placements", "New sessions placed, by replica", "replica",
+                          dict(sorted(placements.items())))
+            yield _counts("memrope_cluster_sessions_refused", "New sessions refused, by why", "kind", refusals)
+            yield _counts("memrope_cluster_calls_lost", "Calls whose replica died or did not answer", "kind", lost)
+            yield _counts("memrope_cluster_requests_refused", "Requests refused at the ingress, by why", "kind",
+                          edge.refused)
             yield CounterMetricFamily("memrope_cluster_unauthorized_requests",
                                       "/sessions requests refused with 401 at the ingress", value=edge.unauthorized)
 
