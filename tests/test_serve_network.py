@@ -115,15 +115,20 @@ def _self_signed(folder) -> tuple[str, str]:
     return str(cert_path), str(key_path)
 
 
-def test_https_with_a_certificate(tmp_path):
+@pytest.mark.parametrize("where", ["one process", pytest.param("ray cluster", marks=pytest.mark.slow)])
+def test_https_with_a_certificate(where, tmp_path, request):
     """``--tls-cert/--tls-key``: the server speaks HTTPS (the URL it prints says so); a viewer that
     trusts the certificate plays; the watching client with ``--cafile`` runs, and without it fails
-    at once naming the certificate problem."""
+    at once naming the certificate problem. On a Ray cluster (``--ray``, the slow step), Ray's
+    HTTP proxy serves the certificate."""
     import ssl
 
     cert, key = _self_signed(tmp_path)
     context = ssl.create_default_context(cafile=cert)
-    with ServerProcess("--max-sessions", "1", "--tls-cert", cert, "--tls-key", key) as proc:
+    cluster = () if where == "one process" else (
+        "--ray", "--ray-address", request.getfixturevalue("ray_cluster").address, "--replicas", "1")
+    with ServerProcess(*cluster, "--max-sessions", "1", "--tls-cert", cert, "--tls-key", key,
+                       start_timeout_s=300) as proc:
         assert proc.url.startswith("https://127.0.0.1:")
         assert http_json("GET", proc.url + "/healthz", ssl_context=context)[0] == 200
 

@@ -280,6 +280,12 @@ class SessionRateLimit:
             self._forget(now)
         return wait_s
 
+    def give_back(self, client: str) -> None:
+        """Return the token a refused request spent (up to the burst)."""
+        if client in self.buckets:
+            tokens, at = self.buckets[client]
+            self.buckets[client] = (min(float(self.burst), tokens + 1.0), at)
+
     def _forget(self, now: float) -> None:
         """Drop the buckets that have refilled; then, if still too many, the least recently used
         (forgetting a client only ever gives it a full bucket)."""

@@ -199,7 +199,9 @@ class Viewer:
 
         self.last_heard = time.monotonic()  # one question per silent period
         try:
-            status = await self.status()
+            # Unanswered within the silent period, it is asked again: a server that died may hold a
+            # request until its cluster notices, and the next one is then answered.
+            status = await asyncio.wait_for(self.status(), self.silence_s)
         except ServeError as exc:
             if exc.status in (404, 409):
                 self._ended(exc.message)

@@ -30,6 +30,7 @@ import logging
 import math
 import os
 import re
+import secrets
 import time
 import weakref
 from contextlib import asynccontextmanager
@@ -60,9 +61,13 @@ INGRESS = "MemropeIngress"
 # wait for its replica before the ingress gives up on it (a replica that stopped answering).
 ROUTING_STATS_PERIOD_S = 1.0
 CALL_TIMEOUT_S = 30.0
-# How long the router counts a placement it made against its replica's reported free slots, at
-# most (a report taken after the placement replaces it).
-PLACEMENT_MEMORY_S = 60.0
+# Calls a replica answers at once (no prompt to encode, no block to wait for) get less: a replica
+# that stopped answering is reported sooner, and the caller asks again.
+QUICK_OPS = frozenset({"get", "list", "heartbeat", "pause"})
+QUICK_CALL_TIMEOUT_S = 5.0
+# How long the router counts a session it saw created that no report of its replica lists yet (a
+# session that ended before any report is forgotten then).
+PLACEMENT_MEMORY_S = 10.0
 # Calls one engine replica takes at once (creates, offers, prompt changes, heartbeats, metrics).
 ENGINE_MAX_ONGOING = 256
 _ID = re.compile(r"^([A-Za-z0-9]{1,32})\.[A-Za-z0-9_-]{8,64}$")
@@ -104,26 +109,43 @@ class SessionRouter(RequestRouter):
     """Placement and affinity for :class:`Engine` calls.
 
     A call with ``replica=<id>`` goes to that replica only (a session's calls, and the ingress's
-    fan-out for metrics and listings). Any other call (a new session) ranks the replicas by free
-    slots, most first, skipping those in ``exclude`` (replicas that just answered "full"). Free
-    slots come from each replica's routing stats, less the placements this router made after
-    the stats were taken, so a burst of new sessions spreads before the next report.
+    fan-out for metrics and listings). A new session (``op="create"``) goes to the replica with
+    the most free slots, skipping those in ``exclude`` (replicas that just answered "full").
+
+    Free slots: the replica's ``max_sessions`` less its sessions, which are those its last routing
+    stats listed, those the ingress saw it create after that report was taken (:meth:`placed`;
+    forgotten after ``PLACEMENT_MEMORY_S``) and the creates sent to it and not yet answered. So a
+    burst of new sessions spreads at once, and a report taken while a create was in flight
+    cannot hide it. The replica's own admission has the last word: one that is full answers so,
+    and the ingress tries the next.
     """
 
     def initialize_state(self, max_sessions: int = 4, **kwargs) -> None:
         self.max_sessions = max_sessions
-        # Placements not yet seen in a report: request -> (replica, wall time placed).
-        self._placed: dict[str, tuple[str, float]] = {}
+        self._in_flight: dict[str, tuple[str, float]] = {}  # placement token -> (replica, wall time sent)
+        self._created: dict[str, tuple[str, float]] = {}    # session id -> (replica, wall time answered)
         import memrope.runtime.serve.cluster as home  # the module itself, however this class was unpickled
         home._ROUTERS.add(self)
 
     def free_slots(self, replica: RunningReplica) -> int:
-        """The replica's free slots as last reported, less the sessions placed on it since."""
         stats = replica.routing_stats or {}
         uid = replica.replica_id.unique_id
-        reported_at = float(stats.get("reported_at", 0.0))
-        placed = sum(1 for owner, at in self._placed.values() if owner == uid and at > reported_at)
-        return int(stats.get("free_slots", self.max_sessions)) - placed
+        reported_at = float(stats.get("reported_at", 0.0))  # a report taken later knows the session, or its end
+        sessions = set(stats.get("session_ids", ())) | {sid for sid, (owner, at) in self._created.items()
+                                                         if owner == uid and at > reported_at}
+        in_flight = sum(1 for owner, _ in self._in_flight.values() if owner == uid)
+        return int(stats.get("max_sessions", self.max_sessions)) - len(sessions) - in_flight
+
+    def placed(self, token: str, replica: str | None, session_id: str | None) -> None:
+        """The ingress's create with ``token`` was answered (by ``replica``, with ``session_id``
+        if it made one)."""
+        self._in_flight.pop(token, None)
+        now = time.time()
+        if replica is not None and session_id is not None:
+            self._created[session_id] = (replica, now)
+        for table, memory_s in ((self._created, PLACEMENT_MEMORY_S), (self._in_flight, CALL_TIMEOUT_S + 5.0)):
+            for stale in [key for key, (_, at) in table.items() if at < now - memory_s]:
+                del table[stale]
 
     def replica_ids(self) -> set[str]:
         return {replica_id.unique_id for replica_id in self.curr_replicas}
@@ -137,16 +159,13 @@ class SessionRouter(RequestRouter):
         if target is not None:
             return [[r for r in candidate_replicas if r.replica_id.unique_id == target]]
         excluded = set(kwargs.get("exclude") or ())
+        token = kwargs.get("placement")
+        if token is not None:
+            self._in_flight.pop(token, None)  # chosen again (after a backoff): counted once
         ranked = sorted((r for r in candidate_replicas if r.replica_id.unique_id not in excluded),
                         key=self.free_slots, reverse=True)
-        if ranked and pending_request is not None and kwargs.get("op") == "create":
-            now = time.time()
-            # One entry per attempt (a retry after "full" excludes one more replica); chosen again
-            # after a backoff, the same entry.
-            key = f"{pending_request.metadata.internal_request_id}/{len(excluded)}"
-            self._placed[key] = (ranked[0].replica_id.unique_id, now)
-            for stale in [k for k, (_, at) in self._placed.items() if at < now - PLACEMENT_MEMORY_S]:
-                del self._placed[stale]
+        if ranked and token is not None:
+            self._in_flight[token] = (ranked[0].replica_id.unique_id, time.time())
         return [[r] for r in ranked]
 
 
@@ -177,10 +196,10 @@ class Engine:
         logger.info("engine replica %s on node %s ready", self.replica, self.node)
 
     async def call(self, op: str, session_id: str | None = None, body: dict | None = None, client: str = "unknown",
-                   replica: str | None = None, exclude: tuple[str, ...] = ()) -> dict:
+                   replica: str | None = None, exclude: tuple[str, ...] = (), placement: str | None = None) -> dict:
         """The API call ``op`` (an ``api_*`` method of :class:`Server`), answered as
-        ``{"status", "body"}`` or ``{"status", "error", "headers"}``; ``replica`` and ``exclude``
-        are for the router."""
+        ``{"status", "body"}`` or ``{"status", "error", "headers"}``; ``replica``, ``exclude``
+        and ``placement`` are for the router."""
         if op not in _OPS:
             raise ValueError(f"unknown engine call {op!r}; expected one of {sorted(_OPS)}")
         try:
@@ -206,8 +225,9 @@ class Engine:
                 "metrics": (await server.metrics()).decode()}
 
     def record_routing_stats(self) -> dict:
+        """What the router places by: this replica's sessions (a few ids) and its limit."""
         server = self.server
-        return {"free_slots": server.options.max_sessions - len(server.sessions), "sessions": len(server.sessions),
+        return {"max_sessions": server.options.max_sessions, "session_ids": list(server.sessions),
                 "reported_at": time.time()}
 
     def check_health(self) -> None:
@@ -247,17 +267,21 @@ class ClusterApi:
         not answer is a one-line ApiError."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
-        replica = kwargs.get("replica")
+        replica, session_id = kwargs.get("replica"), kwargs.get("session_id")
+        retry = {"Retry-After": str(self.options.retry_after_s)}
+        timeout_s = QUICK_CALL_TIMEOUT_S if op in QUICK_OPS else CALL_TIMEOUT_S
         try:
-            return await asyncio.wait_for(self.engine.call.remote(op=op, **kwargs), CALL_TIMEOUT_S)
+            return await asyncio.wait_for(self.engine.call.remote(op=op, **kwargs), timeout_s)
         except (ActorDiedError, ActorUnavailableError, RayActorError):
             self.lost["replica_gone"] += 1
-            raise self._gone(kwargs.get("session_id"), replica) from None
+            if session_id is not None:
+                raise self._gone(session_id, replica) from None
+            raise ApiError(503, "the engine replica answering this request stopped; retry",
+                           headers=retry) from None
         except asyncio.TimeoutError:
             self.lost["replica_timeout"] += 1
-            what = f"engine replica {replica}" if replica else "no engine replica"
-            raise ApiError(503, f"{what} answered within {CALL_TIMEOUT_S:g} s; retry later",
-                           headers={"Retry-After": str(self.options.retry_after_s)}) from None
+            what = f"engine replica {replica} did not answer" if replica else "no engine replica answered"
+            raise ApiError(503, f"{what} within {timeout_s:g} s; retry later", headers=retry) from None
 
     @staticmethod
     def _gone(session_id: str | None, replica: str | None) -> ApiError:
@@ -299,8 +323,6 @@ class ClusterApi:
     async def api_create(self, body: CreateSession, client: str) -> dict:
         router = self._router()
         replicas = list(router.curr_replicas.values()) if router is not None else []
-        if replicas and all(router.free_slots(r) <= 0 for r in replicas):
-            raise self._full(len(replicas))
         wait_s = self.rate_limit.take(client)
         if wait_s > 0:
             self.refusals["rate_limited"] += 1
@@ -311,13 +333,23 @@ class ClusterApi:
                                 f"retry in {retry} s", headers={"Retry-After": str(retry)})
         tried: list[str] = []
         for _ in range(max(len(replicas), 1) + 1):
-            answer = await self._call("create", body=body.model_dump(), client=client, exclude=tuple(tried))
+            token, answer = secrets.token_hex(8), {}
+            try:
+                answer = await self._call("create", body=body.model_dump(), client=client, exclude=tuple(tried),
+                                          placement=token)
+            finally:  # answered or not, the create is no longer in flight
+                router = self._router()  # made by the first call, if this is the ingress's first
+                if router is not None:
+                    router.placed(token, answer.get("replica"), (answer.get("body") or {}).get("id"))
             if answer["status"] != 503:
                 break
             tried.append(answer["replica"])  # full since its last report: the next one
-            if router is None or not set(router.replica_ids()) - set(tried):
+            if router is None or not router.replica_ids() - set(tried):
                 break
         if answer["status"] == 503:
+            # Every replica said "full" (their own admission decides, not the reports): as from one
+            # process, a refused client keeps its token for when a slot frees.
+            self.rate_limit.give_back(client)
             raise self._full(len(tried))
         doc = _answer(answer)
         self.placements[answer["replica"]] = self.placements.get(answer["replica"], 0) + 1
