@@ -12,8 +12,8 @@ Owns: the two deployments and how requests find their way between them.
   (:func:`memrope.runtime.serve.app.build_app`) over :class:`ClusterApi`, which forwards each call
   to the replica that owns the session.
 * :class:`SessionRouter`, Ray Serve's request router for the engine: a call that names a replica
-  goes to that replica; a new session goes to the replica with the most free slots (its routing
-  stats, less the sessions placed on it since they were reported).
+  goes to that replica; a new session goes to the replica with the most free slots (the sessions
+  its routing stats list, plus those created or in flight since that report).
 
 A replica that dies takes its sessions with it: their next control request, and the viewers'
 liveness checks, get a 409 saying so; sessions on other replicas do not notice. Ray starts a
@@ -443,6 +443,11 @@ def run_cluster(request, options: ServerOptions, cluster: ClusterOptions, *, on_
 
     ray.init(address=cluster.address, include_dashboard=False, namespace="memrope", log_to_driver=False,
              logging_level=logging.WARNING)
+    # After ray.init (it installs its own SIGTERM handler, which aborts), before the deployment: a
+    # SIGTERM during start-up stops the server cleanly once it is up, not half-way.
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
         http = {"host": options.host, "port": options.port, "location": "HeadOnly"}
         if options.tls_cert:
@@ -461,9 +466,6 @@ def run_cluster(request, options: ServerOptions, cluster: ClusterOptions, *, on_
                   blocking=False)
         if on_ready is not None:
             on_ready(f"{options.scheme}://{options.host}:{options.port}/")
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            signal.signal(sig, lambda *_: stop.set())
         stop.wait()
         serve.delete(APP_NAME)
         serve.shutdown()
