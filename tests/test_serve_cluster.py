@@ -22,7 +22,7 @@ pytest.importorskip("aiortc", reason="the serve extra is not installed (pip inst
 pytest.importorskip("ray.serve", reason="the cluster extra is not installed (pip install 'memrope-engine[cluster]')")
 
 from memrope.runtime.serve.client import ServeError, ServerProcess, SessionEnded, Viewer  # noqa: E402
-from memrope.runtime.serve.cluster import ROUTING_STATS_PERIOD_S  # noqa: E402
+from memrope.runtime.serve.cluster import REPORT_PERIOD_S  # noqa: E402
 
 pytestmark = pytest.mark.slow  # a cluster test: CI's slow step, one test at a time
 
@@ -158,12 +158,12 @@ def test_sessions_spread_follow_their_replica_and_survive_another_replicas_death
 
 def _two_viewers_playing(server, prompts=PROMPTS[:2]):
     """Two new sessions, once the earlier tests' sessions are gone and the replicas have reported
-    so (routing stats every second): placement by free slots then puts them on different replicas."""
+    so (their reports, every second): placement by free slots then puts them on different replicas."""
     async def start() -> list[Viewer]:
         deadline = time.monotonic() + 60
         while server.get("/healthz")[2].get("sessions") and time.monotonic() < deadline:
             await asyncio.sleep(0.5)
-        await asyncio.sleep(3 * ROUTING_STATS_PERIOD_S)
+        await asyncio.sleep(3 * REPORT_PERIOD_S)
         viewers = [Viewer(server.url, heartbeat_s=0.5) for _ in prompts]
         for viewer, prompt in zip(viewers, prompts, strict=True):
             await viewer.start(prompt)

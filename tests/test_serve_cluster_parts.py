@@ -26,6 +26,10 @@ def test_one_process_serving_imports_no_ray():
 @pytest.mark.parametrize(("flags", "match"), [
     (["--replicas", "0"], "--replicas must be a positive integer, got 0"),
     (["--replica-cpus", "-1"], "--replica-cpus and --replica-gpus must be >= 0"),
+    (["--min-replicas", "3", "--max-replicas", "2"], "--max-replicas (2) must be at least --min-replicas (3)"),
+    (["--replicas", "2", "--max-replicas", "3"], "--replicas is a fixed count and --max-replicas autoscales"),
+    (["--max-replicas", "3", "--spare-slots", "-1"], "--spare-slots must be an integer >= 0, got -1"),
+    (["--max-replicas", "3", "--scale-down-delay", "-5"], "--scale-down-delay must be >= 0 seconds, got -5"),
 ])
 def test_bad_cluster_options_are_one_line_errors(flags, match, capsys):
     pytest.importorskip("ray.serve", reason="the cluster extra is not installed (pip install 'memrope-engine[cluster]')")
@@ -35,10 +39,9 @@ def test_bad_cluster_options_are_one_line_errors(flags, match, capsys):
 
 
 def test_session_ids_name_their_replica():
-    pytest.importorskip("ray.serve", reason="the cluster extra is not installed (pip install 'memrope-engine[cluster]')")
     import secrets
 
-    from memrope.runtime.serve.cluster import owner_of
+    from memrope.runtime.serve.placement import owner_of
 
     token = secrets.token_urlsafe(16)
     assert owner_of(f"ab12cd34.{token}") == "ab12cd34"
@@ -71,6 +74,7 @@ def test_cluster_metrics_label_each_replica_and_add_totals():
                for family in text_string_to_metric_families(text) for s in family.samples}
     assert samples[("memrope_serve_blocks_total", (("replica", "aaaa1111"),))] == 2
     assert samples[("memrope_serve_blocks_total", (("replica", "bbbb2222"),))] == 1
+    assert samples[("memrope_cluster_engines", ())] == 3
     assert samples[("memrope_cluster_replicas", ())] == 2
     assert samples[("memrope_cluster_sessions", ())] == 3
     assert samples[("memrope_cluster_max_sessions", ())] == 6
@@ -82,3 +86,63 @@ def test_cluster_metrics_label_each_replica_and_add_totals():
     # Every replica's process metrics, told apart by the label.
     assert {dict(labels)["replica"] for name, labels in samples if name == "process_resident_memory_bytes"} == {
         "aaaa1111", "bbbb2222"}
+
+
+def _report(engine: str, sessions: int, *, at: float = 0.0, draining: bool = False, max_sessions: int = 3):
+    from memrope.runtime.serve.placement import EngineReport
+
+    return EngineReport(engine, f"r{engine}", max_sessions, tuple(f"r{engine}.s{i}" for i in range(sessions)), at,
+                        draining)
+
+
+def test_placement_ranks_by_free_slots_counting_creates_the_reports_do_not_show_yet():
+    import time
+
+    from memrope.runtime.serve.placement import Placement
+
+    placement = Placement()
+    reports = [_report("e0", 1), _report("e1", 0), _report("e2", 0, draining=True)]
+    assert [r.engine for r in placement.ranked(reports)] == ["e1", "e0"]  # a draining replica gets nothing
+    placement.sending("t1", "e1")  # in flight: e1 has 2 free now, as e0; a tie goes to the engine named first
+    assert [placement.free_slots(r) for r in reports[:2]] == [2, 2]
+    assert placement.ranked(reports)[0].engine == "e0"
+    placement.answered("t1", "e1", "re1.new")  # created after e1's report: still counted
+    assert placement.free_slots(reports[1]) == 2
+    placement.sending("t2", "e0")
+    placement.answered("t2", "e0", None)  # refused: nothing counted
+    assert placement.free_slots(reports[0]) == 2
+    newer = _report("e1", 0, at=time.time() + 1)  # a later report no longer lists it (the session ended)
+    assert placement.free_slots(newer) == 3
+    assert [r.engine for r in placement.ranked(reports, exclude={"e0"})] == ["e1"]
+
+
+def test_scale_policy_follows_the_sessions_and_removes_only_idle_replicas():
+    from memrope.runtime.serve.placement import EngineState, ScaleOptions, ScalePolicy
+
+    policy = ScalePolicy(ScaleOptions(min_replicas=1, max_replicas=3, spare_slots=1, scale_down_delay_s=10),
+                         max_sessions=2)
+
+    def engines(*sessions):
+        return [EngineState(f"e{i}", n, 2) for i, n in enumerate(sessions)]
+
+    assert policy.decide(engines(0), 0) == (0, [])
+    assert policy.decide(engines(1), 1) == (0, [])  # 1 session + 1 spare slot fit one replica
+    assert policy.decide(engines(2), 2) == (1, [])  # full: one more
+    assert policy.decide(engines(2, None), 3) == (0, [])  # starting: counted, not idle
+    assert policy.decide(engines(2, 2, 2), 4) == (0, [])  # at max_replicas
+    assert policy.decide([], 5) == (1, [])  # none left (min_replicas)
+    # Fewer suffice (1 session: one replica), for the delay without a break; only idle ones go,
+    # the newest first, never the one with a session.
+    assert policy.decide(engines(0, 1, 0), 10) == (0, [])
+    assert policy.decide(engines(0, 1, 0), 19.9) == (0, [])
+    assert policy.decide(engines(0, 1, 0), 20) == (0, ["e2", "e0"])
+    policy.removed(20)
+    assert policy.decide(engines(0, 1, 2), 21) == (0, [])  # more again: the clock restarts
+    assert policy.decide(engines(1, 1, 1), 40) == (0, [])  # 3 sessions want 2, but none is idle
+    assert policy.decide(engines(1, 1, 1), 60) == (0, [])
+    assert policy.decide(engines(None, 0, 0), 80) == (0, [])  # one not answering: nothing is removed
+    assert policy.decide(engines(None, 0, 0), 100) == (0, [])
+    assert policy.decide(engines(0, 0, 0), 101) == (0, [])  # answering again: the delay starts over
+    assert policy.decide(engines(0, 0, 0), 111) == (0, ["e2", "e1"])
+    fixed = ScalePolicy(ScaleOptions(min_replicas=2, max_replicas=2), max_sessions=2)
+    assert fixed.decide(engines(0, 0), 0) == (0, []) and fixed.decide(engines(2, 2), 1) == (0, [])

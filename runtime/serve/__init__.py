@@ -107,7 +107,18 @@ def add_parser(sub: argparse._SubParsersAction, common: argparse.ArgumentParser)
     ray.add_argument("--ray-address", metavar="ADDR",
                      help="the Ray cluster to join (HOST:PORT of its head, or 'auto' for the one `ray start` made "
                           "here); default: start a one-machine Ray for this command")
-    ray.add_argument("--replicas", type=int, default=2, help="engine replicas (default 2)")
+    ray.add_argument("--replicas", type=int,
+                     help="a fixed count of engine replicas (default 2 without --max-replicas)")
+    ray.add_argument("--min-replicas", type=int, default=1,
+                     help="with --max-replicas: the fewest engine replicas kept (default 1)")
+    ray.add_argument("--max-replicas", type=int,
+                     help="autoscale on sessions: start engine replicas as sessions fill them, up to this many, and "
+                          "remove idle ones, never one with a session (docs/cluster.md)")
+    ray.add_argument("--spare-slots", type=int, default=1,
+                     help="with --max-replicas: free session slots kept for the next viewers (default 1)")
+    ray.add_argument("--scale-down-delay", type=float, default=30.0, metavar="S",
+                     help="with --max-replicas: seconds fewer replicas must suffice before an idle one is removed "
+                          "(default 30)")
     ray.add_argument("--replica-cpus", type=float, default=1.0, help="CPUs each engine replica reserves (default 1)")
     ray.add_argument("--replica-gpus", type=float,
                      help="GPUs each engine replica reserves (default 1 with --device cuda, else 0)")
@@ -173,9 +184,19 @@ def _serve_cluster(args: argparse.Namespace, options) -> int:
         raise ImportError("memrope serve --ray needs Ray Serve: pip install 'memrope-engine[cluster]'")
     gpus = args.replica_gpus if args.replica_gpus is not None else (1.0 if str(args.device).startswith("cuda") else 0.0)
     from memrope.runtime.serve.cluster import ClusterOptions, run_cluster
+    from memrope.runtime.serve.placement import ScaleOptions
 
-    cluster = ClusterOptions(address=args.ray_address, replicas=args.replicas, replica_cpus=args.replica_cpus,
-                             replica_gpus=gpus)
+    if args.max_replicas is None:
+        replicas = 2 if args.replicas is None else args.replicas
+        if replicas < 1:
+            raise ValueError(f"--replicas must be a positive integer, got {replicas}")
+        scale = ScaleOptions(min_replicas=replicas, max_replicas=replicas)
+    elif args.replicas is not None:
+        raise ValueError("--replicas is a fixed count and --max-replicas autoscales: give one of them")
+    else:
+        scale = ScaleOptions(min_replicas=args.min_replicas, max_replicas=args.max_replicas,
+                             spare_slots=args.spare_slots, scale_down_delay_s=args.scale_down_delay)
+    cluster = ClusterOptions(address=args.ray_address, scale=scale, replica_cpus=args.replica_cpus, replica_gpus=gpus)
     with listen(options) as sock:  # a taken port fails here, before Ray starts; port 0 picks one
         options = dataclasses.replace(options, port=sock.getsockname()[1])
     request = load_request(args, recache=args.prompt_recache != "none")
@@ -185,7 +206,9 @@ def _serve_cluster(args: argparse.Namespace, options) -> int:
                                              if isinstance(getattr(request, f.name), Path)})
 
     def ready(url: str) -> None:
-        print(f"memrope serve: {url} (Ray Serve: {cluster.replicas} engine replicas, up to {options.max_sessions} "
+        count = (f"{scale.min_replicas} to {scale.max_replicas} engine replicas, following the sessions"
+                 if scale.autoscaling else f"{scale.min_replicas} engine replicas")
+        print(f"memrope serve: {url} (Ray Serve: {count}, up to {options.max_sessions} "
               f"sessions each{', API key required' if options.api_key else ''})", flush=True)
 
     run_cluster(request, options, cluster, on_ready=ready)

@@ -184,8 +184,8 @@ def cluster_metrics(reports: list[dict], placements: dict[str, int], refusals: d
                     lost: dict[str, int], edge: ServeStats) -> bytes:
     """The cluster's ``/metrics`` in Prometheus text: every engine replica's own metrics with a
     ``replica`` label (from ``reports``, one per replica: its id, node, session counts, recent
-    block times and its exposition text), then the cluster's totals (``memrope_cluster_*``):
-    replicas, sessions, blocks/s and p50/p90 block latency over every replica's recent blocks,
+    block times and its exposition text; one that did not answer has no ``metrics``), then the
+    cluster's totals (``memrope_cluster_*``): engine replicas wanted and answering, sessions, blocks/s and p50/p90 block latency over every replica's recent blocks,
     placements per replica, new sessions refused (``full``: every slot in use; ``rate_limited``),
     calls lost to a replica that died or did not answer, and the ingress's own edge refusals."""
     from prometheus_client import CollectorRegistry, generate_latest
@@ -205,6 +205,8 @@ def cluster_metrics(reports: list[dict], placements: dict[str, int], refusals: d
                         merged.add_sample(sample.name, {"replica": report["replica"], **sample.labels}, sample.value)
             yield from families.values()
             live = [r for r in reports if "metrics" in r]
+            yield GaugeMetricFamily("memrope_cluster_engines", "Engine replicas wanted (answering, starting or gone)",
+                                    value=len(reports))
             yield GaugeMetricFamily("memrope_cluster_replicas", "Engine replicas answering", value=len(live))
             yield GaugeMetricFamily("memrope_cluster_sessions", "Sessions on every replica",
                                     value=sum(r["sessions"] for r in live))
