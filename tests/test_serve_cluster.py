@@ -158,7 +158,7 @@ def test_sessions_spread_follow_their_replica_and_survive_another_replicas_death
 
 def _two_viewers_playing(server, prompts=PROMPTS[:2]):
     """Two new sessions, once the earlier tests' sessions are gone and the replicas have reported
-    so (their reports, every second): placement by free slots then puts them on different replicas."""
+    so (their reports, every 2 seconds): placement by free slots then puts them on different replicas."""
     async def start() -> list[Viewer]:
         deadline = time.monotonic() + 60
         while server.get("/healthz")[2].get("sessions") and time.monotonic() < deadline:

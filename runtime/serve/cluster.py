@@ -75,7 +75,10 @@ ENGINE = "MemropeEngine"
 INGRESS = "MemropeIngress"
 # How often the ingress and the scaler ask every engine replica for its slots, and how long a call
 # may wait for its replica before the ingress gives up on it (a replica that stopped answering).
-REPORT_PERIOD_S = 1.0
+REPORT_PERIOD_S = 2.0
+# How often the ingress asks Ray Serve which engine applications exist (and whenever a new session
+# finds no replica with a free slot): they change only when the scaler starts or removes one.
+DISCOVERY_PERIOD_S = 5.0
 CALL_TIMEOUT_S = 30.0
 # Calls a replica answers at once (no prompt to encode, no block to wait for) get less: a replica
 # that stopped answering is reported sooner, and the caller asks again.
@@ -243,8 +246,8 @@ def _engine_number(name: str) -> int:
 class ClusterApi:
     """What the ingress answers: the calls of :class:`Server`, each forwarded to its replica.
 
-    Every ``REPORT_PERIOD_S`` it learns the engine applications from Ray Serve and asks each for
-    its slots (:meth:`Engine.slots`): placement goes by those reports, and a session's owner by
+    Every ``DISCOVERY_PERIOD_S`` it learns the engine applications from Ray Serve, and every
+    ``REPORT_PERIOD_S`` it asks each for its slots (:meth:`Engine.slots`): placement goes by those reports, and a session's owner by
     Ray's own view of the replicas (:class:`EngineRouter`).
     """
 
@@ -277,22 +280,29 @@ class ClusterApi:
             self._watcher = asyncio.get_running_loop().create_task(self._watch())
 
     async def _watch(self) -> None:
+        discovered = -math.inf
         while True:
             try:
-                await self._refresh()
+                now = time.monotonic()
+                discover = now - discovered >= DISCOVERY_PERIOD_S
+                await self._refresh(discover)
+                if discover:
+                    discovered = now
             except Exception:  # noqa: BLE001 - Ray Serve's controller restarting: the next round asks again
                 logger.exception("could not learn the engine replicas")
             await asyncio.sleep(REPORT_PERIOD_S)
 
-    async def _refresh(self) -> None:
-        """The engine applications from Ray Serve, and each one's slots."""
-        apps = await asyncio.to_thread(_engine_apps)
-        for gone in set(self.handles) - set(apps):
-            self.handles.pop(gone)
-            self.reports.pop(gone, None)
-        for app in apps:
-            if app not in self.handles:
-                self.handles[app] = serve.get_deployment_handle(ENGINE, app_name=app)
+    async def _refresh(self, discover: bool = True) -> None:
+        """Each engine application's slots; with ``discover``, first which applications exist."""
+        if discover:
+            apps = await asyncio.to_thread(_engine_apps)
+            for gone in set(self.handles) - set(apps):
+                self.handles.pop(gone)
+                self.reports.pop(gone, None)
+            for app in apps:
+                if app not in self.handles:
+                    self.handles[app] = serve.get_deployment_handle(ENGINE, app_name=app)
+        apps = list(self.handles)
 
         async def slots(app: str) -> None:
             if _live_replicas(app) == set():  # starting, or restarting: nothing to ask yet
@@ -411,6 +421,9 @@ class ClusterApi:
     def _full(self, replicas: int) -> ApiError:
         self.refusals["full"] += 1
         retry = self.options.retry_after_s
+        if not replicas:
+            return ApiError(503, f"no engine replica is ready (starting or restarting); retry in {retry} s",
+                            headers={"Retry-After": str(retry)})
         return ApiError(503, f"cluster full: every session slot of {replicas} engine replica(s) is in use "
                              f"({self.options.max_sessions} each); retry in {retry} s", headers={"Retry-After": str(retry)})
 
@@ -587,7 +600,10 @@ def run_cluster(request, options: ServerOptions, cluster: ClusterOptions, *, on_
             on_ready(f"{options.scheme}://{options.host}:{options.port}/")
         while not stop.wait(REPORT_PERIOD_S):
             if cluster.scale.autoscaling:
-                scaler.step()
+                try:
+                    scaler.step()
+                except Exception:  # noqa: BLE001 - Ray Serve busy or restarting: the next round tries again
+                    logger.exception("memrope serve: a scaling round failed")
         serve.delete(APP_NAME)
         scaler.delete_all()
         serve.shutdown()
