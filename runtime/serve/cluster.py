@@ -192,14 +192,16 @@ class Engine:
             return {"status": exc.status, "error": exc.message, "headers": exc.headers or {}, "replica": self.replica}
         return {"status": 200, "body": result, "replica": self.replica}
 
-    def slots(self) -> dict:
-        """What placement and the scaler go by (an :class:`EngineReport`)."""
+    async def slots(self) -> dict:
+        """What placement and the scaler go by (an :class:`EngineReport`). Async, so it runs on the
+        replica's event loop with the session calls (Ray Serve runs plain methods in threads)."""
         return {"engine": self.engine, "replica": self.replica, "max_sessions": self.server.options.max_sessions,
                 "session_ids": tuple(self.server.sessions), "reported_at": time.time(), "draining": self.draining}
 
-    def drain(self, on: bool) -> int:
+    async def drain(self, on: bool) -> int:
         """Take no new session (``on``), or take them again; returns the sessions this replica
-        has, creates in progress included: 0 means nothing is lost by removing it."""
+        has, creates in progress included: 0 means nothing is lost by removing it. On the event
+        loop, as :meth:`call`: no create can be between its check and its session's registration."""
         self.draining = bool(on)
         return len(self.server.sessions)
 
