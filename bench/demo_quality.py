@@ -17,12 +17,15 @@ Four parts, each runnable alone (``--part``), each writing ``bench/results/demo_
   (mean absolute Laplacian).
 - ``vae``: the trained VAE decoder on ONNX Runtime against eager, fp32, on the DiT's own latents
   of 10 prompts: PSNR (dB).
+- ``vae-fp8``: the VAE decoder in FP8 alone: the same latents of an fp8 export decoded by the eager
+  float VAE and by its ``vae_decode.onnx`` (FP8 convolutions) on ONNX Runtime, 10 prompts x 10 s:
+  PSNR (dB) and the evaluator's read of each.
 - ``quantized`` (``--mode fp8|int8|int8-wo|int4-wo``): a float32 export of the demo model quantized in
   that mode (``memrope export --quantize``, default calibration) run by ONNX Runtime: the fidelity
   part's 50 prompts, and for the first ``--psnr-prompts`` of them the PSNR of its decoded frames
   against eager bf16's (same prompt and seed). Writes ``demo_quality_quantized_<mode>.json``.
 
-Usage: python bench/demo_quality.py --part fidelity|switch|horizon|vae|quantized|report [--threads 1]
+Usage: python bench/demo_quality.py --part fidelity|switch|horizon|vae|vae-fp8|quantized|report [--threads 1]
        [--mode fp8]
 The model is the embedded demo model (``memrope.runtime.t2v.ensure_demo_model``).
 """
@@ -252,25 +255,55 @@ def part_horizon(minutes: float = 10.0, prompts: tuple[str, ...] = HORIZON_PROMP
     return {"minutes": minutes, "window_seconds": 10, "prompts": list(prompts), "policies": out}
 
 
-def part_vae(prompts: int = 10, seconds: float = 4.0) -> dict:
-    """The same DiT latents (the exported step on ONNX Runtime) decoded by the eager VAE and by the
-    artifact's ``vae_decode.onnx`` on ONNX Runtime."""
+def _decoded_both_ways(blocks: int, prompts: int, quantize: str | None = None):
+    """An export of the demo model (``quantize``: its mode), its DiT graphs on ONNX Runtime, and
+    the same latents of the first ``prompts`` evaluation prompts decoded by the eager float VAE and
+    by the artifact's ``vae_decode.onnx`` on ONNX Runtime: ``({backend: [frames]}, export)``."""
     from memrope.runtime.api import export_model
-    from memrope.runtime.demo.train_common import psnr_db
     from memrope.runtime.demo.world import EVAL_PROMPTS
     from memrope.runtime.load import LoadRequest
-    from memrope.runtime.t2v import ensure_demo_model, latent_frames_for
+    from memrope.runtime.t2v import ensure_demo_model
 
-    blocks = latent_frames_for(seconds, 3) // 3
     decoded = {}
     with tempfile.TemporaryDirectory() as tmp:
         artifact = Path(tmp) / "demo"
-        export_model(LoadRequest(preset="tiny", height=64, width=96), artifact)
+        export = export_model(LoadRequest(preset="tiny", height=64, width=96), artifact, quantize=quantize)
         for vae_backend in ("eager", "onnxruntime"):
             with _pipeline_from(artifact, ensure_demo_model(), vae_backend=vae_backend) as pipe:
                 decoded[vae_backend] = [_stream_frames(pipe, p, blocks) for p in EVAL_PROMPTS[:prompts]]
+    return decoded, export
+
+
+def part_vae(prompts: int = 10, seconds: float = 4.0) -> dict:
+    """The same DiT latents (the exported step on ONNX Runtime) decoded by the eager VAE and by the
+    artifact's ``vae_decode.onnx`` on ONNX Runtime."""
+    from memrope.runtime.demo.train_common import psnr_db
+    from memrope.runtime.t2v import latent_frames_for
+
+    decoded, _ = _decoded_both_ways(latent_frames_for(seconds, 3) // 3, prompts)
     psnrs = [psnr_db(a, b) for a, b in zip(decoded["eager"], decoded["onnxruntime"], strict=True)]
     return {"prompts": prompts, "seconds": seconds, "psnr_db": psnrs, "psnr_db_min": float(min(psnrs))}
+
+
+def part_vae_fp8(prompts: int = 10, seconds: float = 10.0) -> dict:
+    """The VAE decoder in FP8, alone: an fp8 export of the demo model (float32 base, default
+    calibration), and the same latents decoded by the eager float VAE and by its ``vae_decode.onnx``
+    (FP8 convolutions) on ONNX Runtime: PSNR (dB) of the FP8 frames against the float ones, and what
+    the evaluator reads in each."""
+    from memrope.runtime.demo.train_common import psnr_db
+    from memrope.runtime.demo.world import EVAL_PROMPTS
+    from memrope.runtime.t2v import latent_frames_for
+
+    decoded, export = _decoded_both_ways(latent_frames_for(seconds, 3) // 3, prompts, quantize="fp8")
+    psnrs = [psnr_db(a, b) for a, b in zip(decoded["eager"], decoded["onnxruntime"], strict=True)]
+    scores = {name: [_score(frames, p) for frames, p in zip(videos, EVAL_PROMPTS, strict=False)]
+              for name, videos in decoded.items()}
+    read = {name: {a: float(np.mean([r[a] for r in rows])) for a in (*ATTRIBUTES, "overall")}
+            for name, rows in scores.items()}
+    print("vae fp8: PSNR", np.round(psnrs, 1).tolist(), read, flush=True)
+    return {"prompts": prompts, "seconds": seconds, "psnr_db": psnrs, "psnr_db_min": float(min(psnrs)),
+            "evaluator": {"float VAE (eager)": read["eager"], "fp8 VAE (onnxruntime)": read["onnxruntime"]},
+            "vae_quantization": export.contract.quantization.get("vae")}
 
 
 def _load(part: str) -> dict | None:
@@ -390,6 +423,21 @@ def write_report() -> Path:
                   f"The same latents decoded by the eager VAE and by `vae_decode.onnx` on ONNX Runtime (fp32), "
                   f"{vae['prompts']} prompts x {vae['seconds']:g} s: PSNR min {vae['psnr_db_min']:.1f} dB, "
                   f"mean {np.mean(vae['psnr_db']):.1f} dB.", ""]
+    vae_fp8 = _load("vae_fp8")
+    if vae_fp8:
+        read = vae_fp8["evaluator"]
+        lines += ["## The VAE decoder in FP8", "",
+                  f"The same latents (an fp8 export's DiT graphs on ONNX Runtime) decoded by the eager float VAE and "
+                  f"by the fp8 artifact's `vae_decode.onnx` ({vae_fp8['vae_quantization']['quantized_convs']} FP8 "
+                  f"convolutions) on ONNX Runtime, {vae_fp8['prompts']} prompts x {vae_fp8['seconds']:g} s "
+                  f"(`python bench/demo_quality.py --part vae-fp8`, {vae_fp8['machine']['date']}): PSNR of the FP8 "
+                  f"frames against the float ones min {vae_fp8['psnr_db_min']:.1f} dB, median "
+                  f"{np.median(vae_fp8['psnr_db']):.1f} dB.", "",
+                  "| decoder | " + " | ".join(ATTRIBUTES) + " | overall |",
+                  "|---|" + "---|" * (len(ATTRIBUTES) + 1)]
+        lines += [f"| {name} | " + " | ".join(f"{r[a]:.2f}" for a in (*ATTRIBUTES, "overall")) + " |"
+                  for name, r in read.items()]
+        lines += [""]
     DOC.write_text("\n".join(lines) + "\n")
     return DOC
 
@@ -421,7 +469,7 @@ def part_frames(seconds: float = 4.0, every: int = 8, scale: int = 2) -> dict:
 
 
 PARTS = {"frames": part_frames, "fidelity": part_fidelity, "switch": part_switch, "horizon": part_horizon, "vae": part_vae,
-         "quantized": part_quantized}
+         "vae-fp8": part_vae_fp8, "quantized": part_quantized}
 
 
 def main(argv=None) -> int:
@@ -448,7 +496,7 @@ def main(argv=None) -> int:
     else:
         payload = PARTS[args.part]()
     payload["wall_seconds"] = round(time.perf_counter() - started, 1)
-    print(_write(f"quantized_{args.mode}" if args.part == "quantized" else args.part, payload))
+    print(_write(f"quantized_{args.mode}" if args.part == "quantized" else args.part.replace("-", "_"), payload))
     return 0
 
 

@@ -308,7 +308,8 @@ def native_stderr() -> Iterator[list[str]]:
             lines.extend(line for line in sink.read().decode(errors="replace").splitlines() if line.strip())
 
 
-def _strongly_typed(trt: Any) -> int:
+def strongly_typed(trt: Any) -> int:
+    """The network-creation flags of a strongly typed network (precision taken from the graph)."""
     # TensorRT-RTX and TensorRT 11 networks are always strongly typed (the flag is accepted);
     # TensorRT 10 needs it to take the precision from the graph.
     flag = getattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED", None)
@@ -414,7 +415,7 @@ def _inspector_layers(trt: Any, serialized: Any, log: Any) -> list[tuple[str, st
 _LOW_PRECISION = ("FP8", "Int8", "Int4", "FP4")  # engine datatypes of quantized tensors, as listed
 
 
-def _layer_records(listing: str) -> list[dict[str, Any]]:
+def layer_records(listing: str) -> list[dict[str, Any]]:
     """Each engine layer of the builder's listing: name, type, the datatypes of its inputs and
     constants, and the ONNX nodes it was built from (its ``[ONNX Layer: ...]`` metadata)."""
     records = []
@@ -429,40 +430,44 @@ def _layer_records(listing: str) -> list[dict[str, Any]]:
     return records
 
 
-def _quantized_gemms(graph: str, onnx_path: Path, listing: str | None) -> dict[str, Any]:
-    """Where the builder put the graph's quantized MatMuls (those reading a dequantized weight),
-    counted from the engine's layer listing: the engine layers that read FP8, INT8 or INT4, and
-    for each MatMul whether the layer that runs it reads a low-precision tensor (a low-precision
-    GEMM) or not (the builder dequantized the weight and multiplies in the base dtype).
+def quantized_layer_report(graph: str, onnx_path: Path, listing: str | None) -> dict[str, Any]:
+    """Where the builder put the graph's quantized MatMuls and convolutions (those reading a
+    dequantized weight), counted from the engine's layer listing: the engine layers that read FP8,
+    INT8 or INT4, and for each MatMul or Conv whether the layer that runs it reads a low-precision
+    tensor (a low-precision GEMM or convolution) or not (the builder dequantized the weight and
+    multiplies in the base dtype).
 
-    Raises :class:`EngineBuildError` naming the MatMuls that do not run in low precision.
+    Raises :class:`EngineBuildError` naming the MatMuls and Convs that do not run in low precision.
     """
     from memrope.export.quantize import qdq_census
 
     census = qdq_census(onnx_path)
-    matmuls = census["quantized_matmuls"]
+    matmuls, convs = census["quantized_matmuls"], census["quantized_convs"]
     if listing is None:
-        return {"quantized_matmuls": len(matmuls), "verified": False,
+        return {"quantized_matmuls": len(matmuls), "quantized_convs": len(convs), "verified": False,
                 "why": "the builder log had no layer listing"}
-    records = _layer_records(listing)
+    records = layer_records(listing)
     low = [r for r in records if r["reads"] & set(_LOW_PRECISION)]
     by_type = Counter(t for r in low for t in r["reads"] & set(_LOW_PRECISION))
 
-    def runs_low(matmul: str) -> bool:
-        # The layers built from this MatMul that multiply: a GEMM, or a fusion ending in a fully
-        # connected layer ("...Fc"); a separate dequantizing kernel does not count.
-        built = [r for r in records if matmul in r["onnx"]]
-        multiply = [r for r in built if r["type"] == "gemm" or r["name"].split("_myl")[0].endswith("Fc")] or built
+    def runs_low(node: str) -> bool:
+        # The layers built from this node that multiply: a GEMM, a convolution ("correlation"), or
+        # a fusion ending in a fully connected layer ("...Fc"); a separate dequantizing kernel does
+        # not count.
+        built = [r for r in records if node in r["onnx"]]
+        multiply = [r for r in built if r["type"] in ("gemm", "correlation", "convolution")
+                    or r["name"].split("_myl")[0].endswith("Fc")] or built
         return bool(multiply) and all(r["reads"] & set(_LOW_PRECISION) for r in multiply)
 
-    missing = [f"{m} ({layer})" for m, layer in matmuls.items() if not runs_low(m)]
-    if missing:
-        raise EngineBuildError(
-            f"the builder ignored the Q/DQ of {len(missing)} of the {graph} graph's {len(matmuls)} quantized MatMuls "
-            f"({_shown(missing)}): they run in the base dtype, not in a low-precision GEMM ({onnx_path}); "
-            "no plan was written")
-    return {"quantized_matmuls": len(matmuls), "verified": True, "low_precision_layers": len(low),
-            "layers_reading": dict(sorted(by_type.items())),
+    for kind, nodes in (("MatMuls", matmuls), ("convolutions", convs)):
+        missing = [f"{m} ({layer})" for m, layer in nodes.items() if not runs_low(m)]
+        if missing:
+            raise EngineBuildError(
+                f"the builder ignored the Q/DQ of {len(missing)} of the {graph} graph's {len(nodes)} quantized "
+                f"{kind} ({_shown(missing)}): they run in the base dtype, not in low precision ({onnx_path}); "
+                "no plan was written")
+    return {"quantized_matmuls": len(matmuls), "quantized_convs": len(convs), "verified": True,
+            "low_precision_layers": len(low), "layers_reading": dict(sorted(by_type.items())),
             "layer_types": dict(Counter(r["type"] for r in low)),
             "onnx_q_dq": {"QuantizeLinear": census["QuantizeLinear"], "DequantizeLinear": census["DequantizeLinear"],
                           "weights": census["weights"]}}
@@ -502,7 +507,7 @@ def _rejected_attention(trt: Any, attentions: list[Any], options: BuildOptions) 
         shapes, dtype, mask, causal, norm_op, decomposable = signature
         log = collecting_logger(trt)
         builder = trt.Builder(log)
-        network = builder.create_network(_strongly_typed(trt))
+        network = builder.create_network(strongly_typed(trt))
         q, k, v = (network.add_input(role, dtype, shape) for role, shape in zip("qkv", shapes, strict=True))
         probe = network.add_attention(q, k, v, norm_op, causal)
         if mask is not None:
@@ -546,11 +551,11 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
                  options: BuildOptions, quantized: bool = False) -> tuple[Any, dict[str, Any]]:
     """Parse and build one graph; returns the serialized plan and the build report. With
     ``quantized``, every MatMul that reads a dequantized weight must run in a low-precision GEMM
-    (:func:`_quantized_gemms`), or the build fails naming it."""
+    (:func:`quantized_layer_report`), or the build fails naming it."""
     title = f"{options.target.title} {trt.__version__}"
     log = collecting_logger(trt)
     builder = trt.Builder(log)
-    network = builder.create_network(_strongly_typed(trt))
+    network = builder.create_network(strongly_typed(trt))
     parser = trt.OnnxParser(network, log)
     start = time.perf_counter()
     with DeferredInterrupt(), native_stderr() as native:
@@ -586,7 +591,7 @@ def _build_graph(trt: Any, graph: str, onnx_path: Path, contract: GraphContract,
     if layers is None and options.target.builds_on_gpu:
         layers = _inspector_layers(trt, serialized, log)
     fused = [name for name, _ in layers or [] if _FUSED_ATTENTION_KERNEL.search(name)]
-    quantization = _quantized_gemms(graph, onnx_path, log.layer_listing) if quantized else None
+    quantization = quantized_layer_report(graph, onnx_path, log.layer_listing) if quantized else None
     report = {"parse_seconds": round(parse_seconds, 3), "build_seconds": round(seconds, 3),
               "plan_bytes": serialized.nbytes,
               "network_layers": network.num_layers, "attention_layers": len(attentions),
@@ -746,5 +751,5 @@ def build_engines(artifact_dir: str | os.PathLike[str], *, target: str = "server
 
 __all__ = ["BUILD_DTYPES", "DEFAULT_TIMING_CACHE", "TARGETS", "BuildOptions", "BuiltPlan", "DeferredInterrupt",
            "EngineBuildError", "Target", "build_engines", "collecting_logger", "current_gpu", "engine_io",
-           "io_differences", "module_version", "native_stderr", "network_io", "parse_compute_capabilities",
-           "require_tensorrt", "target_of"]
+           "io_differences", "layer_records", "module_version", "native_stderr", "network_io",
+           "parse_compute_capabilities", "quantized_layer_report", "require_tensorrt", "strongly_typed", "target_of"]

@@ -64,8 +64,9 @@ class ExportResult:
         if self.contract.quantization is not None:
             q = self.contract.quantization
             calibrated = f"calibration {q['calibration_sha256'][:12]}" if q["calibration_sha256"] else "weight-only"
-            quantized = (f"; quantized {q['mode']} ({q['quantized_layers']} Linear layers, ModelOpt {q['modelopt']}, "
-                         f"{calibrated})")
+            convs = f", {q['vae']['quantized_convs']} VAE convolutions" if q.get("vae") else ""
+            quantized = (f"; quantized {q['mode']} ({q['quantized_layers']} Linear layers{convs}, ModelOpt "
+                         f"{q['modelopt']}, {calibrated})")
         return (f"wrote {self.path} in {self.seconds:.1f} s: step graph {self.step_nodes} nodes; {sizes}; "
                 f"TensorRT audit passed; validation: {check}{quantized}")
 
@@ -129,8 +130,9 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     ``quantize`` (a mode of :data:`memrope.export.quantize.MODES`) quantizes the DiT's attention
     and FFN Linear layers **in place** with ModelOpt, calibrated by driving the eager block loop
     over ``calibration`` (a :class:`memrope.export.quantize.Calibration`; weight-only modes need
-    none), and the graphs carry
-    explicit Q/DQ; the contract records the mode, the ModelOpt version and the calibration hash.
+    none), and the graphs carry explicit Q/DQ; ``fp8`` also quantizes ``vae``'s convolutions in
+    place, calibrated on that loop's latents. The contract records the mode, the ModelOpt version
+    and the calibration hash.
 
     Raises:
         ValueError: bad resolution/batch, or ``out_dir`` exists and ``force`` is False, or it is
@@ -154,10 +156,19 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
     step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
     quantization, translations = None, None
     if quantize is not None:
-        from memrope.export.quantize import calibration_loop, quantize_dit, translation_table
+        from memrope.export.quantize import (
+            calibration_loop,
+            quantize_dit,
+            quantize_vae,
+            translation_table,
+            vae_calibration_loop,
+        )
 
         loop = None if calibration is None else calibration_loop(step, run, calibration)
-        quantization = quantize_dit(dit, quantize, loop, calibration).to_json()
+        record = quantize_dit(dit, quantize, loop, calibration)
+        if vae is not None and calibration is not None:  # the latents of the DiT's calibration run
+            record.vae = quantize_vae(vae, quantize, vae_calibration_loop(vae, calibration.latents))
+        quantization = record.to_json()
         translations = translation_table()
     contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width,
                               vae=None if vae is None else vae.config, quantization=quantization)
@@ -189,7 +200,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         if vae is not None:
             from memrope.export.vae_export import export_vae_graph
 
-            export_vae_graph(vae, contract.graphs["vae_decode"], tmp / graph_file("vae_decode"))
+            export_vae_graph(vae, contract.graphs["vae_decode"], tmp / graph_file("vae_decode"), translations)
 
         audits = {}
         for graph in contract.graphs:
@@ -214,8 +225,10 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
             if vae is not None:
                 from memrope.export.vae_export import validate_vae_graph
 
+                vae_quantized = quantization is not None and "vae" in quantization
                 validation["vae_decode"] = validate_vae_graph(tmp / graph_file("vae_decode"), vae,
-                                                              contract.graphs["vae_decode"])
+                                                              contract.graphs["vae_decode"],
+                                                              rel_l2=QDQ_RELATIVE_L2 if vae_quantized else None)
         (tmp / "validation.json").write_text(json.dumps(validation, indent=1) + "\n")
 
         contract.write(tmp / CONTRACT_FILE, files=pin_files(tmp))

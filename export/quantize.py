@@ -3,9 +3,11 @@ carry the result as explicit ONNX QuantizeLinear/DequantizeLinear (Q/DQ) that Te
 into FP8, INT8 and INT4 GEMMs.
 
 Owns: the quantization modes (:data:`MODES`), which layers are quantized (:data:`QUANTIZED_LAYERS`),
-the calibration on real block-loop inputs (:func:`calibration_loop`, :func:`quantize_dit`), the graph form of a quantized
-Linear (:class:`QDQLinear`, two custom torch ops and their ONNX translation), the INT4 packing of
-an exported graph (:func:`pack_int4_weights`) and the Q/DQ census of a graph (:func:`qdq_census`).
+the calibration on real block-loop inputs (:func:`calibration_loop`, :func:`quantize_dit`), the
+FP8 convolutions of the VAE decoder (:func:`quantize_vae`, calibrated on the latents of the same
+loop), the graph form of a quantized Linear and convolution (:class:`QDQLinear`,
+:class:`QDQConv`, two custom torch ops and their ONNX translation), the INT4 packing of an
+exported graph (:func:`pack_int4_weights`) and the Q/DQ census of a graph (:func:`qdq_census`).
 Does not own the export itself (:mod:`memrope.export.onnx_export`) or the prompts (the runtime
 encodes them and hands over embeddings).
 
@@ -36,6 +38,16 @@ Modes (ModelOpt's own configs, restricted to the layers above):
 - ``int4-wo``: INT4 weights in blocks of 128 input channels (fewer where a layer is narrower), the
   activations in the base dtype: ``mtq.INT4_BLOCKWISE_WEIGHT_ONLY_CFG`` (weight-only GEMMs from Ampere on).
 
+The VAE decoder (``fp8`` only): TensorRT-RTX 1.7 builds a convolution whose input and weight are
+both FP8 Q/DQ into an FP8 convolution, 2D and 3D, for 8.9 and 12.0; with the weight alone in FP8
+it dequantizes the weight and convolves in the base dtype (bench/vae_fp8_probe.py). So ``fp8``
+quantizes the decoder's residual, shortcut and upsampling convolutions (weights and inputs, per
+tensor, calibrated on the decoded latents of the calibration loop) and keeps in the base dtype:
+``post_quant_conv`` and ``conv_in`` (the latents' first touch, 16 channels), the mid block's
+attention (its 1x1 projections feed a softmax over a whole frame), ``conv_out`` (3 channels: its
+rounding is the pixel's), the norms, the upsampling and the feature caches (written as computed).
+The weight-only and INT8 modes keep the whole VAE in the base dtype.
+
 NVFP4 is not offered: ModelOpt 0.47 calibrates its dynamic blocks on CUDA only, and an export must
 run on a CPU.
 """
@@ -63,6 +75,12 @@ logger = logging.getLogger(__name__)
 
 # Module names (relative to the DiT) of the Linear layers that are quantized.
 QUANTIZED_LAYERS = ("blocks.*.self_attn.[qkvo]", "blocks.*.cross_attn.[qkvo]", "blocks.*.ffn.0", "blocks.*.ffn.2")
+# Module names (relative to memrope.vae.WanStreamingDecoder) of the convolutions fp8 quantizes.
+VAE_QUANTIZED_CONVS = ("decoder.mid_block.resnets.*.conv[12]", "decoder.up_blocks.*.resnets.*.conv[12]",
+                       "decoder.up_blocks.*.resnets.*.conv_shortcut", "decoder.up_blocks.*.upsampler*.resample.1",
+                       "decoder.up_blocks.*.upsampler*.time_conv")
+VAE_KEPT = ["post_quant_conv", "decoder.conv_in", "decoder.mid_block.attentions", "decoder.conv_out", "norms",
+            "upsampling", "feature_caches"]
 INT4_BLOCK_SIZE = 128
 FP8_MAX = 448.0  # the largest finite float8 E4M3 (fn) value
 
@@ -76,6 +94,7 @@ class Mode:
     weight: str               # "fp8", "int8" or "int4": the initializers' type
     activations: str | None   # "fp8", "int8" or None (weight-only: activations in the base dtype)
     summary: str
+    vae: bool = False         # the VAE decoder's convolutions are quantized too (see the module docstring)
 
     @property
     def weight_only(self) -> bool:
@@ -83,7 +102,7 @@ class Mode:
 
 
 MODES = {
-    "fp8": Mode("fp8", "FP8_DEFAULT_CFG", "fp8", "fp8", "FP8 E4M3 weights and activations, per tensor"),
+    "fp8": Mode("fp8", "FP8_DEFAULT_CFG", "fp8", "fp8", "FP8 E4M3 weights and activations, per tensor", vae=True),
     "int8": Mode("int8", "INT8_DEFAULT_CFG", "int8", "int8", "INT8 weights per channel, INT8 activations per tensor"),
     "int8-wo": Mode("int8-wo", "INT8_WEIGHT_ONLY_CFG", "int8", None, "INT8 weights per output channel, weight-only"),
     "int4-wo": Mode("int4-wo", "INT4_BLOCKWISE_WEIGHT_ONLY_CFG", "int4", None,
@@ -119,12 +138,15 @@ class Calibration:
     prompt with a re-cache halfway, so every graph sees the cache at every fill level.
 
     ``prompt_embeds``: one ``[B, text_len, text_dim]`` float tensor per prompt.
+    ``latents``: filled by the calibration run, one ``[B, blocks * F, C, h, w]`` tensor of clean
+    latents per prompt: what the VAE decoder's calibration decodes.
     """
 
     prompts: list[str]
     prompt_embeds: list[torch.Tensor]
     blocks: int
     seed: int = 0
+    latents: list[torch.Tensor] = field(default_factory=list, repr=False)
 
     def sha256(self) -> str:
         """Hash of everything that decides the calibration's inputs (prompts, embeddings, blocks, seed)."""
@@ -147,13 +169,14 @@ class QuantizationRecord:
     layers: list[str]
     int4_block_size: int | None = None
     kept: list[str] = field(default_factory=list)
+    vae: dict | None = None  # what :func:`quantize_vae` did, when the artifact has a VAE
 
     def to_json(self) -> dict:
         return {"mode": self.mode, "weights": MODES[self.mode].weight, "activations": MODES[self.mode].activations,
                 "modelopt": self.modelopt, "calibration_sha256": self.calibration_sha256,
                 "calibration": self.calibration, "quantized_layers": len(self.layers),
                 "layer_patterns": list(QUANTIZED_LAYERS), "int4_block_size": self.int4_block_size,
-                "kept_in_base_dtype": self.kept}
+                "kept_in_base_dtype": self.kept, **({} if self.vae is None else {"vae": self.vae})}
 
 
 # --------------------------------------------------------------------------------------------
@@ -245,6 +268,30 @@ class QDQLinear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+class QDQConv(nn.Module):
+    """A VAE decoder convolution (:class:`memrope.vae.VAEConv`) with its weight held in FP8 (per
+    tensor) and its input quantized and dequantized first: the graph reads ``Q -> DQ -> Conv`` with
+    ``DequantizeLinear`` on the weight, the form TensorRT builds into an FP8 convolution.
+
+    Buffers: ``weight_q`` ``[O, I, t, kh, kw]`` float8_e4m3fn, ``weight_scale`` and ``input_scale``
+    ``[]`` in the base dtype.
+    """
+
+    def __init__(self, weight_q: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None,
+                 input_scale: torch.Tensor, padding: tuple[int, int, int], activations: str):
+        super().__init__()
+        self.register_buffer("weight_q", weight_q)
+        self.register_buffer("weight_scale", weight_scale)
+        self.register_buffer("input_scale", input_scale)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.padding, self.activations = padding, activations
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.ops.memrope.fake_quantize(x, self.input_scale, self.activations)
+        weight = torch.ops.memrope.dequantize(self.weight_q, self.weight_scale, -1, 0)
+        return torch.nn.functional.conv3d(x, weight, self.bias, padding=self.padding)
+
+
 # --------------------------------------------------------------------------------------------
 # Calibration and conversion
 # --------------------------------------------------------------------------------------------
@@ -289,17 +336,19 @@ def _scale(amax: torch.Tensor, bound: float) -> torch.Tensor:
     return amax.detach().float() / bound
 
 
-def _convert(module: nn.Module, mode: Mode, block_size: int, dtype: torch.dtype, name: str) -> QDQLinear:
-    """``module`` (a calibrated ModelOpt QuantLinear) as a :class:`QDQLinear` holding ModelOpt's own
-    quantized weight; raises if the integers cannot be read back exactly from ModelOpt's result."""
+def _weight_codes(module: nn.Module, mode: Mode, block_size: int, name: str) -> tuple[torch.Tensor, ...]:
+    """``module``'s weight (a calibrated ModelOpt layer's) as ModelOpt's own codes and scale:
+    ``(codes, scale, axis, block)``, codes in the weight's layout (float8_e4m3fn, or int8 holding
+    int8 or int4 values), the scale per tensor ``[]``, per output channel ``[N]`` or per block
+    ``[N, K / block]``. Raises if the integers cannot be read back exactly from ModelOpt's result."""
     weight = module.weight.detach().float()  # in fp32, so that ModelOpt's result is exact codes x scale
-    out_features, in_features = weight.shape
+    out_features = weight.shape[0]
     with torch.no_grad():
         fake = module.weight_quantizer(weight).float()  # ModelOpt's quantize-dequantize of the weight
     amax = module.weight_quantizer.amax
     bound = _BOUND[mode.weight]
     if mode.weight == "int4":
-        scale = _scale(amax, bound).reshape(out_features, in_features // block_size)      # [N, K / block]
+        scale = _scale(amax, bound).reshape(out_features, weight.shape[1] // block_size)  # [N, K / block]
         codes = fake / scale.repeat_interleave(block_size, dim=1)
         axis, size = 0, block_size
     elif amax.numel() == 1:
@@ -308,7 +357,7 @@ def _convert(module: nn.Module, mode: Mode, block_size: int, dtype: torch.dtype,
         axis, size = -1, 0
     else:
         scale = _scale(amax, bound).reshape(out_features)
-        codes = fake / scale[:, None]
+        codes = fake / scale.reshape(-1, *([1] * (weight.dim() - 1)))
         axis, size = 1, 0
     if mode.weight == "fp8":
         stored = codes.to(torch.float8_e4m3fn)
@@ -321,20 +370,34 @@ def _convert(module: nn.Module, mode: Mode, block_size: int, dtype: torch.dtype,
         raise QuantizationError(f"{name}: ModelOpt's {mode.weight} weights are not integers of the scale "
                                 f"amax / {bound:g} (off by {error:.3g}); this ModelOpt version quantizes "
                                 "differently from what the graph stores")
+    return stored, scale, axis, size
+
+
+def _input_scale(module: nn.Module, mode: Mode, dtype: torch.dtype) -> torch.Tensor | None:
+    if mode.activations is None:
+        return None
+    return _scale(module.input_quantizer.amax, _BOUND[mode.activations]).reshape(()).to(dtype)
+
+
+def _bias(module: nn.Module) -> torch.Tensor | None:
+    return None if module.bias is None else module.bias.detach().clone()
+
+
+def _convert(module: nn.Module, mode: Mode, block_size: int, dtype: torch.dtype, name: str) -> QDQLinear:
+    """``module`` (a calibrated ModelOpt QuantLinear) as a :class:`QDQLinear` holding ModelOpt's own
+    quantized weight, transposed to ``[K, N]``."""
+    stored, scale, axis, size = _weight_codes(module, mode, block_size, name)
     weight_scale = scale.t().contiguous() if scale.dim() == 2 else scale
-    input_scale = None
-    if mode.activations is not None:
-        input_scale = _scale(module.input_quantizer.amax, _BOUND[mode.activations]).reshape(()).to(dtype)
-    bias = None if module.bias is None else module.bias.detach().clone()
-    return QDQLinear(stored.t().contiguous(), weight_scale.to(dtype), axis, size, bias, input_scale,
-                     mode.activations)
+    return QDQLinear(stored.t().contiguous(), weight_scale.to(dtype), axis, size, _bias(module),
+                     _input_scale(module, mode, dtype), mode.activations)
 
 
 def calibration_loop(step, run, calibration: Calibration) -> Callable[[], None]:
     """A function driving ``step`` (a ``MemRoPEStep`` on the DiT being calibrated) through the
     eager block loop of ``run`` over the calibration set, with a progress bar: for prompt ``i``,
     ``calibration.blocks`` blocks from seeded noise, switching to prompt ``i + 1`` with a re-cache of
-    the recent frames halfway (so the re-cache graph's inputs are seen too)."""
+    the recent frames halfway (so the re-cache graph's inputs are seen too). The clean latents of
+    each prompt's blocks are kept in ``calibration.latents`` for the VAE's calibration."""
     from tqdm.auto import tqdm
 
     from memrope.backend import StepModuleBackend
@@ -356,8 +419,11 @@ def calibration_loop(step, run, calibration: Calibration) -> Callable[[], None]:
                 switch = calibration.blocks // 2
                 changes = ([PromptChange(switch, embeds[(i + 1) % len(embeds)], recache="recent")]
                            if len(embeds) > 1 and switch > 0 else [])
-                for _ in pipeline.blocks(prompt_embeds, noise, calibration.blocks, prompt_changes=changes):
+                latents = []
+                for result in pipeline.blocks(prompt_embeds, noise, calibration.blocks, prompt_changes=changes):
+                    latents.append(result.x0.detach().clone())  # x0 lives in a ring buffer
                     bar.update()
+                calibration.latents.append(torch.cat(latents, dim=1))
 
     return calibrate
 
@@ -422,6 +488,96 @@ def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None] |
 
 
 # --------------------------------------------------------------------------------------------
+# The VAE decoder (fp8)
+# --------------------------------------------------------------------------------------------
+
+def vae_quantized_conv_names(vae: nn.Module) -> list[str]:
+    """The names of ``vae``'s convolutions (:class:`memrope.vae.VAEConv`) that
+    :data:`VAE_QUANTIZED_CONVS` selects, in module order."""
+    from memrope.vae import VAEConv
+
+    return [name for name, module in vae.named_modules()
+            if isinstance(module, VAEConv) and any(fnmatch.fnmatchcase(name, p) for p in VAE_QUANTIZED_CONVS)]
+
+
+def _register_vae_conv() -> None:
+    """Tell ModelOpt how to quantize a :class:`memrope.vae.VAEConv`: as its own Linear and Conv
+    layers, the input by ``input_quantizer`` and the weight (read through ``self.weight``) by
+    ``weight_quantizer``."""
+    from modelopt.torch.quantization.nn import QuantModuleRegistry
+    from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
+
+    from memrope.vae import VAEConv
+
+    if VAEConv not in QuantModuleRegistry:
+        QuantModuleRegistry.register({VAEConv: "memrope.vae.VAEConv"})(
+            type("QuantVAEConv", (QuantLinearConvBase,), {"__doc__": "A quantized memrope.vae.VAEConv."}))
+
+
+def vae_calibration_loop(vae: nn.Module, latents: Sequence[torch.Tensor]) -> Callable[[], None]:
+    """A function decoding each ``[B, F, C, h, w]`` of ``latents`` (the clean latents of the
+    calibration loop, one video per prompt) through the streaming decoder ``vae``, step by step
+    with its feature caches, as the runtime does."""
+    from tqdm.auto import tqdm
+
+    if not latents:
+        raise QuantizationError("the VAE's calibration has no latents: the DiT's calibration run must come first")
+
+    def calibrate() -> None:
+        t = vae.latent_frames
+        steps = sum(video.shape[1] // t for video in latents)
+        param = vae.post_quant_conv.weight
+        with torch.no_grad(), tqdm(total=steps, desc="calibrating the VAE", unit="step", disable=None,
+                                   leave=False) as bar:
+            for video in latents:
+                b, _, _, h, w = video.shape
+                caches = vae.zero_caches(b, h, w)
+                for k in range(0, video.shape[1] - t + 1, t):
+                    first = torch.tensor([k == 0])
+                    out = vae(video[:, k:k + t].to(device=param.device, dtype=param.dtype), first, *caches)
+                    caches = list(out[2:])
+                    bar.update()
+
+    return calibrate
+
+
+def quantize_vae(vae: nn.Module, mode_name: str, calibrate: Callable[[], None]) -> dict | None:
+    """Quantize ``vae`` (a ``memrope.vae.WanStreamingDecoder``) in place when the mode covers the
+    VAE (``fp8``): ModelOpt inserts quantizers into the :data:`VAE_QUANTIZED_CONVS`,
+    ``calibrate()`` decodes the calibration latents (ModelOpt records each input's range), and each
+    becomes a :class:`QDQConv` holding ModelOpt's FP8 weight. Returns the record, or None when the
+    mode keeps the VAE in the base dtype."""
+    mode = check_mode(mode_name)
+    if not mode.vae:
+        return None
+    version = modelopt_version()
+    import modelopt.torch.quantization as mtq
+
+    names = vae_quantized_conv_names(vae)
+    if not names:
+        raise QuantizationError("the VAE decoder has no convolutions matching " + ", ".join(VAE_QUANTIZED_CONVS))
+    _register_vae_conv()
+    targets = nn.ModuleDict({name.replace(".", "/"): vae.get_submodule(name) for name in names})
+    dtype = vae.post_quant_conv.weight.dtype
+    logger.info("quantizing %d VAE decoder convolutions to %s with ModelOpt %s", len(names), mode.name, version)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        mtq.quantize(targets, _modelopt_config(mode, 0), lambda _model: calibrate())
+    for line in printed.getvalue().splitlines():
+        logger.debug("modelopt: %s", line)
+    for name in names:
+        module = vae.get_submodule(name)
+        stored, scale, _, _ = _weight_codes(module, mode, 0, name)
+        parent, _, child = name.rpartition(".")
+        setattr(vae.get_submodule(parent), child,
+                QDQConv(stored, scale.to(dtype), _bias(module), _input_scale(module, mode, dtype), module.padding,
+                        mode.activations))
+    return {"weights": mode.weight, "activations": mode.activations, "quantized_convs": len(names),
+            "conv_patterns": list(VAE_QUANTIZED_CONVS), "kept_in_base_dtype": list(VAE_KEPT),
+            "calibration": "the clean latents of the DiT's calibration blocks, decoded step by step"}
+
+
+# --------------------------------------------------------------------------------------------
 # After export
 # --------------------------------------------------------------------------------------------
 
@@ -461,8 +617,9 @@ def pack_int4_weights(path: Path) -> int:
 
 def qdq_census(path: Path) -> dict:
     """The Q/DQ of a graph: ``{"QuantizeLinear": n, "DequantizeLinear": n, "weights": {type: n},
-    "quantized_matmuls": {MatMul node: its layer}}``, where a quantized MatMul reads a dequantized
-    initializer, and its layer is that initializer's module name (``blocks.0.self_attn.q``)."""
+    "quantized_matmuls": {MatMul node: its layer}, "quantized_convs": {Conv node: its layer}}``,
+    where a quantized MatMul or Conv reads a dequantized initializer, and its layer is that
+    initializer's module name (``blocks.0.self_attn.q``, ``decoder.up_blocks.0.resnets.0.conv1``)."""
     import onnx
 
     model = onnx.load(str(path), load_external_data=False)
@@ -474,7 +631,11 @@ def qdq_census(path: Path) -> dict:
             dequantized_weights[node.output[0]] = onnx.TensorProto.DataType.Name(initializers[node.input[0]])
             sources[node.output[0]] = node.input[0].removesuffix(".weight_q").split("dit.", 1)[-1]
     counts = Counter(node.op_type for node in model.graph.node)
-    matmuls = {node.name: next(sources[i] for i in node.input if i in sources) for node in model.graph.node
-               if node.op_type == "MatMul" and any(i in dequantized_weights for i in node.input)}
+
+    def quantized(op_type: str) -> dict[str, str]:
+        return {node.name: next(sources[i] for i in node.input if i in sources) for node in model.graph.node
+                if node.op_type == op_type and any(i in dequantized_weights for i in node.input)}
+
     return {"QuantizeLinear": counts.get("QuantizeLinear", 0), "DequantizeLinear": counts.get("DequantizeLinear", 0),
-            "weights": dict(Counter(dequantized_weights.values())), "quantized_matmuls": matmuls}
+            "weights": dict(Counter(dequantized_weights.values())), "quantized_matmuls": quantized("MatMul"),
+            "quantized_convs": quantized("Conv")}

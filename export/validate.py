@@ -161,7 +161,7 @@ def validation_blocks(step: MemRoPEStep) -> int:
     return fill_blocks + 2 if lay.rolls else fill_blocks
 
 
-def _relative_l2(eager: np.ndarray, other: np.ndarray) -> float:
+def relative_l2(eager: np.ndarray, other: np.ndarray) -> float:
     """``||other - eager|| / ||eager||`` (0 for two zero tensors, inf when only ``eager`` is zero)."""
     diff = float(np.linalg.norm((other.astype(np.float64) - eager.astype(np.float64)).ravel()))
     norm = float(np.linalg.norm(eager.astype(np.float64).ravel()))
@@ -191,7 +191,7 @@ def _compare(runners, feeds: list[dict], labels: list[str], atol: float,
                   if eager[name].size else 0.0 for name in eager}
         tolerances = {name: atol * max(1.0, float(np.max(np.abs(eager[name]))) if eager[name].size else 1.0)
                       for name in eager}
-        relative = {name: _relative_l2(eager[name], ort[name]) if ort[name].shape == eager[name].shape
+        relative = {name: relative_l2(eager[name], ort[name]) if ort[name].shape == eager[name].shape
                     else float("inf") for name in eager}
         worst = max(errors, key=errors.get)
         rows.append({"call": label, "max_abs_error": errors[worst], "worst_output": worst, "errors": errors,

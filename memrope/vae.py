@@ -239,8 +239,10 @@ def padding_frames(cfg: VAEDecoderConfig) -> int:
 # The module
 # ------------------------------------------------------------------------------------------------
 
-class _Conv(nn.Module):
-    """Weights of a conv with diffusers' names (``weight``, ``bias``), stored 5D ``[O, I, t, kh, kw]``."""
+class VAEConv(nn.Module):
+    """A decoder convolution: weights with diffusers' names (``weight``, ``bias``), stored 5D
+    ``[O, I, t, kh, kw]``; space padded here, time causally by the feature cache. Public so that a
+    quantized export can find the convolutions (``memrope.export.quantize``)."""
 
     def __init__(self, in_dim: int, out_dim: int, kernel: tuple[int, int, int]):
         super().__init__()
@@ -286,7 +288,7 @@ class _Step:
             return None
         return torch.logical_and(self.first, self.patterns[(s, count)])
 
-    def causal(self, conv: _Conv, x: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    def causal(self, conv: VAEConv, x: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
         """``conv`` over ``[cache | x]`` along time; records the last two frames as the new cache."""
         cache = next(self.inputs)
         if cache.shape[1] != x.shape[1] or cache.shape[3:] != x.shape[3:]:
@@ -305,10 +307,10 @@ class _ResidualBlock(nn.Module):
     def __init__(self, in_dim: int, out_dim: int):
         super().__init__()
         self.norm1 = _RMSNorm(in_dim)
-        self.conv1 = _Conv(in_dim, out_dim, (TIME_KERNEL, 3, 3))
+        self.conv1 = VAEConv(in_dim, out_dim, (TIME_KERNEL, 3, 3))
         self.norm2 = _RMSNorm(out_dim)
-        self.conv2 = _Conv(out_dim, out_dim, (TIME_KERNEL, 3, 3))
-        self.conv_shortcut = _Conv(in_dim, out_dim, (1, 1, 1)) if in_dim != out_dim else None
+        self.conv2 = VAEConv(out_dim, out_dim, (TIME_KERNEL, 3, 3))
+        self.conv_shortcut = VAEConv(in_dim, out_dim, (1, 1, 1)) if in_dim != out_dim else None
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         zero = step.first_positions(exclude_last=True)
@@ -324,8 +326,8 @@ class _AttentionBlock(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
         self.norm = _RMSNorm(dim)
-        self.to_qkv = _Conv(dim, 3 * dim, (1, 1, 1))
-        self.proj = _Conv(dim, dim, (1, 1, 1))
+        self.to_qkv = VAEConv(dim, 3 * dim, (1, 1, 1))
+        self.proj = VAEConv(dim, dim, (1, 1, 1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, t, h, w = x.shape
@@ -363,8 +365,8 @@ class _Resample(nn.Module):
     def __init__(self, dim: int, mode: str, out_dim: int):
         super().__init__()
         self.mode = mode
-        self.resample = nn.ModuleList([nn.Identity(), _Conv(dim, out_dim, (1, 3, 3))])
-        self.time_conv = _Conv(dim, 2 * dim, (TIME_KERNEL, 1, 1)) if mode == "upsample3d" else None
+        self.resample = nn.ModuleList([nn.Identity(), VAEConv(dim, out_dim, (1, 3, 3))])
+        self.time_conv = VAEConv(dim, 2 * dim, (TIME_KERNEL, 1, 1)) if mode == "upsample3d" else None
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         if self.time_conv is not None:
@@ -432,13 +434,13 @@ class _UpBlock(nn.Module):
 class _Decoder(nn.Module):
     def __init__(self, cfg: VAEDecoderConfig):
         super().__init__()
-        self.conv_in = _Conv(cfg.z_dim, cfg.mid_dim, (TIME_KERNEL, 3, 3))
+        self.conv_in = VAEConv(cfg.z_dim, cfg.mid_dim, (TIME_KERNEL, 3, 3))
         self.mid_block = _MidBlock(cfg.mid_dim)
         self.up_blocks = nn.ModuleList([_UpBlock(i, o, cfg.num_res_blocks, mode, cfg.is_residual)
                                         for i, o, mode in cfg.up_blocks()])
         last = cfg.up_blocks()[-1][1]
         self.norm_out = _RMSNorm(last)
-        self.conv_out = _Conv(last, cfg.out_channels, (TIME_KERNEL, 3, 3))
+        self.conv_out = VAEConv(last, cfg.out_channels, (TIME_KERNEL, 3, 3))
 
     def forward(self, x: torch.Tensor, step: _Step) -> torch.Tensor:
         x = step.causal(self.conv_in, x, None)
@@ -478,7 +480,7 @@ class WanStreamingDecoder(nn.Module):
         self.config = cfg
         self.latent_frames = latent_frames
         self.layout = feature_cache_layout(cfg)
-        self.post_quant_conv = _Conv(cfg.z_dim, cfg.z_dim, (1, 1, 1))
+        self.post_quant_conv = VAEConv(cfg.z_dim, cfg.z_dim, (1, 1, 1))
         self.decoder = _Decoder(cfg)
         self.register_buffer("latents_mean", torch.tensor(cfg.latents_mean).reshape(1, -1, 1, 1, 1), persistent=False)
         self.register_buffer("latents_std", torch.tensor(cfg.latents_std).reshape(1, -1, 1, 1, 1), persistent=False)

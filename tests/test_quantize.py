@@ -33,11 +33,11 @@ STEP_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cros
                "ffn.0", "ffn.2")
 
 
-def export_quantized(out, mode, *, dtype="float32", validate=True):
+def export_quantized(out, mode, *, dtype="float32", validate=True, decode=False):
     from memrope.runtime.api import export_model
     from memrope.runtime.load import LoadRequest
 
-    return export_model(LoadRequest(preset="tiny", height=64, width=96, decode=False, dtype=dtype), out,
+    return export_model(LoadRequest(preset="tiny", height=64, width=96, decode=decode, dtype=dtype), out,
                         quantize=mode, calibration_prompts=CALIBRATION, calibration_blocks=2, validate=validate)
 
 
@@ -250,3 +250,79 @@ def test_default_calibration_prompts_are_not_evaluation_prompts():
     assert len(demo) == 8 and len(set(demo)) == 8 and not set(demo) & set(EVAL_PROMPTS)
     assert all(parse_prompt(p).objects for p in demo)  # sentences of the demo world, which it reads
     assert calibration_prompts(demo=False) == list(CALIBRATION_PROMPTS)
+
+
+# The demo VAE decoder's convolutions: fp8 quantizes all but these (module names).
+VAE_KEPT_CONVS = {"post_quant_conv", "decoder.conv_in", "decoder.mid_block.attentions.0.to_qkv",
+                  "decoder.mid_block.attentions.0.proj", "decoder.conv_out"}
+
+
+def test_fp8_runs_the_vae_decoder_s_convolutions_in_fp8(tmp_path):
+    """``fp8`` quantizes the VAE decoder's residual, shortcut and upsampling convolutions (input and
+    weight: ``Q -> DQ -> Conv`` with a dequantized FP8 weight), calibrated on real latents (the
+    demo VAE's own encoding of two world clips), and keeps the first, the last and the attention's
+    convolutions in float; ONNX Runtime computes what the eager quantized decoder computes, and the
+    pixels stay near the float decoder's."""
+    import numpy as np
+    import onnx
+
+    from memrope.config import RunConfig
+    from memrope.contract import vae_decode_contract
+    from memrope.export.quantize import (
+        QDQConv,
+        quantize_vae,
+        translation_table,
+        vae_calibration_loop,
+        vae_quantized_conv_names,
+    )
+    from memrope.export.vae_export import export_vae_graph, validate_vae_graph
+    from memrope.export.validate import QDQ_RELATIVE_L2
+    from memrope.runtime.demo import world
+    from memrope.runtime.demo.train_dit import WanVAECodec
+    from memrope.runtime.t2v import shipped_demo_model
+    from memrope.runtime.vae import load_vae, streaming_decoder_module
+    from memrope.vae import VAEConv
+
+    demo = shipped_demo_model()
+    clips = np.stack([world.render(prompt, 21, height=64, width=96) for prompt in CALIBRATION])  # 6 latent frames
+    latents = WanVAECodec(load_vae(demo)).encode(clips)
+    vae = streaming_decoder_module(demo)
+    reference = copy.deepcopy(vae)
+    names = vae_quantized_conv_names(vae)
+    record = quantize_vae(vae, "fp8", vae_calibration_loop(vae, list(latents.split(1))))
+    assert record["quantized_convs"] == len(names) == 27
+    assert all(isinstance(vae.get_submodule(name), QDQConv) for name in names)
+    assert {name for name, m in vae.named_modules() if isinstance(m, VAEConv)} == VAE_KEPT_CONVS
+    assert quantize_vae(streaming_decoder_module(demo), "int4-wo", lambda: None) is None  # weight-only: float VAE
+
+    contract = vae_decode_contract(vae.config, RunConfig(num_output_frames=6, latent_height=8, latent_width=12),
+                                   "float32", 1)
+    path = tmp_path / "vae_decode.onnx"
+    export_vae_graph(vae, contract, path, translation_table())
+    census = qdq_census(path)
+    assert sorted(census["quantized_convs"].values()) == sorted(names) and not census["quantized_matmuls"]
+    assert census["weights"] == {"FLOAT8E4M3FN": 27} and census["QuantizeLinear"] == 27
+    model = onnx.load(str(path))
+    producers = {out: node for node in model.graph.node for out in node.output}
+    for node in model.graph.node:
+        if node.name in census["quantized_convs"]:  # Q -> DQ -> Conv
+            assert producers[node.input[0]].op_type == "DequantizeLinear", node.name
+            assert producers[producers[node.input[0]].input[0]].op_type == "QuantizeLinear", node.name
+    report = validate_vae_graph(path, vae, contract, rel_l2=QDQ_RELATIVE_L2)
+    assert report["pixels_max_relative_l2"] <= QDQ_RELATIVE_L2
+
+    # Against the float decoder, on the calibration clips' latents: near, and not identical.
+    def decode(module):
+        caches, t = module.zero_caches(1, 8, 12), module.latent_frames
+        pixels = []
+        with torch.no_grad():
+            for k in range(0, 6, t):
+                out = module(latents[:1, k:k + t], torch.tensor([k == 0]), *caches)
+                caches = list(out[2:])
+                pixels.append(out[1])
+        return torch.cat(pixels, dim=2)
+
+    got, want = decode(vae), decode(reference)
+    mse = float(((got - want) ** 2).mean())
+    psnr = 10 * np.log10(4.0 / mse)  # pixels in [-1, 1]: peak-to-peak 2
+    assert 25 < psnr < 80, psnr
