@@ -8,12 +8,18 @@ did with attention (from the sidecar's build report). Multi-GB artifacts are wri
 (``flock``), so no other heavy job on the machine runs at the same time.
 
 Results: ``bench/results/tensorrt_rtx_build.json`` and ``docs/tensorrt_rtx_build.md``; with
-``--quantize MODE`` (a weight-only mode: the random-weight presets have no text encoder to calibrate
-activations with) the export is quantized and the results go to ``..._<MODE>.json`` / ``.md``, with
-the layers each plan runs in low precision and the step plan's size against the bf16 one's.
+``--quantize MODE`` the export is quantized and the results go to ``..._<MODE>.json`` / ``.md``, with
+the layers each plan runs in low precision and the step plan's size against the bf16 one's. The
+modes that quantize activations (``fp8``, ``int8``) calibrate on encoded prompts, and a
+random-weight preset has no text encoder: the export gets ``--model-dir`` with a random-weight umT5
+of the preset's text width (``build_tiny_text_model``: 2 layers, the real width, the tiny
+tokenizer), and ``--calibration-prompts N`` (default 1) of the built-in prompts driven through
+``--calibration-blocks B`` (default 1) blocks. The DiT's weights are random too, so the ranges mean
+as little as the weights; what is measured is the time, the memory and the plans.
 
 Usage: python bench/tensorrt_rtx_build.py [--presets tiny,mid,wan-1.3b] [--workdir /tmp/memrope_rtx_build]
-       [--quantize int4-wo] [--compute-capability 8.9,12.0]
+       [--quantize int4-wo|int8-wo|fp8|int8] [--compute-capability 8.9,12.0]
+       [--calibration-prompts 1] [--calibration-blocks 1]
 """
 
 from __future__ import annotations
@@ -68,9 +74,27 @@ def run_child(args: list[str]) -> dict:
             "load_avg_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)]}
 
 
+def calibration_args(preset_name: str, workdir: Path, prompts: int, blocks: int) -> list[str]:
+    """``memrope export`` arguments that calibrate a random-weight preset's activations: a
+    random-weight umT5 of its text width in ``workdir`` and the first ``prompts`` built-in prompts."""
+    from memrope.config import model_preset
+    from memrope.runtime.prompts import CALIBRATION_PROMPTS
+    from memrope.runtime.text import build_tiny_text_model
+
+    cfg = model_preset(preset_name)
+    text = workdir / f"text_{cfg.text_dim}_{cfg.text_len}"
+    if not (text / "text_encoder_info.json").is_file():
+        build_tiny_text_model(text, layout="diffusers", d_model=cfg.text_dim, text_len=cfg.text_len, seed=0)
+    prompt_file = workdir / f"calibration_{prompts}.txt"
+    prompt_file.write_text("\n".join(CALIBRATION_PROMPTS[:prompts]) + "\n")
+    return ["--model-dir", str(text), "--no-vae", "--calibration-prompts", str(prompt_file),
+            "--calibration-blocks", str(blocks)]
+
+
 def measure(preset_name: str, workdir: Path, keep: bool, quantize: str | None = None,
-            compute_capability: str | None = None) -> dict:
-    """Export (or reuse a kept export with its measurement) and build one preset; delete it unless ``keep``."""
+            compute_capability: str | None = None, calibration: list[str] | None = None) -> dict:
+    """Export (or reuse a kept export with its measurement) and build one preset; delete it unless
+    ``keep``. ``calibration``: the export's calibration arguments (:func:`calibration_args`)."""
     preset = BENCH_PRESETS[preset_name]
     out = workdir / f"{preset_name}_{preset.width}x{preset.height}_bf16{'_' + quantize if quantize else ''}"
     kept = workdir / f"{out.name}.export.json"
@@ -85,7 +109,7 @@ def measure(preset_name: str, workdir: Path, keep: bool, quantize: str | None = 
             result["export"] = run_child(["export", "--preset", preset_name, "--height", str(preset.height),
                                           "--width", str(preset.width), "--dtype", "bfloat16", "--no-validate",
                                           "--force", "--out", str(out),
-                                          *(["--quantize", quantize] if quantize else [])])
+                                          *(["--quantize", quantize] if quantize else []), *(calibration or [])])
             kept.write_text(json.dumps(result["export"]))
         if result["export"]["exit_code"] == 0:
             result["onnx_mb"] = {p.name: round(p.stat().st_size / 1e6, 1) for p in sorted(out.iterdir())
@@ -145,6 +169,11 @@ def write_markdown(doc: dict, path: Path) -> None:
                 if q.get("quantized_matmuls"):
                     lines.append(f"- {r['preset']} {graph}: {q['quantized_matmuls']} quantized MatMuls in "
                                  f"{q['low_precision_layers']} engine layers reading {q['layers_reading']}")
+        if meta.get("calibration"):
+            c = meta["calibration"]
+            lines.append(f"- Calibration: {c['prompts']} built-in prompt(s) x {c['blocks_per_prompt']} block(s) of "
+                         f"the eager loop, encoded by a {c['text_encoder']} (the weights are random: the time and "
+                         "memory are what is measured).")
         bf16 = ROOT / "bench" / "results" / "tensorrt_rtx_build.json"
         if bf16.is_file():
             base = {r["preset"]: r for r in json.loads(bf16.read_text())["results"]}
@@ -191,7 +220,11 @@ def main() -> int:
     parser.add_argument("--presets", default="tiny,mid,wan-1.3b")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/memrope_rtx_build"))
     parser.add_argument("--note", action="append", default=[], help="a remark to record with the results")
-    parser.add_argument("--quantize", choices=("int8-wo", "int4-wo"), help="quantize the export (weight-only)")
+    parser.add_argument("--quantize", choices=("int8-wo", "int4-wo", "fp8", "int8"), help="quantize the export")
+    parser.add_argument("--calibration-prompts", type=int, default=1,
+                        help="fp8, int8: how many built-in prompts calibrate the activations (default 1)")
+    parser.add_argument("--calibration-blocks", type=int, default=1,
+                        help="fp8, int8: blocks of the loop per calibration prompt (default 1)")
     parser.add_argument("--compute-capability", help="build for these compute capabilities (e.g. 8.9,12.0)")
     parser.add_argument("--keep-exports", action="store_true",
                         help="keep the exports (and their measurements) in --workdir; a later run builds them again "
@@ -208,7 +241,13 @@ def main() -> int:
             "tensorrt_rtx": f"tensorrt_rtx {tensorrt_rtx.__version__}", "torch": torch.__version__,
             "platform": platform.platform(), "notes": args.note, "quantize": args.quantize,
             "compute_capability": args.compute_capability}
-    results = [measure(name, args.workdir, args.keep_exports, args.quantize, args.compute_capability)
+    activations = args.quantize in ("fp8", "int8")
+    if activations:
+        meta["calibration"] = {"prompts": args.calibration_prompts, "blocks_per_prompt": args.calibration_blocks,
+                               "text_encoder": "random-weight umT5, 2 layers, the preset's text width"}
+    results = [measure(name, args.workdir, args.keep_exports, args.quantize, args.compute_capability,
+                       calibration_args(name, args.workdir, args.calibration_prompts, args.calibration_blocks)
+                       if activations else None)
                for name in args.presets.split(",")]
     doc = {"meta": meta, "results": results}
     suffix = f"_{args.quantize}" if args.quantize else ""

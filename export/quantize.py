@@ -81,6 +81,7 @@ VAE_QUANTIZED_CONVS = ("decoder.mid_block.resnets.*.conv[12]", "decoder.up_block
                        "decoder.up_blocks.*.upsampler*.time_conv")
 VAE_KEPT = ["post_quant_conv", "decoder.conv_in", "decoder.mid_block.attentions", "decoder.conv_out", "norms",
             "upsampling", "feature_caches"]
+VAE_CALIBRATION_LATENT_FRAMES = 9  # per calibration prompt: its first three blocks
 INT4_BLOCK_SIZE = 128
 FP8_MAX = 448.0  # the largest finite float8 E4M3 (fn) value
 
@@ -514,10 +515,13 @@ def _register_vae_conv() -> None:
             type("QuantVAEConv", (QuantLinearConvBase,), {"__doc__": "A quantized memrope.vae.VAEConv."}))
 
 
-def vae_calibration_loop(vae: nn.Module, latents: Sequence[torch.Tensor]) -> Callable[[], None]:
-    """A function decoding each ``[B, F, C, h, w]`` of ``latents`` (the clean latents of the
-    calibration loop, one video per prompt) through the streaming decoder ``vae``, step by step
-    with its feature caches, as the runtime does."""
+def vae_calibration_loop(vae: nn.Module, latents: Sequence[torch.Tensor],
+                         latent_frames: int = VAE_CALIBRATION_LATENT_FRAMES) -> Callable[[], None]:
+    """A function decoding the first ``latent_frames`` of each ``[B, F, C, h, w]`` of ``latents``
+    (the clean latents of the calibration loop, one video per prompt) through the streaming decoder
+    ``vae``, step by step with its feature caches, as the runtime does. The decoder's caches hold
+    two frames, so its steady state comes within the first steps; the cap keeps a full-size
+    calibration on a CPU to a few decodes per prompt."""
     from tqdm.auto import tqdm
 
     if not latents:
@@ -525,14 +529,14 @@ def vae_calibration_loop(vae: nn.Module, latents: Sequence[torch.Tensor]) -> Cal
 
     def calibrate() -> None:
         t = vae.latent_frames
-        steps = sum(video.shape[1] // t for video in latents)
+        steps = sum(min(video.shape[1], latent_frames) // t for video in latents)
         param = vae.post_quant_conv.weight
         with torch.no_grad(), tqdm(total=steps, desc="calibrating the VAE", unit="step", disable=None,
                                    leave=False) as bar:
             for video in latents:
                 b, _, _, h, w = video.shape
                 caches = vae.zero_caches(b, h, w)
-                for k in range(0, video.shape[1] - t + 1, t):
+                for k in range(0, min(video.shape[1], latent_frames) - t + 1, t):
                     first = torch.tensor([k == 0])
                     out = vae(video[:, k:k + t].to(device=param.device, dtype=param.dtype), first, *caches)
                     caches = list(out[2:])
@@ -574,7 +578,8 @@ def quantize_vae(vae: nn.Module, mode_name: str, calibrate: Callable[[], None]) 
                         mode.activations))
     return {"weights": mode.weight, "activations": mode.activations, "quantized_convs": len(names),
             "conv_patterns": list(VAE_QUANTIZED_CONVS), "kept_in_base_dtype": list(VAE_KEPT),
-            "calibration": "the clean latents of the DiT's calibration blocks, decoded step by step"}
+            "calibration": f"the first {VAE_CALIBRATION_LATENT_FRAMES} clean latent frames of each prompt's "
+                           "calibration blocks, decoded step by step"}
 
 
 # --------------------------------------------------------------------------------------------
