@@ -502,9 +502,9 @@ def vae_quantized_conv_names(vae: nn.Module) -> list[str]:
 
 
 def _register_vae_conv() -> None:
-    """Tell ModelOpt how to quantize a :class:`memrope.vae.VAEConv`: as its own Linear and Conv
-    layers, the input by ``input_quantizer`` and the weight (read through ``self.weight``) by
-    ``weight_quantizer``."""
+    """Tell ModelOpt how to quantize a :class:`memrope.vae.VAEConv`, the way it quantizes its own
+    Linear and Conv layers: the input by ``input_quantizer``, the weight (read through
+    ``self.weight``) by ``weight_quantizer``."""
     from modelopt.torch.quantization.nn import QuantModuleRegistry
     from modelopt.torch.quantization.nn.modules.quant_module import QuantLinearConvBase
 
