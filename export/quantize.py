@@ -412,6 +412,7 @@ def calibration_loop(step, run, calibration: Calibration) -> Callable[[], None]:
         backend = StepModuleBackend(step)
         pipeline = MemRoPEPipeline(backend, run)
         embeds = calibration.prompt_embeds
+        calibration.latents.clear()  # this run's latents only, if the set is calibrated again
         with torch.no_grad(), tqdm(total=len(embeds) * calibration.blocks, desc="calibrating", unit="block",
                                    disable=None, leave=False) as bar:
             for i, prompt_embeds in enumerate(embeds):
