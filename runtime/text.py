@@ -369,10 +369,11 @@ class TextEncoder:
                                     + _expected_files_message(model_dir))
         return cls(model, tokenizer, text_len=text_len, device=device, name=str(model_dir))
 
-    def tokenize(self, prompts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Cleaned, tokenised prompts: ids and mask, both int64 ``[B, text_len]``."""
+    def tokenize(self, prompts: Sequence[str], *, padding: str = "max_length") -> tuple[torch.Tensor, torch.Tensor]:
+        """Cleaned, tokenised prompts: ids and mask, both int64 ``[B, text_len]`` (``[B, longest]``,
+        at most ``text_len``, with ``padding='longest'``)."""
         self._check_open()
-        batch = self._tokenizer(validate_prompts(prompts), padding="max_length",
+        batch = self._tokenizer(validate_prompts(prompts), padding=padding,
                                 max_length=self.text_len, truncation=True,
                                 add_special_tokens=True, return_attention_mask=True,
                                 return_tensors="pt")
@@ -380,14 +381,21 @@ class TextEncoder:
 
     @torch.inference_mode()
     def encode(self, prompts: Sequence[str]) -> torch.Tensor:
-        """``prompts`` (B strings) -> float32 ``[B, text_len, d_model]`` on the CPU."""
-        ids, mask = self.tokenize(prompts)
+        """``prompts`` (B strings) -> float32 ``[B, text_len, d_model]`` on the CPU.
+
+        The encoder runs over the batch's longest prompt only, not all ``text_len`` positions (a
+        100-token prompt costs 100 positions, not Wan's 512): padded keys are masked, so the real
+        positions' outputs do not depend on how many pads follow, and the rows past each prompt's
+        length are zero either way.
+        """
+        ids, mask = self.tokenize(prompts, padding="longest")
         hidden = self._model(input_ids=ids.to(self.device),
                              attention_mask=mask.to(self.device)).last_hidden_state
         hidden = hidden.float().cpu()
         lengths = mask.sum(1)  # real tokens, EOS included
-        pad = torch.arange(self.text_len)[None, :] >= lengths[:, None]
-        return hidden.masked_fill(pad[..., None], 0.0)
+        pad = torch.arange(hidden.shape[1])[None, :] >= lengths[:, None]
+        hidden = hidden.masked_fill(pad[..., None], 0.0)
+        return torch.nn.functional.pad(hidden, (0, 0, 0, self.text_len - hidden.shape[1]))
 
     def close(self) -> None:
         """Free the encoder's weights (the tokenizer goes too). ``encode`` fails afterwards."""
@@ -493,21 +501,36 @@ _TINY_WORDS = ["a", "an", "the", "and", "of", "in", "on", "at", "with", "to", "i
                "leftwards", "rightwards", "upwards", "downwards", "diagonally", "frame", "front", "quick"]
 
 
-def build_tiny_tokenizer(directory: str | os.PathLike[str]):
+UNKNOWN_WORDS = ("letters", "unk")
+
+
+def build_tiny_tokenizer(directory: str | os.PathLike[str], *, unknown_words: str = "letters"):
     """Write (``save_pretrained``) and return a small umT5-like tokenizer built in code.
 
     A Unigram model (sentencepiece's algorithm) over ``<pad>``=0, ``</s>``=1, ``<unk>``=2, the
-    printable ASCII characters and ~100 common lowercase words, with a Metaspace pre-tokenizer and
-    a post-processor appending ``</s>`` (no BOS), like ``google/umt5-xxl``.
+    digits, the punctuation and ~140 lowercase words (``_TINY_WORDS``), with a Metaspace
+    pre-tokenizer and a post-processor appending ``</s>`` (no BOS), like ``google/umt5-xxl``.
+
+    ``unknown_words`` says what a word outside the list becomes:
+    - ``'letters'``: spelled with letter pieces (cased; the letters and ``▁`` are pieces), so
+      different unknown words embed differently;
+    - ``'unk'``: one ``<unk>`` (the text is lowercased first, and there are no letter pieces), so a
+      prompt costs about one token per word: an 88-word prompt in LongLive's style is ~110 tokens.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
+    if unknown_words not in UNKNOWN_WORDS:
+        raise ValueError(f"unknown_words must be one of {UNKNOWN_WORDS}, got {unknown_words!r}")
     pieces = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
-    chars = "\u2581" + string.ascii_lowercase + string.ascii_uppercase + string.digits + string.punctuation
+    chars = string.digits + string.punctuation
+    if unknown_words == "letters":
+        chars = "\u2581" + string.ascii_lowercase + string.ascii_uppercase + chars
     pieces += [(c, -8.0) for c in chars]
     pieces += [("\u2581" + w, -4.0) for w in _TINY_WORDS]
     backend = Tokenizer(models.Unigram(pieces, unk_id=2, byte_fallback=False))
+    if unknown_words == "unk":
+        backend.normalizer = normalizers.Lowercase()
     backend.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always")
     backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
     backend.post_processor = processors.TemplateProcessing(
@@ -519,7 +542,8 @@ def build_tiny_tokenizer(directory: str | os.PathLike[str]):
 
 
 def build_tiny_text_model(directory: str | os.PathLike[str], *, layout: str = "diffusers",
-                          d_model: int = 32, text_len: int = 16, seed: int = 0) -> Path:
+                          d_model: int = 32, text_len: int = 16, seed: int = 0,
+                          unknown_words: str = "letters") -> Path:
     """Write a complete tiny text-encoder folder that :meth:`TextEncoder.from_model_dir` loads.
 
     THE WEIGHTS ARE RANDOM (seeded): the embeddings mean nothing; this exists for demos and tests
@@ -530,6 +554,7 @@ def build_tiny_text_model(directory: str | os.PathLike[str], *, layout: str = "d
     ``layout='wan'``: ``models_t5_umt5-xxl-enc-bf16.pth`` (Wan key names, float32) with a
     transformers UMT5 ``config.json`` beside it, and the tokenizer in ``google/umt5-xxl/``.
     ``text_len`` is recorded in ``text_encoder_info.json``; it does not change the weights.
+    ``unknown_words``: see :func:`build_tiny_tokenizer` (it sets the vocabulary, so the weights).
     """
     from transformers import UMT5Config, UMT5EncoderModel
 
@@ -540,7 +565,7 @@ def build_tiny_text_model(directory: str | os.PathLike[str], *, layout: str = "d
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tok_dir = directory / (DIFFUSERS_TOKENIZER_DIR if layout == "diffusers" else WAN_TOKENIZER_DIR)
-    tokenizer = build_tiny_tokenizer(tok_dir)
+    tokenizer = build_tiny_tokenizer(tok_dir, unknown_words=unknown_words)
 
     config = UMT5Config(vocab_size=len(tokenizer), d_model=d_model, d_kv=d_model // 2, num_heads=2,
                         d_ff=2 * d_model, num_layers=2, relative_attention_num_buckets=32,
@@ -573,8 +598,8 @@ def build_tiny_text_model(directory: str | os.PathLike[str], *, layout: str = "d
             torch.save(state, str(tmp))
         atomic_write(config_path, config.to_json_string())
     atomic_write(directory / "text_encoder_info.json",
-                 json.dumps({"layout": layout, "d_model": d_model, "text_len": text_len,
-                             "seed": seed, "random_weights": True}, indent=2) + "\n")
+                 json.dumps({"layout": layout, "d_model": d_model, "text_len": text_len, "seed": seed,
+                             "unknown_words": unknown_words, "random_weights": True}, indent=2) + "\n")
     logger.info("wrote a tiny random-weight text encoder (%s layout, d_model %d) to %s",
                 layout, d_model, directory)
     return directory

@@ -104,6 +104,35 @@ def test_wan_layout_matches_wan_reference_math(tiny_dirs, encoders):
     torch.testing.assert_close(encoders["wan"].encode(PROMPTS), ref, rtol=1e-5, atol=1e-5)
 
 
+def test_encoding_runs_over_the_longest_prompt_and_matches_a_full_length_pass(encoders):
+    # encode() runs the encoder over the batch's longest prompt, then zero-pads to text_len: the
+    # same numbers as running all text_len positions (the padded keys are masked).
+    enc = encoders["diffusers"]
+    ids, mask = enc.tokenize(PROMPTS)
+    assert ids.shape == (2, TEXT_LEN) and int(mask.sum(1).max()) < TEXT_LEN
+    with torch.inference_mode():
+        full = enc._model(input_ids=ids, attention_mask=mask).last_hidden_state
+    full = full * mask[..., None]
+    torch.testing.assert_close(enc.encode(PROMPTS), full, rtol=1e-6, atol=1e-6)
+    short_ids, _ = enc.tokenize(PROMPTS, padding="longest")
+    assert short_ids.shape[1] == int(mask.sum(1).max())
+
+
+def test_the_unk_tokenizer_makes_each_unknown_word_one_token(tmp_path):
+    from memrope.runtime.text import build_tiny_tokenizer
+
+    unk = build_tiny_tokenizer(tmp_path / "unk", unknown_words="unk")
+    letters = build_tiny_tokenizer(tmp_path / "letters")
+    prompt = "A Red ball, gliding past quiet zebras."
+    ids = unk(prompt)["input_ids"]
+    assert unk.convert_ids_to_tokens(ids) == ["\u2581a", "\u2581red", "\u2581ball", ",", "<unk>", "<unk>",
+                                              "<unk>", "<unk>", ".", "</s>"]
+    assert unk("a red ball")["input_ids"] == unk("A RED Ball")["input_ids"]  # lowercased
+    assert len(letters(prompt)["input_ids"]) > 2 * len(ids)  # unknown words spelled letter by letter
+    with pytest.raises(ValueError, match="unknown_words must be one of"):
+        build_tiny_tokenizer(tmp_path / "bad", unknown_words="drop")
+
+
 def test_tokenizer_appends_eos_and_no_bos(encoders):
     ids, mask = encoders["wan"].tokenize(["a cat"])
     n = int(mask.sum())
