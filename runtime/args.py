@@ -2,7 +2,8 @@
 mapping onto a :class:`memrope.runtime.load.LoadRequest`.
 
 Owns: the help formatter, the "model" and "execution" argument groups,
-:func:`load_request`, and the quiet setup of the libraries a command drives. Does not own the subcommands (``memrope.runtime.cli``,
+:func:`load_request`, the quiet setup of the libraries a command drives, and :func:`run_command`
+(how every command line of the package ends: an exit code and, on failure, one line). Does not own the subcommands (``memrope.runtime.cli``,
 ``memrope.runtime.serve``) or what the options mean (``memrope.runtime.load``).
 """
 
@@ -10,9 +11,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable
 from dataclasses import fields
 from pathlib import Path
 
+from memrope.errors import Terminated, raise_terminated
 from memrope.runtime.load import BACKENDS, DTYPES, PRESETS, LoadRequest
 
 
@@ -105,3 +111,48 @@ def quiet_third_party() -> None:
     warnings.filterwarnings("ignore", category=DeprecationWarning)
     warnings.filterwarnings("ignore", message=".*torchvision.*")
     warnings.filterwarnings("ignore", message=".*is not tested with current version of modelopt.*")
+
+
+# Exceptions that mean "the input is wrong" (exit 2); everything else a run raises is a failure (exit 1).
+INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                PermissionError, ImportError)
+
+
+def run_command(prog: str, run: Callable[[], int], *, verbose: bool = False) -> int:
+    """Run a command line's body and return its exit code: ``run()``'s, or 2 for bad input
+    (:data:`INPUT_ERRORS`), 1 for any other failure, 130 for Ctrl-C and 143 for SIGTERM (which
+    unwinds as Ctrl-C does, so the same clean-up runs; the previous handler is put back after).
+    A failure prints ``{prog}: error: {one line}`` on stderr, the traceback only with ``verbose``.
+    """
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
+    try:
+        return run()
+    except KeyboardInterrupt as exc:
+        terminated = isinstance(exc, Terminated)
+        print(f"{prog}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
+        return 143 if terminated else 130
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        if verbose:
+            import traceback
+
+            traceback.print_exc()
+        print(f"{prog}: error: {one_line(exc)}", file=sys.stderr)
+        return 2 if isinstance(exc, INPUT_ERRORS) else 1
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def one_line(exc: BaseException) -> str:
+    """The exception as one line: its message (or its type), with OSError's errno text and path."""
+    if isinstance(exc, OSError) and exc.strerror:
+        where = f": {exc.filename}" if exc.filename else ""
+        return f"{exc.strerror}{where}"
+    text = str(exc).strip() or type(exc).__name__
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) > 1:
+        return f"{lines[0]} ({len(lines) - 1} more line(s) with -v)" if len(lines) > 4 else " | ".join(lines)
+    return lines[0]

@@ -16,15 +16,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
-import threading
 import time
 from contextlib import ExitStack
 from pathlib import Path
 
-from memrope.errors import Terminated, raise_terminated
-from memrope.runtime.args import Formatter, add_execution_args, add_model_args, load_request, quiet_third_party
+from memrope.runtime.args import (
+    Formatter,
+    add_execution_args,
+    add_model_args,
+    load_request,
+    quiet_third_party,
+    run_command,
+)
 from memrope.runtime.load import DTYPES, NOISE_SOURCES, VAE_BACKENDS
 from memrope.runtime.prompts import add_timeline_args, recache_mode, timeline_from_args
 
@@ -343,54 +347,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Exceptions that mean "the input is wrong" (exit 2); everything else a run raises is a failure (exit 1).
-_INPUT_ERRORS = (ValueError, TypeError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
-                 PermissionError, ImportError)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = getattr(args, "verbose", False)
     logging.basicConfig(level=logging.DEBUG if verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
-    main_thread = threading.current_thread() is threading.main_thread()
-    # SIGTERM is cleaned up as Ctrl-C is, then exits 143 (the previous handler is put back after).
-    previous = signal.signal(signal.SIGTERM, raise_terminated) if main_thread else None
-    try:
+
+    def run() -> int:
         if not verbose:
             quiet_third_party()
             logging.getLogger("memrope").setLevel(logging.INFO)
         return args.func(args)
-    except KeyboardInterrupt as exc:
-        terminated = isinstance(exc, Terminated)
-        print(f"memrope {args.command}: {'terminated (SIGTERM)' if terminated else 'interrupted'}", file=sys.stderr)
-        return 143 if terminated else 130
-    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
-        if isinstance(exc, SystemExit):
-            raise
-        if verbose:
-            import traceback
 
-            traceback.print_exc()
-        code = 2 if isinstance(exc, _INPUT_ERRORS) else 1
-        print(f"memrope {args.command}: error: {_one_line(exc)}", file=sys.stderr)
-        return code
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-
-
-def _one_line(exc: BaseException) -> str:
-    """The exception as one line: its message (or its type), with OSError's errno text and path."""
-    if isinstance(exc, OSError) and exc.strerror:
-        where = f": {exc.filename}" if exc.filename else ""
-        return f"{exc.strerror}{where}"
-    text = str(exc).strip() or type(exc).__name__
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    if len(lines) > 1:
-        return f"{lines[0]} ({len(lines) - 1} more line(s) with -v)" if len(lines) > 4 else " | ".join(lines)
-    return lines[0]
+    return run_command(f"memrope {args.command}", run, verbose=verbose)
 
 
 if __name__ == "__main__":

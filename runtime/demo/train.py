@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memrope.io import atomic_write, clean_leftovers, partial_path
+from memrope.runtime.args import run_command
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ DIT_STEPS = 4500
 VAE_STEPS = 5000
 VAE_LR = 2e-3        # pinned latent: 200-step probes at 1e-3 and 3e-3 were alike (3e-3 a little lower)
 TEXT_LEN = 32        # the demo's prompts are 24 tokens at most with the tiny tokenizer
+UNKNOWN_WORDS = "letters"  # the tiny tokenizer's mode (memrope.runtime.text.build_tiny_tokenizer)
 TEXT_DIM = 32        # the tiny umT5's width, the DiT's text_dim
 CODE_FILE = "latent_code.safetensors"
 MODEL_NOTE = "memrope demo model: trained on the demo world by memrope.runtime.demo.train (see manifest.json)"
@@ -43,6 +45,47 @@ def _run(argv: list[str], log: Path) -> subprocess.Popen:
     logger.info("starting: %s (log: %s)", " ".join(argv), log)
     with open(log, "wb") as out:
         return subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+
+def _check_settings(*, seed, dit_steps, vae_steps, max_minutes) -> None:
+    """ValueError naming the first bad setting, before anything is written or started."""
+    for name, value in (("dit_steps", dit_steps), ("vae_steps", vae_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
+    if max_minutes is not None and not (isinstance(max_minutes, (int, float)) and 0 < max_minutes < float("inf")):
+        raise ValueError(f"max_minutes must be a positive number of minutes (or None), got {max_minutes!r}")
+
+
+def _wait_all(procs: dict[str, subprocess.Popen], work: Path, poll_s: float = 1.0) -> None:
+    """Wait for every training process; the first that fails raises at once (the others are
+    stopped by the caller), naming it, its exit code and the last line of its log."""
+    running = dict(procs)
+    while running:
+        for name, proc in list(running.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del running[name]
+            if code:
+                lines = (work / f"{name}.log").read_text(errors="replace").strip().splitlines()
+                raise RuntimeError(f"the {name} training failed (exit {code}): {lines[-1] if lines else 'no output'}")
+        if running:
+            time.sleep(poll_s)
+
+
+def _stop(procs) -> None:
+    """Terminate training processes still running (after a failure or an interrupt)."""
+    for proc in procs:
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 def train(out_dir: str | Path, *, seed: int = 0, dit_steps: int = DIT_STEPS, vae_steps: int = VAE_STEPS,
@@ -58,6 +101,7 @@ def train(out_dir: str | Path, *, seed: int = 0, dit_steps: int = DIT_STEPS, vae
     from .codec import PatchPCACodec
     from .train_common import write_manifest
 
+    _check_settings(seed=seed, dit_steps=dit_steps, vae_steps=vae_steps, max_minutes=max_minutes)
     out_dir = Path(out_dir).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     clean_leftovers(out_dir.parent)
@@ -65,23 +109,23 @@ def train(out_dir: str | Path, *, seed: int = 0, dit_steps: int = DIT_STEPS, vae
     work = staging / "_work"
     work.mkdir(parents=True)
     started = time.perf_counter()
+    procs: dict[str, subprocess.Popen] = {}
     try:
         PatchPCACodec.fit(seed).save(work / CODE_FILE)
-        build_tiny_text_model(staging, layout="diffusers", d_model=TEXT_DIM, text_len=TEXT_LEN, seed=seed)
+        build_tiny_text_model(staging, layout="diffusers", d_model=TEXT_DIM, text_len=TEXT_LEN, seed=seed,
+                              unknown_words=UNKNOWN_WORDS)
         python = sys.executable
         limit = [] if max_minutes is None else ["--max-minutes", str(max_minutes)]
-        vae = _run([python, "-m", "memrope.runtime.demo.train_vae", "--out", str(staging), "--steps", str(vae_steps),
-                    "--seed", str(seed), "--threads", "1", "--latent-code", str(work / CODE_FILE), "--lr", str(VAE_LR), "--quiet",
-                    *limit, *([] if evaluate else ["--no-eval"])], work / "vae.log")
-        dit = _run([python, "-m", "memrope.runtime.demo.train_dit", "--out", str(work / "dit"),
-                    "--vae", str(work / CODE_FILE), "--text-encoder", str(staging), "--steps", str(dit_steps),
-                    "--seed", str(seed), "--threads", "1", "--text-len", str(TEXT_LEN), "--eval-prompts", "0",
-                    "--save-every", "500", "--no-progress", *limit], work / "dit.log")
-        codes = {"vae": vae.wait(), "dit": dit.wait()}
-        failed = {k: v for k, v in codes.items() if v}
-        if failed:
-            tails = {k: (work / f"{k}.log").read_text(errors="replace")[-2000:] for k in failed}
-            raise RuntimeError(f"training failed: {failed}; log tails: {tails}")
+        procs["vae"] = _run([python, "-m", "memrope.runtime.demo.train_vae", "--out", str(staging),
+                             "--steps", str(vae_steps), "--seed", str(seed), "--threads", "1",
+                             "--latent-code", str(work / CODE_FILE), "--lr", str(VAE_LR), "--quiet",
+                             *limit, *([] if evaluate else ["--no-eval"])], work / "vae.log")
+        procs["dit"] = _run([python, "-m", "memrope.runtime.demo.train_dit", "--out", str(work / "dit"),
+                             "--vae", str(work / CODE_FILE), "--text-encoder", str(staging),
+                             "--steps", str(dit_steps), "--seed", str(seed), "--threads", "1",
+                             "--text-len", str(TEXT_LEN), "--eval-prompts", "0", "--save-every", "500",
+                             "--no-progress", *limit], work / "dit.log")
+        _wait_all(procs, work)
         for name in ("diffusion_pytorch_model.safetensors",):
             shutil.copy2(work / "dit" / name, staging / name)
         config = json.loads((work / "dit" / "config.json").read_text())
@@ -97,7 +141,8 @@ def train(out_dir: str | Path, *, seed: int = 0, dit_steps: int = DIT_STEPS, vae
             "vae": {"steps": vae_manifest["steps"], "final_loss": sum(vae_manifest["losses"][-20:]) / 20,
                     **{k: vae_manifest["extra"][k] for k in ("train_s", "step_s", "loss_parts", "latent")},
                     "metrics": vae_manifest["extra"].get("metrics")},
-            "text_encoder": {"weights": "random, frozen", "seed": seed, "d_model": TEXT_DIM, "text_len": TEXT_LEN},
+            "text_encoder": {"weights": "random, frozen", "seed": seed, "d_model": TEXT_DIM, "text_len": TEXT_LEN,
+                             "unknown_words": UNKNOWN_WORDS},
         }
         shutil.rmtree(work)
         manifest_path = write_manifest(
@@ -113,6 +158,7 @@ def train(out_dir: str | Path, *, seed: int = 0, dit_steps: int = DIT_STEPS, vae
         else:
             staging.rename(out_dir)
     finally:
+        _stop(procs.values())
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("trained the demo model in %.1f minutes: %s", wall_s / 60, out_dir)
     return json.loads((out_dir / manifest_path.name).read_text())
@@ -128,8 +174,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop each model's training after this many minutes (the steps done are recorded)")
     parser.add_argument("--no-eval", action="store_true", help="skip the VAE's reconstruction scores")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the full traceback on a failure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(parser.prog, lambda: _main(args, argv), verbose=args.verbose)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     manifest = train(args.out, seed=args.seed, dit_steps=args.dit_steps, vae_steps=args.vae_steps,
                      max_minutes=args.max_minutes, evaluate=not args.no_eval,
                      command=["python", "-m", "memrope.runtime.demo.train", *(sys.argv[1:] if argv is None else argv)])

@@ -43,6 +43,7 @@ from memrope.checkpoint import load_dit_state_dict, save_dit_state_dict_safetens
 from memrope.config import RunConfig, WanConfig, model_preset
 from memrope.io import atomic_write
 from memrope.model import MemRoPEStep, WanCausalDiT, build_dit
+from memrope.runtime.args import run_command
 from memrope.sampler import Schedule, build_schedule
 
 from . import evaluate as world_eval
@@ -770,9 +771,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--save-every", type=int, default=None,
                         help="also write the weights every this many steps (to score a run while it trains)")
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the full traceback on a failure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(parser.prog, lambda: _main(args), verbose=args.verbose)
 
+
+def _main(args: argparse.Namespace) -> int:
     text_dir = args.text_encoder
     if text_dir is None:
         from memrope.runtime.t2v import ensure_demo_model

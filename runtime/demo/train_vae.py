@@ -56,6 +56,7 @@ import numpy as np
 import torch
 
 from memrope.io import clean_leftovers, partial_path
+from memrope.runtime.args import run_command
 
 from .train_common import (
     frames_to_tensor,
@@ -381,8 +382,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="stop after this many minutes of training (the steps done are saved)")
     parser.add_argument("--no-eval", action="store_true", help="skip PSNR and the evaluator on EVAL_PROMPTS")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("-v", "--verbose", action="store_true", help="the full traceback on a failure")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    return run_command(parser.prog, lambda: _main(args, argv), verbose=args.verbose)
+
+
+def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
     latent_code = None
     if args.latent_code is not None:
         from .codec import PatchPCACodec
