@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import logging
 import math
 import os
@@ -34,8 +35,6 @@ logger = logging.getLogger(__name__)
 
 VIDEO_FPS = 16                    # Wan2.1
 MAX_SECONDS = 6 * 3600.0          # beyond this, a typo is likelier than a wish
-# v3: the model trained on the demo world (memrope/runtime/demo/weights), copied from the package.
-DEMO_VERSION = "demo-v3"
 DEMO_PROMPT = "a red ball bouncing on a blue background"
 DEMO_LATENT = (8, 12)             # latent height, width of the demo (64 x 96 pixels)
 
@@ -179,9 +178,15 @@ def cache_root() -> Path:
     return Path(os.environ.get("MEMROPE_CACHE", Path.home() / ".cache" / "memrope"))
 
 
-def demo_dir() -> Path:
-    """Where the embedded demo model lives (generated on first use)."""
-    return cache_root() / DEMO_VERSION
+def demo_dir(source: Path | None = None) -> Path:
+    """Where the embedded demo model is copied on first use: one folder per trained model, named by
+    the SHA-256 of its ``manifest.json`` (which pins every weight file), so a package that ships a
+    retrained model never reads an older copy. ``source``: the model (default :func:`shipped_demo_model`)."""
+    from memrope.runtime.demo.train_common import MANIFEST_FILE
+
+    manifest = Path(source if source is not None else shipped_demo_model()) / MANIFEST_FILE
+    digest = hashlib.sha256(manifest.read_bytes()).hexdigest()[:12] if manifest.is_file() else "missing"
+    return cache_root() / f"demo-{digest}"
 
 
 def shipped_demo_model() -> Path:
@@ -209,7 +214,7 @@ def ensure_demo_model(directory: Path | None = None, *, source: Path | None = No
     from memrope.io import clean_leftovers, partial_path
     from memrope.runtime.demo.train_common import MANIFEST_FILE, check_manifest
 
-    directory = Path(directory) if directory is not None else demo_dir()
+    directory = Path(directory) if directory is not None else demo_dir(source)
     if (directory / "config.json").is_file():
         return directory
     source = Path(source) if source is not None else shipped_demo_model()

@@ -11,6 +11,7 @@ import shutil
 import pytest
 
 from memrope.config import WanConfig
+from memrope.runtime.demo.train import TEXT_LEN
 from memrope.runtime.demo.train_common import check_manifest
 from memrope.runtime.t2v import ensure_demo_model, shipped_demo_model
 
@@ -27,7 +28,7 @@ def test_the_package_ships_the_trained_model_pinned_by_its_manifest():
     total = sum(p.stat().st_size for p in source.rglob("*") if p.is_file())
     assert total <= MAX_SHIPPED_BYTES, total
     cfg = WanConfig.from_json(source / "config.json")
-    assert cfg.text_len == 32 and "trained" in json.loads((source / "config.json").read_text())["_note"]
+    assert cfg.text_len == TEXT_LEN and "trained" in json.loads((source / "config.json").read_text())["_note"]
 
 
 def test_the_cache_copy_refuses_a_tampered_package(tmp_path):
@@ -45,6 +46,22 @@ def test_the_cache_copy_refuses_a_tampered_package(tmp_path):
         ensure_demo_model(tmp_path / "copy", source=source)
     good = ensure_demo_model(tmp_path / "good")
     assert check_manifest(good) == []
+
+
+def test_a_retrained_model_gets_its_own_cache_copy(tmp_path, monkeypatch):
+    # The cache copy is named by the model's manifest: a package shipping a retrained model (new
+    # manifest) never reads the copy of the one before it.
+    monkeypatch.setenv("MEMROPE_CACHE", str(tmp_path / "cache"))
+    shipped = ensure_demo_model()
+    retrained = tmp_path / "retrained"
+    shutil.copytree(shipped_demo_model(), retrained)
+    manifest = json.loads((retrained / "manifest.json").read_text())
+    manifest["date"] = "2099-01-01"
+    (retrained / "manifest.json").write_text(json.dumps(manifest))
+    copy = ensure_demo_model(source=retrained)
+    assert copy != shipped and copy.parent == shipped.parent == tmp_path / "cache"
+    assert json.loads((copy / "manifest.json").read_text())["date"] == "2099-01-01"
+    assert ensure_demo_model() == shipped
 
 
 # Two of the prompts of docs/demo_frames.png (README command 1's and the third), whose first
