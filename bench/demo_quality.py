@@ -71,11 +71,29 @@ def _machine() -> dict:
             "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def _model() -> dict:
+    """Which demo model a result measured: its DiT's SHA-256 (first 12 hex digits) and training date."""
+    from memrope.runtime.t2v import shipped_demo_model
+
+    manifest = json.loads((shipped_demo_model() / "manifest.json").read_text())
+    return {"dit_sha256": manifest["files"]["diffusion_pytorch_model.safetensors"]["sha256"][:12],
+            "trained": manifest["date"]}
+
+
 def _write(part: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"demo_quality_{part}.json"
-    path.write_text(json.dumps({"machine": _machine(), **payload}, indent=1) + "\n")
+    path.write_text(json.dumps({"machine": _machine(), "model": _model(), **payload}, indent=1) + "\n")
     return path
+
+
+def _earlier(result: dict) -> str:
+    """A note for a result measured on a demo model other than the shipped one ('' if the same)."""
+    model = result["model"]
+    if model == _model():
+        return ""
+    return (f" (Measured on an earlier demo model: DiT sha256 {model['dit_sha256']}, trained {model['trained']}; "
+            "not yet measured on the shipped one.)")
 
 
 def _pipeline(**options):
@@ -339,27 +357,45 @@ def _plot_horizon(horizon: dict, path: Path) -> None:
     plt.close(fig)
 
 
+# What a reader sees in the numbers, per demo model (by its DiT's SHA-256): written after looking at
+# the frames, so only for the models someone looked at.
+SUMMARIES = {
+    "c1a49d48847a": "In short: the demo model trained 2026-12-06 (docs/demo_training.md) starts from the prompt's "
+                    "background in about half of the prompts, drifts towards black or white within seconds, and draws "
+                    "no objects; its colour, shape and motion hits are noise the evaluator reads as an object. A "
+                    "prompt switch does not show in its pictures. The numbers below are its baseline.",
+}
+HORIZON_READINGS = {
+    "c1a49d48847a": "Reading (2026-12-06, the model trained that day): no policy keeps the scene, so this run cannot "
+                    "show MemRoPE's advantage. With ema and with eviction the video turns black within 20 seconds "
+                    "(the model's brightness drift) and stays black for the remaining 9.7 minutes, the two within a "
+                    "fraction of a level of each other; without sink frames it turns to bright, high-frequency noise "
+                    "(the sharpness measure reads noise as detail). The comparison becomes informative once the demo "
+                    "model holds a scene for longer than its 12-frame window (docs/demo_training.md, what comes next).",
+}
+
+
 def write_report() -> Path:
     """docs/demo_quality.md (and its plot) from the parts' JSON files."""
     lines = ["# What the demo model's videos show", "",
              "Written by `python bench/demo_quality.py --part report` from `bench/results/demo_quality_*.json`;",
              "each part is `python bench/demo_quality.py --part NAME` (the module docstring says what each",
              "measures). The reader is the demo world's evaluator (classical image processing,",
-             "docs/demo_world.md), which reads 100% of the world's own rendered clips correctly.", "",
-             "In short: the shipped demo model (docs/demo_training.md) starts from the prompt's background",
-             "in about half of the prompts, drifts towards black or white within seconds, and draws no",
-             "objects; its colour, shape and motion hits are noise the evaluator reads as an object. A",
-             "prompt switch does not show in its pictures. The numbers below are its baseline.", ""]
+             "docs/demo_world.md), which reads 100% of the world's own rendered clips correctly.", ""]
+    summary = SUMMARIES.get(_model()["dit_sha256"])
+    if summary:
+        lines += [summary, ""]
     fidelity = _load("fidelity")
     if fidelity:
         m = fidelity["machine"]
         lines += ["## Prompt fidelity", "",
                   f"{len(next(iter(fidelity['results'].values()))['clips'])} prompts (`EVAL_PROMPTS`), "
                   f"{fidelity['seconds_per_clip']:g} s each ({fidelity['blocks']} blocks), seed 0; {m['date']}, "
-                  f"{m['cpu']}, torch {m['torch']}, {m['threads']} thread(s).", "",
+                  f"{m['cpu']}, torch {m['torch']}, {m['threads']} thread(s).{_earlier(fidelity)}", "",
                   "| backend | background | colour | shape | motion | overall | background, first block only | wall s |",
                   "|---|---|---|---|---|---|---|---|"]
-        quantized = {f"onnxruntime fp32, {q['mode']} (quantized)": {**q["result"], "date": q["machine"]["date"]}
+        quantized = {f"onnxruntime fp32, {q['mode']} (quantized)": {**q["result"], "date": q["machine"]["date"],
+                                                                    "note": _earlier(q)}
                      for q in (_load(f"quantized_{mode}") for mode in QUANTIZED_MODES) if q}
         for name, r in {**fidelity["results"], **quantized}.items():
             a = r["per_attribute"]
@@ -372,7 +408,7 @@ def write_report() -> Path:
             lines.append(f"- {name} (measured {r['date']}): decoded frames against eager bf16's (same prompt and seed, first "
                          f"{len(psnr)} prompts): PSNR {np.median(psnr):.1f} dB median, {psnr.min():.1f} to "
                          f"{psnr.max():.1f} dB; `python bench/demo_quality.py --part quantized --mode "
-                         f"{r['quantization']['mode']}`, docs/quantization.md.")
+                         f"{r['quantization']['mode']}`, docs/quantization.md.{r['note']}")
         if quantized:
             lines.append("")
     switch = _load("switch")
@@ -381,7 +417,7 @@ def write_report() -> Path:
                   f"\"{switch['from']}\" for {switch['switch_at_block']} blocks, then \"{switch['to']}\"; per re-cache mode, "
                   "the blocks after the switch until the evaluator reads the new background in that "
                   "block's frames (\"never\": not within the 8 blocks measured), and the frames showing "
-                  "objects of both colours.", "",
+                  f"objects of both colours.{_earlier(switch)}", "",
                   "| re-cache | old scene read before the switch (overall) | blocks until the new scene | "
                   "frames with both objects (blocks 1-8 after) |", "|---|---|---|---|"]
         for mode, r in switch["modes"].items():
@@ -398,7 +434,7 @@ def write_report() -> Path:
         lines += ["## Long horizon: MemRoPE against eviction and a sink-less window", "",
                   f"{horizon['minutes']:g} minutes of video per policy and prompt "
                   f"({len(horizon['prompts'])} prompt(s): " + "; ".join(f"\"{p}\"" for p in horizon["prompts"])
-                  + "), seed 0, eager fp32.", "",
+                  + f"), seed 0, eager fp32.{_earlier(horizon)}", "",
                   f"![long horizon]({plot.name})", "",
                   "| policy | accuracy, first minute | accuracy, last minute | background drift at the end (RGB) | "
                   "sharpness first / last minute | wall s |", "|---|---|---|---|---|---|"]
@@ -410,19 +446,16 @@ def write_report() -> Path:
             lines.append(f"| {name} | {acc[:per_minute].mean():.2f} | {acc[-per_minute:].mean():.2f} | "
                          f"{drift[-60:].mean():.1f} | {sharp[:60].mean():.2f} / {sharp[-60:].mean():.2f} | "
                          f"{r['seconds']:.0f} |")
-        lines += ["", "Reading (2026-12-06, the shipped model): no policy keeps the scene, so this run cannot show "
-                  "MemRoPE's advantage. With ema and with eviction the video turns black within 20 seconds "
-                  "(the model's brightness drift) and stays black for the remaining 9.7 minutes, the two "
-                  "within a fraction of a level of each other; without sink frames it turns to bright, "
-                  "high-frequency noise (the sharpness measure reads noise as detail). The comparison "
-                  "becomes informative once the demo model holds a scene for longer than its 12-frame "
-                  "window (docs/demo_training.md, what comes next).", ""]
+        lines.append("")
+        reading = HORIZON_READINGS.get(horizon["model"]["dit_sha256"])
+        if reading:
+            lines += [reading, ""]
     vae = _load("vae")
     if vae:
         lines += ["## The VAE on ONNX Runtime", "",
                   f"The same latents decoded by the eager VAE and by `vae_decode.onnx` on ONNX Runtime (fp32), "
                   f"{vae['prompts']} prompts x {vae['seconds']:g} s: PSNR min {vae['psnr_db_min']:.1f} dB, "
-                  f"mean {np.mean(vae['psnr_db']):.1f} dB.", ""]
+                  f"mean {np.mean(vae['psnr_db']):.1f} dB.{_earlier(vae)}", ""]
     vae_fp8 = _load("vae_fp8")
     if vae_fp8:
         read = vae_fp8["evaluator"]
@@ -432,7 +465,7 @@ def write_report() -> Path:
                   f"convolutions) on ONNX Runtime, {vae_fp8['prompts']} prompts x {vae_fp8['seconds']:g} s "
                   f"(`python bench/demo_quality.py --part vae-fp8`, {vae_fp8['machine']['date']}): PSNR of the FP8 "
                   f"frames against the float ones min {vae_fp8['psnr_db_min']:.1f} dB, median "
-                  f"{np.median(vae_fp8['psnr_db']):.1f} dB.", "",
+                  f"{np.median(vae_fp8['psnr_db']):.1f} dB.{_earlier(vae_fp8)}", "",
                   "| decoder | " + " | ".join(ATTRIBUTES) + " | overall |",
                   "|---|" + "---|" * (len(ATTRIBUTES) + 1)]
         lines += [f"| {name} | " + " | ".join(f"{r[a]:.2f}" for a in (*ATTRIBUTES, "overall")) + " |"
