@@ -64,11 +64,11 @@ def test_a_retrained_model_gets_its_own_cache_copy(tmp_path, monkeypatch):
     assert ensure_demo_model() == shipped
 
 
-# Two of the prompts of docs/demo_frames.png (README command 1's and the third), whose first
-# blocks show their background; the first block's background is right for about half of the 50
-# evaluation prompts (docs/demo_quality.md). 4 s of each through the CLI in a fresh process.
+# README command 1's prompt and one evaluation prompt, whose first blocks show their background;
+# the first block's background is right for about half of the 50 evaluation prompts
+# (docs/demo_quality.md). 4 s of each through the CLI in a fresh process.
 FIRST_BLOCK_FRAMES = 9  # video frames of the first block (1 + 4 x 2)
-PICTURE_PROMPTS = ("a red ball bouncing on a blue background", "a green triangle moving up on a gray background")
+PICTURE_PROMPTS = ("a red ball bouncing on a blue background", "a yellow triangle moving up on a green background")
 
 
 @pytest.mark.parametrize("prompt", PICTURE_PROMPTS)

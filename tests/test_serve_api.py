@@ -30,7 +30,7 @@ HEARTBEAT_S = 2.0
 QUEUE_BLOCKS = 2
 PROMPT = "a small red boat on the blue sea at night"
 NEW_PROMPT = "a white horse runs by the river at night"
-TOO_LONG = " ".join(["a red boat on the sea"] * 10)  # > text_len = 32 tokens of the demo model
+TOO_LONG = " ".join(["a red boat on the sea"] * 30)  # > text_len = 160 tokens of the demo model
 
 
 @pytest.fixture(scope="module")
@@ -247,8 +247,8 @@ def test_bad_requests_get_a_clear_4xx_and_the_server_keeps_serving(server):
         (("POST", "/sessions", {"prompt": PROMPT, "seed": -1}), 422, "seed: Input should be greater than or equal"),
         (("POST", "/sessions", {"prompt": PROMPT, "colour": "red"}), 422, "colour: Extra inputs are not permitted"),
         (("POST", "/sessions", {"prompt": "   "}), 422, "prompt is empty"),
-        (("POST", "/sessions", {"prompt": TOO_LONG}), 422, "text_len=32 tokens"),
-        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": TOO_LONG}), 422, "text_len=32 tokens"),
+        (("POST", "/sessions", {"prompt": TOO_LONG}), 422, "text_len=160 tokens"),
+        (("POST", f"/sessions/{live['id']}/prompt", {"prompt": TOO_LONG}), 422, "text_len=160 tokens"),
         (("POST", f"/sessions/{live['id']}/prompt", {"prompt": PROMPT, "memory": "forget"}), 422, "memory"),
         (("POST", f"/sessions/{live['id']}/prompt", {"prompt": PROMPT, "recache": "sometimes"}), 422, "recache"),
         (("POST", "/sessions", {"prompt": PROMPT, "recache_on_prompt_change": True}), 422, "recache_on_prompt_change"),

@@ -14,8 +14,19 @@ import av
 import pytest
 import torch
 
+from memrope.config import WanConfig
 from memrope.runtime.cli import main
+from memrope.runtime.demo.train import TEXT_LEN
 from memrope.runtime.t2v import DEMO_LATENT, DEMO_PROMPT, ensure_demo_model, latent_frames_for, video_frames_for
+
+# A paragraph in the style of LongLive's interactive prompts (our own words, 111 of them).
+LONG_PROMPT = (
+    "A wide, steady shot of a quiet harbour town at the end of a summer afternoon. A small red fishing boat "
+    "drifts slowly past the old stone pier while gulls circle above the masts, and the water catches long "
+    "streaks of orange light from the setting sun. On the pier an old man in a grey wool coat mends a net, "
+    "pausing now and then to watch the boat. Behind him the white houses climb the hillside, their windows "
+    "glowing one by one as the evening settles in. The camera holds its position, the colours warm and soft, "
+    "with gentle film grain and a calm, unhurried rhythm throughout the whole scene.")
 
 
 @pytest.fixture(scope="module")
@@ -169,15 +180,25 @@ def test_1002_latent_frames_through_the_whole_path_keep_host_memory_flat(tmp_pat
 
 
 def test_long_prompt_warns_that_it_is_truncated(cache_dir, tmp_path, caplog):
-    # The demo model reads text_len=32 tokens; a longer prompt runs (as Wan does) with a warning
+    # The demo model reads text_len=160 tokens; a longer prompt runs (as Wan does) with a warning
     # that says what is dropped, given before the run.
-    long_prompt = " ".join(["a red fox runs through the snow"] * 6)
+    long_prompt = " ".join(["a red fox runs through the snow"] * 30)
     out = tmp_path / "long.mp4"
     with caplog.at_level(logging.WARNING):
         assert main(["generate", "--preset", "tiny", "--prompt", long_prompt, "--num-frames", "9", "--out", str(out),
                      "--no-progress"]) == 0
-    assert "tokens long" in caplog.text and "text_len=32" in caplog.text and out.is_file()
-    # The demo's own prompt fits (no warning on the README's first command).
+    assert "tokens long" in caplog.text and f"text_len={TEXT_LEN}" in caplog.text and out.is_file()
+
+
+def test_the_demo_reads_long_prompts_whole():
+    # The README's prompt and a paragraph in LongLive's interactive style (about 110 words) fit the
+    # demo's text length: every word is one token, a word it does not know one <unk>.
     from memrope.runtime.text import load_tokenizer, prompt_tokens
 
-    assert prompt_tokens(load_tokenizer(ensure_demo_model()), DEMO_PROMPT) <= 32
+    tokenizer = load_tokenizer(ensure_demo_model())
+    assert WanConfig.from_json(ensure_demo_model() / "config.json").text_len == TEXT_LEN
+    assert prompt_tokens(tokenizer, DEMO_PROMPT) <= 16
+    words = len(LONG_PROMPT.split())
+    assert words >= 100 and words < prompt_tokens(tokenizer, LONG_PROMPT) <= TEXT_LEN
+    ids = tokenizer(LONG_PROMPT)["input_ids"]
+    assert tokenizer.unk_token_id in ids and "red" in tokenizer.decode(ids)

@@ -57,9 +57,9 @@ RECORD_FILE = "train_dit.json"
 CODEC_FILE = "stand_in_codec.safetensors"
 STAND_IN = "stand-in"
 
-# The tiny tokenizer has the world's words as whole pieces: the 50 evaluation prompts are 11 tokens
-# on average (15 at most) and random phrasings 24 at most, so 32 keeps every prompt whole.
-DEFAULT_TEXT_LEN = 32
+# The demo tokenizer has the world's words as whole pieces and makes any other word one <unk>: the
+# 50 evaluation prompts are 11 tokens on average (14 at most), and 160 keeps a 130-word prompt whole.
+DEFAULT_TEXT_LEN = 160
 
 
 def _require(ok: bool, message: str) -> None:
