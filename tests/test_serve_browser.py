@@ -35,7 +35,7 @@ CHROMIUM_FLAGS = (
     # without a user gesture.
     "--disable-features=WebRtcHideLocalIpsWithMdns", "--autoplay-policy=no-user-gesture-required",
 )
-START_PROMPT = "a red ball bouncing on a blue background"  # the page's own default
+START_PROMPT = "a white triangle moving up quickly on a blue background"  # the page's own default
 NEW_PROMPT = "a green square moving left on a white background"
 # One decoded video frame as the page shows it: drawn to a canvas and read back as RGBA bytes.
 FRAME_PIXELS = ("(() => { const v = document.getElementById('video'); const c = document.createElement('canvas'); "
