@@ -515,7 +515,7 @@ def build_tiny_tokenizer(directory: str | os.PathLike[str], *, unknown_words: st
     - ``'letters'``: spelled with letter pieces (cased; the letters and ``▁`` are pieces), so
       different unknown words embed differently;
     - ``'unk'``: one ``<unk>`` (the text is lowercased first, and there are no letter pieces), so a
-      prompt costs about one token per word: an 88-word prompt in LongLive's style is ~110 tokens.
+      prompt costs about one token per word: a 111-word paragraph in LongLive's style is 136 tokens.
     """
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
