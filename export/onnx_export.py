@@ -167,7 +167,7 @@ def export_artifact(dit: WanCausalDiT, run: RunConfig, out_dir: str | os.PathLik
         loop = None if calibration is None else calibration_loop(step, run, calibration)
         record = quantize_dit(dit, quantize, loop, calibration)
         if vae is not None and calibration is not None:  # the latents of the DiT's calibration run
-            record.vae = quantize_vae(vae, quantize, vae_calibration_loop(vae, calibration.latents))
+            record.vae = quantize_vae(vae, quantize, vae_calibration_loop(vae, calibration.latents), calibration.dtype)
         quantization = record.to_json()
         translations = translation_table()
     contract = build_contract(model_cfg, run, layout, dtype_name, batch, height, width,

@@ -61,7 +61,7 @@ import hashlib
 import io
 import logging
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -141,6 +141,12 @@ class Calibration:
     ``prompt_embeds``: one ``[B, text_len, text_dim]`` float tensor per prompt.
     ``latents``: filled by the calibration run, one ``[B, blocks * F, C, h, w]`` tensor of clean
     latents per prompt: what the VAE decoder's calibration decodes.
+    ``dtype``: what the eager loop computes in; None: the model's own dtype. float32 by default:
+    the export runs on the CPU, where float32 GEMMs are many times faster than bf16 or fp16 ones
+    on CPUs without bf16 instructions (a full-size bf16 block did not finish in 14 minutes on a
+    2-core AVX2 machine), and the ranges it records differ from the base dtype's by rounding only:
+    the weights are the same numbers (bf16 and fp16 widen to float32 exactly), and each range
+    becomes a scale rounded to the base dtype anyway.
     """
 
     prompts: list[str]
@@ -148,15 +154,36 @@ class Calibration:
     blocks: int
     seed: int = 0
     latents: list[torch.Tensor] = field(default_factory=list, repr=False)
+    dtype: torch.dtype | None = torch.float32
 
     def sha256(self) -> str:
-        """Hash of everything that decides the calibration's inputs (prompts, embeddings, blocks, seed)."""
+        """Hash of everything that decides the calibration's result (prompts, embeddings, blocks,
+        seed, the dtype it computes in)."""
         digest = hashlib.sha256()
         for text, embeds in zip(self.prompts, self.prompt_embeds, strict=True):
             digest.update(text.encode())
             digest.update(embeds.detach().float().contiguous().numpy().tobytes())
         digest.update(f"blocks={self.blocks};seed={self.seed}".encode())
+        if self.dtype is not None:
+            digest.update(f";dtype={self.dtype}".encode())
         return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def computing_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
+    """``module``'s parameters and buffers in ``dtype`` (None: unchanged) for the block, then back
+    in their own dtype. Float32 holds every bf16 and fp16 value exactly, so the round trip from a
+    base dtype through float32 gives back the same weights. For calibration: ModelOpt collects
+    ranges during the loop and stores them after it, so they keep the calibration's precision."""
+    own = next(module.parameters()).dtype
+    if dtype is None or dtype == own:
+        yield
+        return
+    module.to(dtype)
+    try:
+        yield
+    finally:
+        module.to(own)
 
 
 @dataclass
@@ -430,6 +457,13 @@ def calibration_loop(step, run, calibration: Calibration) -> Callable[[], None]:
     return calibrate
 
 
+def _calibrate_in(module: nn.Module, dtype: torch.dtype | None, calibrate: Callable[[], None]) -> None:
+    if dtype is not None and dtype != next(module.parameters()).dtype:
+        logger.info("calibrating in %s", str(dtype).removeprefix("torch."))
+    with computing_in(module, dtype):
+        calibrate()
+
+
 def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None] | None = None,
                  calibration: Calibration | None = None) -> QuantizationRecord:
     """Quantize ``dit`` in place: ModelOpt inserts quantizers into the :data:`QUANTIZED_LAYERS`,
@@ -468,7 +502,7 @@ def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None] |
     try:
         with contextlib.redirect_stdout(printed):
             mtq.quantize(targets, _modelopt_config(mode, block_size),
-                         None if mode.weight_only else (lambda _model: calibrate()))
+                         None if mode.weight_only else (lambda _model: _calibrate_in(dit, calibration.dtype, calibrate)))
     finally:
         pipeline_log.setLevel(level)
     for line in printed.getvalue().splitlines():
@@ -481,7 +515,7 @@ def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None] |
     else:
         calibration_sha256 = calibration.sha256()
         described = {"prompts": len(calibration.prompts), "blocks_per_prompt": calibration.blocks,
-                     "seed": calibration.seed}
+                     "seed": calibration.seed, "dtype": str(calibration.dtype or dtype).removeprefix("torch.")}
     return QuantizationRecord(
         mode=mode.name, modelopt=version, calibration_sha256=calibration_sha256, calibration=described,
         layers=names, int4_block_size=block_size or None,
@@ -546,10 +580,12 @@ def vae_calibration_loop(vae: nn.Module, latents: Sequence[torch.Tensor],
     return calibrate
 
 
-def quantize_vae(vae: nn.Module, mode_name: str, calibrate: Callable[[], None]) -> dict | None:
+def quantize_vae(vae: nn.Module, mode_name: str, calibrate: Callable[[], None],
+                 calibration_dtype: torch.dtype | None = torch.float32) -> dict | None:
     """Quantize ``vae`` (a ``memrope.vae.WanStreamingDecoder``) in place when the mode covers the
     VAE (``fp8``): ModelOpt inserts quantizers into the :data:`VAE_QUANTIZED_CONVS`,
-    ``calibrate()`` decodes the calibration latents (ModelOpt records each input's range), and each
+    ``calibrate()`` decodes the calibration latents in ``calibration_dtype`` (None: the VAE's own;
+    see :class:`Calibration`) and ModelOpt records each input's range, and each convolution
     becomes a :class:`QDQConv` holding ModelOpt's FP8 weight. Returns the record, or None when the
     mode keeps the VAE in the base dtype."""
     mode = check_mode(mode_name)
@@ -567,7 +603,7 @@ def quantize_vae(vae: nn.Module, mode_name: str, calibrate: Callable[[], None]) 
     logger.info("quantizing %d VAE decoder convolutions to %s with ModelOpt %s", len(names), mode.name, version)
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
-        mtq.quantize(targets, _modelopt_config(mode, 0), lambda _model: calibrate())
+        mtq.quantize(targets, _modelopt_config(mode, 0), lambda _model: _calibrate_in(vae, calibration_dtype, calibrate))
     for line in printed.getvalue().splitlines():
         logger.debug("modelopt: %s", line)
     for name in names:
@@ -580,7 +616,8 @@ def quantize_vae(vae: nn.Module, mode_name: str, calibrate: Callable[[], None]) 
     return {"weights": mode.weight, "activations": mode.activations, "quantized_convs": len(names),
             "conv_patterns": list(VAE_QUANTIZED_CONVS), "kept_in_base_dtype": list(VAE_KEPT),
             "calibration": f"the first {VAE_CALIBRATION_LATENT_FRAMES} clean latent frames of each prompt's "
-                           "calibration blocks, decoded step by step"}
+                           "calibration blocks, decoded step by step in "
+                           + str(calibration_dtype or dtype).removeprefix("torch.")}
 
 
 # --------------------------------------------------------------------------------------------

@@ -91,7 +91,8 @@ def test_quantized_export_matches_eager_and_records_its_quantization(tmp_path, m
         assert record["calibration_sha256"] is None and "weights_only" in record["calibration"]
     else:
         assert len(record["calibration_sha256"]) == 64
-        assert record["calibration"] == {"prompts": 2, "blocks_per_prompt": 2, "seed": result.contract.run.seed}
+        assert record["calibration"] == {"prompts": 2, "blocks_per_prompt": 2, "seed": result.contract.run.seed,
+                                         "dtype": "float32"}
     # Recorded in the contract and the config, and covered by the hash: the artifact loads as written.
     assert json.loads((result.path / "config.json").read_text())["quantization"] == record
     assert load_artifact(result.path).contract.quantization == record
@@ -173,7 +174,7 @@ def test_the_graph_carries_modelopt_s_own_quantization():
         holder.layer = copy.deepcopy(layer)
 
         class Calib:
-            prompts, prompt_embeds, blocks, seed = ["p"], [torch.zeros(1)], 1, 0
+            prompts, prompt_embeds, blocks, seed, dtype = ["p"], [torch.zeros(1)], 1, 0, None
 
             def sha256(self):
                 return "0" * 64
@@ -188,6 +189,42 @@ def test_the_graph_carries_modelopt_s_own_quantization():
         with torch.no_grad():
             want, got = reference(x), converted(x)
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (name, float((got - want).abs().max()))
+
+
+def test_a_bf16_model_calibrated_in_float32_keeps_its_weights_and_gets_its_own_ranges():
+    """The default calibration computes in float32 (fast on a CPU): the DiT comes back in bf16 with
+    exactly its weights, and every activation scale is within bf16 rounding of the scales of a
+    calibration in bf16 itself, on the real block loop of the demo model."""
+    from memrope.artifact import specialise_run
+    from memrope.cache import CacheLayout
+    from memrope.export.quantize import Calibration, calibration_loop
+    from memrope.model import MemRoPEStep
+    from memrope.runtime.load import LoadRequest, resolve
+
+    resolved = resolve(LoadRequest(preset="tiny", dtype="bfloat16", height=64, width=96))
+    run = specialise_run(resolved.run, resolved.model, 64, 96, 1)
+    layout = CacheLayout.for_run(resolved.model, run)
+    embeds = resolved.encode_prompts(CALIBRATION, flag="--calibration-prompts")
+    quantized = {}
+    for dtype in (None, torch.float32):
+        dit = resolved.load_dit()
+        step = MemRoPEStep(dit, layout, run.latent_height, run.latent_width).eval()
+        calibration = Calibration(CALIBRATION, embeds, 2, seed=run.seed, dtype=dtype)
+        record = quantize_dit(dit, "fp8", calibration_loop(step, run, calibration), calibration)
+        assert record.calibration["dtype"] == ("bfloat16" if dtype is None else "float32")
+        assert all(p.dtype == torch.bfloat16 for p in dit.parameters())
+        quantized[dtype] = {name: b.clone() for name, b in dit.named_buffers() if name.endswith(("_q", "_scale"))}
+        assert calibration.latents and calibration.latents[0].dtype == (dtype or torch.bfloat16)
+    bf16, fp32 = quantized[None], quantized[torch.float32]
+    assert bf16.keys() == fp32.keys() and len(bf16) == 3 * len(record.layers)
+    for name, value in bf16.items():
+        if name.endswith("input_scale"):  # ranges of the same function, computed in two precisions
+            assert torch.allclose(fp32[name].float(), value.float(), rtol=2 ** -5), name
+        else:  # weights and their scales: the same numbers
+            assert torch.equal(fp32[name], value), name
+    # The two calibrations are different runs: their hashes differ.
+    assert (Calibration(CALIBRATION, embeds, 2, dtype=None).sha256()
+            != Calibration(CALIBRATION, embeds, 2, dtype=torch.float32).sha256())
 
 
 def test_int4_blocks_and_packing(tmp_path):
