@@ -14,7 +14,7 @@ modes that quantize activations (``fp8``, ``int8``) calibrate on encoded prompts
 random-weight preset has no text encoder: the export gets ``--model-dir`` with a random-weight umT5
 of the preset's text width (``build_tiny_text_model``: 2 layers, the real width, the tiny
 tokenizer), and ``--calibration-prompts N`` (default 1) of the built-in prompts driven through
-``--calibration-blocks B`` (default 1) blocks. The DiT's weights are random too, so the ranges mean
+``--calibration-blocks B`` (default 1) blocks, computing in float32. The DiT's weights are random too, so the ranges mean
 as little as the weights; what is measured is the time, the memory and the plans.
 
 Usage: python bench/tensorrt_rtx_build.py [--presets tiny,mid,wan-1.3b] [--workdir /tmp/memrope_rtx_build]
@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from memrope.runtime.bench import BENCH_PRESETS, cpu_name  # noqa: E402  (the presets' pixel sizes, one definition)
 
 HEAVY_LOCK = Path("/tmp/memrope-heavy.lock")
+CALIBRATION_DTYPE = "float32"  # what the calibration loop computes in (bf16 GEMMs are slow on a CPU)
 TARGET_STEP_SECONDS, TARGET_PEAK_GB = 120, 12  # full-size bf16 step, on the project's 2-core, 24 GB machine
 
 
@@ -88,7 +89,7 @@ def calibration_args(preset_name: str, workdir: Path, prompts: int, blocks: int)
     prompt_file = workdir / f"calibration_{prompts}.txt"
     prompt_file.write_text("\n".join(CALIBRATION_PROMPTS[:prompts]) + "\n")
     return ["--model-dir", str(text), "--no-vae", "--calibration-prompts", str(prompt_file),
-            "--calibration-blocks", str(blocks)]
+            "--calibration-blocks", str(blocks), "--calibration-dtype", CALIBRATION_DTYPE]
 
 
 def measure(preset_name: str, workdir: Path, keep: bool, quantize: str | None = None,
@@ -172,8 +173,8 @@ def write_markdown(doc: dict, path: Path) -> None:
         if meta.get("calibration"):
             c = meta["calibration"]
             lines.append(f"- Calibration: {c['prompts']} built-in prompt(s) x {c['blocks_per_prompt']} block(s) of "
-                         f"the eager loop, encoded by a {c['text_encoder']} (the weights are random: the time and "
-                         "memory are what is measured).")
+                         f"the eager loop, computing in {c.get('dtype', 'the export dtype')}, encoded by a "
+                         f"{c['text_encoder']} (the weights are random: the time and memory are what is measured).")
         bf16 = ROOT / "bench" / "results" / "tensorrt_rtx_build.json"
         if bf16.is_file():
             base = {r["preset"]: r for r in json.loads(bf16.read_text())["results"]}
@@ -244,6 +245,7 @@ def main() -> int:
     activations = args.quantize in ("fp8", "int8")
     if activations:
         meta["calibration"] = {"prompts": args.calibration_prompts, "blocks_per_prompt": args.calibration_blocks,
+                               "dtype": CALIBRATION_DTYPE,
                                "text_encoder": "random-weight umT5, 2 layers, the preset's text width"}
     results = [measure(name, args.workdir, args.keep_exports, args.quantize, args.compute_capability,
                        calibration_args(name, args.workdir, args.calibration_prompts, args.calibration_blocks)
