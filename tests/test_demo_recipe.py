@@ -15,6 +15,7 @@ from memrope.runtime.demo.train import TEXT_LEN
 from memrope.runtime.demo.train_common import check_manifest
 
 
+@pytest.mark.slow  # the whole recipe end to end (its data, both models, a generate): about a minute
 def test_the_recipe_writes_a_loadable_pinned_model_folder(tmp_path):
     out = tmp_path / "demo"
     proc = subprocess.run([sys.executable, "-m", "memrope.runtime.demo.train", "--out", str(out), "--dit-steps", "2",
