@@ -212,14 +212,11 @@ def part_switch() -> dict:
             for i, frames in enumerate(after):
                 shown = _score(frames, SWITCH_TO)
                 was = _score(frames, SWITCH_FROM)
-                mixed = []
-                for frame in frames:
-                    seen = _frame_scene(frame)
-                    both_colors = {old.objects[0].color, new.objects[0].color} <= set(seen["colors"])
-                    mixed.append(bool(both_colors))
+                seen = [_frame_scene(frame) for frame in frames]  # one read per frame
+                both_colors = {old.objects[0].color, new.objects[0].color}
                 per_block.append({"block_after_switch": i + 1, "new_scene": shown, "old_scene": was,
-                                  "frames_with_both_objects": int(sum(mixed)), "frames": len(frames),
-                                  "backgrounds": sorted({_frame_scene(f)["background"] for f in frames})})
+                                  "frames_with_both_objects": sum(both_colors <= set(s["colors"]) for s in seen),
+                                  "frames": len(frames), "backgrounds": sorted({s["background"] for s in seen})})
             # The demo model draws backgrounds, not objects (docs/demo_training.md): the first
             # block whose frames the evaluator reads with the new background.
             first_new = next((b["block_after_switch"] for b in per_block if b["new_scene"]["background"]), None)

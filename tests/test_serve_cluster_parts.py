@@ -123,7 +123,7 @@ def test_scale_policy_follows_the_sessions_and_removes_only_idle_replicas():
                          max_sessions=2)
 
     def engines(*sessions):
-        return [EngineState(f"e{i}", n, 2) for i, n in enumerate(sessions)]
+        return [EngineState(f"e{i}", n) for i, n in enumerate(sessions)]
 
     assert policy.decide(engines(0), 0) == (0, [])
     assert policy.decide(engines(1), 1) == (0, [])  # 1 session + 1 spare slot fit one replica

@@ -536,7 +536,7 @@ class Scaler:
                     sessions = len(asked[name].result(timeout_s=max(deadline - time.monotonic(), 0.05))["session_ids"])
                 except Exception:  # noqa: BLE001 - starting, restarting or unreachable: not idle
                     asked[name].cancel()
-            states.append(EngineState(name, sessions, self.options.max_sessions))
+            states.append(EngineState(name, sessions))
         return states
 
     def step(self) -> None:

@@ -124,7 +124,6 @@ class EngineState:
 
     engine: str
     sessions: int | None
-    max_sessions: int
 
 
 @dataclass
