@@ -28,9 +28,9 @@ TRACES = {
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    """Under pytest-xdist, each worker's intra-op threads (torch here; torch and ONNX Runtime
-    ``--threads`` in the commands it starts, through ``OMP_NUM_THREADS``) are its share of the
-    CPUs, so two workers on two cores do not each run two threads. A value the caller set wins."""
+    """Under pytest-xdist, each worker's torch intra-op threads (in the worker, and through
+    ``OMP_NUM_THREADS`` in the commands it starts) are its share of the CPUs, so two workers on two
+    cores do not each run two threads. A value the caller set wins."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1 and "OMP_NUM_THREADS" not in os.environ:
         threads = max(1, (os.cpu_count() or 1) // workers)
