@@ -61,7 +61,7 @@ import hashlib
 import io
 import logging
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -143,7 +143,7 @@ class Calibration:
     latents per prompt: what the VAE decoder's calibration decodes.
     ``dtype``: what the eager loop computes in; None: the model's own dtype. float32 by default:
     the export runs on the CPU, where float32 GEMMs are many times faster than bf16 or fp16 ones
-    on CPUs without bf16 instructions (a full-size bf16 block did not finish in 14 minutes on a
+    on CPUs without bf16 instructions (a full-size bf16 block did not finish in 14.5 minutes on a
     2-core AVX2 machine), and the ranges it records differ from the base dtype's by rounding only:
     the weights are the same numbers (bf16 and fp16 widen to float32 exactly), and each range
     becomes a scale rounded to the base dtype anyway.
@@ -167,23 +167,6 @@ class Calibration:
         if self.dtype is not None:
             digest.update(f";dtype={self.dtype}".encode())
         return digest.hexdigest()
-
-
-@contextlib.contextmanager
-def computing_in(module: nn.Module, dtype: torch.dtype | None) -> Iterator[None]:
-    """``module``'s parameters and buffers in ``dtype`` (None: unchanged) for the block, then back
-    in their own dtype. Float32 holds every bf16 and fp16 value exactly, so the round trip from a
-    base dtype through float32 gives back the same weights. For calibration: ModelOpt collects
-    ranges during the loop and stores them after it, so they keep the calibration's precision."""
-    own = next(module.parameters()).dtype
-    if dtype is None or dtype == own:
-        yield
-        return
-    module.to(dtype)
-    try:
-        yield
-    finally:
-        module.to(own)
 
 
 @dataclass
@@ -458,10 +441,20 @@ def calibration_loop(step, run, calibration: Calibration) -> Callable[[], None]:
 
 
 def _calibrate_in(module: nn.Module, dtype: torch.dtype | None, calibrate: Callable[[], None]) -> None:
-    if dtype is not None and dtype != next(module.parameters()).dtype:
-        logger.info("calibrating in %s", str(dtype).removeprefix("torch."))
-    with computing_in(module, dtype):
+    """Run ``calibrate()`` with ``module``'s parameters and buffers in ``dtype`` (None: as they
+    are), then cast them back. Float32 holds every bf16 and fp16 value exactly, so the round trip
+    gives back the same weights. ModelOpt collects ranges during the loop and stores them after it,
+    so they keep the calibration's precision."""
+    own = next(module.parameters()).dtype
+    if dtype is None or dtype == own:
         calibrate()
+        return
+    logger.info("calibrating in %s", str(dtype).removeprefix("torch."))
+    module.to(dtype)
+    try:
+        calibrate()
+    finally:
+        module.to(own)
 
 
 def quantize_dit(dit: nn.Module, mode_name: str, calibrate: Callable[[], None] | None = None,
