@@ -305,7 +305,7 @@ class VideoPipeline:
 def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, validate: bool = True,
                  force: bool = False, quantize: str | None = None,
                  calibration_prompts: str | Path | list[str] | None = None, calibration_blocks: int | None = None,
-                 calibration_dtype: str = "float32"):
+                 calibration_dtype: str | None = None):
     """``memrope export``: the DiT of ``request`` (its ``height``/``width`` are required) as an
     ONNX artifact in ``out`` (step, text and recache graphs; the model folder's VAE as
     ``vae_decode`` when ``request.decode``), audited against TensorRT's parser and, in fp32,
@@ -316,9 +316,9 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
     (fp8, int8) are calibrated on ``calibration_prompts`` (a list, or a file of one prompt per line;
     default :func:`memrope.runtime.prompts.calibration_prompts`) encoded by the model folder's text
     encoder, each driven through ``calibration_blocks`` blocks (default: until the first eviction,
-    plus 2), computing in ``calibration_dtype`` (``"float32"``, or ``"model"`` for the export's own
-    dtype; see :class:`memrope.export.quantize.Calibration`); weight-only modes read the weights
-    alone."""
+    plus 2), computing in ``calibration_dtype`` (``"float32"``, the default when None, or ``"model"``
+    for the export's own dtype; see :class:`memrope.export.quantize.Calibration`); weight-only
+    modes read the weights alone, and a warning names the calibration options given to one."""
     from memrope.artifact import specialise_run
     from memrope.export.onnx_export import check_export_target, export_artifact
     from memrope.io import check_output_path
@@ -339,15 +339,18 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
         modelopt_version()
         if calibration_blocks is not None and calibration_blocks < 1:
             raise ValueError(f"--calibration-blocks must be at least 1, got {calibration_blocks}")
-        if calibration_dtype not in ("float32", "model"):
+        if calibration_dtype not in (None, "float32", "model"):
             raise ValueError(f"--calibration-dtype must be float32 or model, got {calibration_dtype!r}")
         prompts = read_calibration_prompts(calibration_prompts)
     resolved = resolve(request)
     run = specialise_run(resolved.run, resolved.model, request.height, request.width, batch)
     calibration = None
-    if quantize is not None and not activations and (prompts or calibration_blocks):
-        logger.warning("--quantize %s is weight-only: ModelOpt reads the weights' ranges, so --calibration-prompts "
-                       "and --calibration-blocks are not used", quantize)
+    if quantize is not None and not activations:
+        given = [flag for flag, value in (("--calibration-prompts", prompts), ("--calibration-blocks", calibration_blocks),
+                                          ("--calibration-dtype", calibration_dtype)) if value]
+        if given:
+            logger.warning("--quantize %s is weight-only: ModelOpt reads the weights' ranges, so %s %s not used",
+                           quantize, " and ".join(given), "is" if len(given) == 1 else "are")
     if activations:  # weight-only modes read the weights' ranges: no prompts, no text encoder
         from memrope.cache import CacheLayout
         from memrope.export.quantize import Calibration
@@ -361,7 +364,7 @@ def export_model(request: LoadRequest, out: str | Path, *, batch: int = 1, valid
         layout = CacheLayout.for_run(resolved.model, run)
         blocks = calibration_blocks or layout.cache_frames // layout.block_frames + 2
         calibration = Calibration(prompts, resolved.encode_prompts(prompts, flag="--calibration-prompts"), blocks,
-                                  seed=run.seed, dtype=torch.float32 if calibration_dtype == "float32" else None)
+                                  seed=run.seed, dtype=None if calibration_dtype == "model" else torch.float32)
     vae = None
     if resolved.model_dir is not None and request.decode:
         from memrope.runtime.vae import streaming_decoder_module

@@ -86,7 +86,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--calibration-blocks", type=int, metavar="N",
                    help="fp8/int8: blocks of the loop per calibration prompt (default: until the first eviction, "
                         "plus 2)")
-    g.add_argument("--calibration-dtype", choices=("float32", "model"), default="float32",
+    g.add_argument("--calibration-dtype", choices=("float32", "model"), default=None,
                    help="fp8/int8: what the calibration loop computes in (default float32: on a CPU many times "
                         "faster than bf16, with the same weights and ranges up to rounding; model: the --dtype)")
 

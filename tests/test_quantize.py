@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 
 import pytest
 import torch
@@ -33,12 +34,13 @@ STEP_LAYERS = ("self_attn.q", "self_attn.k", "self_attn.v", "self_attn.o", "cros
                "ffn.0", "ffn.2")
 
 
-def export_quantized(out, mode, *, dtype="float32", validate=True, decode=False):
+def export_quantized(out, mode, *, dtype="float32", validate=True, decode=False, **options):
     from memrope.runtime.api import export_model
     from memrope.runtime.load import LoadRequest
 
     return export_model(LoadRequest(preset="tiny", height=64, width=96, decode=decode, dtype=dtype), out,
-                        quantize=mode, calibration_prompts=CALIBRATION, calibration_blocks=2, validate=validate)
+                        quantize=mode, calibration_prompts=CALIBRATION, calibration_blocks=2, validate=validate,
+                        **options)
 
 
 def expected_layers(num_layers: int) -> dict[str, set[str]]:
@@ -79,10 +81,16 @@ def check_placement(directory, mode: str, num_layers: int) -> None:
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4-wo"])
-def test_quantized_export_matches_eager_and_records_its_quantization(tmp_path, mode):
+def test_quantized_export_matches_eager_and_records_its_quantization(tmp_path, mode, caplog):
     from memrope.artifact import load_artifact
 
-    result = export_quantized(tmp_path / mode, mode)
+    weight_only = MODES[mode].weight_only
+    with caplog.at_level(logging.WARNING, logger="memrope.runtime.api"):
+        result = export_quantized(tmp_path / mode, mode, **({"calibration_dtype": "model"} if weight_only else {}))
+    unused = [r.getMessage() for r in caplog.records if "is weight-only" in r.getMessage()]
+    # The calibration options a weight-only mode cannot use are named, and only then.
+    assert unused == ([f"--quantize {mode} is weight-only: ModelOpt reads the weights' ranges, so --calibration-prompts "
+                       "and --calibration-blocks and --calibration-dtype are not used"] if weight_only else [])
     check_placement(result.path, mode, result.contract.model.num_layers)
     record = result.contract.quantization
     assert record["mode"] == mode and record["modelopt"]
