@@ -195,9 +195,47 @@ def test_an_anchored_clip_starts_where_its_first_noise_is_largest(codec, text_en
     assert td.noise_anchor_px(noise) == (72.0, 40.0)
 
     pool = td.ClipPool(codec, text_encoder, 6, 1, np.random.default_rng(3), anchor_probability=1.0)
-    assert pool.canonical.all() and pool.first_noise.shape == (6, 3, 16, 8, 12)
+    assert pool.known_start.all() and pool.first_noise.shape == (6, 3, 16, 8, 12)
     for latents, first_noise in zip(pool.latents, pool.first_noise, strict=True):
         x_px, y_px = td.noise_anchor_px(first_noise)
         rows, cols = torch.nonzero(td.foreground_mask(latents[None])[0, 0, 0], as_tuple=True)
         # The object's latent pixels in frame 0 surround the anchor (8 px per latent pixel).
         assert abs(float(cols.float().mean()) * 8 + 4 - x_px) <= 12 and abs(float(rows.float().mean()) * 8 + 4 - y_px) <= 12
+
+
+def test_a_translated_first_block_is_the_clip_started_elsewhere(codec):
+    # The targets the first block is matched against are real clips: a square started 16 px
+    # right and 8 px down of another, coded, equals the first one's code moved 2 and 1 latent pixels.
+    scene = Scene(background="green", objects=(SceneObject(color="red", shape="square", motion="right"),))
+    frames = td.video_frames(3)
+    here = codec.encode(render(scene, frames, height=64, width=96, start_px=(24.0, 24.0))[None])[0]
+    there = codec.encode(render(scene, frames, height=64, width=96, start_px=(40.0, 32.0))[None])[0]
+    shifts = td.valid_shifts(here)
+    assert (0, 0) in shifts and (1, 2) in shifts and (-9, 0) not in shifts
+    torch.testing.assert_close(td.translate(here, 1, 2), there, atol=1e-4, rtol=0)
+    assert not torch.allclose(here, there, atol=0.1)
+    # Each of the prediction's rows gets the placement nearest to it.
+    prediction = torch.stack([there + 0.1, here - 0.1])
+    nearest = td.nearest_translation(prediction, here)
+    torch.testing.assert_close(nearest[0], there, atol=1e-4, rtol=0)
+    torch.testing.assert_close(nearest[1], here, atol=1e-4, rtol=0)
+    flat = torch.full_like(here, 0.5)
+    assert td.valid_shifts(flat) == [(0, 0)]
+
+
+def test_first_block_translations_put_every_first_block_in_the_loss_and_never_raise_it(codec, text_encoder):
+    cfg = CONFIG.model_config(text_dim=text_encoder.d_model)
+    dit = WanCausalDiT(cfg)
+    dit.load_state_dict(random_state_dict(cfg, seed=3))
+    run = td.demo_run(2)
+    step = MemRoPEStep(dit, CacheLayout.for_run(cfg, run), run.latent_height, run.latent_width)
+    latents, embeds = _fixed_batch(codec, text_encoder, blocks=2)
+    schedule = build_schedule(run.sampler)
+    with torch.no_grad():
+        plain = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1))
+        moved = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1),
+                             first_block_translations=True)
+    # The untranslated block is one of the candidates, so block 0's error can only fall; later
+    # blocks are untouched.
+    assert 0 < moved.per_block[0] <= plain.per_block[0]
+    assert moved.per_block[1] == pytest.approx(float(plain.per_block[1]), rel=1e-6)

@@ -89,7 +89,9 @@ class TrainConfig:
     positions where the clip differs from its background weigh ``1 + foreground_weight`` in the
     loss (see :func:`foreground_mask`). ``context_noise``: the clean context row of each clip gets
     Gaussian noise of a standard deviation drawn uniformly from ``[0, context_noise]`` per clip
-    (see :func:`clip_loss`).
+    (see :func:`clip_loss`). ``first_block_translations``: every clip's block 0 is in the loss,
+    against the placement of its object nearest to the prediction (see :func:`clip_loss`), so
+    ``canonical_probability`` and ``anchor_probability`` no longer decide which first blocks count.
     """
 
     batch_size: int = 8
@@ -97,6 +99,7 @@ class TrainConfig:
     anchor_probability: float = 0.0
     foreground_weight: float = 4.0
     context_noise: float = 0.3
+    first_block_translations: bool = False
     clip_blocks: int = 4
     long_clip_blocks: int = 8
     long_clip_probability: float = 0.5
@@ -256,7 +259,8 @@ class ClipPool:
     Each clip is a :func:`world.random_scene` worded by :func:`world.phrase`, rendered at 64 x 96
     from frame 0 (a video's first latent frame is a single video frame, so clips are never
     cropped) with its own render seed, for ``max_blocks`` blocks. All randomness comes from
-    ``rng``. ``latents [P, T, C, H, W]``, ``embeds [P, L, D]``.
+    ``rng``. ``latents [P, T, C, H, W]``, ``embeds [P, L, D]``; ``known_start`` bool ``[P]``: the
+    clip starts where its prompt (the canonical start) or its first noise (the anchor) puts it.
     """
 
     def __init__(self, codec: LatentCodec, text_encoder, size: int, max_blocks: int, rng: np.random.Generator,
@@ -269,8 +273,8 @@ class ClipPool:
         self.two_objects_probability = two_objects_probability
         self.canonical_probability = canonical_probability
         self.prompts: list[str] = [""] * size
-        latents, embeds, prompts, canonical, first_noise = self._make(size)
-        self.latents, self.embeds, self.canonical, self.first_noise = latents, embeds, canonical, first_noise
+        latents, embeds, prompts, known_start, first_noise = self._make(size)
+        self.latents, self.embeds, self.known_start, self.first_noise = latents, embeds, known_start, first_noise
         self.prompts = prompts
         self.clips_made = size
 
@@ -299,11 +303,11 @@ class ClipPool:
         if count == 0:
             return
         slots = self.rng.choice(len(self.prompts), size=count, replace=False)
-        latents, embeds, prompts, canonical, first_noise = self._make(count)
+        latents, embeds, prompts, known_start, first_noise = self._make(count)
         index = torch.from_numpy(slots)
         self.latents[index] = latents
         self.embeds[index] = embeds
-        self.canonical[index] = canonical
+        self.known_start[index] = known_start
         self.first_noise[index] = first_noise
         for slot, prompt in zip(slots, prompts, strict=True):
             self.prompts[int(slot)] = prompt
@@ -315,7 +319,7 @@ class ClipPool:
         its first noise), bool ``[B]``, and the noise the first block is denoised from at its
         first step, ``[B, F, C, H, W]``."""
         index = torch.from_numpy(self.rng.choice(len(self.prompts), size=batch, replace=False))
-        return (self.latents[index, :blocks * block_frames], self.embeds[index], self.canonical[index],
+        return (self.latents[index, :blocks * block_frames], self.embeds[index], self.known_start[index],
                 self.first_noise[index])
 
 
@@ -375,10 +379,42 @@ def foreground_mask(latents: torch.Tensor, threshold: float = FOREGROUND_THRESHO
     return (distance > threshold).to(latents.dtype)
 
 
+def valid_shifts(block: torch.Tensor, threshold: float = FOREGROUND_THRESHOLD) -> list[tuple[int, int]]:
+    """The whole-latent-pixel translations ``(dy, dx)`` that keep a block's foreground (its
+    :func:`foreground_mask` over all of the block's frames) inside the frame; ``block`` is one
+    clip's ``[F, C, H, W]``. A block without foreground has only ``(0, 0)``."""
+    mask = foreground_mask(block[None], threshold)[0, :, 0].amax(dim=0)  # [H, W]
+    rows, cols = torch.nonzero(mask.amax(dim=1)).flatten(), torch.nonzero(mask.amax(dim=0)).flatten()
+    if rows.numel() == 0:
+        return [(0, 0)]
+    height, width = mask.shape
+    r0, r1, c0, c1 = int(rows[0]), int(rows[-1]), int(cols[0]), int(cols[-1])
+    return [(dy, dx) for dy in range(-r0, height - r1) for dx in range(-c0, width - c1)]
+
+
+def translate(block: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """``block [F, C, H, W]`` with its foreground moved by ``(dy, dx)`` latent pixels over its
+    background (each frame's per-channel median, as :func:`foreground_mask` takes it): the
+    latent of the same clip started ``(8 dy, 8 dx)`` pixels away, exactly so for the patch code
+    while the object stays inside the frame (:func:`valid_shifts`)."""
+    background = block.flatten(2).median(dim=2).values[..., None, None]
+    return background + torch.roll(block - background, shifts=(dy, dx), dims=(2, 3))
+
+
+def nearest_translation(prediction: torch.Tensor, block: torch.Tensor) -> torch.Tensor:
+    """Of ``block [F, C, H, W]``'s :func:`valid_shifts`, the translation closest (squared error)
+    to each of ``prediction [R, F, C, H, W]``'s rows: ``[R, F, C, H, W]`` targets, no gradient."""
+    with torch.no_grad():
+        shifts = valid_shifts(block)
+        candidates = torch.stack([translate(block, dy, dx) for dy, dx in shifts])  # [K, F, C, H, W]
+        error = ((prediction[:, None] - candidates[None]) ** 2).flatten(2).sum(dim=2)  # [R, K]
+        return candidates[error.argmin(dim=1)]
+
+
 def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prompt_embeds: torch.Tensor,
               generator: torch.Generator, *, first_block_weight: torch.Tensor | None = None,
               foreground_weight: float = 0.0, context_noise: float = 0.0,
-              first_noise: torch.Tensor | None = None) -> ClipLoss:
+              first_noise: torch.Tensor | None = None, first_block_translations: bool = False) -> ClipLoss:
     """Teacher-forced flow-matching loss of a clip, block by block through the engine's cache.
 
     For block ``b``: the plan of :class:`CachePolicy` (fill, then roll with the EMA memory), the
@@ -409,6 +445,12 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
             stay the clean next blocks, so the model learns to correct, not copy, the error.
         first_noise: ``[B, F, C, H, W]``, the noise of block 0's first step (t = 1000, where the
             input is the noise itself); default: drawn like the others.
+        first_block_translations: block 0's target at each step is, of the clip's block 0 moved
+            by whole latent pixels (:func:`nearest_translation`), the one closest to the
+            prediction. From pure noise (step 0) nothing fixes where the object starts, and a
+            regression target teaches the average over places (a faint tint); against the
+            nearest placement, a prediction that draws the object anywhere, sharply, is right,
+            so the model learns to place it by the noise and the later steps to keep it there.
     Returns:
         :class:`ClipLoss`; ``loss`` is the mean over blocks and steps of the weighted mean squared
         error (weights normalised per block, so a block's loss is an average).
@@ -465,12 +507,17 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
         out = step(inputs, timestep, unused_sigma, _tile(keys, rows), _tile(values, rows), cross_k, cross_v,
                    controls, _tile(mem_keys, rows) if mem_keys else None, _tile(mem_values, rows) if mem_values else None)
         flow = out.flow[:steps * batch].float().reshape(steps, *x0.shape)
-        weight = 1.0 + foreground_weight * foreground_mask(x0) if foreground_weight else torch.ones_like(x0[:, :, :1])
+        target = x0.expand(steps, *x0.shape)
+        if b == 0 and first_block_translations:
+            x0_pred = noisy - sigma * flow.detach()
+            target = torch.stack([nearest_translation(x0_pred[:, i], x0[i]) for i in range(batch)], dim=1)
+        weight = 1.0 + foreground_weight * foreground_mask(target.flatten(0, 1)).view(steps, *x0.shape[:2], 1, *x0.shape[3:]) \
+            if foreground_weight else torch.ones_like(target[:, :, :, :1])
         if b == 0 and first_block_weight is not None:
             weight = weight * first_block_weight.to(weight).view(batch, 1, 1, 1, 1)
-        weight = weight.expand_as(x0)
-        error = ((flow - (eps - x0)) ** 2 * weight).sum(dim=(1, 2, 3, 4, 5))
-        per_step.append(error / weight.sum().clamp_min(1e-6))
+        weight = weight.expand_as(target)
+        error = ((flow - (eps - target)) ** 2 * weight).sum(dim=(1, 2, 3, 4, 5))
+        per_step.append(error / weight.sum(dim=(1, 2, 3, 4, 5)).clamp_min(1e-6))
         clean = slice(steps * batch, rows * batch)
         keys = [_write(k, plan.write_frame, new[clean], lay) for k, new in zip(keys, out.block_keys, strict=True)]
         values = [_write(v, plan.write_frame, new[clean], lay) for v, new in zip(values, out.block_values, strict=True)]
@@ -522,6 +569,14 @@ def _write_model_config(cfg: WanConfig, path: Path, note: str) -> None:
     raw = {k: getattr(cfg, k) for k in ("dim", "ffn_dim", "num_heads", "num_layers", "freq_dim", "in_dim",
                                          "out_dim", "text_len", "text_dim", "eps", "model_type")}
     atomic_write(path, json.dumps({**raw, "_note": note}, indent=1) + "\n")
+
+
+def _save_dit(dit: WanCausalDiT, model_cfg: WanConfig, out_dir: Path, note: str) -> None:
+    """The weights (diffusers key layout, atomically) and ``config.json`` of ``dit`` in ``out_dir``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_dit_state_dict_safetensors({k: v.detach().to("cpu", copy=True) for k, v in dit.state_dict().items()},
+                                    out_dir / WEIGHTS_FILE)
+    _write_model_config(model_cfg, out_dir / "config.json", note)
 
 
 def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed: int, threads: int = 1,
@@ -599,13 +654,15 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
                 pool.refresh(cfg.fresh_clips_per_step if i else 0)
                 long = rng.random() < cfg.long_clip_probability
                 blocks = cfg.long_clip_blocks if long else cfg.clip_blocks
-                latents, embeds, canonical, first_noise = pool.sample(cfg.batch_size, blocks)
+                latents, embeds, known_start, first_noise = pool.sample(cfg.batch_size, blocks)
                 latents, embeds = latents.to(device), embeds.to(device)
                 with sdpa_kernel(kernels):
                     result = clip_loss(step_module, schedule, latents, embeds, noise,
-                                       first_block_weight=canonical.float().to(device),
+                                       first_block_weight=None if cfg.first_block_translations
+                                       else known_start.float().to(device),
                                        foreground_weight=cfg.foreground_weight, context_noise=cfg.context_noise,
-                                       first_noise=first_noise.to(device))
+                                       first_noise=first_noise.to(device),
+                                       first_block_translations=cfg.first_block_translations)
                     optimiser.zero_grad(set_to_none=True)
                     result.loss.backward()
                 torch.nn.utils.clip_grad_norm_(dit.parameters(), cfg.grad_clip)
@@ -622,11 +679,7 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
                     bar.update(1)
                 done = i + 1
                 if save_every and done % save_every == 0 and done < steps:
-                    out_dir.mkdir(parents=True, exist_ok=True)
-                    save_dit_state_dict_safetensors({k: v.detach().to("cpu", copy=True) for k, v in dit.state_dict().items()},
-                                                    out_dir / WEIGHTS_FILE)
-                    _write_model_config(model_cfg, out_dir / "config.json",
-                                        f"memrope demo DiT after {done} of {steps} steps (training)")
+                    _save_dit(dit, model_cfg, out_dir, f"memrope demo DiT after {done} of {steps} steps (training)")
                 if cfg.max_seconds is not None and time.perf_counter() - train_start > cfg.max_seconds:
                     if done % cfg.log_every:
                         mean = torch.stack(window).mean(dim=0)
@@ -638,11 +691,7 @@ def train_dit(vae_dir_or_module, text_encoder_dir, out_dir, *, steps: int, seed:
                 bar.close()
         train_s = time.perf_counter() - train_start
 
-        state = {k: v.detach().to("cpu", copy=True) for k, v in dit.state_dict().items()}
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_dit_state_dict_safetensors(state, out_dir / WEIGHTS_FILE)
-        _write_model_config(model_cfg, out_dir / "config.json",
-                            "memrope demo DiT, trained by memrope.runtime.demo.train_dit")
+        _save_dit(dit, model_cfg, out_dir, "memrope demo DiT, trained by memrope.runtime.demo.train_dit")
         if isinstance(codec, PatchPCACodec):
             codec.save(out_dir / CODEC_FILE)
         record = {
@@ -759,6 +808,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="clips from the world's canonical start")
     parser.add_argument("--anchor-probability", type=float, default=TrainConfig.anchor_probability,
                         help="clips whose object starts where the first block's first noise is largest")
+    parser.add_argument("--first-block-translations", action="store_true",
+                        help="every clip's first block in the loss, against the placement of its object nearest "
+                             "to the prediction")
     parser.add_argument("--lr", type=float, default=TrainConfig.lr)
     parser.add_argument("--text-len", type=int, default=DEFAULT_TEXT_LEN)
     parser.add_argument("--dim", type=int, default=None, help="DiT width (default: the tiny preset's 64)")
@@ -784,7 +836,8 @@ def _main(args: argparse.Namespace) -> int:
 
         text_dir = ensure_demo_model()
     config = TrainConfig(batch_size=args.batch_size, canonical_probability=args.canonical_probability,
-                         anchor_probability=args.anchor_probability, lr=args.lr, text_len=args.text_len, dim=args.dim,
+                         anchor_probability=args.anchor_probability,
+                         first_block_translations=args.first_block_translations, lr=args.lr, text_len=args.text_len, dim=args.dim,
                          num_layers=args.num_layers, num_heads=args.num_heads, ffn_dim=args.ffn_dim,
                          max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes)
     codec = make_codec(args.vae, seed=args.seed)
