@@ -170,7 +170,7 @@ def test_a_pinned_latent_trains_the_encoder_and_decoder_towards_the_code(tmp_pat
     codes = code.encode(frames).permute(0, 2, 1, 3, 4).contiguous()
     first = None
     for _ in range(25):
-        loss, parts = tv.pinned_loss(vae, clips, codes, generator)
+        loss, parts = tv.pinned_loss(vae, clips, codes, generator, latent_code=code, latent_offset=0.6)
         first = first or parts
         optimizer.zero_grad()
         loss.backward()
@@ -183,3 +183,30 @@ def test_a_pinned_latent_trains_the_encoder_and_decoder_towards_the_code(tmp_pat
     assert result["config"]["latents_mean"] == [0.0] * 16 and result["config"]["latents_std"] == [1.0] * 16
     manifest = json.loads((tmp_path / "vae" / "manifest.json").read_text())
     assert manifest["extra"]["latent"] == "pinned to patch-pca" and manifest["steps"] == 2
+
+
+def test_a_latent_offset_means_the_same_change_of_every_patch():
+    # The pinned decoder's target for an offset code is what the code itself decodes it to.
+    from memrope.runtime.demo.codec import PatchPCACodec
+
+    code = PatchPCACodec.fit(seed=0, clips=4)
+    frames = np.full((1, 5, 64, 96, 3), 128, dtype=np.uint8)  # mid gray: no clamping either way
+    frames[:, :, 16:40, 24:48] = (200, 60, 40)
+    latents = code.encode(frames)  # [1, 2, 16, 8, 12]
+    offsets = torch.zeros(16)
+    offsets[0], offsets[3] = 0.4, -0.3
+    moved = code.decode(latents + offsets.view(1, 1, 16, 1, 1)).astype(np.float64)
+    before = code.decode(latents).astype(np.float64)
+    change = (code.offset_pixels(offsets).numpy() * 127.5)  # [8, 8, 3], in pixel levels
+    expected = np.tile(change, (8, 12, 1))
+    assert np.abs(expected).max() > 10  # the offset is visible
+    np.testing.assert_allclose(moved - before, np.broadcast_to(expected, moved.shape), atol=1.01)
+
+
+@pytest.mark.parametrize("offset, message", [(-0.1, "finite number >= 0"), (float("nan"), "finite number"),
+                                             (0.5, "needs latent_code")])
+def test_a_bad_latent_offset_is_refused_before_training(tmp_path, offset, message):
+    # Offsets mean something only under the code they are decoded by (the free autoencoder has none).
+    with pytest.raises(ValueError, match=message):
+        tv.train_vae(tmp_path, steps=1, latent_offset=offset, progress=False, **TINY)
+    assert not any(tmp_path.iterdir())

@@ -109,6 +109,13 @@ class PatchPCACodec(LatentCodec):
     def save(self, path: str | Path) -> Path:
         return save_safetensors_atomic(self.state_dict(), path)
 
+    def offset_pixels(self, offsets: torch.Tensor) -> torch.Tensor:
+        """What adding ``offsets [..., C]`` (in code units) to every latent position means in
+        pixels: the change of every decoded 8 x 8 patch, ``[..., 8, 8, 3]`` in [-1, 1] units (the
+        code is linear, so the same change wherever it is added)."""
+        s = SPATIAL_STRIDE
+        return ((offsets.float() * self.scale) @ self.components).reshape(*offsets.shape[:-1], s, s, 3)
+
     def encode(self, frames: np.ndarray) -> torch.Tensor:
         b, tv = frames.shape[:2]
         picked = frames[:, ::TEMPORAL_STRIDE]

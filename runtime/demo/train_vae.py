@@ -144,7 +144,8 @@ def training_loss(vae, clips: torch.Tensor, generator: torch.Generator, latent_n
 
 
 def pinned_loss(vae, clips: torch.Tensor, codes: torch.Tensor, generator: torch.Generator,
-                latent_noise: float = LATENT_NOISE) -> tuple[torch.Tensor, dict[str, float]]:
+                latent_noise: float = LATENT_NOISE, latent_code=None,
+                latent_offset: float = 0.0) -> tuple[torch.Tensor, dict[str, float]]:
     """The loss of one batch when the latent is pinned to a fixed code (:class:`PatchPCACodec`).
 
     ``clips`` ``[B, 3, T, H, W]`` in [-1, 1]; ``codes`` ``[B, C, F, h, w]``: the pinned code of the
@@ -154,13 +155,31 @@ def pinned_loss(vae, clips: torch.Tensor, codes: torch.Tensor, generator: torch.
     ``latent_noise`` (the code's std is 1) to the clip (L1 + MSE). The decoder never waits for
     the encoder to make its codes distinct, the failure of the free autoencoder at this budget
     (docs/demo_training.md), and the DiT trains on the code at the same time as the VAE.
+
+    With ``latent_code`` (the :class:`PatchPCACodec` of ``codes``) and ``latent_offset`` > 0, each
+    clip's code also gets a constant offset per channel, of a standard deviation drawn uniformly from
+    ``[0, latent_offset]`` per clip, and the decoder's target moves by what that offset means
+    under the code (:meth:`PatchPCACodec.offset_pixels`, clamped to the pixel range): a DiT's
+    latents drift in brightness and colour, and a decoder that only ever saw codes of real
+    frames turned such latents into colours of its own (measured: a dark green latent decoded
+    as pinkish gray). The Gaussian noise stays noise to remove: the target keeps the clip.
     """
     mu = encode_mean(vae, clips)
     encoder_mse = (mu - codes).square().mean()
     z = codes + latent_noise * torch.randn(codes.shape, generator=generator, dtype=codes.dtype)
+    target = clips
+    if latent_code is not None and latent_offset > 0:
+        batch, channels = codes.shape[:2]
+        std = latent_offset * torch.rand((batch, 1), generator=generator, dtype=codes.dtype)
+        offsets = std * torch.randn((batch, channels), generator=generator, dtype=codes.dtype)  # [B, C]
+        z = z + offsets[:, :, None, None, None]
+        patch = latent_code.offset_pixels(offsets)  # [B, 8, 8, 3]
+        height, width = clips.shape[-2:]
+        tiled = patch.permute(0, 3, 1, 2).repeat(1, 1, height // patch.shape[1], width // patch.shape[2])
+        target = (clips + tiled[:, :, None]).clamp(-1.0, 1.0)
     pixels = decode_unclamped(vae, z)
-    l1 = (pixels - clips).abs().mean()
-    mse = (pixels - clips).square().mean()
+    l1 = (pixels - target).abs().mean()
+    mse = (pixels - target).square().mean()
     loss = l1 + mse + encoder_mse
     return loss, {"l1": l1.item(), "mse": mse.item(), "encoder_mse": encoder_mse.item()}
 
@@ -244,7 +263,7 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
               learning_rate_peak: float = LEARNING_RATE, stats_clips: int = STATS_CLIPS,
               eval_prompts: Sequence[str] = EVAL_PROMPTS, eval_seeds: Sequence[int] = EVAL_SEEDS,
               eval_frames: int = EVAL_FRAMES, command: str | Sequence[str] | None = None,
-              latent_code=None, max_seconds: float | None = None) -> dict:
+              latent_code=None, latent_offset: float = 0.0, max_seconds: float | None = None) -> dict:
     """Train the demo VAE and write ``out_dir/vae/`` (Diffusers layout + ``manifest.json``).
 
     The folder appears whole or not at all (built beside it, then renamed; an existing ``vae/`` is
@@ -265,7 +284,8 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
     code is the DiT's latent as is); ``None`` trains a free autoencoder (:func:`training_loss`).
 
     Raises:
-        ValueError: ``steps`` < 1, ``num_frames`` not 4k + 1, or sizes the world cannot render.
+        ValueError: ``steps`` < 1, ``num_frames`` not 4k + 1, sizes the world cannot render, or a
+            negative ``latent_offset`` (or one without ``latent_code``).
     """
     from memrope.runtime.vae import DIFFUSERS_VAE_DIR, load_vae
 
@@ -273,6 +293,10 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
         raise ValueError(f"steps={steps!r} must be an int >= 1")
     if num_frames < 1 or (num_frames - 1) % 4:
         raise ValueError(f"num_frames={num_frames!r} must be 4k + 1 (Wan's 4x temporal compression)")
+    if not (latent_offset >= 0 and math.isfinite(latent_offset)):
+        raise ValueError(f"latent_offset={latent_offset!r} must be a finite number >= 0")
+    if latent_offset and latent_code is None:
+        raise ValueError("latent_offset needs latent_code: an offset's target is what the code decodes it to")
     set_threads(threads)
     generator = set_seed(seed)
     out_dir = Path(out_dir)
@@ -299,7 +323,8 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
                 loss, parts = training_loss(vae, clips, generator)
             else:
                 codes = latent_code.encode(np.stack(batch)).permute(0, 2, 1, 3, 4).contiguous()
-                loss, parts = pinned_loss(vae, clips, codes, generator)
+                loss, parts = pinned_loss(vae, clips, codes, generator, latent_code=latent_code,
+                                          latent_offset=latent_offset)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vae.parameters(), GRAD_CLIP_NORM)
@@ -343,7 +368,8 @@ def train_vae(out_dir: str | Path, *, steps: int = DEFAULT_STEPS, seed: int = 0,
         config = {k: v for k, v in vae.config.items() if not k.startswith("_")}
         summary = {"config": config, "batch_clips": batch_clips, "num_frames": num_frames,
                    "height": height, "width": width, "learning_rate": learning_rate_peak,
-                   "latent_noise": LATENT_NOISE, "latent_l2_weight": LATENT_L2_WEIGHT,
+                   "latent_noise": LATENT_NOISE, "latent_offset": latent_offset if latent_code is not None else 0.0,
+                   "latent_l2_weight": LATENT_L2_WEIGHT,
                    "anchor_weight": ANCHOR_WEIGHT if latent_code is None else None,
                    "latent": "free" if latent_code is None else f"pinned to {latent_code.name}",
                    "threads": threads, "step_s": step_s, "train_s": train_s, "loss_parts": parts,
@@ -377,6 +403,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--base-dim", type=int, default=BASE_DIM, help=f"VAE width (default {BASE_DIM})")
     parser.add_argument("--latent-code", type=Path, default=None,
                         help="pin the latent to this patch code (a PatchPCACodec .safetensors file); default: free")
+    parser.add_argument("--latent-offset", type=float, default=0.0,
+                        help="with --latent-code: per clip and channel, code offsets of a std drawn from [0, this], "
+                             "decoded to what the code means (default 0: none)")
     parser.add_argument("--lr", type=float, default=LEARNING_RATE, help=f"peak learning rate (default {LEARNING_RATE})")
     parser.add_argument("--max-minutes", type=float, default=None,
                         help="stop after this many minutes of training (the steps done are saved)")
@@ -396,7 +425,7 @@ def _main(args: argparse.Namespace, argv: Sequence[str] | None) -> int:
         latent_code = PatchPCACodec.load(args.latent_code)
     result = train_vae(args.out, steps=args.steps, seed=args.seed, threads=args.threads, progress=not args.quiet,
                        base_dim=args.base_dim, eval_prompts=() if args.no_eval else EVAL_PROMPTS,
-                       learning_rate_peak=args.lr, latent_code=latent_code,
+                       learning_rate_peak=args.lr, latent_code=latent_code, latent_offset=args.latent_offset,
                        max_seconds=None if args.max_minutes is None else 60.0 * args.max_minutes,
                        command=["python", "-m", "memrope.runtime.demo.train_vae",
                                 *(sys.argv[1:] if argv is None else argv)])
