@@ -164,14 +164,19 @@ def test_foreground_mask_marks_the_object_and_nothing_else(codec):
     assert td.foreground_mask(codec.encode(empty)).sum() == 0
 
 
-def test_a_zero_first_block_weight_leaves_block_zero_out(codec, text_encoder):
+def _random_step_and_batch(codec, text_encoder):
+    """A random-weight step module of the demo run (2 blocks), its schedule and a fixed batch of 2-block clips."""
     cfg = CONFIG.model_config(text_dim=text_encoder.d_model)
     dit = WanCausalDiT(cfg)
     dit.load_state_dict(random_state_dict(cfg, seed=3))
     run = td.demo_run(2)
     step = MemRoPEStep(dit, CacheLayout.for_run(cfg, run), run.latent_height, run.latent_width)
     latents, embeds = _fixed_batch(codec, text_encoder, blocks=2)
-    schedule = build_schedule(run.sampler)
+    return step, build_schedule(run.sampler), latents, embeds
+
+
+def test_a_zero_first_block_weight_leaves_block_zero_out(codec, text_encoder):
+    step, schedule, latents, embeds = _random_step_and_batch(codec, text_encoder)
     with torch.no_grad():
         plain = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1))
         ones = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1),
@@ -224,13 +229,7 @@ def test_a_translated_first_block_is_the_clip_started_elsewhere(codec):
 
 
 def test_first_block_translations_put_every_first_block_in_the_loss_and_never_raise_it(codec, text_encoder):
-    cfg = CONFIG.model_config(text_dim=text_encoder.d_model)
-    dit = WanCausalDiT(cfg)
-    dit.load_state_dict(random_state_dict(cfg, seed=3))
-    run = td.demo_run(2)
-    step = MemRoPEStep(dit, CacheLayout.for_run(cfg, run), run.latent_height, run.latent_width)
-    latents, embeds = _fixed_batch(codec, text_encoder, blocks=2)
-    schedule = build_schedule(run.sampler)
+    step, schedule, latents, embeds = _random_step_and_batch(codec, text_encoder)
     with torch.no_grad():
         plain = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1))
         moved = td.clip_loss(step, schedule, latents, embeds, torch.Generator().manual_seed(1),
