@@ -450,7 +450,7 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
             prediction. From pure noise (step 0) nothing fixes where the object starts, and a
             regression target teaches the average over places (a faint tint); against the
             nearest placement, a prediction that draws the object anywhere, sharply, is right,
-            so the model learns to place it by the noise and the later steps to keep it there.
+            so the model can learn to place it by the noise and the later steps to keep it there.
     Returns:
         :class:`ClipLoss`; ``loss`` is the mean over blocks and steps of the weighted mean squared
         error (weights normalised per block, so a block's loss is an average).
@@ -511,8 +511,10 @@ def clip_loss(step: MemRoPEStep, schedule: Schedule, latents: torch.Tensor, prom
         if b == 0 and first_block_translations:
             x0_pred = noisy - sigma * flow.detach()
             target = torch.stack([nearest_translation(x0_pred[:, i], x0[i]) for i in range(batch)], dim=1)
-        weight = 1.0 + foreground_weight * foreground_mask(target.flatten(0, 1)).view(steps, *x0.shape[:2], 1, *x0.shape[3:]) \
-            if foreground_weight else torch.ones_like(target[:, :, :, :1])
+        if foreground_weight:  # [R, B, F, 1, H, W]
+            weight = 1.0 + foreground_weight * foreground_mask(target.flatten(0, 1)).unflatten(0, (steps, batch))
+        else:
+            weight = torch.ones_like(target[:, :, :, :1])
         if b == 0 and first_block_weight is not None:
             weight = weight * first_block_weight.to(weight).view(batch, 1, 1, 1, 1)
         weight = weight.expand_as(target)
